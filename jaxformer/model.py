@@ -1,0 +1,83 @@
+"""Decoder-only language model: GPT-2 and Llama families from one ModelConfig."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.attention import Attention
+from jaxformer.config import ModelConfig
+from jaxformer.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+                 segment_ids: jax.Array | None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nnx.Module):
+    """tokens [B, T] -> logits [B, T, V] (float32), causal, packed-document aware."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        emb = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
+        self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), **emb)
+                                if cfg.position == "learned" else None)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = make_norm(cfg)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        Linear(cfg.d_model, cfg.vocab_size, bias=False, axes=("vocab", "embed"), std=cfg.init_std,
+                               param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits for every position; `positions` restart per packed document, `segment_ids` isolate them."""
+        cfg = self.config
+        check_inputs(cfg, tokens, positions, segment_ids)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        rope = None
+        if cfg.position == "learned":
+            x = x + self.embed_positions(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
+        elif cfg.position == "rope":
+            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # 2 x [B, T, H]
+        for layer in self.layers:
+            x = layer(x, rope, segment_ids)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
+        return logits.astype(jnp.float32)
+
+
+def check_inputs(cfg: ModelConfig, tokens, positions, segment_ids) -> None:
+    """Shape/dtype checks that turn bad input into a clear ValueError before anything traces deep."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len={cfg.max_seq_len}; "
+                         "truncate the input or use a config with a longer context")
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr is not None and arr.shape != tokens.shape:
+            raise ValueError(f"{name} must have the tokens' shape {tokens.shape}, got {arr.shape}")
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (works on abstract models from nnx.eval_shape too)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (proven on CPU in interpret mode)."""
