@@ -28,6 +28,16 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _number(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only LM shape and components; GPT-2 and Llama are two settings of these fields."""
@@ -78,6 +88,10 @@ class ModelConfig:
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("compute_dtype", self.compute_dtype, DTYPES)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _number(name, getattr(self, name))
+        for name in ("gated_mlp", "use_bias", "tie_embeddings"):
+            _flag(name, getattr(self, name))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got head_dim={self.head_dim}")
         if self.rope_theta <= 0:
@@ -130,8 +144,79 @@ def _build(cls: type, d: Mapping[str, Any], section: str):
     return cls(**d)
 
 
-# Sections of a run configuration; later stages (data, train, mesh) register their dataclass here.
-SECTIONS: dict[str, type] = {"model": ModelConfig}
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, where its tokenizer and token shards live, how windows are cut."""
+
+    sources: tuple[str, ...] = ("stdlib",)  # files, directories, JSONL; "stdlib" = Python's own .py files
+    jsonl_field: str = "text"
+    data_dir: str = "data/stdlib"  # tokenizer.json + shards; built on first use when missing
+    tokenizer: str | None = None  # an existing tokenizer.json to use instead of training one
+    val_fraction: float = 0.02
+    seq_len: int = 256
+    packed: bool = True  # segment ids + per-document positions; False = plain fixed windows
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, (str, list)):
+            object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
+        if not self.sources:
+            raise ValueError("data.sources is empty: give files, directories, JSONL, or 'stdlib'")
+        _positive("seq_len", self.seq_len)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, checkpointing, evaluation and logging of one run."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step (all micro-batches together)
+    grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1  # not applied to norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    z_loss: float = 0.0  # PaLM's auxiliary log(Z)^2 weight; 0 disables
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 3  # plus the best checkpoint by validation loss
+    async_checkpoint: bool = True
+    peak_tflops: float | None = None  # for MFU; None = measured fp32 matmul rate (CPU) or the GPU's spec
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+                     "ckpt_every", "keep_last"):
+            _positive(name, getattr(self, name))
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
+                             f"min_lr_ratio={self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.z_loss < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, grad_clip, z_loss and weight_decay must be >= 0")
+
+
+# Sections of a run configuration, each a frozen dataclass.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -195,6 +280,9 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | Sequenc
     """Load a preset or file into {section: frozen dataclass}, applying dotted overrides."""
     path = preset_path(name_or_path)
     raw = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+    if not isinstance(raw, Mapping) or not all(v is None or isinstance(v, Mapping) for v in raw.values()):
+        raise ValueError(f"{path}: expected sections {sorted(SECTIONS)}, each a mapping of key: value")
+    raw = {s: dict(v or {}) for s, v in raw.items()}  # an empty section means all defaults
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; sections: {sorted(SECTIONS)}")

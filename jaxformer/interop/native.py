@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxformer.config import ModelConfig
@@ -52,8 +52,11 @@ def read_config(path: str | Path) -> ModelConfig | None:
     path = Path(path)
     if path.is_dir():
         return ModelConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != FORMAT or "model_config" not in meta:
         return None
     return ModelConfig.from_dict(json.loads(meta["model_config"]))

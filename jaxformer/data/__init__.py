@@ -1,0 +1,1 @@
+"""Corpus reading, tokenizer training, token shards and grain input pipelines."""

@@ -1,0 +1,86 @@
+"""grain input pipelines over token shards: fixed windows or packed documents.
+
+Each example is a window of seq_len + 1 consecutive tokens from one shard, split into
+inputs/targets. In packed mode the window keeps its document structure: `segment_ids` number the
+documents inside the window (so attention never crosses a boundary), `positions` restart at each
+document start (and at the window start), and `loss_mask` drops the one target per boundary that
+would predict the next document's first token from the previous one's EOS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from jaxformer.data.shards import SplitTokens
+
+
+class WindowSource:
+    """Random access to non-overlapping windows of seq_len + 1 tokens (windows never cross shards)."""
+
+    def __init__(self, split: SplitTokens, seq_len: int, *, packed: bool):
+        self.split, self.seq_len, self.packed = split, seq_len, packed
+        per_shard = [max(0, (int(s.size) - 1) // seq_len) for s in split.shards]
+        self.cum = np.cumsum([0] + per_shard)
+        if self.cum[-1] == 0:
+            raise ValueError(f"split has {split.n_tokens} tokens: too few for one window of seq_len+1="
+                             f"{seq_len + 1}; use a shorter seq_len or more data")
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        shard = int(np.searchsorted(self.cum, index, side="right") - 1)
+        start = (index - int(self.cum[shard])) * self.seq_len
+        tokens = np.asarray(self.split.shards[shard][start:start + self.seq_len + 1], dtype=np.int32)  # [T+1]
+        T = self.seq_len
+        if not self.packed:
+            return {"inputs": tokens[:-1], "targets": tokens[1:],
+                    "positions": np.arange(T, dtype=np.int32), "segment_ids": np.ones(T, np.int32),
+                    "loss_mask": np.ones(T, np.float32)}
+        offsets = np.arange(start, start + T + 1)
+        starts = self.split.doc_starts[shard]
+        doc = np.searchsorted(starts, offsets, side="right") - 1  # document index of each token
+        doc_start = np.maximum(starts[doc], start)  # a document cut by the window restarts at the window
+        return {"inputs": tokens[:-1], "targets": tokens[1:],
+                "positions": (offsets[:-1] - doc_start[:-1]).astype(np.int32),
+                "segment_ids": (doc[:-1] - doc[0] + 1).astype(np.int32),
+                "loss_mask": (doc[:-1] == doc[1:]).astype(np.float32)}
+
+
+def make_dataset(split: SplitTokens, *, seq_len: int, batch_size: int, packed: bool = True, seed: int = 0,
+                 shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """Windows -> this process's slice -> seeded shuffle (new order per epoch) -> batches."""
+    ds = grain.MapDataset.source(WindowSource(split, seq_len, packed=packed))
+    if process_count > 1:
+        ds = ds[process_index::process_count]  # disjoint data per host
+    if len(ds) < batch_size:
+        raise ValueError(f"only {len(ds)} windows of {seq_len + 1} tokens for this process, fewer than "
+                         f"batch_size={batch_size}; lower the batch size or seq_len, or add data")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+class DataIterator:
+    """An iterator over batches whose position can be saved in and restored from a checkpoint."""
+
+    def __init__(self, ds: grain.MapDataset):
+        self._it = iter(ds.to_iter_dataset())
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._it.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state)

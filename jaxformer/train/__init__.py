@@ -1,0 +1,1 @@
+"""Losses, optimizer, train/eval steps, checkpoints, metrics and the training loop."""

@@ -1,0 +1,53 @@
+"""FLOP accounting for MFU (Kaplan et al. 2020; PaLM appendix B) and a measured matmul peak."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.config import ModelConfig
+
+# dense bf16 peak TFLOP/s (no sparsity) of accelerators, by jax device_kind prefix
+GPU_PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+                   "NVIDIA A10": 125.0}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls per token (embedding lookups excluded, LM head included)."""
+    D, L, V, F = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
+    attn = D * cfg.n_heads * cfg.head_dim * 2 + D * cfg.n_kv_heads * cfg.head_dim * 2
+    mlp = D * F * (3 if cfg.gated_mlp else 2)
+    return L * (attn + mlp) + D * V
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6N for the weights (forward + backward) + 12 L T (N_heads H) for attention scores/values."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+@functools.cache
+def measured_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 matmul rate of this host's default device, measured once (a practical peak for CPUs)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(configured: float | None) -> float:
+    """The configured peak, else the GPU's published bf16 peak, else the measured fp32 matmul rate."""
+    if configured:
+        return configured
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in GPU_PEAK_TFLOPS.items():
+        if kind.startswith(prefix):
+            return tflops
+    return measured_matmul_tflops()

@@ -1,0 +1,195 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints, and the end-of-run report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxformer.config import DataConfig, ModelConfig, TrainConfig
+from jaxformer.data.build import ensure_data
+from jaxformer.data.pipeline import DataIterator, make_dataset
+from jaxformer.data.shards import SplitTokens, copy_tokenizer, open_split
+from jaxformer.infer.sampling import generate_uncached
+from jaxformer.interop import native
+from jaxformer.model import DecoderLM
+from jaxformer.train.checkpoint import Checkpointer, abstract_like, read_run_config
+from jaxformer.train.flops import peak_tflops, train_flops_per_token
+from jaxformer.train.metrics import MetricsLogger, plot_losses
+from jaxformer.train.optim import make_optimizer, make_schedule
+from jaxformer.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM request a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_config_dict(cfgs: dict[str, Any]) -> dict[str, dict]:
+    return {name: dataclasses.asdict(c) for name, c in cfgs.items()}
+
+
+def evaluate(eval_fn, params, split: SplitTokens, data: DataConfig, batch_size: int, max_batches: int) -> dict:
+    """Validation loss, perplexity and bits per byte on the first `max_batches` held-out batches."""
+    n_windows = max(1, (split.n_tokens - 1) // data.seq_len)
+    ds = make_dataset(split, seq_len=data.seq_len, batch_size=min(batch_size, n_windows), packed=data.packed,
+                      shuffle=False, repeat=False, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+    total, count = 0.0, 0.0
+    for i in range(min(max_batches, len(ds))):
+        ce, n = eval_fn(params, ds[i])
+        total, count = total + float(ce), count + float(n)
+    loss = total / max(count, 1.0)
+    # bits per byte: nats/token -> bits/token, times this split's tokens per UTF-8 byte
+    bpb = loss / math.log(2) * split.n_tokens / max(split.n_bytes, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": bpb, "val_tokens": count}
+
+
+def _check_resumable(saved: dict, cfgs: dict, ckpt_dir: Path) -> None:
+    """Resuming needs the same model and data configs (train settings such as steps may change)."""
+    for section in ("model", "data"):
+        now = dataclasses.asdict(cfgs[section])
+        then = saved.get(section, {})
+        diff = sorted(k for k in now if k in then and _norm(now[k]) != _norm(then[k]))
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt_dir}: {section} config differs in {diff} "
+                             f"(checkpoint: {[then[k] for k in diff]}, now: {[now[k] for k in diff]})")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) -> dict:
+    """Train per the run config; returns the final metrics (and writes everything under run_dir)."""
+    mcfg: ModelConfig = cfgs["model"]
+    dcfg: DataConfig = cfgs["data"]
+    tcfg: TrainConfig = cfgs["train"]
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    if dcfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    run_dir = Path(tcfg.run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
+    if ckpt.steps() and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue "
+                         "it, or choose another --train.run_dir")
+    data_dir, tok = ensure_data(dcfg, mcfg.vocab_size, progress=progress and lead)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={mcfg.vocab_size}; "
+                         f"set --model.vocab_size={tok.vocab_size} or more")
+    train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
+    it = DataIterator(make_dataset(train_split, seq_len=dcfg.seq_len, batch_size=tcfg.batch_size,
+                                   packed=dcfg.packed, seed=dcfg.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count()))
+
+    graphdef, params = nnx.split(DecoderLM(mcfg, rngs=nnx.Rngs(tcfg.seed)))
+    tx = make_optimizer(tcfg)
+    state = {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(tcfg.seed))}
+    start = 0
+    if resume and ckpt.steps():
+        _check_resumable(read_run_config(run_dir) or {}, cfgs, ckpt.directory)
+        start, state, data_state, _ = ckpt.restore(abstract_like(state))
+        it.set_state(data_state)
+        say(f"resumed from step {start} ({ckpt.directory})")
+    elif resume:
+        say(f"no checkpoint in {ckpt.directory}: starting from step 0")
+
+    step_fn = jax.jit(make_train_step(graphdef, tx, packed=dcfg.packed, grad_accum=tcfg.grad_accum,
+                                      z_loss=tcfg.z_loss), donate_argnums=(0, 1))
+    eval_fn = jax.jit(make_eval_step(graphdef, packed=dcfg.packed))
+    schedule = make_schedule(tcfg)
+    flops_per_token = train_flops_per_token(mcfg, dcfg.seq_len)
+    peak = peak_tflops(tcfg.peak_tflops) * 1e12 * jax.device_count()
+    logger = MetricsLogger(run_dir, resume_step=start if resume else None, enabled=lead)
+    meta_base = {"config": run_config_dict(cfgs), "tokenizer_sha256": tok.sha256()}
+    stop = GracefulStop()
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not (progress and lead), dynamic_ncols=True)
+    params, opt_state = state["params"], state["opt_state"]
+    last_good, last_eval, loss = start, {}, float("nan")
+    t_log, tokens_since = time.perf_counter(), 0.0
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            params, opt_state, metrics = step_fn(params, opt_state, next(it))
+            m = jax.device_get(metrics)
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN grads would poison the params
+                bad = loss if not math.isfinite(loss) else f"finite ({loss:.4f}) but the gradient norm is {grad_norm}"
+                raise NonFiniteLossError(
+                    f"loss became {bad} at step {step}; stopping. The last good checkpoint (step {last_good}) is "
+                    f"kept in {ckpt.directory}; lower --train.lr, raise warmup, or check the data")
+            tokens_since += float(m["tokens"])
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                dt = time.perf_counter() - t_log
+                tps = tokens_since / dt
+                logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm,
+                                           "lr": float(schedule(step - 1)), "tokens_per_s": tps,
+                                           "mfu": tps * flops_per_token / peak})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                t_log, tokens_since = time.perf_counter(), 0.0
+            val_loss = None
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                last_eval = evaluate(eval_fn, params, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches)
+                val_loss = last_eval["val_loss"]
+                logger.log(step, "eval", last_eval)
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+            if step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested:
+                ckpt.save(step, {"params": params, "opt_state": opt_state, "rng": state["rng"]}, it.get_state(),
+                          {**meta_base, "step": step, "loss": loss, **last_eval}, val_loss)
+                last_good = step
+            if stop.requested:
+                say(f"\n{stop.requested}: saved a checkpoint at step {step}; resume with --resume")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        logger.close()
+
+    model = nnx.merge(graphdef, params)
+    result = {"step": last_good, "loss": loss, **last_eval}
+    if lead and not stop.requested:
+        export = native.save(model, run_dir / "model")
+        copy_tokenizer(data_dir, export)
+        result["model_dir"] = str(export)
+        result["loss_plot"] = str(plot_losses(run_dir))
+        if last_eval:
+            say(f"validation: loss {last_eval['val_loss']:.4f}  perplexity {last_eval['val_ppl']:.2f}  "
+                f"bits/byte {last_eval['val_bpb']:.3f}")
+        if tcfg.sample_tokens:
+            ids = generate_uncached(model, [tok.bos_id] + tok.encode(tcfg.sample_prompt), tcfg.sample_tokens,
+                                    temperature=tcfg.sample_temperature, top_k=tcfg.sample_top_k, seed=tcfg.seed,
+                                    stop_ids=[tok.eos_id])
+            result["sample"] = tcfg.sample_prompt + tok.decode(ids)
+            say("sample:\n" + result["sample"])
+        say(f"model: {export}  loss curve: {result['loss_plot']}")
+    return result

@@ -1,0 +1,29 @@
+"""Token-level losses: masked cross-entropy with an optional z-loss (PaLM, Chowdhery et al. 2022)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None,
+                       z_loss: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of CE over kept tokens, sum of z-loss over kept tokens, number kept); logits [B,T,V] float32.
+
+    Sums, not means: gradient accumulation adds sums over micro-batches and divides once,
+    which equals the full-batch token mean.
+    """
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+    mask = jnp.ones_like(ce) if mask is None else mask.astype(jnp.float32)
+    z = jnp.zeros((), jnp.float32)
+    if z_loss:
+        z = z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * mask)
+    return jnp.sum(ce * mask), z, jnp.sum(mask)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy over kept tokens."""
+    total, _, n = cross_entropy_sums(logits, targets, mask)
+    return total / jnp.maximum(n, 1.0)

@@ -1,0 +1,87 @@
+"""Run logging: metrics.jsonl (one JSON object per record), TensorBoard event files, loss plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends records to RUN/metrics.jsonl and scalars to RUN/tb (TensorBoard)."""
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():  # steps after the checkpoint will be recomputed: drop their old records
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k not in ("step", "kind") and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    try:
+        return float(v) if not isinstance(v, (str, bool, int)) else v
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a jaxformer run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the train/val loss curve of a run to a PNG (default RUN/loss.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    if not train:
+        raise ValueError(f"{run_dir} has no training records to plot yet")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

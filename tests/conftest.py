@@ -1,0 +1,69 @@
+"""Shared fixtures: a small real corpus (standard-library files plus bad inputs), its tokenizer and shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jaxformer.config import DataConfig, ModelConfig, TrainConfig
+from jaxformer.data.corpus import stdlib_root
+
+CORPUS_PICKS = ["json", "textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py"]
+TOKENIZER_VOCAB = 400
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """~150 KB of Python from the standard library, plus an empty, an undecodable and a JSONL file."""
+    root = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_PICKS:
+        src = stdlib_root() / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    for i in range(12):  # short documents, so that windows pack several of them
+        (root / f"short_{i}.py").write_text(f"def short_{i}(x):\n    return x + {i}\n")
+    (root / "empty.py").write_text("   \n")
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def jsonl_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("jsonl") / "docs.jsonl"
+    lines = [json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n", "id": i}) for i in range(20)]
+    lines += ["{not json", json.dumps({"other": "no body field"}), json.dumps({"body": ""})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir):
+    from jaxformer.data.shards import iter_sources_text
+    from jaxformer.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(iter_sources_text([corpus_dir]), TOKENIZER_VOCAB, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
+    from jaxformer.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare([corpus_dir], tokenizer, out, val_fraction=0.25, progress=False)
+    return out
+
+
+def tiny_run(run_dir: Path, shards_dir: Path, *, model: dict | None = None, data: dict | None = None,
+             **train) -> dict:
+    """A run config for a ~50k-parameter model on the fixture shards (trains in seconds on CPU)."""
+    m = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    d = dict(sources=("unused",), data_dir=str(shards_dir), seq_len=32, packed=True)
+    t = dict(run_dir=str(run_dir), steps=30, batch_size=4, lr=3e-3, warmup_steps=5, log_every=1, eval_every=10,
+             eval_batches=2, ckpt_every=10, keep_last=2, sample_tokens=0, peak_tflops=1.0, async_checkpoint=True)
+    return {"model": ModelConfig.llama(**{**m, **(model or {})}), "data": DataConfig(**{**d, **(data or {})}),
+            "train": TrainConfig(**{**t, **train})}

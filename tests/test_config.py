@@ -1,0 +1,255 @@
+"""ModelConfig validation, preset loading with dotted overrides, and preset parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from flax import nnx
+
+import jaxformer
+from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, NORMS, POSITIONS, ModelConfig,
+                              load_config, load_model_config, parse_overrides)
+
+PRESETS = ["tiny", "gpt2-124m", "llama-tiny", "llama3-8b"]  # required; any other preset on disk is loaded too
+ALL_PRESETS = sorted({*PRESETS, *(p.stem for p in CONFIG_DIR.glob("*.yaml"))})
+FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match=r"n_heads=5.*d_model=64"):
+        ModelConfig(d_model=64, n_heads=5)
+
+
+def test_explicit_head_dim_lifts_the_divisibility_rule():
+    cfg = ModelConfig(d_model=60, n_heads=4, head_dim=16)
+    assert cfg.head_dim == 16 and cfg.n_kv_heads == 4
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match=r"n_kv_heads=3.*n_heads=4"):
+        ModelConfig(d_model=64, n_heads=4, n_kv_heads=3)
+
+
+def test_odd_head_dim_rejected_with_rope_only():
+    with pytest.raises(ValueError, match=r"rope.*head_dim=7"):
+        ModelConfig(d_model=28, n_heads=4, position="rope")
+    assert ModelConfig(d_model=28, n_heads=4, position="learned").head_dim == 7
+
+
+@pytest.mark.parametrize("field, choices", [("position", POSITIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
+                                            ("attention_impl", ATTENTION_IMPLS), ("param_dtype", DTYPES),
+                                            ("compute_dtype", DTYPES)])
+def test_bad_choice_lists_valid_ones(field, choices):
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**{field: "bogus"})
+    msg = str(e.value)
+    assert field in msg and "bogus" in msg
+    assert all(c in msg for c in choices)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                                   "max_seq_len"])
+@pytest.mark.parametrize("value", [0, -4, 2.5, True])
+def test_sizes_must_be_positive_integers(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer"):
+        ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(rope_theta=0.0), "rope_theta"), (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(norm_eps=0.0), "norm_eps"), (dict(norm_eps=1.5), "norm_eps"), (dict(init_std=0.0), "init_std"),
+    # wrong types: a clear ValueError, not a TypeError from a comparison deep inside
+    (dict(norm_eps="abc"), "norm_eps"), (dict(rope_theta="x"), "rope_theta"), (dict(init_std=None), "init_std"),
+    (dict(gated_mlp="yes"), "gated_mlp"), (dict(tie_embeddings=1), "tie_embeddings"),
+    (dict(use_bias=None), "use_bias"),
+])
+def test_bad_scalars_rejected(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kw)
+
+
+def test_defaults_resolve():
+    cfg = ModelConfig(d_model=96, n_heads=6)
+    assert cfg.n_kv_heads == 6 and cfg.head_dim == 16
+    gqa = ModelConfig(d_model=96, n_heads=6, n_kv_heads=2)
+    assert gqa.n_kv_heads == 2 and gqa.head_dim == 16
+
+
+def test_frozen():
+    cfg = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 128
+    assert cfg.replace(d_model=128).d_model == 128 and cfg.d_model == 64
+
+
+def test_replace_revalidates():
+    with pytest.raises(ValueError, match="n_heads=3"):
+        ModelConfig().replace(n_heads=3, head_dim=None)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(), ModelConfig.gpt2(d_model=48, n_heads=3),
+                                 ModelConfig.llama(n_kv_heads=1, rope_theta=5e5, param_dtype="bfloat16")])
+def test_dict_round_trip(cfg):
+    d = cfg.to_dict()
+    assert set(d) == set(FIELDS)
+    assert ModelConfig.from_dict(d) == cfg
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg  # survives JSON (what checkpoints store)
+
+
+def test_from_dict_rejects_unknown_keys_listing_valid_ones():
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_dict({"d_model": 64, "n_layer": 2})
+    msg = str(e.value)
+    assert "n_layer" in msg
+    assert all(f in msg for f in FIELDS)
+
+
+def test_family():
+    assert ModelConfig.gpt2().family == "gpt2"
+    assert ModelConfig.llama().family == "llama"
+    assert ModelConfig(position="sinusoidal").family is None
+
+
+# ----------------------------------------------------------------------------- presets and overrides
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_every_preset_loads(name):
+    assert (CONFIG_DIR / f"{name}.yaml").exists()
+    cfg = load_model_config(name)
+    assert isinstance(cfg, ModelConfig)
+    assert load_config(name)["model"] == cfg
+
+
+def test_preset_values():
+    gpt2 = load_model_config("gpt2-124m")
+    assert gpt2.family == "gpt2" and gpt2.tie_embeddings and gpt2.max_seq_len == 1024
+    llama = load_model_config("llama3-8b")
+    assert llama.family == "llama" and (llama.n_heads, llama.n_kv_heads, llama.head_dim) == (32, 8, 128)
+    assert llama.rope_theta == 500000.0 and llama.param_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("overrides", [["--model.n_layers=4"], ["--model.n_layers", "4"]])
+def test_override_forms(overrides):
+    assert load_model_config("tiny", overrides).n_layers == 4
+    assert load_model_config("tiny").n_layers == 2
+
+
+def test_override_mapping_form():
+    assert load_model_config("tiny", {"model.d_ff": 128}).d_ff == 128
+
+
+def test_typed_override_parsing():
+    args = ["--model.norm_eps=1e-5", "--model.rope_theta", "5e5", "--model.init_std=0.01",
+            "--model.tie_embeddings=true", "--model.use_bias", "False", "--model.n_kv_heads=null",
+            "--model.d_model", "128", "--model.position=learned"]
+    parsed = parse_overrides(args)
+    assert parsed == {"model.norm_eps": 1e-5, "model.rope_theta": 5e5, "model.init_std": 0.01,
+                      "model.tie_embeddings": True, "model.use_bias": False, "model.n_kv_heads": None,
+                      "model.d_model": 128, "model.position": "learned"}
+    assert type(parsed["model.d_model"]) is int and type(parsed["model.norm_eps"]) is float
+    cfg = load_model_config("tiny", args)
+    assert cfg.norm_eps == 1e-5 and cfg.rope_theta == 5e5 and cfg.tie_embeddings is True
+    assert cfg.n_kv_heads == cfg.n_heads == 4  # null -> default -> n_heads
+    assert cfg.d_model == 128 and cfg.head_dim == 32 and cfg.position == "learned"
+
+
+def test_override_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError) as e:
+        load_model_config("tiny", ["--model.n_layer=4"])
+    msg = str(e.value)
+    assert "n_layer" in msg and all(f in msg for f in FIELDS)
+
+
+def test_override_unknown_section():
+    with pytest.raises(ValueError, match=r"unknown config section 'optim'.*model"):
+        load_model_config("tiny", ["--optim.lr=1e-3"])
+
+
+@pytest.mark.parametrize("args", [["model.n_layers=4"], ["--n_layers=4"], ["-model.n_layers=4"],
+                                  ["--model.n_layers"], ["4"]])
+def test_bad_override_syntax(args):
+    with pytest.raises(ValueError, match="override"):
+        load_model_config("tiny", args)
+
+
+def test_override_value_validated():
+    with pytest.raises(ValueError, match="n_layers must be a positive integer"):
+        load_model_config("tiny", ["--model.n_layers=0"])
+    with pytest.raises(ValueError, match="norm_eps"):
+        load_model_config("tiny", ["--model.norm_eps=abc"])
+
+
+def test_load_config_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  d_model: 32\n  n_heads: 2\n  n_layers: 1\n  norm_eps: 1.0e-6\n")
+    cfg = load_model_config(str(path), ["--model.n_layers=3"])
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.norm_eps) == (32, 2, 3, 1e-6)
+    assert cfg.vocab_size == ModelConfig().vocab_size  # unspecified fields keep their defaults
+    js = tmp_path / "mine.json"
+    js.write_text(json.dumps({"model": {"d_model": 48, "n_heads": 3, "position": "learned"}}))
+    assert load_model_config(js).head_dim == 16
+
+
+def test_load_config_file_with_empty_section(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("model:\n")
+    assert load_model_config(path) == ModelConfig()
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("model:\n  n_layer: 2\n", "n_layer"),
+    ("model:\n  d_model: 64\noptimizer:\n  lr: 0.1\n", r"unknown section.*optimizer"),
+    ("- model\n", "expected sections"),
+    ("model: 3\n", "expected sections"),
+])
+def test_bad_config_file(tmp_path, text, pattern):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=pattern):
+        load_model_config(path)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(FileNotFoundError) as e:
+        load_model_config("gpt5-huge")
+    msg = str(e.value)
+    assert "gpt5-huge" in msg and all(p in msg for p in PRESETS)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def _count(cfg: ModelConfig) -> int:
+    return jaxformer.count_params(nnx.eval_shape(lambda: jaxformer.DecoderLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def test_gpt2_124m_param_count():
+    V, D, L, F, P = 50257, 768, 12, 3072, 1024
+    layer = (2 * D          # ln_1 weight, bias
+             + 4 * (D * D + D)  # q, k, v, o projections with biases
+             + 2 * D        # ln_2
+             + D * F + F    # up (c_fc)
+             + F * D + D)   # down (c_proj)
+    expected = V * D + P * D + L * layer + 2 * D  # wte (tied lm_head), wpe, blocks, ln_f
+    assert expected == 124_439_808
+    assert _count(load_model_config("gpt2-124m")) == expected
+
+
+def test_llama3_8b_param_count():
+    V, D, L, N, K, H, F = 128256, 4096, 32, 32, 8, 128, 14336
+    layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D  # q, k, v, o, gate/up/down, 2 norms
+    expected = 2 * V * D + L * layer + D  # embed + untied lm_head, blocks, final norm
+    assert expected == 8_030_261_248
+    assert _count(load_model_config("llama3-8b")) == expected
+
+
+@pytest.mark.parametrize("name, tied", [("tiny", False), ("llama-tiny", True)])
+def test_small_llama_presets_param_count(name, tied):
+    c = load_model_config(name)
+    V, D, L, N, K, H, F = c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+    assert c.tie_embeddings == tied
+    layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D
+    assert _count(c) == (1 if tied else 2) * V * D + L * layer + D
