@@ -1,1 +1,20 @@
-"""Pallas GPU kernels (proven on CPU in interpret mode)."""
+"""Pallas GPU kernels (Triton backend), proven on CPU in interpret mode.
+
+Kernels:
+  flash_attention   FlashAttention-2 forward + backward (causal, segment ids, GQA/MQA, any length).
+  decode_attention  flash-decoding: a few new queries against a KV cache with per-sequence lengths.
+
+Where the kernels run
+  On an NVIDIA GPU every kernel compiles through Pallas' Triton backend. Anywhere else there is
+  nothing to compile for, so a call raises `PallasUnavailableError` naming the fix. On CPU a
+  kernel runs in Pallas interpret mode (slow, exact, for tests) only when asked, in one of two
+  equivalent ways:
+    * per call:        flash_attention(..., interpret=True)
+    * process-wide:    JAXFORMER_PALLAS_INTERPRET=1  (also reaches calls you do not make yourself,
+                       e.g. a DecoderLM built with attention_impl="pallas")
+  The variable is read when a kernel is traced, so set it before the first call.
+"""
+
+from pallas_kernels.common import INTERPRET_ENV, PallasUnavailableError, resolve_interpret
+
+__all__ = ["INTERPRET_ENV", "PallasUnavailableError", "resolve_interpret"]

@@ -1,0 +1,92 @@
+"""Helpers shared by the kernels: where Pallas may run, padding, block arithmetic."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+INTERPRET_ENV = "JAXFORMER_PALLAS_INTERPRET"
+
+
+class PallasUnavailableError(RuntimeError):
+    """A Pallas kernel was called where it can neither compile nor was asked to interpret."""
+
+
+def interpret_requested() -> bool:
+    """True when JAXFORMER_PALLAS_INTERPRET is set to a true value (1/true/yes/on)."""
+    return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_interpret(interpret: bool, kernel: str = "this Pallas kernel") -> bool:
+    """The interpret flag a kernel should use; raises PallasUnavailableError where it cannot run."""
+    if interpret or interpret_requested():
+        return True
+    if jax.default_backend() != "gpu":
+        raise PallasUnavailableError(
+            f"{kernel} compiles through Pallas' Triton backend and needs an NVIDIA GPU, but JAX's default "
+            f"backend is {jax.default_backend()!r}. To run it on CPU in (slow) interpret mode pass "
+            f"interpret=True, or set {INTERPRET_ENV}=1 for the whole process; for models, "
+            "attention_impl='xla' is the portable choice.")
+    return False
+
+
+MAX_ELEMENTS = 2 ** 31  # Pallas' Triton lowering computes element offsets in int32
+
+
+def check_addressable(name: str, shape: tuple[int, ...]) -> None:
+    """Raise if an operand (as padded for the kernel) has more elements than int32 offsets reach."""
+    size = 1
+    for d in shape:
+        size *= d
+    if size > MAX_ELEMENTS:
+        raise ValueError(f"{name} would have {size} elements {shape} after padding, more than the 2**31 that "
+                         "Triton's int32 offsets address; split the batch into smaller calls")
+
+
+def is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def fit_block(block: int, length: int) -> int:
+    """A power-of-two block no longer than needed for `length` (Triton's dot wants >= 16)."""
+    return min(block, max(16, next_power_of_2(length)))
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """x padded at the end of `axis` to `size` (a no-op when it already has that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def floor_blocks(n, block: int):
+    """floor(max(n, 0) / block) for a Python or traced int32 n (Triton lowers lax.div, not floor_divide)."""
+    if isinstance(n, int):
+        return max(n, 0) // block
+    return lax.div(jnp.maximum(n, 0), block)
+
+
+def ceil_blocks(n, block: int):
+    """ceil(max(n, 0) / block), same contract as floor_blocks."""
+    if isinstance(n, int):
+        return -(-max(n, 0) // block)
+    return lax.div(jnp.maximum(n, 0) + (block - 1), block)
+
+
+def check_block(name: str, value: int) -> None:
+    if not isinstance(value, int) or not is_power_of_2(value) or value < 16:
+        raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles), got {value!r}")

@@ -1,0 +1,217 @@
+"""Flash-decoding in Pallas (Triton backend): a few new queries against a KV cache, split over its length.
+
+Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference" (2023),
+https://crfm.stanford.edu/2023/10/12/flashdecoding.html.
+
+q [B, Tq, N, H] are the last Tq positions of each sequence: query i sits at lengths[b] - Tq + i and
+attends causally to cache positions [0, lengths[b]); cache entries at or past lengths[b] are never
+read into the result (even NaN there is harmless).
+
+  split     grid (B, K, row tiles, n_splits): the Tq * G query rows that share kv head k form
+            [block_m, H] tiles (block_m = Tq * G padded to a power of two in [16, 128]), so GQA
+            decoding is matmuls rather than matrix-vector products; each program walks its share of
+            the cache in [block_k, H] tiles with an online softmax and writes a normalised partial
+            output and its log2-sum-exp. Tiles past lengths[b] are skipped: work follows the lengths.
+  combine   one XLA reduction over splits: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
+
+Forward only: decoding needs no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
+                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
+
+LOG2_E = math.log2(math.e)
+TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs): split the cache until the grid has this many
+MAX_BLOCK_M = 128  # query rows per program (fp32 accumulator [block_m, H] lives in registers)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Cache tile length (power of two >= 16), number of cache splits (None: enough to fill the GPU)."""
+
+    block_k: int = 128
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_block("block_k", self.block_k)
+        if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
+            raise ValueError(f"num_splits must be a positive integer or None, got {self.num_splits!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    sm_scale: float
+    n_new: int  # Tq
+    group: int  # G = N // K
+    block_k: int
+    tiles_per_split: int
+    n_tiles: int  # cache tiles in the (padded) cache
+    block_m: int  # query rows per program
+
+
+def _dot(a, b, *, trans_b=False):
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+
+
+def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+    # length_ref []; q_ref [bm, H]; k_ref, v_ref [S, H]; o_ref [bm, H] float32; lse_ref [bm] float32
+    M, bk = st.block_m, st.block_k
+    row_tile, split = pl.program_id(2), pl.program_id(3)
+    length = length_ref[()]
+    q = q_ref[...]
+    rows = row_tile * M + lax.broadcasted_iota(jnp.int32, (M,), 0)
+    q_pos = length - st.n_new + lax.div(rows, st.group)  # row r holds token r // G
+    scale = st.sm_scale * LOG2_E
+
+    def step(tile, carry, masked: bool):
+        acc, m, l = carry  # [M, H], [M], [M]
+        kv = pl.ds(tile * bk, bk)
+        k, v = k_ref[kv, :], v_ref[kv, :]  # [bk, H]
+        s = _dot(q, k, trans_b=True) * scale  # [M, bk]
+        if masked:
+            kv_pos = tile * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+            live = kv_pos < length
+            s = jnp.where((kv_pos[None, :] <= q_pos[:, None]) & live[None, :], s, -jnp.inf)
+            v = jnp.where(live[:, None], v, 0)  # stale cache rows may hold anything, even NaN
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = alpha * l + p.sum(axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    first = split * st.tiles_per_split
+    end = jnp.minimum(jnp.minimum(first + st.tiles_per_split, ceil_blocks(length, bk)), st.n_tiles)
+    clear = jnp.minimum(jnp.maximum(floor_blocks(length - st.n_new + 1, bk), first), end)  # tiles all rows see whole
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((M,), -1e30, jnp.float32), jnp.zeros((M,), jnp.float32))
+    carry = lax.fori_loop(first, clear, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(clear, end, functools.partial(step, masked=True), carry)
+
+    seen = l > 0.0
+    l = jnp.where(seen, l, 1.0)
+    o_ref[...] = acc / l[:, None]
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l), -jnp.inf)  # -inf: this split gets no weight
+
+
+def _split_call(q_rows, k_cache, v_cache, lengths, st: _Static, blocks: BlockSizes, interpret: bool):
+    """Partial (o [B, K, splits, M, H], lse [B, K, splits, M]) float32 over each cache split."""
+    B, K, M, H = q_rows.shape
+    S, bm = k_cache.shape[1], st.block_m
+    n_splits = -(-st.n_tiles // st.tiles_per_split)
+    return pl.pallas_call(
+        functools.partial(_split_kernel, st=st),
+        grid=(B, K, M // bm, n_splits),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, r, s: (b,)),
+            pl.BlockSpec((None, None, bm, H), lambda b, h, r, s: (b, h, r, 0)),
+            pl.BlockSpec((None, S, None, H), lambda b, h, r, s: (b, 0, h, 0)),
+            pl.BlockSpec((None, S, None, H), lambda b, h, r, s: (b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, bm, H), lambda b, h, r, s: (b, h, s, r, 0)),
+            pl.BlockSpec((None, None, None, bm), lambda b, h, r, s: (b, h, s, r)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, K, n_splits, M, H), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, n_splits, M), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="decode_attention_split",
+    )(lengths, q_rows, k_cache, v_cache)
+
+
+def _combine(o, lse):
+    """Merge split partials: o [B, K, P, M, H], lse [B, K, P, M] (log2) -> [B, K, M, H] float32."""
+    m = lse.max(axis=2, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [B, K, P, M]; 0 for empty splits
+    total = w.sum(axis=2)
+    return (w[..., None] * o).sum(axis=2) / jnp.where(total == 0.0, 1.0, total)[..., None]  # exact fp32, no TF32
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """Attention of the last Tq tokens over a cache of per-sequence length; q [B, Tq, N, H] -> [B, Tq, N, H]."""
+    _check_inputs(q, k_cache, v_cache, lengths)
+    interpret = resolve_interpret(interpret, "decode_attention")
+    B, Tq, N, H = q.shape
+    S, K = k_cache.shape[1], k_cache.shape[2]
+    G = N // K
+    blocks = block_sizes or BlockSizes()
+    block_k = fit_block(blocks.block_k, S)
+    S_pad, H_pad, M = round_up(S, block_k), max(16, next_power_of_2(H)), Tq * G
+    check_addressable("k_cache", (B, S_pad, K, H_pad))
+    block_m = min(MAX_BLOCK_M, max(16, next_power_of_2(M)))
+    # Allocate caches with a length that is a multiple of block_k and head_dim 64/128: then nothing is copied here.
+    k_cache, v_cache = (pad_axis(pad_axis(c, 1, S_pad), 3, H_pad) for c in (k_cache, v_cache))
+    n_tiles = S_pad // block_k
+    n_splits = blocks.num_splits or max(1, TARGET_PROGRAMS // (B * K * -(-M // block_m)))
+    tiles_per_split = -(-n_tiles // min(n_splits, n_tiles))
+    st = _Static(sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale), n_new=Tq, group=G,
+                 block_k=block_k, tiles_per_split=tiles_per_split, n_tiles=n_tiles, block_m=block_m)
+
+    q_rows = q.reshape(B, Tq, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)  # row r: token r // G
+    q_rows = pad_axis(pad_axis(q_rows, 2, round_up(M, block_m)), 3, H_pad)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)
+    o, lse = _split_call(q_rows, k_cache, v_cache, lengths, st, blocks, interpret)
+    out = _combine(o, lse)[:, :, :M, :H]  # [B, K, M, H]
+    return out.reshape(B, K, Tq, G, H).transpose(0, 2, 1, 3, 4).reshape(B, Tq, N, H).astype(q.dtype)
+
+
+def _check_inputs(q, k_cache, v_cache, lengths) -> None:
+    if q.ndim != 4 or k_cache.ndim != 4:
+        raise ValueError(f"q must be [B, Tq, N, H] and caches [B, S, K, H]; got {q.shape} and {k_cache.shape}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
+    (B, Tq, N, H), (Bc, S, K, Hc) = q.shape, k_cache.shape
+    if (B, H) != (Bc, Hc):
+        raise ValueError(f"q {q.shape} and the cache {k_cache.shape} disagree on batch or head_dim")
+    if Tq == 0 or S == 0:
+        raise ValueError(f"need at least one query and one cache slot, got Tq={Tq}, S={S}")
+    if N % K:
+        raise ValueError(f"{N} query heads cannot be grouped over {K} kv heads (K must divide N)")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"q and caches must share one of float32/bfloat16/float16, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers of shape {(B,)}, got {lengths.dtype} {lengths.shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                               sm_scale: float | None = None) -> jax.Array:
+    """Plain-jnp decode attention with the kernel's semantics (fp32 math; queries seeing no key give 0)."""
+    B, Tq, N, H = q.shape
+    S, K = k_cache.shape[1], k_cache.shape[2]
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    lengths = jnp.clip(lengths, 0, S)
+    q_pos = lengths[:, None] - Tq + jnp.arange(Tq)[None, :]  # [B, Tq]
+    kv_pos = jnp.arange(S)
+    mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < lengths[:, None, None])  # [B,Tq,S]
+    live = (kv_pos[None, :] < lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
+    v = jnp.where(live, v_cache.astype(jnp.float32), 0.0)
+    qg = q.astype(jnp.float32).reshape(B, Tq, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST) * sm_scale
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=lax.Precision.HIGHEST)
+    return out.reshape(B, Tq, N, H).astype(q.dtype)

@@ -1,0 +1,455 @@
+"""FlashAttention-2 in Pallas (Triton backend): forward, and a backward split into dK/dV and dQ kernels.
+
+Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023),
+https://arxiv.org/abs/2307.08691.
+
+q [B, T, N, H] and k, v [B, S, K, H] are read in place (block specs stride over the head axis, no
+transposes); query head n reads kv head n // G with G = N // K, so GQA/MQA never repeats K/V.
+
+  forward   grid (T/block_q, B, N): a resident [block_q, H] query tile streams [block_k, H] key/value
+            tiles with an online softmax in the exp2 domain (running max m, sum l, fp32 accumulator);
+            writes O and the log2-sum-exp residual lse = m + log2(l).
+  dK/dV     grid (S/block_k, B, K): a resident key/value tile streams the query tiles of all G query
+            heads that share it: P = exp2(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
+            dK += dS^T Q. Summing the group inside the program gives GQA's dK/dV without a reduction.
+  dQ        grid (T/block_q, B, N): a resident query tile streams key/value tiles: dQ += dS K.
+  delta = rowsum(dO * O) is one fused XLA reduction. No atomics: results are deterministic, and the
+  price is that dQ recomputes S = Q K^T and dP = dO V^T (7 tile matmuls per tile pair in the backward;
+  FlashAttention-2's 5 need dQ accumulated with atomic adds from the dK/dV programs).
+Causal grids launch the longest query tiles first, so the short ones fill the last wave.
+
+Masking and padding. Lengths are padded to block multiples and head dims to a power of two (>= 16);
+padded keys are masked, padded queries are sliced off (their dO is zero, so they add nothing to
+dK/dV). Causal masks align bottom-right (query t sees keys s <= t + S - T, as
+jaxformer.attention.make_mask). Every tile loop is split in two: tiles every row of the resident
+tile fully sees run without a mask; only diagonal, tail and segment-id tiles pay for one, and
+causal loops stop at the diagonal. A query row that sees no key returns zeros with zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
+                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
+
+SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
+LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two >= 16) and Triton launch parameters of the three kernels."""
+
+    block_q: int = 128  # forward: resident query tile
+    block_k: int = 64  # forward: streamed key/value tile
+    block_q_dkv: int = 32  # dK/dV: streamed query tile
+    block_k_dkv: int = 128  # dK/dV: resident key/value tile
+    block_q_dq: int = 128  # dQ: resident query tile
+    block_k_dq: int = 32  # dQ: streamed key/value tile
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name.startswith("block_"):
+                check_block(f.name, getattr(self, f.name))
+
+    @classmethod
+    def default(cls, head_dim: int, dtype=jnp.bfloat16) -> "BlockSizes":
+        """Starting points from Triton's fused-attention tutorial (backward 32x128 / 128x32 tiles), untuned here.
+
+        4-byte inputs get half the streamed tiles and 2 stages so the pipeline fits in shared memory.
+        Tune on the target GPU with `python bench/attention_gpu.py --block-sizes ...`.
+        """
+        if head_dim <= 64:
+            blocks = cls()
+        elif head_dim <= 128:
+            blocks = cls(num_warps=8, num_warps_bwd=8)
+        else:
+            blocks = cls(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=64, block_q_dq=64, block_k_dq=16,
+                         num_warps=8, num_warps_bwd=8, num_stages=2)
+        if jnp.dtype(dtype).itemsize >= 4:
+            blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2),
+                                         block_k_dkv=max(16, blocks.block_k_dkv // 2),
+                                         block_q_dq=max(16, blocks.block_q_dq // 2), num_stages=2)
+        return blocks
+
+    def fitted(self, q_len: int, kv_len: int) -> "BlockSizes":
+        """The same sizes, shrunk so no tile is longer than the (padded) sequence it walks."""
+        fq, fk = functools.partial(fit_block, length=q_len), functools.partial(fit_block, length=kv_len)
+        return dataclasses.replace(
+            self, block_q=fq(self.block_q), block_k=fk(self.block_k), block_q_dkv=fq(self.block_q_dkv),
+            block_k_dkv=fk(self.block_k_dkv), block_q_dq=fq(self.block_q_dq), block_k_dq=fk(self.block_k_dq))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: a custom_vjp nondiff argument)."""
+
+    causal: bool
+    sm_scale: float
+    blocks: BlockSizes
+    interpret: bool
+    q_len: int  # true lengths; arrays reaching the kernels are padded beyond them
+    kv_len: int
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks and tile ranges (shared by the three kernels).
+
+def _visible(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
+    """[bq, bk] True where the query at q_pos [bq] may attend the key at kv_pos [bk]."""
+    mask = (kv_pos < st.kv_len)[None, :]
+    if st.causal:
+        mask = mask & (kv_pos[None, :] <= q_pos[:, None] + (st.kv_len - st.q_len))
+    if q_seg is not None:
+        mask = mask & (q_seg[:, None] == kv_seg[None, :])
+    return mask
+
+
+def _kv_tiles(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
+    """(n_clear, n_end) for query tile q_tile: kv tiles [0, n_clear) need no mask, [n_clear, n_end) do."""
+    n_end, n_clear = ceil_blocks(st.kv_len, block_k), st.kv_len // block_k
+    if st.causal:
+        first = q_tile * block_q + (st.kv_len - st.q_len) + 1  # the tile's first row sees keys [0, first)
+        n_end = jnp.minimum(ceil_blocks(first + block_q - 1, block_k), n_end)
+        n_clear = jnp.minimum(floor_blocks(first, block_k), n_clear)
+    return (0 if segmented else n_clear), n_end
+
+
+def _q_tiles(kv_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
+    """(n_start, n_masked, n_end) for kv tile kv_tile: q tiles [n_start, n_masked) need a mask, then none."""
+    n_end = ceil_blocks(st.q_len, block_q)
+    if st.causal:
+        offset = st.kv_len - st.q_len  # query t sees key s iff t >= s - offset
+        n_start = jnp.minimum(floor_blocks(kv_tile * block_k - offset, block_q), n_end)
+        n_masked = jnp.minimum(ceil_blocks(kv_tile * block_k + block_k - 1 - offset, block_q), n_end)
+    else:
+        n_start, n_masked = 0, 0
+    # Scalar max, not jnp.where: Triton's select_n lowering mistypes two literal operands as i1.
+    has_padding = jnp.asarray((kv_tile + 1) * block_k > st.kv_len, jnp.int32)  # mask every q tile
+    all_padding = jnp.asarray(kv_tile * block_k >= st.kv_len, jnp.int32)  # skip every q tile
+    n_masked = jnp.maximum(n_masked, has_padding * n_end)
+    n_start = jnp.maximum(n_start, all_padding * n_end)
+    return n_start, (n_end if segmented else n_masked), n_end
+
+
+def _q_tile_id(i, n_q_tiles, st: _Static):
+    """Causal grids launch the longest query tiles (the last ones) first, so short ones fill the tail."""
+    return n_q_tiles - 1 - i if st.causal else i
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """fp32-accumulated tile matmul; fp32 inputs stay fp32 (no TF32) so fp32 results match XLA."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _iota(n: int, start):
+    return start + lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels.
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, st: _Static):
+    # q_ref [bq, H]; k_ref, v_ref [S, H]; q_seg_ref [bq]; kv_seg_ref [S]; o_ref [bq, H]; lse_ref [bq]
+    bq, bk = st.blocks.block_q, st.blocks.block_k
+    q_tile = _q_tile_id(pl.program_id(0), pl.num_programs(0), st)
+    q = q_ref[...]
+    q_pos = _iota(bq, q_tile * bq)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    scale = st.sm_scale * LOG2_E  # scores in log2 units: exp2 is the native instruction
+
+    def step(kv_tile, carry, masked: bool):
+        acc, m, l = carry  # [bq, H], [bq], [bq]
+        tile = pl.ds(kv_tile * bk, bk)
+        k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, H]
+        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        if masked:
+            kv_seg = None if kv_seg_ref is None else kv_seg_ref[tile]
+            s = jnp.where(_visible(q_pos, _iota(bk, kv_tile * bk), q_seg, kv_seg, st), s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))  # stays finite: m starts at -1e30, not -inf
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])  # [bq, bk]
+        l = alpha * l + p.sum(axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    n_clear, n_end = _kv_tiles(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
+    carry = lax.fori_loop(0, n_clear, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_clear, n_end, functools.partial(step, masked=True), carry)
+
+    seen = l > 0.0  # False only for rows that see no key at all
+    l = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l), jnp.inf)  # +inf: exp2(s - lse) = 0 in the backward
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref, *,
+                 st: _Static, group: int):
+    # q_ref, do_ref [T, G, H]; k_ref, v_ref [bk, H]; lse_ref, delta_ref [G, T]; q_seg_ref [T]; kv_seg_ref [bk]
+    # dk_ref, dv_ref [bk, H]
+    bq, bk = st.blocks.block_q_dkv, st.blocks.block_k_dkv
+    kv_tile = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]
+    kv_pos = _iota(bk, kv_tile * bk)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+    scale = st.sm_scale * LOG2_E
+
+    def step(q_tile, carry, head, masked: bool):
+        dk, dv = carry  # [bk, H] each
+        rows = pl.ds(q_tile * bq, bq)
+        q, do = q_ref[rows, head, :], do_ref[rows, head, :]  # [bq, H]
+        lse, delta = lse_ref[head, rows], delta_ref[head, rows]  # [bq]
+        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        if masked:
+            q_seg = None if q_seg_ref is None else q_seg_ref[rows]
+            s = jnp.where(_visible(_iota(bq, q_tile * bq), kv_pos, q_seg, kv_seg, st), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])  # softmax probabilities [bq, bk]
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        dp = _dot(do, v, trans_b=True)  # [bq, bk]
+        ds = p * (dp - delta[:, None])  # dL/d(logits), logits = sm_scale * q k^T
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    n_start, n_masked, n_end = _q_tiles(kv_tile, bq, bk, st, segmented=q_seg_ref is not None)
+
+    def one_head(head, carry):  # the G query heads sharing this kv head
+        carry = lax.fori_loop(n_start, n_masked, functools.partial(step, head=head, masked=True), carry)
+        return lax.fori_loop(n_masked, n_end, functools.partial(step, head=head, masked=False), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, group, one_head, (zeros, zeros))
+    dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, *, st: _Static):
+    # q_ref, do_ref [bq, H]; k_ref, v_ref [S, H]; lse_ref, delta_ref [bq]; q_seg_ref [bq]; kv_seg_ref [S]
+    # dq_ref [bq, H]
+    bq, bk = st.blocks.block_q_dq, st.blocks.block_k_dq
+    q_tile = _q_tile_id(pl.program_id(0), pl.num_programs(0), st)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = _iota(bq, q_tile * bq)
+    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    scale = st.sm_scale * LOG2_E
+
+    def step(kv_tile, dq, masked: bool):
+        tile = pl.ds(kv_tile * bk, bk)
+        k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, H]
+        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        if masked:
+            kv_seg = None if kv_seg_ref is None else kv_seg_ref[tile]
+            s = jnp.where(_visible(q_pos, _iota(bk, kv_tile * bk), q_seg, kv_seg, st), s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    n_clear, n_end = _kv_tiles(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
+    dq = lax.fori_loop(0, n_clear, functools.partial(step, masked=False), jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(n_clear, n_end, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pallas_call wrappers; all arrays here are padded: T % max q block == 0, S % max kv block == 0, H a power of 2.
+
+def _params(st: _Static, num_warps: int) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=st.blocks.num_stages)
+
+
+def _forward_call(q, k, v, q_seg, kv_seg, st: _Static):
+    """(o [B, T, N, H], lse [B, N, T] float32 log2-sum-exp) for padded inputs."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G, bq = N // K, st.blocks.block_q
+    tile = functools.partial(_q_tile_id, n_q_tiles=T // bq, st=st)
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, tile(i), n, 0))
+    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+    seg_specs = [None, None]
+    if q_seg is not None:
+        seg_specs = [pl.BlockSpec((None, bq), lambda i, b, n: (b, tile(i))),
+                     pl.BlockSpec((None, S), lambda i, b, n: (b, 0))]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, st=st),
+        grid=(T // bq, B, N),
+        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, tile(i)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
+        compiler_params=_params(st, st.blocks.num_warps),
+        interpret=st.interpret,
+        name="flash_attention_forward",
+    )(q, k, v, q_seg, kv_seg)
+
+
+def _dkdv_call(q, k, v, do, lse, delta, q_seg, kv_seg, st: _Static):
+    """(dk, dv) [B, S, K, H], each kv head's gradient summed over its G query heads inside the kernel."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G, bk = N // K, st.blocks.block_k_dkv
+    group_spec = pl.BlockSpec((None, T, G, H), lambda j, b, h: (b, 0, h, 0))  # the G query heads of kv head h
+    kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, h: (b, j, h, 0))
+    row_spec = pl.BlockSpec((None, G, T), lambda j, b, h: (b, h, 0))
+    seg_specs = [None, None]
+    if q_seg is not None:
+        seg_specs = [pl.BlockSpec((None, T), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st, group=G),
+        grid=(S // bk, B, K),
+        in_specs=[group_spec, kv_spec, kv_spec, group_spec, row_spec, row_spec, *seg_specs],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(st, st.blocks.num_warps_bwd),
+        interpret=st.interpret,
+        name="flash_attention_dkdv",
+    )(q, k, v, do, lse, delta, q_seg, kv_seg)
+
+
+def _dq_call(q, k, v, do, lse, delta, q_seg, kv_seg, st: _Static):
+    """dq [B, T, N, H]."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G, bq = N // K, st.blocks.block_q_dq
+    tile = functools.partial(_q_tile_id, n_q_tiles=T // bq, st=st)
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, tile(i), n, 0))
+    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, tile(i)))
+    seg_specs = [None, None]
+    if q_seg is not None:
+        seg_specs = [pl.BlockSpec((None, bq), lambda i, b, n: (b, tile(i))),
+                     pl.BlockSpec((None, S), lambda i, b, n: (b, 0))]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        grid=(T // bq, B, N),
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(st, st.blocks.num_warps_bwd),
+        interpret=st.interpret,
+        name="flash_attention_dq",
+    )(q, k, v, do, lse, delta, q_seg, kv_seg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_vjp: padding happens here, so residuals are the padded arrays the backward kernels read.
+
+def _padded_shape(st: _Static, head_dim: int) -> tuple[int, int, int]:
+    b = st.blocks
+    return (round_up(st.q_len, max(b.block_q, b.block_q_dkv, b.block_q_dq)),
+            round_up(st.kv_len, max(b.block_k, b.block_k_dkv, b.block_k_dq)),
+            max(16, next_power_of_2(head_dim)))
+
+
+def _pad(x, length: int, head_dim: int):  # [B, L, heads, H] -> [B, length, heads, head_dim], zeros
+    return pad_axis(pad_axis(x, 1, length), 3, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, st: _Static):
+    return _flash_fwd(q, k, v, q_seg, kv_seg, st)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
+    T, S, H = q.shape[1], k.shape[1], q.shape[3]
+    T_pad, S_pad, H_pad = _padded_shape(st, H)
+    q_p, k_p, v_p = _pad(q, T_pad, H_pad), _pad(k, S_pad, H_pad), _pad(v, S_pad, H_pad)
+    if q_seg is not None:
+        q_seg, kv_seg = pad_axis(q_seg.astype(jnp.int32), 1, T_pad), pad_axis(kv_seg.astype(jnp.int32), 1, S_pad)
+    o_p, lse = _forward_call(q_p, k_p, v_p, q_seg, kv_seg, st)
+    return o_p[:, :T, :, :H], (q_p, k_p, v_p, q_seg, kv_seg, o_p, lse)
+
+
+def _flash_bwd(st: _Static, residuals, do):
+    q_p, k_p, v_p, q_seg, kv_seg, o_p, lse = residuals
+    T, S, H = st.q_len, st.kv_len, do.shape[3]
+    do_p = _pad(do.astype(q_p.dtype), q_p.shape[1], q_p.shape[3])  # zero rows: padded queries add nothing
+    delta = (o_p.astype(jnp.float32) * do_p.astype(jnp.float32)).sum(axis=3).transpose(0, 2, 1)  # [B, N, T_pad]
+    dk, dv = _dkdv_call(q_p, k_p, v_p, do_p, lse, delta, q_seg, kv_seg, st)
+    dq = _dq_call(q_p, k_p, v_p, do_p, lse, delta, q_seg, kv_seg, st)
+    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H], None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                    segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+    """softmax(q k^T * sm_scale) v, fused; q [B, T, N, H], k/v [B, S, K, H] (K divides N) -> [B, T, N, H]."""
+    _check_inputs(q, k, v, segment_ids)
+    T, H, S = q.shape[1], q.shape[3], k.shape[1]
+    st = _Static(
+        causal=bool(causal),
+        sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale),
+        blocks=(block_sizes or BlockSizes.default(H, q.dtype)).fitted(T, S),
+        interpret=resolve_interpret(interpret, "flash_attention"),
+        q_len=T, kv_len=S)
+    T_pad, S_pad, H_pad = _padded_shape(st, H)
+    check_addressable("q", (q.shape[0], T_pad, q.shape[2], H_pad))
+    check_addressable("k", (k.shape[0], S_pad, k.shape[2], H_pad))
+    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+    return _flash(q, k, v, q_seg, kv_seg, st)
+
+
+def _check_inputs(q, k, v, segment_ids) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    (B, T, N, H), (Bk, S, K, Hk) = q.shape, k.shape
+    if (B, H) != (Bk, Hk):
+        raise ValueError(f"q {q.shape} and k/v {k.shape} disagree on batch or head_dim")
+    if T == 0 or S == 0:
+        raise ValueError(f"sequence lengths must be >= 1, got q length {T} and kv length {S}")
+    if N % K:
+        raise ValueError(f"{N} query heads cannot be grouped over {K} kv heads (K must divide N)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"q, k, v must share one of float32/bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+            raise ValueError("segment_ids must be a pair (q_segment_ids [B, T], kv_segment_ids [B, S])")
+        q_seg, kv_seg = segment_ids
+        if q_seg.shape != (B, T) or kv_seg.shape != (B, S):
+            raise ValueError(f"segment_ids must have shapes {(B, T)} and {(B, S)}, "
+                             f"got {q_seg.shape} and {kv_seg.shape}")
+        if not (jnp.issubdtype(q_seg.dtype, jnp.integer) and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
+            raise ValueError(f"segment_ids must be integers, got {q_seg.dtype} and {kv_seg.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                              segment_ids: SegmentIds | None = None, sm_scale: float | None = None) -> jax.Array:
+    """Plain-jnp attention with the kernel's exact semantics (fp32 math; rows seeing no key give 0)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    sm_scale = H ** -0.5 if sm_scale is None else sm_scale
+    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)  # query heads grouped by their kv head
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST) * sm_scale
+    mask = jnp.ones((1, T, S), bool)
+    if causal:
+        mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[0][:, :, None] == segment_ids[1][:, None, :])  # [B, T, S]
+    mask = mask[:, None, None]  # [B or 1, 1, 1, T, S]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return out.reshape(B, T, N, H).astype(q.dtype)
