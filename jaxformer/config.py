@@ -14,8 +14,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -62,6 +63,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     init_std: float = 0.02
+    remat: str = "none"  # activation checkpointing per block: none | full | save_dots
+    scan_layers: bool = False  # lax.scan over blocks: one compiled body however deep the model
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -86,11 +89,12 @@ class ModelConfig:
         _choice("norm", self.norm, NORMS)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _choice("remat", self.remat, REMAT_POLICIES)
         _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("compute_dtype", self.compute_dtype, DTYPES)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _number(name, getattr(self, name))
-        for name in ("gated_mlp", "use_bias", "tie_embeddings"):
+        for name in ("gated_mlp", "use_bias", "tie_embeddings", "scan_layers"):
             _flag(name, getattr(self, name))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got head_dim={self.head_dim}")
@@ -215,8 +219,23 @@ class TrainConfig:
             raise ValueError("warmup_steps, grad_clip, z_loss and weight_decay must be >= 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; one may be -1 to take the remaining devices (see jaxformer.sharding)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+                raise ValueError(f"mesh.{name} must be a positive integer or -1, got {v!r}")
+
+
 # Sections of a run configuration, each a frozen dataclass.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
 
 
 def preset_path(name_or_path: str | Path) -> Path:

@@ -9,6 +9,13 @@ from flax import nnx
 from jaxformer.attention import Attention
 from jaxformer.config import ModelConfig
 from jaxformer.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
+from jaxformer.sharding import constrain
+
+ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the block
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
 
 
 class Block(nnx.Module):
@@ -21,7 +28,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-                 segment_ids: jax.Array | None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+                 segment_ids: jax.Array | None, cache=None):  # [B, T, D] -> [B, T, D]
+        """With `cache` (k_cache, v_cache, start) returns (x, (k_cache, v_cache)); see Attention."""
+        if cache is not None:
+            h, kv = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
         x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -42,11 +54,20 @@ class DecoderLM(nnx.Module):
                                param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """Logits for every position; `positions` restart per packed document, `segment_ids` isolate them."""
+                 segment_ids: jax.Array | None = None, cache=None):
+        """Logits for every position; `positions` restart per packed document, `segment_ids` isolate them.
+
+        With `cache` (jaxformer.infer.cache.KVCache) the tokens continue each sequence b after its
+        cache.lengths[b] cached tokens (positions default to lengths[b] + t): returns (logits, cache)
+        with the new keys/values written and lengths advanced by T.
+        """
         cfg = self.config
         check_inputs(cfg, tokens, positions, segment_ids)
         B, T = tokens.shape
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+        if positions is None and cache is not None:
+            positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self.embed_tokens(tokens)  # [B, T, D]
@@ -57,11 +78,48 @@ class DecoderLM(nnx.Module):
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
         elif cfg.position == "rope":
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # 2 x [B, T, H]
-        for layer in self.layers:
-            x = layer(x, rope, segment_ids)
+        x = constrain(x, ACT)
+        if cache is not None:
+            x, cache = self._cached_blocks(x, rope, cache)
+        else:
+            x = self._blocks(x, rope, segment_ids)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
-        return logits.astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def _cached_blocks(self, x: jax.Array, rope, cache):
+        """All blocks over new tokens, each writing its keys/values into its layer of the cache."""
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, rope, None, (cache.k[i], cache.v[i], cache.lengths))
+            x = constrain(x, ACT)
+            ks.append(k)
+            vs.append(v)
+        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
+
+    def _blocks(self, x: jax.Array, rope, segment_ids) -> jax.Array:
+        """All blocks in order; with remat each block's activations are recomputed in the backward
+        pass, and with scan_layers one compiled body runs over the stacked block weights."""
+        cfg = self.config
+        if cfg.remat == "none" and not cfg.scan_layers:
+            for layer in self.layers:
+                x = constrain(layer(x, rope, segment_ids), ACT)
+            return x
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(layer) for layer in self.layers]
+
+        def body(x, state):
+            return constrain(nnx.merge(graphdef, state)(x, rope, segment_ids), ACT), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            # stacking copies the weights once per call: memory for compile time on deep models
+            return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *states))[0]
+        for state in states:
+            x = body(x, state)[0]
+        return x
 
 
 def check_inputs(cfg: ModelConfig, tokens, positions, segment_ids) -> None:

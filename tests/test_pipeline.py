@@ -85,17 +85,17 @@ def test_epochs_repeat_with_a_new_order(shards_dir):
     assert sorted(ep1) == sorted(ep2) and ep1 != ep2
 
 
-def test_processes_read_disjoint_slices(shards_dir):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_processes_split_each_global_batch(shards_dir, shuffle):
+    """P processes read disjoint rows whose concatenation is exactly the single-process batch."""
     split = open_split(shards_dir, "train")
-    n = len(WindowSource(split, 32, packed=True))
-    everything = make_dataset(split, seq_len=32, batch_size=1, shuffle=False, repeat=False)
-    all_windows = sorted(everything[i]["inputs"].tobytes() for i in range(n))
-    got = []
-    for p in range(2):
-        ds = make_dataset(split, seq_len=32, batch_size=1, shuffle=False, repeat=False, process_index=p,
-                          process_count=2)
-        got += [ds[i]["inputs"].tobytes() for i in range(len(ds))]
-    assert sorted(got) == all_windows  # together the processes read every window exactly once
+    single = make_dataset(split, seq_len=32, batch_size=4, shuffle=shuffle, seed=5)
+    parts = [make_dataset(split, seq_len=32, batch_size=4, shuffle=shuffle, seed=5, process_index=p,
+                          process_count=2) for p in range(2)]
+    for i in (0, 1, 2, len(WindowSource(split, 32, packed=True)) // 4 + 1):  # last: into the second epoch
+        joined = np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]])
+        np.testing.assert_array_equal(joined, single[i]["inputs"])
+        assert parts[0][i]["inputs"].shape == (2, 32)
 
 
 def test_too_little_data_is_a_clear_error(shards_dir):

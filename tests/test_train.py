@@ -94,7 +94,7 @@ def test_loss_falls_and_run_artifacts(tmp_path, shards_dir):
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["val_loss"] < losses[0] - 1.0  # held-out improves
     assert math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]), rel_tol=1e-9)
     for key in ("grad_norm", "lr", "tokens_per_s", "mfu"):
         assert all(math.isfinite(r[key]) and r[key] >= 0 for r in records if r["kind"] == "train")

@@ -50,21 +50,45 @@ class WindowSource:
                 "loss_mask": (doc[:-1] == doc[1:]).astype(np.float32)}
 
 
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch: process p of P takes rows [p*b, (p+1)*b) of each
+    batch of B = P*b, so P processes together see exactly the batches one process would."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self.global_batch, self.local = global_batch, global_batch // process_count
+        self.offset = process_index * self.local
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        b, r = divmod(index, self.local)
+        return self._parent[b * self.global_batch + self.offset + r]
+
+
 def make_dataset(split: SplitTokens, *, seq_len: int, batch_size: int, packed: bool = True, seed: int = 0,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1) -> grain.MapDataset:
-    """Windows -> this process's slice -> seeded shuffle (new order per epoch) -> batches."""
+    """Windows -> seeded shuffle (new order each epoch) -> this process's rows -> local batches.
+
+    `batch_size` is global; each process gets batches of batch_size // process_count rows.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the process count {process_count}")
     ds = grain.MapDataset.source(WindowSource(split, seq_len, packed=packed))
-    if process_count > 1:
-        ds = ds[process_index::process_count]  # disjoint data per host
     if len(ds) < batch_size:
-        raise ValueError(f"only {len(ds)} windows of {seq_len + 1} tokens for this process, fewer than "
-                         f"batch_size={batch_size}; lower the batch size or seq_len, or add data")
+        raise ValueError(f"only {len(ds)} windows of {seq_len + 1} tokens, fewer than batch_size={batch_size}; "
+                         "lower the batch size or seq_len, or add data")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    return ds.batch(batch_size, drop_remainder=True)
+    if process_count > 1:
+        ds = ProcessRows(ds, batch_size, process_index, process_count)
+    return ds.batch(batch_size // process_count, drop_remainder=True)
 
 
 class DataIterator:

@@ -45,6 +45,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict, val_loss: float | None = None) -> None:
         """Start saving (returns once arrays are copied off the device; files finish in background)."""
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        # The train step donates these buffers next step; on CPU the "device-to-host" copy orbax makes
+        # before returning can alias them, so the background writer gets private copies.
+        state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)

@@ -11,19 +11,21 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxformer.config import DataConfig, ModelConfig, TrainConfig
+from jaxformer.config import DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxformer.data.build import ensure_data
 from jaxformer.data.pipeline import DataIterator, make_dataset
 from jaxformer.data.shards import SplitTokens, copy_tokenizer, open_split
 from jaxformer.infer.sampling import generate_uncached
 from jaxformer.interop import native
-from jaxformer.model import DecoderLM
+from jaxformer.sharding import global_batch, make_mesh
 from jaxformer.train.checkpoint import Checkpointer, abstract_like, read_run_config
 from jaxformer.train.flops import peak_tflops, train_flops_per_token
 from jaxformer.train.metrics import MetricsLogger, plot_losses
 from jaxformer.train.optim import make_optimizer, make_schedule
+from jaxformer.train.state import gather_to_host, init_train_state
 from jaxformer.train.step import make_eval_step, make_train_step
 
 
@@ -57,15 +59,18 @@ def run_config_dict(cfgs: dict[str, Any]) -> dict[str, dict]:
     return {name: dataclasses.asdict(c) for name, c in cfgs.items()}
 
 
-def evaluate(eval_fn, params, split: SplitTokens, data: DataConfig, batch_size: int, max_batches: int) -> dict:
+def evaluate(eval_fn, params, split: SplitTokens, data: DataConfig, batch_size: int, max_batches: int,
+             mesh: Mesh) -> dict:
     """Validation loss, perplexity and bits per byte on the first `max_batches` held-out batches."""
     n_windows = max(1, (split.n_tokens - 1) // data.seq_len)
-    ds = make_dataset(split, seq_len=data.seq_len, batch_size=min(batch_size, n_windows), packed=data.packed,
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()  # batch must split evenly
+    eval_batch = max(rows, min(batch_size, n_windows) // rows * rows)
+    ds = make_dataset(split, seq_len=data.seq_len, batch_size=eval_batch, packed=data.packed,
                       shuffle=False, repeat=False, process_index=jax.process_index(),
                       process_count=jax.process_count())
     total, count = 0.0, 0.0
     for i in range(min(max_batches, len(ds))):
-        ce, n = eval_fn(params, ds[i])
+        ce, n = eval_fn(params, global_batch(ds[i], mesh))
         total, count = total + float(ce), count + float(n)
     loss = total / max(count, 1.0)
     # bits per byte: nats/token -> bits/token, times this split's tokens per UTF-8 byte
@@ -93,10 +98,22 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
     mcfg: ModelConfig = cfgs["model"]
     dcfg: DataConfig = cfgs["data"]
     tcfg: TrainConfig = cfgs["train"]
-    lead = jax.process_index() == 0
-    say = print if lead else (lambda *a, **k: None)
     if dcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    mesh = make_mesh(cfgs.get("mesh", MeshConfig()), mcfg)  # fails here, before anything compiles
+    if tcfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of mesh data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    with jax.set_mesh(mesh):
+        return _train(cfgs, mesh, resume=resume, progress=progress)
+
+
+def _train(cfgs: dict[str, Any], mesh: Mesh, *, resume: bool, progress: bool) -> dict:
+    mcfg: ModelConfig = cfgs["model"]
+    dcfg: DataConfig = cfgs["data"]
+    tcfg: TrainConfig = cfgs["train"]
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
     run_dir = Path(tcfg.run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
     if ckpt.steps() and not resume:
@@ -111,20 +128,20 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
                                    packed=dcfg.packed, seed=dcfg.seed, process_index=jax.process_index(),
                                    process_count=jax.process_count()))
 
-    graphdef, params = nnx.split(DecoderLM(mcfg, rngs=nnx.Rngs(tcfg.seed)))
     tx = make_optimizer(tcfg)
-    state = {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(tcfg.seed))}
+    graphdef, state, shardings = init_train_state(mcfg, tx, mesh, tcfg.seed)
     start = 0
     if resume and ckpt.steps():
         _check_resumable(read_run_config(run_dir) or {}, cfgs, ckpt.directory)
-        start, state, data_state, _ = ckpt.restore(abstract_like(state))
+        start, state, data_state, _ = ckpt.restore(abstract_like(state))  # resharded onto this mesh
         it.set_state(data_state)
         say(f"resumed from step {start} ({ckpt.directory})")
     elif resume:
         say(f"no checkpoint in {ckpt.directory}: starting from step 0")
 
     step_fn = jax.jit(make_train_step(graphdef, tx, packed=dcfg.packed, grad_accum=tcfg.grad_accum,
-                                      z_loss=tcfg.z_loss), donate_argnums=(0, 1))
+                                      z_loss=tcfg.z_loss),
+                      out_shardings=(shardings["params"], shardings["opt_state"], None), donate_argnums=(0, 1))
     eval_fn = jax.jit(make_eval_step(graphdef, packed=dcfg.packed))
     schedule = make_schedule(tcfg)
     flops_per_token = train_flops_per_token(mcfg, dcfg.seq_len)
@@ -138,7 +155,7 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
     t_log, tokens_since = time.perf_counter(), 0.0
     try:
         for step in range(start + 1, tcfg.steps + 1):
-            params, opt_state, metrics = step_fn(params, opt_state, next(it))
+            params, opt_state, metrics = step_fn(params, opt_state, global_batch(next(it), mesh))
             m = jax.device_get(metrics)
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN grads would poison the params
@@ -158,7 +175,7 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
                 t_log, tokens_since = time.perf_counter(), 0.0
             val_loss = None
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                last_eval = evaluate(eval_fn, params, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches)
+                last_eval = evaluate(eval_fn, params, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches, mesh)
                 val_loss = last_eval["val_loss"]
                 logger.log(step, "eval", last_eval)
                 t_log = time.perf_counter()  # evaluation time is not training throughput
@@ -175,9 +192,11 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
         ckpt.close()
         logger.close()
 
-    model = nnx.merge(graphdef, params)
     result = {"step": last_good, "loss": loss, **last_eval}
-    if lead and not stop.requested:
+    if stop.requested:
+        return result
+    model = nnx.merge(graphdef, gather_to_host(params))  # every process joins the gather
+    if lead:
         export = native.save(model, run_dir / "model")
         copy_tokenizer(data_dir, export)
         result["model_dir"] = str(export)

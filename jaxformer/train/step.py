@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxformer.sharding import constrain
 from jaxformer.train.losses import cross_entropy_sums
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] f32
@@ -42,6 +43,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
             def body(carry, mb):
                 g_acc, ce_acc, n_acc = carry
+                mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
                 (_, (ce, n)), g = grad_fn(params, mb)
                 return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n), None
 

@@ -1,0 +1,178 @@
+"""Data / FSDP / tensor parallelism on 8 fake CPU devices, multi-process over gloo, resharding restores.
+
+Every multi-device run happens in a subprocess: XLA reads XLA_FLAGS once, at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxformer.config import MeshConfig, ModelConfig
+from jaxformer.interop import native, to_numpy_state_dict
+from jaxformer.sharding import check_model_fits, resolve_mesh_shape
+from jaxformer.train.metrics import read_metrics
+from tests.conftest import tiny_run
+
+MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2", "1,4,2"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT), **extra}
+    return env
+
+
+def _run(cmd: list[str], devices: int, **extra: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=_env(devices, **extra), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _cli(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jaxformer.cli", "train", "--config", str(config), "--no-progress", *extra]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def _weights(run_dir: Path) -> dict[str, np.ndarray]:
+    return to_numpy_state_dict(native.load(run_dir / "model"))
+
+
+def _close(a: list[float], b: list[float], rtol: float = 1e-5) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, shards_dir) -> Path:
+    d = tmp_path_factory.mktemp("sharding")
+    cfgs = tiny_run(d / "unused", shards_dir, steps=5, batch_size=8, schedule="constant", warmup_steps=2,
+                    ckpt_every=5, eval_every=5, eval_batches=1, async_checkpoint=False,
+                    model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128))
+    raw = {name: dataclasses.asdict(c) for name, c in cfgs.items()}
+    raw["data"]["sources"] = list(raw["data"]["sources"])
+    path = d / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("meshes")
+    worker = str(ROOT / "tests" / "sharding_worker.py")
+    _run([sys.executable, worker, str(config), str(out / "one"), "1,1,1"], devices=1)
+    _run([sys.executable, worker, str(config), str(out / "eight"), *MESHES], devices=8)
+    return out
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_matches_one_device(runs, mesh):
+    d, f, t = mesh.split(",")
+    base, run = runs / "one" / "d1f1t1", runs / "eight" / f"d{d}f{f}t{t}"
+    assert _close(_losses(run), _losses(base))
+    want, got = _weights(base), _weights(run)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_params_are_split_as_the_table_says(runs):
+    report = json.loads((runs / "eight" / "report.json").read_text())
+    assert report["devices"] == 8
+    spec = {m: {k: v["spec"] for k, v in report[m].items()} for m in MESHES}
+    shard = {m: {k: tuple(v["shard"]) for k, v in report[m].items()} for m in MESHES}
+    s = spec["2,2,2"]
+    assert s["embed_tokens.weight"] == ["tensor", "fsdp"]  # vocab-parallel, FSDP over embed
+    assert s["lm_head.weight"] == ["tensor", "fsdp"]
+    for col in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert s[f"layers.0.{col}.weight"] == ["tensor", "fsdp"], col  # column-parallel
+    for row in ("self_attn.o_proj", "mlp.down_proj"):
+        assert s[f"layers.0.{row}.weight"] == ["fsdp", "tensor"], row  # row-parallel
+    assert s["layers.0.input_layernorm.weight"] == [None]
+    # what each device really holds (V=512, D=64, F=128, N*H=64, K*H=16)
+    assert shard["2,2,2"]["layers.0.mlp.up_proj.weight"] == (64, 32)
+    assert shard["2,2,2"]["layers.0.self_attn.k_proj.weight"] == (8, 32)  # 2 kv heads, one per tensor shard
+    assert shard["1,8,1"]["layers.0.mlp.down_proj.weight"] == (8, 128)  # FSDP-8 over embed
+    assert shard["1,8,1"]["embed_tokens.weight"] == (512, 8)
+    assert shard["1,1,8"]["embed_tokens.weight"] == (64, 64)  # vocab split 8 ways
+    assert shard["1,1,8"]["layers.1.self_attn.q_proj.weight"] == (8, 64)  # one head per device
+    assert shard["1,1,8"]["layers.1.self_attn.k_proj.weight"] == (16, 64)  # 2 kv heads cannot split 8 ways
+    assert shard["8,1,1"]["layers.0.mlp.up_proj.weight"] == (128, 64)  # pure data parallel: replicated
+    assert shard["1,4,2"]["layers.0.mlp.gate_proj.weight"] == (64, 16)
+    for m in MESHES[1:]:  # every mesh with model parallelism splits the big matrices
+        assert shard[m]["layers.0.mlp.up_proj.weight"] != (128, 64), m
+
+
+def test_checkpoint_restores_onto_other_meshes(runs, config, tmp_path):
+    """Saved under data=1 x fsdp=4 x tensor=2; restored under tensor=2 x data=4 and on one device."""
+    import shutil
+
+    saved = runs / "eight" / "d1f4t2"
+    for name, devices, mesh in (("tp2dp4", 8, ["--mesh.data=4", "--mesh.fsdp=1", "--mesh.tensor=2"]),
+                                ("single", 1, ["--mesh.data=1", "--mesh.fsdp=1", "--mesh.tensor=1"])):
+        run = tmp_path / name
+        shutil.copytree(saved, run)
+        shutil.rmtree(run / "model")
+        _run(_cli(config, "--resume", f"--train.run_dir={run}", *mesh), devices=devices)
+        restored, original = _weights(run), _weights(saved)
+        assert all(np.array_equal(restored[k], original[k]) for k in original), name  # exact restore
+        _run(_cli(config, "--resume", f"--train.run_dir={run}", "--train.steps=7", *mesh), devices=devices)
+    assert _close(_losses(tmp_path / "tp2dp4")[5:], _losses(tmp_path / "single")[5:])
+    assert len(_losses(tmp_path / "single")) == 7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_gloo_match_one(runs, config, tmp_path):
+    run = tmp_path / "mp"
+    cmd = _cli(config, f"--train.run_dir={run}", "--mesh.data=1", "--mesh.fsdp=-1", "--mesh.tensor=1")
+    port = _free_port()
+    procs = [subprocess.Popen(cmd, env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                            JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert _close(_losses(run), _losses(runs / "one" / "d1f1t1"))
+    # the checkpoint the two processes wrote together restores in a one-process run
+    single = tmp_path / "single"
+    import shutil
+
+    shutil.copytree(run, single)
+    shutil.rmtree(single / "model")
+    _run(_cli(config, "--resume", f"--train.run_dir={single}", "--mesh.fsdp=1"), devices=1)
+    restored, original = _weights(single), _weights(run)
+    assert all(np.array_equal(restored[k], original[k]) for k in original)
+
+
+def test_bad_meshes_fail_clearly(config):
+    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=3 = 12 devices, but there are 8"):
+        resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=3), 8)
+    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+        resolve_mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
+    with pytest.raises(ValueError, match="3 does not divide 8"):
+        resolve_mesh_shape(MeshConfig(data=3, fsdp=-1), 8)
+    assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    cfg = ModelConfig.llama(d_model=48, n_heads=6, n_kv_heads=3)
+    with pytest.raises(ValueError, match="mesh.tensor=4 divides neither n_heads=6 nor n_kv_heads=3"):
+        check_model_fits(cfg, 4)
+    check_model_fits(cfg, 2)  # 6 heads split 2 ways; 3 kv heads stay whole
+    res = subprocess.run(_cli(config, "--mesh.data=1", "--mesh.fsdp=1", "--mesh.tensor=3"), env=_env(8),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "error: mesh data=1 x fsdp=1 x tensor=3 = 3 devices, but there are 8" in res.stderr
+    assert "Traceback" not in res.stderr
