@@ -5,6 +5,8 @@ Implementations (ModelConfig.attention_impl):
   auto   jax.nn.dot_product_attention: cuDNN on a GPU for bf16/fp16, XLA otherwise.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"); where no GPU is present it
          warns once and runs the xla path (cuDNN does not exist on CPU).
+  pallas pallas_kernels.flash_attention (FlashAttention-2, Triton); needs an NVIDIA GPU, or
+         JAXFORMER_PALLAS_INTERPRET=1 to interpret it on CPU (tests). Rows that see no key give 0.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.layers import Linear, apply_rope
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k_cache, v_cache, start [B] int32), see cache_layout
+DECODE_KERNEL_MAX_QUERIES = 16  # cached calls with more new tokens (prefill) use the xla path
 NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN
 
 
@@ -76,12 +82,63 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
         impl = "xla"
     if impl == "xla":
         return xla_attention(q, k, v, make_mask(T, S, causal=causal, segment_ids=segment_ids), scale)
+    if impl == "pallas":
+        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale)
     if impl == "auto":
         impl = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else None
     seg_mask = make_mask(T, S, causal=False, segment_ids=segment_ids)
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if seg_mask is None else seg_mask[:, None], scale=scale,
         is_causal=causal, implementation=impl)
+
+
+def cache_layout(impl: str) -> str:
+    """Axis order of KV-cache tensors for an attention_impl: the Pallas decode kernel reads [B,S,K,H];
+    XLA's batched matmuls want their batch dims (B, K) leading, so its caches are [B,K,S,H]
+    (no per-step transpose of the whole cache: ~4x faster decode attention on CPU)."""
+    return "bskh" if impl == "pallas" else "bksh"
+
+
+def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, impl: str = "xla",
+                  scale: float | None = None) -> jax.Array:
+    """Queries [B,T,N,H] at positions lengths[b]-T+t attend causally to cache slots [0, lengths[b]).
+
+    Caches are laid out as cache_layout(impl) says. impl "pallas" with at most DECODE_KERNEL_MAX_QUERIES
+    queries runs pallas_kernels.decode_attention; everything else is plain XLA with a [B, T, S] mask
+    (stale slots past lengths[b] are masked).
+    """
+    B, T, N, H = q.shape
+    scale = H ** -0.5 if scale is None else scale
+    if cache_layout(impl) == "bskh":
+        if T <= DECODE_KERNEL_MAX_QUERIES:
+            return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale)
+        S = k_cache.shape[1]
+        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S), scale)
+    K, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by the kv head they share
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(_cache_mask(lengths, T, S)[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
+
+
+def _cache_mask(lengths: jax.Array, T: int, S: int) -> jax.Array:
+    q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
+    return jnp.arange(S)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+
+
+def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
+                impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """New k/v [B,T,K,H] written at slots start[b]+t of the caches (cache_layout(impl)); past S is dropped."""
+    B, T = k.shape[:2]
+    rows = jnp.arange(B)[:, None]  # [B, 1]
+    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    if cache_layout(impl) == "bskh":
+        return (k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop"),
+                v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop"))
+    # [B, K, S, H]: the indexed dims (B, S) come first in the update, as numpy orders them: [B, T, K, H]
+    return (k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype), mode="drop"))
 
 
 class Attention(nnx.Module):
@@ -100,13 +157,20 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+                 segment_ids: jax.Array | None = None, cache: LayerCache | None = None):  # [B, T, D] -> [B, T, D]
+        """With `cache` (k_cache, v_cache, start), the new keys/values go to slots start[b] + t, the queries
+        attend to the cache, and the result is (out, (k_cache, v_cache))."""
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, H]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k_cache, v_cache, start = cache
+            k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
+            out = attend_cached(q, k_cache, v_cache, start + T, impl=self.impl)  # [B, T, N, H]
+            return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_cache, v_cache)
         seg = None if segment_ids is None else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=True, segment_ids=seg, impl=self.impl)  # [B, T, N, H]
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

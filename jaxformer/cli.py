@@ -68,6 +68,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from jaxformer.config import load_config
     from jaxformer.train.loop import train
 
+    from jaxformer.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
     train(load_config(args.config, args.overrides), resume=args.resume, progress=not args.no_progress)
 
 
@@ -77,9 +80,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import jax
     from flax import nnx
 
-    from jaxformer.config import DataConfig, TrainConfig
+    from jaxformer.config import DataConfig, MeshConfig
     from jaxformer.data.shards import open_split
     from jaxformer.interop.auto import load_any
+    from jaxformer.sharding import make_mesh
     from jaxformer.train.loop import evaluate
     from jaxformer.train.step import make_eval_step
 
@@ -93,7 +97,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = dataclasses.replace(data, seq_len=min(data.seq_len, model.config.max_seq_len))
     graphdef, params = nnx.split(model)
     eval_fn = jax.jit(make_eval_step(graphdef, packed=data.packed))
-    out = evaluate(eval_fn, params, open_split(data.data_dir, args.split), data, args.batch_size, args.batches)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        out = evaluate(eval_fn, params, open_split(data.data_dir, args.split), data, args.batch_size, args.batches,
+                       mesh)
     out = {"split": args.split, "data_dir": data.data_dir, **out}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
@@ -112,6 +119,96 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     print(f"wrote {plot_losses(args.run_dir, args.out)}")
 
+
+def _sampling_params(args: argparse.Namespace):
+    from jaxformer.infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()), stop_token_ids=tuple(args.stop_token_id or ()))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from jaxformer.infer import Engine, generate, load_model, load_text_tokenizer
+
+    tok = load_text_tokenizer(args.ckpt, args.tokenizer)
+    model = load_model(args.ckpt, quantize_to=args.quantize)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    stop_ids = tok.eos_ids
+    if args.chat:
+        text, stop_ids = tok.apply_chat_template([{"role": "user", "content": text}]), tok.chat_stop_ids
+    ids = tok.encode_prompt(text)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) >= model.config.max_seq_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
+    engine = Engine(model, max_batch=1)
+    if not args.chat:
+        sys.stdout.write(text)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    [seq] = generate(engine, [ids], _sampling_params(args), tokenizer=tok, stop_ids=stop_ids,
+                     on_text=lambda _, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{len(seq.tokens)} tokens in {seconds:.2f}s (first call includes compilation), "
+          f"finish_reason={seq.finish_reason}]", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+    import os
+
+    from jaxformer.infer import load_model, load_text_tokenizer
+    from jaxformer.serve import create_app, serve
+
+    logging.basicConfig(level=logging.INFO)
+    api_key = args.api_key or os.environ.get("JAXFORMER_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {args.host} without an API key (--api-key)", file=sys.stderr)
+    tok = load_text_tokenizer(args.ckpt, args.tokenizer)
+    model = load_model(args.ckpt, quantize_to=args.quantize)
+    name = args.model_name or Path(args.ckpt).resolve().name
+    app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     drain_timeout=args.drain_timeout)
+    serve(app, args.host, args.port)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from jaxformer.infer.quant import load_model, quantize, report, save_quantized
+
+    model = load_model(args.ckpt)
+    qmodel = quantize(model)
+    out = save_quantized(qmodel, args.out, tokenizer_from=args.ckpt)
+    data_dir = args.data
+    if data_dir is None:
+        run = _run_config(args.ckpt) or {}
+        data_dir = run.get("data", {}).get("data_dir")
+        data_dir = data_dir if data_dir and Path(data_dir, "manifest.json").exists() else None
+    result = {"out": str(out), **report(model, qmodel, data_dir=data_dir, seq_len=args.seq_len,
+                                        windows=args.windows)}
+    print(json.dumps(result, indent=2))
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from jaxformer.interop.auto import load_any
+    from jaxformer.interop.onnx import export_onnx, verify_onnx
+
+    model = load_any(args.ckpt)
+    path = export_onnx(model, args.out, opset=args.opset)
+    result = {"out": str(path)}
+    if not args.no_verify:
+        result["max_abs_diff_vs_jaxformer"] = verify_onnx(model, path)
+    print(json.dumps(result, indent=2))
+
+
+def _add_generation_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--ckpt", required=True, help="jaxformer model/run directory or Hugging Face directory")
+    g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside the checkpoint)")
+    g.add_argument("--quantize", choices=["int8"], help="quantize the linear layers' weights on load")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxformer", description="Transformer LLMs in JAX/Flax NNX.",
@@ -165,6 +262,51 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out")
     pl.set_defaults(func=cmd_plot)
+
+    ge = sub.add_parser("generate", help="stream a continuation of a prompt to the terminal")
+    _add_generation_args(ge)
+    ge.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
+    ge.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat template")
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float, default=0.95)
+    ge.add_argument("--repetition-penalty", type=float, default=1.0)
+    ge.add_argument("--frequency-penalty", type=float, default=0.0)
+    ge.add_argument("--presence-penalty", type=float, default=0.0)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ge.add_argument("--stop-token-id", type=int, action="append", help="stop token id (repeatable)")
+    ge.set_defaults(func=cmd_generate)
+
+    se = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_generation_args(se)
+    se.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also read from JAXFORMER_API_KEY)")
+    se.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    se.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    se.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot before 429")
+    se.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds running requests may take to finish at shutdown")
+    se.set_defaults(func=cmd_serve)
+
+    qu = sub.add_parser("quantize", help="int8 weight-only quantization; reports memory, perplexity, agreement")
+    qu.add_argument("--ckpt", required=True)
+    qu.add_argument("--out", required=True, help="output directory (jaxformer format with a quantization entry)")
+    qu.add_argument("--data", help="token shards for the perplexity check (default: the run's, when present)")
+    qu.add_argument("--seq-len", type=int)
+    qu.add_argument("--windows", type=int, default=32, help="held-out windows to evaluate")
+    qu.set_defaults(func=cmd_quantize)
+
+    ex = sub.add_parser("export", help="export a model to another runtime").add_subparsers(
+        dest="export_format", required=True)
+    eo = ex.add_parser("onnx", help="ONNX via torch_ref (dynamic batch and sequence), checked with onnxruntime")
+    eo.add_argument("--ckpt", required=True)
+    eo.add_argument("--out", required=True, help="the .onnx file to write")
+    eo.add_argument("--opset", type=int, default=18)
+    eo.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    eo.set_defaults(func=cmd_export_onnx)
     return p
 
 
