@@ -8,8 +8,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install test
+.PHONY: install train test
 install: $(VENV)/.installed
+
+# The main job: tokenizer + shards from the Python standard library, a small code model, a sample.
+# --resume makes it idempotent: a finished run only re-prints its result, an interrupted one continues.
+train: $(VENV)/.installed
+	$(VENV)/bin/jaxformer train --config tiny_code --resume
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -x -q -n 2
