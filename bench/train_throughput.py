@@ -30,6 +30,7 @@ from jaxformer.train.state import init_train_state
 from jaxformer.train.step import make_train_step
 
 CFG = ModelConfig.gpt2(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, d_ff=1536, max_seq_len=256)
+# jaxformer is also timed with scan_layers=True (one compiled block body) for comparison
 B, T = 8, 256
 
 
@@ -49,12 +50,14 @@ def time_steps(step, data: list[np.ndarray], warmup: int) -> list[float]:
     return times
 
 
-def jaxformer_step():
+def jaxformer_step(scan: bool):
+    """The jitted train step of the training loop (AdamW, clipping, donated buffers) on one device."""
+    cfg = CFG.replace(scan_layers=scan)
     tcfg = TrainConfig(lr=3e-4, warmup_steps=0, steps=1000)
     tx = make_optimizer(tcfg)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        graphdef, state, sh = init_train_state(CFG, tx, mesh, 0)
+        graphdef, state, sh = init_train_state(cfg, tx, mesh, 0)
         fn = jax.jit(make_train_step(graphdef, tx, packed=False), donate_argnums=(0, 1))
     box = [state["params"], state["opt_state"]]
     pos = np.tile(np.arange(T, dtype=np.int32), (B, 1))
@@ -105,10 +108,11 @@ def main() -> None:
     torch.set_num_threads(threads)
     data = batches(args.steps + args.warmup)
 
-    jx_step, jx_model = jaxformer_step()
+    jx_step, jx_model = jaxformer_step(scan=False)
     ref = to_torch(jx_model).train()
     runs = {
         "jaxformer": jx_step,
+        "jaxformer_scan_layers": jaxformer_step(scan=True)[0],
         "torch_ref": torch_step(ref, lambda m, t: m(t)),
         "hf": torch_step(hf_model(), lambda m, t: m(t).logits),
     }

@@ -142,3 +142,29 @@ def sinusoidal_positions(positions: jax.Array, dim: int, max_timescale: float = 
     inv = 1.0 / (max_timescale ** (jnp.arange(half, dtype=jnp.float32) / half))
     angles = positions.astype(jnp.float32)[..., None] * inv
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+@jax.custom_vjp
+def materialize_cotangent(x: jax.Array) -> jax.Array:
+    """Identity whose cotangent is materialised in the backward pass (XLA:CPU only).
+
+    Between blocks, XLA:CPU fuses the residual stream's gradient (a chain of elementwise adds
+    through every later block's norm backward) into each consumer, recomputing it per layer:
+    quadratic work in depth. Passing the cotangent through a conditional, which XLA does not fuse
+    across, stores it once instead (a 1.3x faster backward on this project's bench model).
+    """
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    if jax.default_backend() != "cpu":
+        return (g,)
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda a: a, lambda a: a * 1, g),)  # both branches are g
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)

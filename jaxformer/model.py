@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxformer.attention import Attention
 from jaxformer.config import ModelConfig
-from jaxformer.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
+from jaxformer.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, rope_cos_sin,
+                              sinusoidal_positions)
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
@@ -104,7 +105,7 @@ class DecoderLM(nnx.Module):
         cfg = self.config
         if cfg.remat == "none" and not cfg.scan_layers:
             for layer in self.layers:
-                x = constrain(layer(x, rope, segment_ids), ACT)
+                x = materialize_cotangent(constrain(layer(x, rope, segment_ids), ACT))
             return x
         graphdef = nnx.graphdef(self.layers[0])
         states = [nnx.state(layer) for layer in self.layers]
@@ -118,7 +119,7 @@ class DecoderLM(nnx.Module):
             # stacking copies the weights once per call: memory for compile time on deep models
             return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *states))[0]
         for state in states:
-            x = body(x, state)[0]
+            x = materialize_cotangent(body(x, state)[0])
         return x
 
 

@@ -119,7 +119,7 @@ def test_shard_rollover_and_large_files_stream_in_pieces(tmp_path, tokenizer, mo
     train = m["splits"]["train"]
     assert train["n_docs"] + m["splits"]["val"]["n_docs"] == 7
     assert len(train["shards"]) >= 2  # rolled over past max_shard_tokens
-    split = open_split(out, "train" if split_of(str(big), 0.01) == "train" else "val")
+    split = open_split(out, split_of("big.py", 0.01))  # ids are paths relative to the source directory
     allt = np.concatenate(split.shards)
     eos = np.flatnonzero(allt == tokenizer.eos_id)
     docs = np.split(allt, eos + 1)[:-1]
@@ -131,3 +131,13 @@ def test_prepare_reports_json(tmp_path, tokenizer, jsonl_file):
     m = prepare([jsonl_file], tokenizer, tmp_path, jsonl_field="body", val_fraction=0.2, progress=False)
     assert m["corpus"]["documents"] == 20 and m["corpus"]["skipped_bad_json"] == 2
     assert json.loads((tmp_path / "manifest.json").read_text()) == m
+
+
+def test_split_does_not_depend_on_where_the_corpus_lives(tmp_path, corpus_dir):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(corpus_dir, moved)
+    here = [(d.doc_id, d.text) for d in iter_documents([corpus_dir])]
+    there = [(d.doc_id, d.text) for d in iter_documents([moved])]
+    assert here == there and here[0][0] == "bisect.py"

@@ -36,7 +36,7 @@ class CorpusStats:
 class Document:
     """One document, or one piece of a large one (pieces of a document share its doc_id)."""
 
-    doc_id: str  # stable name (path, or path:line for JSONL) used for the train/val split
+    doc_id: str  # stable name (relative path, or path:line for JSONL) used for the train/val split
     text: str
     final: bool = True  # False while more pieces of this document follow
 
@@ -70,36 +70,42 @@ def resolve_sources(sources: Sequence[str | Path] | str | Path) -> list[tuple[Pa
 
 def list_files(sources) -> list[Path]:
     """All files of the sources, sorted (stable across runs); directories filtered by suffix."""
-    files: list[Path] = []
+    return [path for path, _ in named_files(sources)]
+
+
+def named_files(sources) -> list[tuple[Path, str]]:
+    """(file, doc_id): the id is the path relative to its source directory (or the file name), so a
+    corpus gets the same train/val split wherever it lives on disk."""
+    files: list[tuple[Path, str]] = []
     for p, suffixes in resolve_sources(sources):
         if p.is_file():
-            files.append(p)
+            files.append((p, p.name))
             continue
         for f in sorted(p.rglob("*")):
             if f.is_file() and f.suffix in suffixes and "site-packages" not in f.parts and "__pycache__" not in f.parts:
-                files.append(f)
+                files.append((f, f.relative_to(p).as_posix()))
     return files
 
 
 def iter_documents(sources, *, jsonl_field: str = "text", stats: CorpusStats | None = None) -> Iterator[Document]:
     """Stream documents from sources one at a time (memory stays bounded by one file or piece)."""
     stats = stats if stats is not None else CorpusStats()
-    for path in list_files(sources):
+    for path, doc_id in named_files(sources):
         if path.suffix == ".jsonl":
-            yield from _iter_jsonl(path, jsonl_field, stats)
+            yield from _iter_jsonl(path, doc_id, jsonl_field, stats)
             continue
         try:
             if path.stat().st_size > PIECE_BYTES:
-                yield from _iter_pieces(path, stats)
+                yield from _iter_pieces(path, doc_id, stats)
                 continue
             text = path.read_bytes().decode("utf-8")
         except (UnicodeDecodeError, OSError):
             stats.skipped_undecodable += 1
             continue
-        yield from _keep(Document(str(path), text), stats)
+        yield from _keep(Document(doc_id, text), stats)
 
 
-def _iter_pieces(path: Path, stats: CorpusStats) -> Iterator[Document]:
+def _iter_pieces(path: Path, doc_id: str, stats: CorpusStats) -> Iterator[Document]:
     """A large file as line-aligned pieces of about PIECE_BYTES; validated as UTF-8 first."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     with path.open("rb") as f:  # first pass: never emit half of an undecodable file
@@ -116,14 +122,14 @@ def _iter_pieces(path: Path, stats: CorpusStats) -> Iterator[Document]:
             if size >= PIECE_BYTES:
                 text = "".join(piece)
                 stats.bytes += len(text.encode("utf-8"))
-                yield Document(str(path), text, final=False)
+                yield Document(doc_id, text, final=False)
                 piece, size = [], 0
         text = "".join(piece)
         stats.bytes += len(text.encode("utf-8"))
-        yield Document(str(path), text, final=True)
+        yield Document(doc_id, text, final=True)
 
 
-def _iter_jsonl(path: Path, field: str, stats: CorpusStats) -> Iterator[Document]:
+def _iter_jsonl(path: Path, doc_id: str, field: str, stats: CorpusStats) -> Iterator[Document]:
     with path.open("rb") as f:
         for i, raw in enumerate(f):
             try:
@@ -139,7 +145,7 @@ def _iter_jsonl(path: Path, field: str, stats: CorpusStats) -> Iterator[Document
             if not isinstance(text, str):
                 stats.skipped_bad_json += 1
                 continue
-            yield from _keep(Document(f"{path}:{i}", text), stats)
+            yield from _keep(Document(f"{doc_id}:{i}", text), stats)
 
 
 def _keep(doc: Document, stats: CorpusStats) -> Iterator[Document]:
