@@ -32,7 +32,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     from jaxformer.config import load_model_config
     from jaxformer.interop import native
-    from jaxformer.model import DecoderLM, count_params
+    from jaxformer.model import count_params, model_class
 
     src = Path(args.src)
     if src.exists() and (native.is_native(src) or (src / "config.json").exists()):
@@ -42,7 +42,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             json.loads((src / "config.json").read_text()))
     else:
         cfg = load_model_config(args.src, args.overrides)
-    n = count_params(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    n = count_params(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
     print(json.dumps({"model": cfg.to_dict(), "family": cfg.family, "params": n}, indent=2))
 
 
@@ -74,13 +74,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(load_config(args.config, args.overrides), resume=args.resume, progress=not args.no_progress)
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from jaxformer.finetune import finetune, load_finetune_config
+    from jaxformer.sharding import maybe_initialize_distributed
+
+    flags = {"sft.base": args.base, "sft.data": args.data, "sft.val_data": args.val_data}
+    overrides = {k: v for k, v in flags.items() if v}
+    if args.full:
+        overrides["sft.method"] = "full"
+    from jaxformer.config import parse_overrides
+
+    overrides.update(parse_overrides(args.overrides))  # dotted overrides win over the flags above
+    maybe_initialize_distributed()
+    out = finetune(load_finetune_config(args.config, overrides), resume=args.resume, progress=not args.no_progress)
+    keys = ("step", "loss", "val_loss_before", "val_loss", "model_dir", "adapter_dir")
+    print(json.dumps({"trainable": out.get("trainable"), **{k: out[k] for k in keys if k in out}}, indent=2))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import dataclasses
 
     import jax
     from flax import nnx
 
-    from jaxformer.config import DataConfig, MeshConfig
+    from jaxformer.config import DataConfig, EncDecConfig, MeshConfig
     from jaxformer.data.shards import open_split
     from jaxformer.interop.auto import load_any
     from jaxformer.sharding import make_mesh
@@ -88,6 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from jaxformer.train.step import make_eval_step
 
     model = load_any(args.ckpt)
+    if isinstance(model.config, EncDecConfig):
+        return _eval_seq2seq(args, model)
     run_meta = _run_config(args.ckpt)
     data = DataConfig(**{k: v for k, v in run_meta.get("data", {}).items()}) if run_meta else DataConfig()
     if args.data:
@@ -105,6 +124,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+
+
+def _eval_seq2seq(args: argparse.Namespace, model) -> None:
+    """An encoder-decoder on a split of its pairs: BLEU, ROUGE, perplexity and the baseline; a table and JSON."""
+    import dataclasses
+
+    from jaxformer.config import Seq2SeqConfig
+    from jaxformer.data.seq2seq import load_split
+    from jaxformer.data.tokenizer import load_tokenizer
+    from jaxformer.evaluate import evaluate_seq2seq, print_report
+
+    src = Path(args.ckpt)
+    run_dir = src if (src / "checkpoints").is_dir() else src.parent if (src.parent / "checkpoints").is_dir() else None
+    run = (_run_config(str(run_dir)) or {}) if run_dir else {}
+    cfg = Seq2SeqConfig(**run.get("seq2seq", {}))
+    if args.data:
+        cfg = dataclasses.replace(cfg, data_dir=args.data)
+    tok_dir = next((d for d in (src, src / "model", Path(cfg.data_dir)) if (d / "tokenizer.json").exists()), None)
+    if tok_dir is None:
+        raise FileNotFoundError(f"no tokenizer.json in {src}, {src / 'model'} or {cfg.data_dir}")
+    tok = load_tokenizer(tok_dir)
+    pairs = load_split(cfg.data_dir, args.split, tok, cfg)
+    report = evaluate_seq2seq(model, tok, pairs, cfg, split=args.split, beam_size=args.beam_size,
+                              length_penalty=args.length_penalty, batch_size=args.batch_size,
+                              max_examples=args.max_examples)
+    out = Path(args.json) if args.json else (run_dir or (src if src.is_dir() else src.parent)) / f"eval_{args.split}.json"
+    print_report(report, out)
+
+
+def cmd_data_code2doc(args: argparse.Namespace) -> None:
+    from jaxformer.data.code2doc import build_code2doc
+
+    stats = build_code2doc(args.out, args.input, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           include_tests=args.include_tests, min_words=args.min_words)
+    print(json.dumps(stats, indent=2))
 
 
 def _run_config(src: str) -> dict | None:
@@ -248,14 +302,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="validation loss, perplexity and bits/byte on held-out shards")
+    ft = sub.add_parser("finetune", help="LoRA or full supervised fine-tuning on chat / prompt-completion JSONL",
+                        epilog="also takes dotted overrides of the sft, lora, train and mesh sections, "
+                               "e.g. --lora.rank 16 --lora.targets q,v --train.steps=500")
+    ft.add_argument("--config", default="finetune_lora", help="preset name or config file (sft/lora/train/mesh)")
+    ft.add_argument("--base", help="base weights: jaxformer model or run directory, or a Hugging Face directory")
+    ft.add_argument("--data", nargs="+", help="JSONL training examples ({\"messages\": [...]} or prompt/completion)")
+    ft.add_argument("--val-data", nargs="+", help="held-out JSONL (default: a hash split of --data)")
+    ft.add_argument("--full", action="store_true", help="full fine-tuning (every parameter) instead of LoRA")
+    ft.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ft.set_defaults(func=cmd_finetune)
+
+    da = sub.add_parser("data", help="build a task's data").add_subparsers(dest="data_command", required=True)
+    dc = da.add_parser("code2doc", help="code summarization pairs (function -> first docstring line) with ast")
+    dc.add_argument("--input", nargs="+", default=["stdlib"], help=".py files, directories, or 'stdlib'")
+    dc.add_argument("--out", required=True, help="output directory for {train,val,test}.jsonl and stats.json")
+    dc.add_argument("--val-fraction", type=float, default=0.05, help="share of modules in the val split")
+    dc.add_argument("--test-fraction", type=float, default=0.05, help="share of modules in the test split")
+    dc.add_argument("--include-tests", action="store_true", help="also read test suites (test/, tests/ dirs)")
+    dc.add_argument("--min-words", type=int, default=3, help="shortest docstring line kept, in words")
+    dc.set_defaults(func=cmd_data_code2doc)
+
+    ev = sub.add_parser("eval", help="held-out loss and perplexity (LM: bits/byte; encoder-decoder: BLEU, ROUGE)")
     ev.add_argument("--ckpt", required=True, help="run directory, jaxformer model or Hugging Face directory")
     ev.add_argument("--data", help="shards directory (default: the run's)")
     ev.add_argument("--split", default="val")
     ev.add_argument("--seq-len", type=int)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--batches", type=int, default=50)
-    ev.add_argument("--json", help="also write the results to this file")
+    ev.add_argument("--json", help="also write the results to this file (encoder-decoder: default "
+                    "RUN/eval_SPLIT.json)")
+    ev.add_argument("--beam-size", type=int, help="encoder-decoder: beam size (default: the run's; 1 is greedy)")
+    ev.add_argument("--length-penalty", type=float, help="encoder-decoder: beam length penalty (default: the run's)")
+    ev.add_argument("--max-examples", type=int, help="encoder-decoder: decode only the first N pairs")
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plot", help="write a run's loss curve PNG")
@@ -313,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # extra: dotted config overrides (--model.n_layers=4)
-    if args.func in (cmd_train, cmd_inspect):
+    if args.func in (cmd_train, cmd_inspect, cmd_finetune):
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -140,6 +140,82 @@ class ModelConfig:
         return _build(cls, d, "model")
 
 
+ENCDEC_POSITIONS = ("sinusoidal", "learned")
+MARIAN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")  # what transformers' Marian can express
+
+
+@dataclasses.dataclass(frozen=True)
+class EncDecConfig(ModelConfig):
+    """Encoder-decoder Transformer (Vaswani et al. 2017): n_encoder_layers encoder blocks, n_layers decoder blocks.
+
+    A model section with `n_encoder_layers` describes one (see model_config_from_dict). It is a ModelConfig, so
+    the decoder-only model's attention, MLP and norm layers read it unchanged. The defaults are the paper's
+    base architecture: post-LN, sinusoidal positions, ReLU MLP with biases, embeddings scaled by sqrt(d_model),
+    one source/target table tied to the output projection.
+    """
+
+    n_encoder_layers: int = 2
+    position: str = "sinusoidal"  # sinusoidal (the paper, Marian) | learned
+    norm: str = "layernorm"
+    activation: str = "relu"
+    gated_mlp: bool = False
+    use_bias: bool = True
+    tie_embeddings: bool = True  # output projection = the target embedding table
+    post_norm: bool = True  # x = norm(x + f(x)) (the paper, Marian); False: pre-LN x + f(norm(x)), final norms
+    scale_embedding: bool = True  # token embeddings times sqrt(d_model) (the paper, section 3.4)
+    share_embeddings: bool = True  # one table for source and target tokens (a joint vocabulary)
+    logits_bias: bool = False  # a learned bias on the logits (Marian's final_logits_bias)
+    dropout: float = 0.0  # on embeddings and every sublayer output, training only (the paper: 0.1)
+    init_std: float | None = None  # None: d_model ** -0.5 (Xavier-like; GPT-2's 0.02 stalls small models)
+    pad_id: int = 0
+    decoder_start_id: int = 0  # the decoder's first input (Marian uses the pad id)
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.init_std is None and isinstance(self.d_model, int) and self.d_model > 0:
+            object.__setattr__(self, "init_std", self.d_model ** -0.5)
+        super().__post_init__()
+        _positive("n_encoder_layers", self.n_encoder_layers)
+        if self.position not in ENCDEC_POSITIONS:
+            raise ValueError(f"position={self.position!r} is not supported by the encoder-decoder; choose one of "
+                             f"{list(ENCDEC_POSITIONS)}")
+        for name in ("post_norm", "scale_embedding", "share_embeddings", "logits_bias"):
+            _flag(name, getattr(self, name))
+        _number("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("pad_id", "decoder_start_id", "eos_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
+                raise ValueError(f"{name} must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
+        if self.remat != "none" or self.scan_layers:
+            raise ValueError("remat and scan_layers are decoder-only options; the encoder-decoder needs "
+                             "remat='none' and scan_layers=false")
+
+    @property
+    def family(self) -> str | None:
+        """'marian' when transformers' MarianMTModel has the same architecture, else None."""
+        marian = (self.position == "sinusoidal" and self.norm == "layernorm" and self.norm_eps == 1e-5
+                  and self.post_norm and not self.gated_mlp and self.use_bias and self.n_kv_heads == self.n_heads
+                  and self.head_dim * self.n_heads == self.d_model and self.activation in MARIAN_ACTIVATIONS)
+        return "marian" if marian else None
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """A model section as its config: EncDecConfig when it has `n_encoder_layers`, else ModelConfig.
+
+    This is the one place that decides between the decoder-only LM and the encoder-decoder; everything
+    downstream (model class, training loop, evaluation, Hugging Face export) follows the config's type.
+    """
+    if "n_encoder_layers" in d:
+        return _build(EncDecConfig, d, "model")
+    encdec_only = sorted(set(d) & (ENCDEC_FIELDS - set(MODEL_FIELDS)))
+    if encdec_only:
+        raise ValueError(f"model key(s) {encdec_only} are encoder-decoder settings: add model.n_encoder_layers "
+                         "to describe an encoder-decoder, or remove them")
+    return _build(ModelConfig, d, "model")
+
+
 def _build(cls: type, d: Mapping[str, Any], section: str):
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(valid))
@@ -234,8 +310,52 @@ class MeshConfig:
                 raise ValueError(f"mesh.{name} must be a positive integer or -1, got {v!r}")
 
 
+SEQ2SEQ_TASKS = ("code2doc",)
+SEQ2SEQ_SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig:
+    """Source -> target pairs for an encoder-decoder run: data, lengths, loss, decoding and evaluation."""
+
+    data_dir: str = "data/code2doc"  # {train,val,test}.jsonl of {"source", "target"}; tokenizer.json beside them
+    task: str | None = "code2doc"  # built into data_dir when its files are missing; null: bring your own JSONL
+    tokenizer: str | None = None  # an existing tokenizer.json instead of one trained on the train split
+    max_source_len: int = 256  # tokens, EOS included; longer sources are truncated
+    max_target_len: int = 32  # tokens, EOS included; also the decoding limit
+    min_bucket: int = 16  # batches are padded to a power-of-two multiple of this (one compile per bucket)
+    label_smoothing: float = 0.1  # the paper's epsilon_ls
+    beam_size: int = 4
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    eval_split: str = "test"  # decoded and scored (BLEU, ROUGE) at the end of training
+    eval_batch_size: int = 64
+    eval_max_examples: int | None = None  # None: the whole split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_source_len", "max_target_len", "min_bucket", "beam_size", "eval_batch_size"):
+            _positive(name, getattr(self, name))
+        if self.eval_max_examples is not None:
+            _positive("eval_max_examples", self.eval_max_examples)
+        if self.task is not None:
+            _choice("task", self.task, SEQ2SEQ_TASKS)
+        _choice("eval_split", self.eval_split, SEQ2SEQ_SPLITS)
+        for name in ("label_smoothing", "length_penalty"):
+            _number(name, getattr(self, name))
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if self.max_target_len < 2:
+            raise ValueError(f"max_target_len must be at least 2 (a token and EOS), got {self.max_target_len}")
+
+
 # Sections of a run configuration, each a frozen dataclass.
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+# The model section is a ModelConfig or an EncDecConfig (model_config_from_dict); seq2seq is read by encoder-decoder runs.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
+                             "seq2seq": Seq2SeqConfig}
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+ENCDEC_FIELDS = frozenset(f.name for f in dataclasses.fields(EncDecConfig))
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -288,7 +408,8 @@ def apply_overrides(raw: dict[str, dict[str, Any]], overrides: Mapping[str, Any]
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r} in {dotted!r}; sections: {sorted(SECTIONS)}")
-        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        cls = EncDecConfig if section == "model" else SECTIONS[section]  # the model section may be either
+        valid = [f.name for f in dataclasses.fields(cls)]
         if key not in valid:
             raise ValueError(f"unknown key {key!r} in {dotted!r}; valid {section} keys: {valid}")
         merged.setdefault(section, {})[key] = value
@@ -304,11 +425,13 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | Sequenc
     raw = {s: dict(v or {}) for s, v in raw.items()}  # an empty section means all defaults
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; sections: {sorted(SECTIONS)}")
+        hint = "; it is a fine-tuning config: run `jaxformer finetune --config` with it" if "sft" in unknown else ""
+        raise ValueError(f"{path}: unknown section(s) {unknown}; sections: {sorted(SECTIONS)}{hint}")
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
     merged = apply_overrides(raw, overrides)
-    return {s: _build(cls, merged.get(s, {}), s) for s, cls in SECTIONS.items()}
+    return {s: model_config_from_dict(merged.get(s, {})) if s == "model" else _build(cls, merged.get(s, {}), s)
+            for s, cls in SECTIONS.items()}
 
 
 def load_model_config(name_or_path: str | Path, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ModelConfig:

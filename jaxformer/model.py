@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.attention import Attention
-from jaxformer.config import ModelConfig
+from jaxformer.config import EncDecConfig, ModelConfig
+from jaxformer.encdec import EncoderDecoder
 from jaxformer.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, rope_cos_sin,
                               sinusoidal_positions)
 from jaxformer.sharding import constrain
@@ -135,6 +136,11 @@ def check_inputs(cfg: ModelConfig, tokens, positions, segment_ids) -> None:
     for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
         if arr is not None and arr.shape != tokens.shape:
             raise ValueError(f"{name} must have the tokens' shape {tokens.shape}, got {arr.shape}")
+
+
+def model_class(cfg: ModelConfig) -> type[nnx.Module]:
+    """The model a config describes: EncoderDecoder for an EncDecConfig, DecoderLM otherwise."""
+    return EncoderDecoder if isinstance(cfg, EncDecConfig) else DecoderLM
 
 
 def count_params(model: nnx.Module) -> int:

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import jaxformer
-from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, NORMS, POSITIONS, ModelConfig,
-                              load_config, load_model_config, parse_overrides)
+from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, NORMS, POSITIONS, EncDecConfig,
+                              ModelConfig, load_config, load_model_config, parse_overrides)
 
 PRESETS = ["tiny", "gpt2-124m", "llama-tiny", "llama3-8b"]  # required; any other preset on disk is loaded too
 ALL_PRESETS = sorted({*PRESETS, *(p.stem for p in CONFIG_DIR.glob("*.yaml"))})
@@ -119,8 +119,13 @@ def test_family():
 @pytest.mark.parametrize("name", ALL_PRESETS)
 def test_every_preset_loads(name):
     assert (CONFIG_DIR / f"{name}.yaml").exists()
+    if name.startswith("finetune"):  # fine-tuning presets: sft / lora / train / mesh sections, no model
+        from jaxformer.finetune.config import load_finetune_config
+
+        assert {"sft", "lora", "train"} <= set(load_finetune_config(name))
+        return
     cfg = load_model_config(name)
-    assert isinstance(cfg, ModelConfig)
+    assert isinstance(cfg, EncDecConfig if name.startswith("seq2seq") else ModelConfig)
     assert load_config(name)["model"] == cfg
 
 

@@ -38,7 +38,9 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = Non
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Self-attention (causal or bidirectional), or cross-attention when `kv` comes from another sequence."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = Linear(D, N * H, bias=cfg.use_bias)
@@ -46,14 +48,22 @@ class Attention(nn.Module):
         self.v_proj = Linear(D, K * H, bias=cfg.use_bias)
         self.o_proj = Linear(N * H, D, bias=cfg.use_bias)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.causal = causal
 
-    def forward(self, x: torch.Tensor, rope=None, segment_ids=None) -> torch.Tensor:
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape
+        return (self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim),
+                self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, rope=None, segment_ids=None, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        seg = None if segment_ids is None else (segment_ids, segment_ids)
-        out = attend(q, k, v, causal=True, segment_ids=seg)
+        if kv is None:
+            k, v = self.project_kv(x)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:
+            k, v = kv
+        seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+        out = attend(q, k, v, causal=self.causal, segment_ids=seg)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

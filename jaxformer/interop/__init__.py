@@ -9,8 +9,10 @@ from jaxformer.interop.state_dict import (CheckpointMismatchError, from_state_di
 def to_torch(model):
     """A torch_ref module with the same config and weights as the jaxformer `model`."""
     import torch_ref
+    from jaxformer.config import EncDecConfig
 
-    module = torch_ref.DecoderLM(model.config)
+    module_cls = torch_ref.EncoderDecoder if isinstance(model.config, EncDecConfig) else torch_ref.DecoderLM
+    module = module_cls(model.config)
     module.load_state_dict(to_torch_state_dict(model), strict=True)
     return module.eval()
 

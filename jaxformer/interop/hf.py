@@ -1,9 +1,11 @@
-"""Hugging Face transformers checkpoints <-> jaxformer (GPT2LMHeadModel and LlamaForCausalLM).
+"""Hugging Face transformers checkpoints <-> jaxformer (GPT2LMHeadModel, LlamaForCausalLM, MarianMTModel).
 
 Reads what `save_pretrained` writes (model.safetensors, sharded safetensors with an index,
 pytorch_model.bin via torch.load(weights_only=True)) and writes directories that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Llama names differ from ours only by
 a "model." prefix; GPT-2's fused c_attn and Conv1D ([in, out]) layout are handled here alone.
+MarianMTModel (the encoder-decoder, jaxformer.encdec) has its own tables in jaxformer.interop.marian;
+`model_type` picks the importer, the config's `family` the exporter.
 """
 
 from __future__ import annotations
@@ -15,19 +17,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxformer.config import ModelConfig
-from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
+from jaxformer.config import EncDecConfig, ModelConfig
+from jaxformer.interop import marian
+from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.model import DecoderLM
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "marian": "MarianMTModel"}
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                     "silu": "silu", "swish": "silu"}
 # buffers some transformers versions store beside the weights; they carry no learned values
 IGNORED_HF_KEYS = re.compile(r".*\.attn\.(bias|masked_bias)$|.*rotary_emb\.inv_freq$")
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint's architecture or one of its options has no jaxformer equivalent."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -40,7 +39,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         raise UnsupportedCheckpointError(
             f"unsupported architecture model_type={model_type!r} (architectures={archs}); "
             f"jaxformer imports {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}")
-    return (_gpt2_config if model_type == "gpt2" else _llama_config)(hf, overrides)
+    return {"gpt2": _gpt2_config, "llama": _llama_config, "marian": marian.config_from_hf}[model_type](hf, overrides)
 
 
 def _gpt2_config(hf: dict, overrides: dict) -> ModelConfig:
@@ -85,6 +84,8 @@ def _llama_config(hf: dict, overrides: dict) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
     """config.json contents for the Hugging Face architecture matching `cfg`."""
+    if isinstance(cfg, EncDecConfig):
+        return marian.config_to_hf(cfg, eos_token_id=eos_token_id)
     family = cfg.family
     if family is None:
         raise UnsupportedCheckpointError(
@@ -175,8 +176,8 @@ def _gpt2_to_hf(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.nda
     return out
 
 
-_FROM_HF: dict[str, Callable] = {"gpt2": _gpt2_from_hf, "llama": _llama_from_hf}
-_TO_HF: dict[str, Callable] = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf}
+_FROM_HF: dict[str, Callable] = {"gpt2": _gpt2_from_hf, "llama": _llama_from_hf, "marian": marian.from_hf}
+_TO_HF: dict[str, Callable] = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf, "marian": marian.to_hf}
 
 
 # ----------------------------------------------------------------------------- files
@@ -222,7 +223,10 @@ def _read_file(f: Path) -> dict[str, np.ndarray]:
 
 
 def load_hf(path: str | Path, **config_overrides: Any) -> DecoderLM:
-    """A jaxformer model (config at `model.config`) from a transformers save_pretrained directory."""
+    """A jaxformer model (config at `model.config`) from a transformers save_pretrained directory.
+
+    GPT-2 and Llama give a DecoderLM, Marian an EncoderDecoder (`model(src, tgt, src_mask) -> logits`).
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}/config.json not found: not a Hugging Face model directory")

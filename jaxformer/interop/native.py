@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, model_config_from_dict
 from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
 from jaxformer.model import DecoderLM
 
@@ -51,7 +51,7 @@ def read_config(path: str | Path) -> ModelConfig | None:
     """The ModelConfig stored with native weights, or None when the file carries none."""
     path = Path(path)
     if path.is_dir():
-        return ModelConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
+        return model_config_from_dict(json.loads((path / "config.json").read_text())["model"])
     try:
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
@@ -59,7 +59,7 @@ def read_config(path: str | Path) -> ModelConfig | None:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != FORMAT or "model_config" not in meta:
         return None
-    return ModelConfig.from_dict(json.loads(meta["model_config"]))
+    return model_config_from_dict(json.loads(meta["model_config"]))
 
 
 def load(path: str | Path, **config_overrides) -> DecoderLM:

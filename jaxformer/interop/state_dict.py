@@ -14,11 +14,15 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.model import DecoderLM
+from jaxformer.model import DecoderLM, model_class
 
 
 class CheckpointMismatchError(ValueError):
     """Weights do not fit the model: lists missing/unexpected keys and shape mismatches."""
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The checkpoint's architecture or one of its options has no jaxformer equivalent."""
 
 
 def _name(path: tuple) -> str:
@@ -32,7 +36,7 @@ def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{name: shape} a checkpoint for `cfg` must hold, computed without allocating weights."""
-    return param_shapes(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    return param_shapes(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
 
 
 def check_shapes(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> None:
@@ -79,8 +83,8 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, Any]:
 
 
 def from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *, source: str = "the state dict") -> DecoderLM:
-    """A DecoderLM for `cfg` holding exactly the given weights (cast to cfg.param_dtype)."""
-    abstract = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    """The model `cfg` describes (DecoderLM or EncoderDecoder) holding exactly the given weights (cast to cfg.param_dtype)."""
+    abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
     check_shapes(param_shapes(abstract), {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     dtype = jnp.dtype(cfg.param_dtype)

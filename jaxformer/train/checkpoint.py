@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, model_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def load_run_params(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
             for path, leaf in jax.tree_util.tree_flatten_with_path(out["state"]["params"])[0]:
                 names = [str(getattr(k, "key", k)) for k in path]
                 flat[".".join(n for n in names if n != "value")] = np.asarray(leaf)
-            return ModelConfig.from_dict(out["meta"]["config"]["model"]), flat
+            return model_config_from_dict(out["meta"]["config"]["model"]), flat
     finally:
         ckpt.close()
     raise FileNotFoundError(f"no readable checkpoint under {run_dir}/checkpoints")

@@ -27,3 +27,20 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
     """Mean cross-entropy over kept tokens."""
     total, _, n = cross_entropy_sums(logits, targets, mask)
     return total / jnp.maximum(n, 1.0)
+
+
+def label_smoothed_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                        smoothing: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of label-smoothed CE, sum of plain CE, number kept) over kept tokens; logits [B,T,V].
+
+    Label smoothing (Szegedy et al. 2016; Vaswani et al. 2017 use 0.1) trains against
+    (1 - eps) * one_hot + eps / V, i.e. (1 - eps) * CE + eps * mean_v(-log p_v), as torch's
+    cross_entropy(label_smoothing=eps). The plain CE gives perplexity.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    smooth = lse - logits.mean(-1)  # mean over the vocabulary of -log p
+    loss = (1.0 - smoothing) * nll + smoothing * smooth
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(loss * mask), jnp.sum(nll * mask), jnp.sum(mask)

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import sharding
 from jaxformer.config import ModelConfig
-from jaxformer.model import DecoderLM
+from jaxformer.model import model_class
 
 
 class TrainState(NamedTuple):
@@ -22,9 +22,10 @@ class TrainState(NamedTuple):
 
 def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
     """Parameters are created directly in their sharded layout (never whole on one device)."""
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(seed))))
+    model_cls = model_class(cfg)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed))))
     p_sh = sharding.param_shardings(abstract_params, mesh, cfg)
-    params = jax.jit(lambda: nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=p_sh)()
+    params = jax.jit(lambda: nnx.split(model_cls(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=p_sh)()
     o_sh = sharding.shard_like(jax.eval_shape(tx.init, params), abstract_params, p_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
     replicated = NamedSharding(mesh, PartitionSpec())

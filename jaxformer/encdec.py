@@ -1,0 +1,241 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017, "Attention Is All You Need").
+
+    logits = model(src_tokens [B, S], tgt_tokens [B, T], src_mask [B, S] | None)  # [B, T, V] float32
+
+The encoder is bidirectional self-attention over the source (padding keys masked), the decoder causal
+self-attention plus cross-attention over the encoder output. Every sublayer is residual: post-LN
+`norm(x + f(x))` as in the paper (and Marian), or pre-LN `x + f(norm(x))` with a final norm per stack.
+Attention, MLP and norms are the decoder-only model's own layers (jaxformer.attention / layers).
+
+Padding: `src_mask` (1 = token, 0 = pad) masks source keys in the encoder's self-attention and in the
+decoder's cross-attention; every query (a pad position's too) attends to the real source tokens, so outputs
+stay finite and real positions never see pads. Targets are right-padded: the causal mask keeps real
+positions from seeing them. Positions count from 0 in both streams.
+
+Decoding (jaxformer.infer.beam) runs the encoder once, projects each decoder layer's cross-attention keys
+and values once (`cross_kv`), and feeds the decoder one token at a time against a KVCache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.attention import Attention
+from jaxformer.config import EncDecConfig
+from jaxformer.layers import MLP, Embed, Linear, make_norm, sinusoidal_positions
+from jaxformer.sharding import constrain
+
+ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
+CrossKV = tuple[tuple[jax.Array, jax.Array], ...]  # per decoder layer: (k, v) [B, S, K, H] of the encoder output
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (evaluation) or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class _Residual(nnx.Module):
+    """Residual wiring of a sublayer f: `_pre` makes f's input, `_post` adds f's (dropped-out) output."""
+
+    post_norm: bool
+    rate: float
+
+    def _pre(self, norm, x: jax.Array) -> jax.Array:
+        return x if self.post_norm else norm(x)  # pre-LN: x + f(norm(x))
+
+    def _post(self, norm, x: jax.Array, fx: jax.Array, key: jax.Array | None) -> jax.Array:
+        x = x + dropout(fx, self.rate, key)
+        return norm(x) if self.post_norm else x  # post-LN: norm(x + f(x))
+
+
+class EncoderLayer(_Residual):
+    """Bidirectional self-attention, then the MLP; each a residual sublayer."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, causal=False, rngs=rngs)
+        self.self_attn_norm = make_norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg)
+        self.post_norm, self.rate = cfg.post_norm, cfg.dropout
+
+    def __call__(self, x: jax.Array, segment_ids, key: jax.Array | None = None) -> jax.Array:  # [B, S, D]
+        k1, k2 = _keys(key, 2)
+        h = self.self_attn(self._pre(self.self_attn_norm, x), segment_ids=segment_ids)
+        x = self._post(self.self_attn_norm, x, h, k1)
+        return self._post(self.mlp_norm, x, self.mlp(self._pre(self.mlp_norm, x)), k2)
+
+
+class DecoderLayer(_Residual):
+    """Causal self-attention, cross-attention over the encoder output, then the MLP."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, causal=True, rngs=rngs)
+        self.self_attn_norm = make_norm(cfg)
+        self.cross_attn = Attention(cfg, causal=False, rngs=rngs)
+        self.cross_attn_norm = make_norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg)
+        self.post_norm, self.rate = cfg.post_norm, cfg.dropout
+
+    def __call__(self, y: jax.Array, cross_kv: tuple[jax.Array, jax.Array], cross_segment_ids,
+                 cache=None, key: jax.Array | None = None):  # [B, T, D] -> [B, T, D]
+        """With `cache` (k_cache, v_cache, start) returns (y, (k_cache, v_cache)); see Attention."""
+        k1, k2, k3 = _keys(key, 3)
+        h = self.self_attn(self._pre(self.self_attn_norm, y), cache=cache)
+        h, kv = h if cache is not None else (h, None)
+        y = self._post(self.self_attn_norm, y, h, k1)
+        h = self.cross_attn(self._pre(self.cross_attn_norm, y), segment_ids=cross_segment_ids, kv=cross_kv)
+        y = self._post(self.cross_attn_norm, y, h, k2)
+        y = self._post(self.mlp_norm, y, self.mlp(self._pre(self.mlp_norm, y)), k3)
+        return y if cache is None else (y, kv)
+
+
+class Encoder(nnx.Module):
+    """The encoder stack (and its final norm when pre-LN); embedded source in, memory [B, S, D] out."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_encoder_layers)])
+        self.norm = None if cfg.post_norm else make_norm(cfg)
+
+    def __call__(self, x: jax.Array, segment_ids, key: jax.Array | None = None) -> jax.Array:
+        for layer, k in zip(self.layers, _keys(key, len(self.layers))):
+            x = constrain(layer(x, segment_ids, k), ACT)
+        return x if self.norm is None else self.norm(x)
+
+
+class Decoder(nnx.Module):
+    """The decoder stack (and its final norm when pre-LN); embedded target in, hidden states out."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = None if cfg.post_norm else make_norm(cfg)
+
+    def __call__(self, y: jax.Array, cross_kv: CrossKV, cross_segment_ids, cache=None,
+                 key: jax.Array | None = None):
+        """With `cache` (jaxformer.infer.cache.KVCache) returns (y, cache) with lengths advanced by T."""
+        ks, vs = [], []
+        for i, (layer, k) in enumerate(zip(self.layers, _keys(key, len(self.layers)))):
+            if cache is None:
+                y = layer(y, cross_kv[i], cross_segment_ids, key=k)
+            else:
+                y, (kc, vc) = layer(y, cross_kv[i], cross_segment_ids, (cache.k[i], cache.v[i], cache.lengths))
+                ks.append(kc)
+                vs.append(vc)
+            y = constrain(y, ACT)
+        y = y if self.norm is None else self.norm(y)
+        if cache is None:
+            return y
+        return y, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + y.shape[1])
+
+
+class EncoderDecoder(nnx.Module):
+    """src_tokens [B, S], tgt_tokens [B, T] (decoder inputs: start id, then the target shifted right) -> logits."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, EncDecConfig):
+            raise TypeError(f"EncoderDecoder needs an EncDecConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        V, D, P = cfg.vocab_size, cfg.d_model, cfg.max_seq_len
+        emb = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        std = D ** -0.5 if cfg.scale_embedding else cfg.init_std  # scaled: ~unit size (fairseq's N(0, 1/D))
+        self.embed_tokens = Embed(V, D, axes=("vocab", "embed"), std=std, **emb)  # target (and shared) table
+        self.embed_source_tokens = (None if cfg.share_embeddings else
+                                    Embed(V, D, axes=("vocab", "embed"), std=std, **emb))
+        learned = cfg.position == "learned"
+        self.embed_positions = Embed(P, D, axes=(None, "embed"), std=cfg.init_std, **emb) if learned else None
+        self.embed_source_positions = Embed(P, D, axes=(None, "embed"), std=cfg.init_std, **emb) if learned else None
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.decoder = Decoder(cfg, rngs=rngs)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        Linear(D, V, bias=False, axes=("vocab", "embed"), std=cfg.init_std,
+                               param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
+        self.final_logits_bias = (nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)), logical_axes=("vocab",))
+                                  if cfg.logits_bias else None)
+
+    def __call__(self, src_tokens: jax.Array, tgt_tokens: jax.Array, src_mask: jax.Array | None = None, *,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for every decoder position; dropout only when a key is given."""
+        k_enc, k_dec = _keys(dropout_key, 2)
+        memory = self.encode(src_tokens, src_mask, dropout_key=k_enc)  # [B, S, D]
+        return self.decode(tgt_tokens, self.cross_kv(memory), src_mask, dropout_key=k_dec)
+
+    def encode(self, src_tokens: jax.Array, src_mask: jax.Array | None = None, *,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+        """The encoder output (memory) [B, S, D]."""
+        check_tokens(self.config, "src_tokens", src_tokens, src_mask)
+        k_emb, k_enc = _keys(dropout_key, 2)
+        table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
+        x = self._embed(src_tokens, table, self.embed_source_positions, None, k_emb)  # [B, S, D]
+        return self.encoder(x, _source_segments(src_mask), k_enc)
+
+    def cross_kv(self, memory: jax.Array) -> CrossKV:
+        """Each decoder layer's cross-attention keys and values [B, S, K, H], computed once per source."""
+        return tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder.layers)
+
+    def decode(self, tgt_tokens: jax.Array, cross_kv: CrossKV, src_mask: jax.Array | None = None, *,
+               cache=None, dropout_key: jax.Array | None = None):
+        """Logits [B, T, V] of decoder inputs given the source's `cross_kv`.
+
+        With `cache` (KVCache.init(cfg, B, max_len)) the tokens continue each sequence after its cached
+        ones (positions cache.lengths[b] + t): returns (logits, cache).
+        """
+        cfg = self.config
+        check_tokens(cfg, "tgt_tokens", tgt_tokens, None)
+        B, T = tgt_tokens.shape
+        start = None if cache is None else cache.lengths
+        k_emb, k_dec = _keys(dropout_key, 2)
+        y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions, start, k_emb)  # [B, T, D]
+        seg = None if src_mask is None else (jnp.ones((B, T), jnp.int32), src_mask.astype(jnp.int32))
+        out = self.decoder(y, cross_kv, seg, cache, k_dec)
+        y, cache = out if cache is not None else (out, None)
+        logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)  # [B, T, V]
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias[...].astype(logits.dtype)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def _embed(self, tokens: jax.Array, table: Embed, pos_table: Embed | None, start: jax.Array | None,
+               key: jax.Array | None) -> jax.Array:
+        """Token embeddings (times sqrt(D) when scaled) plus positions start[b] + t; [B, T] -> [B, T, D]."""
+        cfg = self.config
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if start is not None:
+            positions = positions + start[:, None]
+        x = table(tokens)
+        if cfg.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        pos = pos_table(positions) if pos_table is not None else sinusoidal_positions(positions, cfg.d_model)
+        x = dropout(x + pos.astype(x.dtype), cfg.dropout, key)
+        return constrain(x, ACT)
+
+
+def _source_segments(src_mask: jax.Array | None):
+    """Encoder self-attention segments: every query (pads too) sees the real source keys."""
+    if src_mask is None:
+        return None
+    return jnp.ones(src_mask.shape, jnp.int32), src_mask.astype(jnp.int32)
+
+
+def check_tokens(cfg: EncDecConfig, name: str, tokens: jax.Array, mask: jax.Array | None) -> None:
+    """Shape/dtype checks that turn bad input into a clear ValueError before anything traces deep."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [batch, seq], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"{name} has length {tokens.shape[1]}, more than the model's max_seq_len="
+                         f"{cfg.max_seq_len}; truncate it or use a config with a longer max_seq_len")
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"src_mask must have the source tokens' shape {tokens.shape}, got {mask.shape}")

@@ -1,0 +1,136 @@
+"""PyTorch mirror of jaxformer.encdec; state_dict keys equal jaxformer's parameter paths (no dropout)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxformer.config import EncDecConfig
+from torch_ref.attention import Attention
+from torch_ref.layers import MLP, Embed, Linear, make_norm, sinusoidal_positions
+
+
+class _Residual(nn.Module):
+    post_norm: bool
+
+    def _pre(self, norm, x):
+        return x if self.post_norm else norm(x)
+
+    def _post(self, norm, x, fx):
+        return norm(x + fx) if self.post_norm else x + fx
+
+
+class EncoderLayer(_Residual):
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg, causal=False)
+        self.self_attn_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.post_norm = cfg.post_norm
+
+    def forward(self, x, segment_ids=None):
+        x = self._post(self.self_attn_norm, x, self.self_attn(self._pre(self.self_attn_norm, x),
+                                                              segment_ids=segment_ids))
+        return self._post(self.mlp_norm, x, self.mlp(self._pre(self.mlp_norm, x)))
+
+
+class DecoderLayer(_Residual):
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg, causal=True)
+        self.self_attn_norm = make_norm(cfg)
+        self.cross_attn = Attention(cfg, causal=False)
+        self.cross_attn_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.post_norm = cfg.post_norm
+
+    def forward(self, y, memory, cross_segment_ids=None):
+        y = self._post(self.self_attn_norm, y, self.self_attn(self._pre(self.self_attn_norm, y)))
+        kv = self.cross_attn.project_kv(memory)
+        y = self._post(self.cross_attn_norm, y, self.cross_attn(self._pre(self.cross_attn_norm, y),
+                                                                segment_ids=cross_segment_ids, kv=kv))
+        return self._post(self.mlp_norm, y, self.mlp(self._pre(self.mlp_norm, y)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers)])
+        self.norm = None if cfg.post_norm else make_norm(cfg)
+
+    def forward(self, x, segment_ids=None):
+        for layer in self.layers:
+            x = layer(x, segment_ids)
+        return x if self.norm is None else self.norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
+        self.norm = None if cfg.post_norm else make_norm(cfg)
+
+    def forward(self, y, memory, cross_segment_ids=None):
+        for layer in self.layers:
+            y = layer(y, memory, cross_segment_ids)
+        return y if self.norm is None else self.norm(y)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        self.config = cfg
+        V, D, P = cfg.vocab_size, cfg.d_model, cfg.max_seq_len
+        self.embed_tokens = Embed(V, D)
+        self.embed_source_tokens = None if cfg.share_embeddings else Embed(V, D)
+        learned = cfg.position == "learned"
+        self.embed_positions = Embed(P, D) if learned else None
+        self.embed_source_positions = Embed(P, D) if learned else None
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.lm_head = None if cfg.tie_embeddings else Linear(D, V, bias=False)
+        self.final_logits_bias = nn.Parameter(torch.zeros(V)) if cfg.logits_bias else None
+
+    def forward(self, src_tokens, tgt_tokens, src_mask=None):
+        return self.decode(tgt_tokens, self.encode(src_tokens, src_mask), src_mask)
+
+    def encode(self, src_tokens, src_mask=None):
+        table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
+        x = self._embed(src_tokens, table, self.embed_source_positions)
+        seg = None if src_mask is None else (torch.ones_like(src_mask, dtype=torch.int32), src_mask.to(torch.int32))
+        return self.encoder(x, seg)
+
+    def decode(self, tgt_tokens, memory, src_mask=None):
+        B, T = tgt_tokens.shape
+        y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions)
+        seg = None if src_mask is None else (torch.ones(B, T, dtype=torch.int32), src_mask.to(torch.int32))
+        y = self.decoder(y, memory, seg)
+        logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits.float()
+
+    def _embed(self, tokens, table, pos_table):
+        cfg = self.config
+        B, T = tokens.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        positions = torch.arange(T).expand(B, T)
+        x = table(tokens)
+        if cfg.scale_embedding:
+            x = x * math.sqrt(cfg.d_model)
+        pos = pos_table(positions) if pos_table is not None else sinusoidal_positions(positions, cfg.d_model)
+        return x + pos.to(x.dtype)
+
+
+def label_smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, smoothing: float):
+    """Mean over kept tokens of torch's own label-smoothed cross-entropy."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), reduction="none",
+                                label_smoothing=smoothing)
+    m = mask.flatten().float()
+    return (per_token * m).sum() / m.sum()
