@@ -41,7 +41,9 @@ class Document:
     final: bool = True  # False while more pieces of this document follow
 
 
-PIECE_BYTES = 8 << 20  # files larger than this stream in line-aligned pieces
+# Files larger than this stream in line-aligned pieces. The tokenizer's working memory for one text is
+# a few hundred bytes per input byte (offsets, alignments, token strings), so this bounds prepare's RSS.
+PIECE_BYTES = 1 << 20
 
 
 def stdlib_root() -> Path:
