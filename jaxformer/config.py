@@ -323,6 +323,7 @@ class Seq2SeqConfig:
     tokenizer: str | None = None  # an existing tokenizer.json instead of one trained on the train split
     max_source_len: int = 256  # tokens, EOS included; longer sources are truncated
     max_target_len: int = 32  # tokens, EOS included; also the decoding limit
+    split_identifiers: bool = False  # sources: identifiers as lower-case words (get_event_loop -> get event loop)
     min_bucket: int = 16  # batches are padded to a power-of-two multiple of this (one compile per bucket)
     label_smoothing: float = 0.1  # the paper's epsilon_ls
     beam_size: int = 4

@@ -17,7 +17,8 @@ from flax import nnx
 from jaxformer.config import EncDecConfig, Seq2SeqConfig
 from jaxformer.data.code2doc import function_examples, module_split, name_baseline
 from jaxformer.data.pipeline import DataIterator
-from jaxformer.data.seq2seq import Pairs, TrainBatches, bucket, eval_dataset, train_dataset
+from jaxformer.data.seq2seq import (Pairs, TrainBatches, bucket, eval_dataset, split_identifiers, tokenize_pairs,
+                                    train_dataset)
 from jaxformer.encdec import EncoderDecoder
 from jaxformer.infer.beam import beam_search, greedy_decode
 from jaxformer.train.metrics import read_metrics
@@ -106,6 +107,17 @@ def test_name_baseline():
     assert name_baseline("_get_running_loop") == "get running loop"
     assert name_baseline("getSourceLines") == "get source lines"
     assert name_baseline("HTTPServer_close2") == "http server close 2"
+
+
+def test_split_identifiers_reads_code_as_words(tokenizer):
+    tok = tokenizer
+    code = "def getEventLoop(self_ref, _x):\n    return HTTPServer.get_running_loop()  # __init__"
+    assert split_identifiers(code) == ("def get event loop(self ref, x):\n"
+                                       "    return http server.get running loop()  # init")
+    rec = [{"source": code, "target": "Return the loop."}]
+    plain, words = tokenize_pairs(rec, tok, 64, 8), tokenize_pairs(rec, tok, 64, 8, split_ids=True)
+    assert tok.decode(words.src[0].tolist()) == split_identifiers(code)
+    assert tok.decode(plain.src[0].tolist()) == code and (plain.tgt[0] == words.tgt[0]).all()
 
 
 # ----------------------------------------------------------------------------- data pipeline

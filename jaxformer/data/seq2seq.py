@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +30,7 @@ import grain
 import numpy as np
 
 from jaxformer.config import Seq2SeqConfig
+from jaxformer.data.code2doc import name_baseline
 from jaxformer.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -81,21 +83,38 @@ def read_jsonl_pairs(path: str | Path) -> list[dict]:
     return out
 
 
-def tokenize_pairs(records: list[dict], tok: Tokenizer, max_source_len: int, max_target_len: int) -> Pairs:
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def split_identifiers(code: str) -> str:
+    """Identifiers as lower-case words: `def getEventLoop(self_ref):` -> `def get event loop(self ref):`.
+
+    Code-summarization models commonly read sub-tokenised identifiers (code2seq; Ahmad et al. 2020):
+    the words a summary uses ("Return the event loop") become tokens the source holds.
+    """
+    return _IDENTIFIER.sub(lambda m: name_baseline(m.group(0)) or m.group(0), code)
+
+
+def source_text(record: dict, split_ids: bool) -> str:
+    return split_identifiers(record["source"]) if split_ids else record["source"]
+
+
+def tokenize_pairs(records: list[dict], tok: Tokenizer, max_source_len: int, max_target_len: int,
+                   split_ids: bool = False) -> Pairs:
     """Token ids + EOS per source and target, cut to the max lengths (EOS always kept)."""
     eos = tok.eos_id
 
     def ids(texts: list[str], n: int) -> list[np.ndarray]:
         return [np.asarray(t[:n - 1] + [eos], np.int32) for t in tok.encode_batch(texts)]
 
-    return Pairs(records, ids([r["source"] for r in records], max_source_len),
+    return Pairs(records, ids([source_text(r, split_ids) for r in records], max_source_len),
                  ids([r["target"] for r in records], max_target_len))
 
 
 def load_split(data_dir: str | Path, split: str, tok: Tokenizer, cfg: Seq2SeqConfig) -> Pairs:
     """Read and tokenize DATA_DIR/{split}.jsonl."""
     return tokenize_pairs(read_jsonl_pairs(Path(data_dir) / f"{split}.jsonl"), tok, cfg.max_source_len,
-                          cfg.max_target_len)
+                          cfg.max_target_len, cfg.split_identifiers)
 
 
 def ensure_seq2seq_data(cfg: Seq2SeqConfig, vocab_size: int, *, progress: bool = True) -> tuple[Path, Tokenizer]:
@@ -122,7 +141,7 @@ def ensure_seq2seq_data(cfg: Seq2SeqConfig, vocab_size: int, *, progress: bool =
     else:
         print(f"training a {vocab_size}-token byte-level BPE tokenizer on {data_dir}/train.jsonl ...", flush=True)
         records = read_jsonl_pairs(data_dir / "train.jsonl")
-        texts: Iterable[str] = (t for r in records for t in (r["source"], r["target"]))
+        texts: Iterable[str] = (t for r in records for t in (source_text(r, cfg.split_identifiers), r["target"]))
         tok = train_tokenizer(texts, vocab_size, show_progress=progress)
     tok.save(data_dir)
     return data_dir, load_tokenizer(data_dir)
