@@ -73,6 +73,7 @@ def assert_outputs_close(got: Any, ref: Any, what: str = "output") -> float:
     tol = min(OUT_REL_TOL * scale, OUT_ABS_CAP)
     diff = max_abs_diff(got, ref_np)
     assert diff <= tol, f"{what}: max|diff|={diff:.3e} > tol={tol:.3e} (max|ref|={scale:.3e})"
+    report("torch_ref", what, diff, scale)
     return diff
 
 
@@ -106,7 +107,14 @@ def assert_hf_close(got: Any, ref: Any, what: str = "logits") -> float:
     diff = max_abs_diff(got, ref)
     scale = float(np.abs(as_numpy(ref)).max())
     assert diff <= HF_ABS_TOL, f"{what}: max|diff|={diff:.3e} > {HF_ABS_TOL} (max|ref|={scale:.3e})"
+    report("hf", what, diff, scale)
     return diff
+
+
+def report(pair: str, what: str, diff: float, scale: float) -> None:
+    """One line per check (seen with `pytest -s`): `PARITY <test> <pair> <what> max|diff|=... max|ref|=...`."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"PARITY {test} {pair} {what} max|diff|={diff:.2e} max|ref|={scale:.2e}")
 
 
 # ----------------------------------------------------------------------------- random weights
