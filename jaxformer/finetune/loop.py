@@ -33,7 +33,7 @@ from jaxformer.finetune.lora import (apply_lora, merge_lora, set_dropout, split_
 from jaxformer.sharding import global_batch, make_mesh
 from jaxformer.train.checkpoint import Checkpointer, abstract_like, read_run_config
 from jaxformer.train.flops import train_flops_per_token
-from jaxformer.train.loop import run_config_dict, run_steps
+from jaxformer.train.loop import open_checkpoints, run_config_dict, run_steps
 from jaxformer.train.metrics import MetricsLogger, plot_losses
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.state import gather_to_host
@@ -132,8 +132,7 @@ def _finetune(cfgs: dict, base: nnx.Module, tok, mesh: Mesh, *, resume: bool, pr
     tcfg = cfgs["train"]
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     train_rows, val_rows, data_stats = _load_rows(cfgs["sft"], tok, say)
-    ckpt = Checkpointer(Path(tcfg.run_dir) / "checkpoints", keep_last=tcfg.keep_last,
-                        async_save=tcfg.async_checkpoint)
+    ckpt = open_checkpoints(tcfg, resume)
     try:
         return _run(cfgs, base, tok, mesh, ckpt, train_rows, val_rows, data_stats, resume=resume, progress=progress)
     except BaseException:
@@ -151,9 +150,6 @@ def _run(cfgs: dict, base: nnx.Module, tok, mesh: Mesh, ckpt: Checkpointer, trai
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     run_dir = Path(tcfg.run_dir)
-    if ckpt.steps() and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue "
-                         "it, or choose another --train.run_dir")
     it = sft_iterator(train_rows, tcfg.batch_size, scfg.seed)
     fingerprint = base_fingerprint(base)
 

@@ -100,6 +100,18 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def open_checkpoints(tcfg: TrainConfig, resume: bool) -> Checkpointer:
+    """The run's checkpoint manager; a run directory that already holds checkpoints needs --resume."""
+    ckpt = Checkpointer(Path(tcfg.run_dir) / "checkpoints", keep_last=tcfg.keep_last,
+                        async_save=tcfg.async_checkpoint)
+    if ckpt.steps() and not resume:
+        steps = ckpt.steps()
+        ckpt.close()
+        raise ValueError(f"{tcfg.run_dir} already holds checkpoints (steps {steps}); pass --resume to continue "
+                         "it, or choose another --train.run_dir")
+    return ckpt
+
+
 def run_steps(step_fn, state: dict, it, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: Checkpointer,
               logger: MetricsLogger, flops_per_token: float, meta_base: dict, evaluate_fn, progress: bool
               ) -> tuple[Any, Any, dict]:
@@ -187,10 +199,7 @@ def _train(cfgs: dict[str, Any], mesh: Mesh, *, resume: bool, progress: bool) ->
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     run_dir = Path(tcfg.run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
-    if ckpt.steps() and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue "
-                         "it, or choose another --train.run_dir")
+    ckpt = open_checkpoints(tcfg, resume)
     data_dir, tok = ensure_data(dcfg, mcfg.vocab_size, progress=progress and lead)
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={mcfg.vocab_size}; "

@@ -31,8 +31,8 @@ from jaxformer.data.seq2seq import Pairs, ensure_seq2seq_data, eval_dataset, loa
 from jaxformer.data.shards import copy_tokenizer
 from jaxformer.interop import native
 from jaxformer.sharding import constrain, global_batch, make_mesh
-from jaxformer.train.checkpoint import Checkpointer, abstract_like, read_run_config
-from jaxformer.train.loop import _check_resumable, run_config_dict, run_steps
+from jaxformer.train.checkpoint import abstract_like, read_run_config
+from jaxformer.train.loop import _check_resumable, open_checkpoints, run_config_dict, run_steps
 from jaxformer.train.losses import label_smoothed_sums
 from jaxformer.train.metrics import MetricsLogger, plot_losses
 from jaxformer.train.optim import make_optimizer
@@ -157,10 +157,7 @@ def _train(cfgs: dict[str, Any], mesh: Mesh, *, resume: bool, progress: bool):
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     run_dir = Path(tcfg.run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
-    if ckpt.steps() and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue "
-                         "it, or choose another --train.run_dir")
+    ckpt = open_checkpoints(tcfg, resume)
     data_dir, tok = ensure_seq2seq_data(scfg, mcfg.vocab_size, progress=progress and lead)
     check_tokenizer(tok, mcfg)
     train_pairs = load_split(data_dir, "train", tok, scfg)
