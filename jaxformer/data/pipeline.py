@@ -82,6 +82,13 @@ def make_dataset(split: SplitTokens, *, seq_len: int, batch_size: int, packed: b
     if len(ds) < batch_size:
         raise ValueError(f"only {len(ds)} windows of {seq_len + 1} tokens, fewer than batch_size={batch_size}; "
                          "lower the batch size or seq_len, or add data")
+    return batch_rows(ds, batch_size, shuffle=shuffle, seed=seed, repeat=repeat, process_index=process_index,
+                      process_count=process_count)
+
+
+def batch_rows(ds: grain.MapDataset, batch_size: int, *, shuffle: bool, seed: int, repeat: bool,
+               process_index: int, process_count: int) -> grain.MapDataset:
+    """Rows -> seeded shuffle (a new order each epoch) -> repeat -> this process's rows -> local batches."""
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-from jaxformer.data.pipeline import ProcessRows
+from jaxformer.data.pipeline import batch_rows
 
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -228,13 +228,8 @@ def make_sft_dataset(rows: dict[str, np.ndarray], *, batch_size: int, seed: int 
     if len(ds) < batch_size:
         raise ValueError(f"only {len(ds)} rows of fine-tuning data, fewer than batch_size={batch_size}; lower the "
                          "batch size or add examples")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
-    if process_count > 1:
-        ds = ProcessRows(ds, batch_size, process_index, process_count)
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    return batch_rows(ds, batch_size, shuffle=shuffle, seed=seed, repeat=repeat, process_index=process_index,
+                      process_count=process_count)
 
 
 def eval_batches(rows: dict[str, np.ndarray], batch_size: int, *, process_index: int = 0,
