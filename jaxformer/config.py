@@ -165,6 +165,7 @@ class EncDecConfig(ModelConfig):
     scale_embedding: bool = True  # token embeddings times sqrt(d_model) (the paper, section 3.4)
     share_embeddings: bool = True  # one table for source and target tokens (a joint vocabulary)
     logits_bias: bool = False  # a learned bias on the logits (Marian's final_logits_bias)
+    pointer_generator: bool = False  # a copy head mixing in the source's tokens (See et al. 2017; encdec.py)
     dropout: float = 0.0  # on embeddings and every sublayer output, training only (the paper: 0.1)
     init_std: float | None = None  # None: d_model ** -0.5 (Xavier-like; GPT-2's 0.02 stalls small models)
     pad_id: int = 0
@@ -179,7 +180,7 @@ class EncDecConfig(ModelConfig):
         if self.position not in ENCDEC_POSITIONS:
             raise ValueError(f"position={self.position!r} is not supported by the encoder-decoder; choose one of "
                              f"{list(ENCDEC_POSITIONS)}")
-        for name in ("post_norm", "scale_embedding", "share_embeddings", "logits_bias"):
+        for name in ("post_norm", "scale_embedding", "share_embeddings", "logits_bias", "pointer_generator"):
             _flag(name, getattr(self, name))
         _number("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
@@ -196,7 +197,7 @@ class EncDecConfig(ModelConfig):
     def family(self) -> str | None:
         """'marian' when transformers' MarianMTModel has the same architecture, else None."""
         marian = (self.position == "sinusoidal" and self.norm == "layernorm" and self.norm_eps == 1e-5
-                  and self.post_norm and not self.gated_mlp and self.use_bias and self.n_kv_heads == self.n_heads
+                  and self.post_norm and not self.pointer_generator and not self.gated_mlp and self.use_bias and self.n_kv_heads == self.n_heads
                   and self.head_dim * self.n_heads == self.d_model and self.activation in MARIAN_ACTIVATIONS)
         return "marian" if marian else None
 

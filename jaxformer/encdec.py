@@ -12,13 +12,19 @@ decoder's cross-attention; every query (a pad position's too) attends to the rea
 stay finite and real positions never see pads. Targets are right-padded: the causal mask keeps real
 positions from seeing them. Positions count from 0 in both streams.
 
-Decoding (jaxformer.infer.beam) runs the encoder once, projects each decoder layer's cross-attention keys
-and values once (`cross_kv`), and feeds the decoder one token at a time against a KVCache.
+Copying (`pointer_generator`, See et al. 2017): an optional head mixes the vocabulary softmax with a copy
+distribution over the source's own tokens, so a summary can reuse the words an input holds (identifiers,
+names) that a small model would never learn to generate from data alone; see PointerGenerator.
+
+Decoding (jaxformer.infer.beam) runs the encoder once, computes what the decoder reads of the source once
+(`source`: each decoder layer's cross-attention keys and values, the copy head's keys), and feeds the
+decoder one token at a time against a KVCache.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +37,17 @@ from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
 CrossKV = tuple[tuple[jax.Array, jax.Array], ...]  # per decoder layer: (k, v) [B, S, K, H] of the encoder output
+TINY = 1e-30  # floor of a pointer-generator probability before its log (float32 keeps it)
+
+
+class Source(NamedTuple):
+    """What the decoder reads of an encoded source, computed once per source (decoding reuses it every step)."""
+
+    kv: CrossKV  # per decoder layer: cross-attention (k, v) [B, S, K, H]
+    mask: jax.Array | None  # [B, S] 1 = token, 0 = pad; None: no padding
+    tokens: jax.Array | None = None  # [B, S] source ids the copy head copies (None without one)
+    memory: jax.Array | None = None  # [B, S, D] encoder output, the copy head's values
+    copy_keys: jax.Array | None = None  # [B, S, D] the copy head's keys
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -101,6 +118,40 @@ class DecoderLayer(_Residual):
         return y if cache is None else (y, kv)
 
 
+class PointerGenerator(nnx.Module):
+    """Copy head (See et al. 2017, "Get To The Point"): the output distribution of a decoder position is
+
+        p(w) = g * softmax(logits)(w) + (1 - g) * sum over source positions s holding w of a(s)
+
+    with a one-head attention a = softmax(q(y) . k(memory) / sqrt(D)) over the real source tokens and a
+    gate g = sigmoid(w . [y, a @ memory] + b). It returns log p as the logits: log_softmax leaves them as
+    they are, so the losses, perplexity and decoding read them like any logits.
+    """
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        D = cfg.d_model
+        lin = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.q_proj = Linear(D, D, bias=False, axes=(None, "embed"), **lin)
+        self.k_proj = Linear(D, D, bias=False, axes=(None, "embed"), **lin)
+        self.gate = Linear(2 * D, 1, bias=True, axes=(None, "embed"), **lin)
+
+    def __call__(self, y: jax.Array, logits: jax.Array, source: Source) -> jax.Array:
+        """y [B, T, D] final decoder states, logits [B, T, V] -> log-probabilities [B, T, V] (float32)."""
+        B, T, D = y.shape
+        V = logits.shape[-1]
+        q = self.q_proj(y)  # [B, T, D]
+        scores = jnp.einsum("btd,bsd->bts", q, source.copy_keys).astype(jnp.float32) / math.sqrt(D)
+        if source.mask is not None:
+            scores = jnp.where(source.mask[:, None, :] > 0, scores, -1e30)
+        attn = jax.nn.softmax(scores, axis=-1)  # [B, T, S]
+        context = jnp.einsum("bts,bsd->btd", attn.astype(source.memory.dtype), source.memory)  # [B, T, D]
+        g = jax.nn.sigmoid(self.gate(jnp.concatenate([y, context.astype(y.dtype)], axis=-1)).astype(jnp.float32))
+        scatter = lambda a, ids: jnp.zeros((T, V), jnp.float32).at[:, ids].add(a)  # noqa: E731 - [T,S] onto [T,V]
+        copy = jax.vmap(scatter)(attn, source.tokens)  # [B, T, V]
+        p = g * jax.nn.softmax(logits, axis=-1) + (1.0 - g) * copy  # g [B, T, 1]
+        return jnp.log(jnp.maximum(p, TINY))
+
+
 class Encoder(nnx.Module):
     """The encoder stack (and its final norm when pre-LN); embedded source in, memory [B, S, D] out."""
 
@@ -162,13 +213,14 @@ class EncoderDecoder(nnx.Module):
                                param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
         self.final_logits_bias = (nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)), logical_axes=("vocab",))
                                   if cfg.logits_bias else None)
+        self.pointer = PointerGenerator(cfg, rngs=rngs) if cfg.pointer_generator else None
 
     def __call__(self, src_tokens: jax.Array, tgt_tokens: jax.Array, src_mask: jax.Array | None = None, *,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) for every decoder position; dropout only when a key is given."""
         k_enc, k_dec = _keys(dropout_key, 2)
         memory = self.encode(src_tokens, src_mask, dropout_key=k_enc)  # [B, S, D]
-        return self.decode(tgt_tokens, self.cross_kv(memory), src_mask, dropout_key=k_dec)
+        return self.decode(tgt_tokens, self.source(memory, src_tokens, src_mask), dropout_key=k_dec)
 
     def encode(self, src_tokens: jax.Array, src_mask: jax.Array | None = None, *,
                dropout_key: jax.Array | None = None) -> jax.Array:
@@ -179,13 +231,17 @@ class EncoderDecoder(nnx.Module):
         x = self._embed(src_tokens, table, self.embed_source_positions, None, k_emb)  # [B, S, D]
         return self.encoder(x, _source_segments(src_mask), k_enc)
 
-    def cross_kv(self, memory: jax.Array) -> CrossKV:
-        """Each decoder layer's cross-attention keys and values [B, S, K, H], computed once per source."""
-        return tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder.layers)
+    def source(self, memory: jax.Array, src_tokens: jax.Array, src_mask: jax.Array | None = None) -> Source:
+        """What the decoder reads of an encoded source: each decoder layer's cross-attention keys and values
+        [B, S, K, H] (and the copy head's keys), computed once per source."""
+        kv = tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder.layers)
+        mask = None if src_mask is None else jnp.asarray(src_mask, jnp.int32)
+        if self.pointer is None:
+            return Source(kv, mask)
+        return Source(kv, mask, jnp.asarray(src_tokens, jnp.int32), memory, self.pointer.k_proj(memory))
 
-    def decode(self, tgt_tokens: jax.Array, cross_kv: CrossKV, src_mask: jax.Array | None = None, *,
-               cache=None, dropout_key: jax.Array | None = None):
-        """Logits [B, T, V] of decoder inputs given the source's `cross_kv`.
+    def decode(self, tgt_tokens: jax.Array, source: Source, *, cache=None, dropout_key: jax.Array | None = None):
+        """Logits [B, T, V] of decoder inputs given the encoded `source` (see `source`).
 
         With `cache` (KVCache.init(cfg, B, max_len)) the tokens continue each sequence after its cached
         ones (positions cache.lengths[b] + t): returns (logits, cache).
@@ -196,13 +252,16 @@ class EncoderDecoder(nnx.Module):
         start = None if cache is None else cache.lengths
         k_emb, k_dec = _keys(dropout_key, 2)
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions, start, k_emb)  # [B, T, D]
-        seg = None if src_mask is None else (jnp.ones((B, T), jnp.int32), src_mask.astype(jnp.int32))
-        out = self.decoder(y, cross_kv, seg, cache, k_dec)
+        seg = None if source.mask is None else (jnp.ones((B, T), jnp.int32), source.mask)
+        out = self.decoder(y, source.kv, seg, cache, k_dec)
         y, cache = out if cache is not None else (out, None)
         logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)  # [B, T, V]
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias[...].astype(logits.dtype)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+        logits = logits.astype(jnp.float32)
+        if self.pointer is not None:
+            logits = self.pointer(y, logits, source)  # log-probabilities with copying
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
         return logits if cache is None else (logits, cache)
 
     def _embed(self, tokens: jax.Array, table: Embed, pos_table: Embed | None, start: jax.Array | None,

@@ -40,6 +40,7 @@ CONFIGS = {
     "pre_ln_unshared_learned_gqa": EncDecConfig(**SMALL, post_norm=False, share_embeddings=False, tie_embeddings=False,
                                                 position="learned", logits_bias=True, n_kv_heads=2,
                                                 activation="gelu", scale_embedding=False, norm="rmsnorm"),
+    "pre_ln_pointer_generator": EncDecConfig(**SMALL, post_norm=False, pointer_generator=True),
 }
 
 
@@ -143,13 +144,13 @@ def test_model_logits_loss_and_gradients(name):
     (loss_j, (logits_j, memory_j)), grads_j = run(params)
     ts, tm = torch.from_numpy(src), torch.from_numpy(mask)
     memory_t = tmod.encode(ts, tm)
-    logits_t = tmod.decode(torch.from_numpy(tgt_in), memory_t, tm)
+    logits_t = tmod.decode(torch.from_numpy(tgt_in), memory_t, tm, ts)
     loss_t = te.label_smoothed_loss(logits_t, torch.from_numpy(tgt_out), torch.from_numpy(keep), smoothing)
     loss_t.backward()
     real = mask.astype(bool)  # the encoder's pad positions are never read (keys masked) but compared anyway
     assert_outputs_close(np.asarray(memory_j)[real], memory_t.detach().numpy()[real], "encoder output")
     assert_outputs_close(logits_j, logits_t, "logits")
-    assert abs(float(loss_j) - float(loss_t)) <= 1e-5 * abs(float(loss_t))
+    assert abs(float(loss_j) - loss_t.detach().item()) <= 1e-5 * abs(loss_t.detach().item())
     g_j = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads_j)}
     g_t = {k: p.grad for k, p in tmod.named_parameters()}
     assert_grads_close(g_j, g_t, zero=("k_proj.bias",))
@@ -217,7 +218,7 @@ def test_marian_import_and_export(name, tmp_path):
 
 
 def test_marian_export_of_a_trained_config(tmp_path):
-    """A jaxformer-born post-LN model (no logits bias) exports to Marian; pre-LN has no Marian twin."""
+    """A jaxformer-born post-LN model (no logits bias) exports to Marian; pre-LN or a copy head has no Marian twin."""
     cfg = EncDecConfig(**SMALL, activation="relu")
     model = random_jax_module(lambda: je.EncoderDecoder(cfg, rngs=nnx.Rngs(0)), seed=22)
     jaxformer.save_hf(model, tmp_path)
@@ -228,6 +229,9 @@ def test_marian_export_of_a_trained_config(tmp_path):
     with pytest.raises(jaxformer.UnsupportedCheckpointError, match="post_norm"):
         jaxformer.save_hf(random_jax_module(lambda: je.EncoderDecoder(dataclasses.replace(cfg, post_norm=False),
                                                                       rngs=nnx.Rngs(0)), seed=1), tmp_path / "x")
+    with pytest.raises(jaxformer.UnsupportedCheckpointError, match="pointer_generator"):
+        copying = dataclasses.replace(cfg, pointer_generator=True)
+        jaxformer.save_hf(random_jax_module(lambda: je.EncoderDecoder(copying, rngs=nnx.Rngs(0)), seed=1), tmp_path / "y")
 
 
 def test_greedy_and_beam_search_match_marian_generate(tmp_path):

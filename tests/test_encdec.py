@@ -23,6 +23,7 @@ V, S, T = 53, 11, 9
 CFG = EncDecConfig(vocab_size=V, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
 PRE = CFG.replace(post_norm=False, share_embeddings=False, tie_embeddings=False, position="learned",
                   logits_bias=True, n_kv_heads=2, activation="gelu")
+COPY = CFG.replace(post_norm=False, pointer_generator=True)
 
 
 def _model(cfg: EncDecConfig, seed: int = 0) -> EncoderDecoder:
@@ -40,8 +41,8 @@ def _logits(model, src, tgt, mask=None):
 
 
 @nnx.jit
-def _decode_step(model, tok, cross, mask, cache):
-    return model.decode(tok, cross, mask, cache=cache)
+def _decode_step(model, tok, source, cache):
+    return model.decode(tok, source, cache=cache)
 
 
 def _tokens(seed: int, *shape: int) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_parameter_names_and_count():
 
 # ----------------------------------------------------------------------------- padding and masks
 
-@pytest.mark.parametrize("cfg", [CFG, PRE], ids=["post_ln_shared", "pre_ln_unshared"])
+@pytest.mark.parametrize("cfg", [CFG, PRE, COPY], ids=["post_ln_shared", "pre_ln_unshared", "pointer_generator"])
 def test_source_padding_never_changes_outputs(cfg):
     model = _model(cfg)
     lengths = [11, 4, 7, 1]
@@ -118,18 +119,18 @@ def test_target_padding_is_causal():
     np.testing.assert_allclose(full[:, :5], short, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [CFG, PRE], ids=["post_ln_shared", "pre_ln_unshared"])
+@pytest.mark.parametrize("cfg", [CFG, PRE, COPY], ids=["post_ln_shared", "pre_ln_unshared", "pointer_generator"])
 def test_cached_decoding_equals_full_forward(cfg):
     """One token at a time against the KV cache (what beam search runs) gives the teacher-forced logits."""
     model = _model(cfg, seed=3)
     src, tgt = _tokens(6, 3, S), _tokens(7, 3, T)
     mask = (np.arange(S)[None] < np.array([[S], [5], [8]])).astype(np.int32)
     full = np.asarray(_logits(model, jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(mask)))
-    cross = model.cross_kv(model.encode(jnp.asarray(src), jnp.asarray(mask)))
+    source = model.source(model.encode(jnp.asarray(src), jnp.asarray(mask)), jnp.asarray(src), jnp.asarray(mask))
     cache = KVCache.init(cfg, 3, T)
     steps = []
     for t in range(T):
-        logits, cache = _decode_step(model, jnp.asarray(tgt[:, t:t + 1]), cross, jnp.asarray(mask), cache)
+        logits, cache = _decode_step(model, jnp.asarray(tgt[:, t:t + 1]), source, cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=3e-5, rtol=0)
     assert np.asarray(cache.lengths).tolist() == [T] * 3
@@ -169,3 +170,24 @@ def test_save_and_load_round_trip(tmp_path, as_file):
     src, tgt = jnp.asarray(_tokens(10, 2, S)), jnp.asarray(_tokens(11, 2, T))
     np.testing.assert_array_equal(np.asarray(loaded(src, tgt)), np.asarray(model(src, tgt)))
     assert dataclasses.asdict(native.read_config(path)) == dataclasses.asdict(PRE)
+
+
+def test_pointer_generator_mixes_vocabulary_and_copy():
+    """log-probabilities sum to 1; a closed gate copies only source tokens, an open one is the plain softmax."""
+    model = _model(COPY, seed=8)
+    src, tgt = _tokens(12, 2, S), _tokens(13, 2, T)
+    mask = (np.arange(S)[None] < np.array([[S], [4]])).astype(np.int32)
+    args = jnp.asarray(src), jnp.asarray(tgt), jnp.asarray(mask)
+    logp = np.asarray(_logits(model, *args))
+    np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-5)
+    model.pointer.gate.bias.set_value(jnp.full((1,), -60.0))  # g = 0: everything from the copy attention
+    copied = np.exp(np.asarray(_logits(model, *args)))
+    for b in range(2):
+        in_source = np.zeros(V, bool)
+        in_source[src[b][mask[b] == 1]] = True
+        assert copied[b][:, ~in_source].max() < 1e-6 and np.allclose(copied[b][:, in_source].sum(-1), 1.0, atol=1e-5)
+    model.pointer.gate.bias.set_value(jnp.full((1,), 60.0))  # g = 1: the vocabulary softmax alone
+    plain = nnx.merge(*nnx.split(model))
+    plain.pointer = None
+    np.testing.assert_allclose(np.asarray(_logits(model, *args)), jax.nn.log_softmax(_logits(plain, *args)),
+                               atol=2e-5)

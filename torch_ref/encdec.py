@@ -57,6 +57,28 @@ class DecoderLayer(_Residual):
         return self._post(self.mlp_norm, y, self.mlp(self._pre(self.mlp_norm, y)))
 
 
+class PointerGenerator(nn.Module):
+    """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source ids); see jaxformer.encdec."""
+
+    def __init__(self, cfg: EncDecConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.q_proj = Linear(D, D, bias=False)
+        self.k_proj = Linear(D, D, bias=False)
+        self.gate = Linear(2 * D, 1, bias=True)
+
+    def forward(self, y, logits, memory, src_tokens, src_mask=None):
+        B, T, D = y.shape
+        scores = self.q_proj(y) @ self.k_proj(memory).transpose(1, 2) / math.sqrt(D)  # [B, T, S]
+        if src_mask is not None:
+            scores = scores.masked_fill(src_mask[:, None, :] == 0, float("-inf"))
+        attn = scores.softmax(-1)
+        g = torch.sigmoid(self.gate(torch.cat([y, attn @ memory], dim=-1)))  # [B, T, 1]
+        index = src_tokens[:, None, :].expand(B, T, src_tokens.shape[1]).long()
+        copy = torch.zeros(B, T, logits.shape[-1], dtype=attn.dtype).scatter_add_(2, index, attn)
+        return torch.log((g * logits.softmax(-1) + (1 - g) * copy).clamp_min(1e-30))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EncDecConfig):
         super().__init__()
@@ -95,9 +117,10 @@ class EncoderDecoder(nn.Module):
         self.decoder = Decoder(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(D, V, bias=False)
         self.final_logits_bias = nn.Parameter(torch.zeros(V)) if cfg.logits_bias else None
+        self.pointer = PointerGenerator(cfg) if cfg.pointer_generator else None
 
     def forward(self, src_tokens, tgt_tokens, src_mask=None):
-        return self.decode(tgt_tokens, self.encode(src_tokens, src_mask), src_mask)
+        return self.decode(tgt_tokens, self.encode(src_tokens, src_mask), src_mask, src_tokens)
 
     def encode(self, src_tokens, src_mask=None):
         table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
@@ -105,7 +128,7 @@ class EncoderDecoder(nn.Module):
         seg = None if src_mask is None else (torch.ones_like(src_mask, dtype=torch.int32), src_mask.to(torch.int32))
         return self.encoder(x, seg)
 
-    def decode(self, tgt_tokens, memory, src_mask=None):
+    def decode(self, tgt_tokens, memory, src_mask=None, src_tokens=None):
         B, T = tgt_tokens.shape
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions)
         seg = None if src_mask is None else (torch.ones(B, T, dtype=torch.int32), src_mask.to(torch.int32))
@@ -113,6 +136,8 @@ class EncoderDecoder(nn.Module):
         logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
+        if self.pointer is not None:
+            logits = self.pointer(y, logits.float(), memory, src_tokens, src_mask)
         return logits.float()
 
     def _embed(self, tokens, table, pos_table):

@@ -1,7 +1,7 @@
 """Seq2seq decoding for jaxformer.encdec.EncoderDecoder: greedy and beam search, batched.
 
-The encoder runs once per batch and each decoder layer's cross-attention keys/values are projected
-once; the decoder then takes one token per step against a KVCache (jaxformer.infer.cache), so a step
+The encoder runs once per batch and each decoder layer's cross-attention keys/values (and a copy
+head's keys) are projected once; the decoder then takes one token per step against a KVCache (jaxformer.infer.cache), so a step
 costs one token's work. Both loops are one jitted lax.while_loop that ends when every row is done.
 
 Beam search (batched over B sources x K beams) keeps K alive hypotheses and a pool of K finished
@@ -76,13 +76,14 @@ def strip(tokens, eos_id: int) -> list[int]:
 
 
 def _start(model, src, src_mask, rows_per_source: int, max_len: int):
-    """Encoder once, cross-attention k/v once (repeated per beam), an empty decoder cache."""
+    """Encoder once, what the decoder reads of the source once (repeated per beam), an empty decoder cache."""
     memory = model.encode(src, src_mask)  # [B, S, D]
     if rows_per_source > 1:
         memory = jnp.repeat(memory, rows_per_source, axis=0)  # [B*K, S, D]
+        src = jnp.repeat(src, rows_per_source, axis=0)
         src_mask = jnp.repeat(src_mask, rows_per_source, axis=0)
     cache = KVCache.init(model.config, memory.shape[0], max_len)
-    return model.cross_kv(memory), src_mask, cache
+    return model.source(memory, src, src_mask), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -90,7 +91,7 @@ def _greedy(graphdef, state, src, src_mask, max_len: int):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     B = src.shape[0]
-    cross, src_mask, cache = _start(model, src, src_mask, 1, max_len)
+    source, cache = _start(model, src, src_mask, 1, max_len)
 
     def cond(c):
         t, _, _, _, _, done = c
@@ -98,7 +99,7 @@ def _greedy(graphdef, state, src, src_mask, max_len: int):
 
     def body(c):
         t, tok, cache, out, logprob, done = c
-        logits, cache = model.decode(tok[:, None], cross, src_mask, cache=cache)  # [B, 1, V]
+        logits, cache = model.decode(tok[:, None], source, cache=cache)  # [B, 1, V]
         logp = jax.nn.log_softmax(logits[:, 0], axis=-1)  # [B, V]
         nxt = jnp.where(done, cfg.pad_id, jnp.argmax(logp, axis=-1).astype(jnp.int32))
         logprob = logprob + jnp.where(done, 0.0, jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0])
@@ -116,7 +117,7 @@ def _beam(graphdef, state, src, src_mask, K: int, L: int, alpha: float, early_st
     model = nnx.merge(graphdef, state)
     cfg = model.config
     B = src.shape[0]
-    cross, src_mask, cache = _start(model, src, src_mask, K, L)
+    source, cache = _start(model, src, src_mask, K, L)
     lp = lambda n: jnp.asarray(n, jnp.float32) ** alpha  # noqa: E731 - the length penalty
     rank = jnp.arange(2 * K)[None, :]  # [1, 2K]
     bidx = jnp.arange(B)[:, None]  # [B, 1]
@@ -135,7 +136,7 @@ def _beam(graphdef, state, src, src_mask, K: int, L: int, alpha: float, early_st
 
     def body(c):
         t = c["t"]
-        logits, cache = model.decode(c["tok"].reshape(B * K, 1), cross, src_mask, cache=c["cache"])
+        logits, cache = model.decode(c["tok"].reshape(B * K, 1), source, cache=c["cache"])
         V = logits.shape[-1]
         logp = jax.nn.log_softmax(logits[:, 0], axis=-1).reshape(B, K, V)
         cand = (c["alive_lp"][:, :, None] + logp).reshape(B, K * V)
