@@ -325,6 +325,7 @@ class Seq2SeqConfig:
     max_source_len: int = 256  # tokens, EOS included; longer sources are truncated
     max_target_len: int = 32  # tokens, EOS included; also the decoding limit
     split_identifiers: bool = False  # sources: identifiers as lower-case words (get_event_loop -> get event loop)
+    truecase_targets: bool = False  # targets: a capitalised first word in its in-sentence form ("Return x" -> " return x")
     min_bucket: int = 16  # batches are padded to a power-of-two multiple of this (one compile per bucket)
     label_smoothing: float = 0.1  # the paper's epsilon_ls
     beam_size: int = 4
@@ -339,6 +340,8 @@ class Seq2SeqConfig:
             _positive(name, getattr(self, name))
         if self.eval_max_examples is not None:
             _positive("eval_max_examples", self.eval_max_examples)
+        for name in ("split_identifiers", "truecase_targets"):
+            _flag(name, getattr(self, name))
         if self.task is not None:
             _choice("task", self.task, SEQ2SEQ_TASKS)
         _choice("eval_split", self.eval_split, SEQ2SEQ_SPLITS)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxformer.config import Seq2SeqConfig
 from jaxformer.data.code2doc import function_name, name_baseline
-from jaxformer.data.seq2seq import Pairs, eval_dataset
+from jaxformer.data.seq2seq import Pairs, detruecase, eval_dataset
 from jaxformer.infer.beam import beam_search, greedy_decode, strip
 from jaxformer.train.metrics_text import format_table, text_metrics
 
@@ -48,7 +48,8 @@ def decode_pairs(model, tok, pairs: Pairs, cfg: Seq2SeqConfig, *, beam_size: int
         for r, ids in zip(b["rows"], out):
             if r >= 0:
                 rows.append(int(r))
-                texts.append(tok.decode(strip(ids, mcfg.eos_id)).strip())
+                text = tok.decode(strip(ids, mcfg.eos_id))
+                texts.append(detruecase(text) if cfg.truecase_targets else text.strip())
     return rows, texts, {"nll": nll, "tokens": count}
 
 

@@ -17,8 +17,8 @@ from flax import nnx
 from jaxformer.config import EncDecConfig, Seq2SeqConfig
 from jaxformer.data.code2doc import function_examples, module_split, name_baseline
 from jaxformer.data.pipeline import DataIterator
-from jaxformer.data.seq2seq import (Pairs, TrainBatches, bucket, eval_dataset, split_identifiers, tokenize_pairs,
-                                    train_dataset)
+from jaxformer.data.seq2seq import (Pairs, TrainBatches, bucket, detruecase, eval_dataset, split_identifiers,
+                                    tokenize_pairs, train_dataset, truecase)
 from jaxformer.encdec import EncoderDecoder
 from jaxformer.infer.beam import beam_search, greedy_decode
 from jaxformer.train.metrics import read_metrics
@@ -118,6 +118,29 @@ def test_split_identifiers_reads_code_as_words(tokenizer):
     plain, words = tokenize_pairs(rec, tok, 64, 8), tokenize_pairs(rec, tok, 64, 8, split_ids=True)
     assert tok.decode(words.src[0].tolist()) == split_identifiers(code)
     assert tok.decode(plain.src[0].tolist()) == code and (plain.tgt[0] == words.tgt[0]).all()
+
+
+@pytest.mark.parametrize("target, form", [
+    ("Close the selector.", " close the selector."),  # a capitalised first word: lower-cased, after a space
+    ("A factory method.", " a factory method."),
+    ("HTTP server.", " HTTP server."),  # acronyms, CamelCase names and identifiers keep their case
+    ("ZipInfo for name.", " ZipInfo for name."),
+    ("Foo_bar it.", " Foo_bar it."),
+])
+def test_truecased_targets_invert(target, form):
+    assert truecase(target) == form and detruecase(form) == target
+
+
+def test_truecased_first_word_is_the_split_sources_token(tokenizer):
+    """What truecasing is for: the summary's first word gets the id the same word has in the source."""
+    tok = tokenizer
+    rec = [{"source": "def close(self):\n    self.fd = None", "target": "Close the file."}]
+    pairs = tokenize_pairs(rec, tok, 64, 16, split_ids=True, truecase_targets=True)
+    word = tok.encode(" close")  # the in-sentence word: one or more ids
+    src, tgt = pairs.src[0].tolist(), pairs.tgt[0].tolist()
+    assert tgt[:len(word)] == word and any(src[i:i + len(word)] == word for i in range(len(src)))
+    assert tokenize_pairs(rec, tok, 64, 16, split_ids=True).tgt[0].tolist()[:len(word)] != word  # "Close" is not
+    assert detruecase(tok.decode(pairs.tgt[0][:-1].tolist())) == "Close the file."
 
 
 # ----------------------------------------------------------------------------- data pipeline

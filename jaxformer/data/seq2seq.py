@@ -99,8 +99,33 @@ def source_text(record: dict, split_ids: bool) -> str:
     return split_identifiers(record["source"]) if split_ids else record["source"]
 
 
+_CAPITALISED_WORD = re.compile(r"[A-Z][a-z]*(?![A-Za-z0-9_])")  # 'Return', 'A'; not 'HTTP', 'ZipInfo', 'Foo_bar'
+
+
+def truecase(target: str) -> str:
+    """A summary with its first word as it would stand inside a sentence: 'Close the file.' -> ' close the file.'
+
+    Truecasing as machine translation does it (sentence-initial words in their usual case), plus the space a
+    byte-level BPE puts before an in-sentence word: the first word becomes the same token as that word in a
+    split-identifier source (`def close(self)`), so a model can copy or align it. `detruecase` inverts it.
+    """
+    if _CAPITALISED_WORD.match(target):
+        target = target[0].lower() + target[1:]
+    return " " + target
+
+
+def detruecase(text: str) -> str:
+    """A decoded summary in sentence form: surrounding space stripped, first letter upper-case."""
+    text = text.strip()
+    return text[:1].upper() + text[1:]
+
+
+def target_text(record: dict, truecase_targets: bool) -> str:
+    return truecase(record["target"]) if truecase_targets else record["target"]
+
+
 def tokenize_pairs(records: list[dict], tok: Tokenizer, max_source_len: int, max_target_len: int,
-                   split_ids: bool = False) -> Pairs:
+                   split_ids: bool = False, truecase_targets: bool = False) -> Pairs:
     """Token ids + EOS per source and target, cut to the max lengths (EOS always kept)."""
     eos = tok.eos_id
 
@@ -108,13 +133,13 @@ def tokenize_pairs(records: list[dict], tok: Tokenizer, max_source_len: int, max
         return [np.asarray(t[:n - 1] + [eos], np.int32) for t in tok.encode_batch(texts)]
 
     return Pairs(records, ids([source_text(r, split_ids) for r in records], max_source_len),
-                 ids([r["target"] for r in records], max_target_len))
+                 ids([target_text(r, truecase_targets) for r in records], max_target_len))
 
 
 def load_split(data_dir: str | Path, split: str, tok: Tokenizer, cfg: Seq2SeqConfig) -> Pairs:
     """Read and tokenize DATA_DIR/{split}.jsonl."""
     return tokenize_pairs(read_jsonl_pairs(Path(data_dir) / f"{split}.jsonl"), tok, cfg.max_source_len,
-                          cfg.max_target_len, cfg.split_identifiers)
+                          cfg.max_target_len, cfg.split_identifiers, cfg.truecase_targets)
 
 
 def ensure_seq2seq_data(cfg: Seq2SeqConfig, vocab_size: int, *, progress: bool = True) -> tuple[Path, Tokenizer]:
@@ -141,7 +166,8 @@ def ensure_seq2seq_data(cfg: Seq2SeqConfig, vocab_size: int, *, progress: bool =
     else:
         print(f"training a {vocab_size}-token byte-level BPE tokenizer on {data_dir}/train.jsonl ...", flush=True)
         records = read_jsonl_pairs(data_dir / "train.jsonl")
-        texts: Iterable[str] = (t for r in records for t in (source_text(r, cfg.split_identifiers), r["target"]))
+        texts: Iterable[str] = (t for r in records for t in (source_text(r, cfg.split_identifiers),
+                                                             target_text(r, cfg.truecase_targets)))
         tok = train_tokenizer(texts, vocab_size, show_progress=progress)
     tok.save(data_dir)
     return data_dir, load_tokenizer(data_dir)

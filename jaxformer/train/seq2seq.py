@@ -219,7 +219,7 @@ def check_tokenizer(tok, cfg: EncDecConfig) -> None:
 def _check_same(section: str, saved: dict, cfgs: dict, ckpt_dir: Path) -> None:
     now, then = dataclasses.asdict(cfgs[section]), saved.get(section, {})
     data_keys = ("data_dir", "task", "tokenizer", "max_source_len", "max_target_len", "split_identifiers",
-                 "min_bucket", "seed")
+                 "truecase_targets", "min_bucket", "seed")
     diff = sorted(k for k in data_keys if k in then and now[k] != then[k])
     if diff:
         raise ValueError(f"cannot resume from {ckpt_dir}: {section} config differs in {diff} "
