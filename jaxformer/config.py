@@ -196,10 +196,19 @@ class EncDecConfig(ModelConfig):
     @property
     def family(self) -> str | None:
         """'marian' when transformers' MarianMTModel has the same architecture, else None."""
-        marian = (self.position == "sinusoidal" and self.norm == "layernorm" and self.norm_eps == 1e-5
-                  and self.post_norm and not self.pointer_generator and not self.gated_mlp and self.use_bias and self.n_kv_heads == self.n_heads
-                  and self.head_dim * self.n_heads == self.d_model and self.activation in MARIAN_ACTIVATIONS)
-        return "marian" if marian else None
+        return None if self.marian_mismatches()[0] else "marian"
+
+    def marian_mismatches(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(fields that MarianMTModel cannot express, with their values; what Marian needs of them)."""
+        wants: dict[str, Any] = dict(position="sinusoidal", norm="layernorm", norm_eps=1e-5, post_norm=True,
+                                     gated_mlp=False, use_bias=True, pointer_generator=False, n_kv_heads=self.n_heads)
+        differ = {k: getattr(self, k) for k, v in wants.items() if getattr(self, k) != v}
+        if self.head_dim * self.n_heads != self.d_model:
+            differ["head_dim"] = self.head_dim
+        if self.activation not in MARIAN_ACTIVATIONS:
+            differ["activation"] = self.activation
+        wants.update(head_dim="d_model / n_heads", activation=list(MARIAN_ACTIVATIONS))
+        return differ, wants
 
 
 def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
@@ -325,7 +334,7 @@ class Seq2SeqConfig:
     max_source_len: int = 256  # tokens, EOS included; longer sources are truncated
     max_target_len: int = 32  # tokens, EOS included; also the decoding limit
     split_identifiers: bool = False  # sources: identifiers as lower-case words (get_event_loop -> get event loop)
-    truecase_targets: bool = False  # targets: a capitalised first word in its in-sentence form ("Return x" -> " return x")
+    truecase_targets: bool = False  # targets: a capitalised first word in its in-sentence form ("Return" -> " return")
     min_bucket: int = 16  # batches are padded to a power-of-two multiple of this (one compile per bucket)
     label_smoothing: float = 0.1  # the paper's epsilon_ls
     beam_size: int = 4

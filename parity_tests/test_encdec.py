@@ -229,9 +229,10 @@ def test_marian_export_of_a_trained_config(tmp_path):
     with pytest.raises(jaxformer.UnsupportedCheckpointError, match="post_norm"):
         jaxformer.save_hf(random_jax_module(lambda: je.EncoderDecoder(dataclasses.replace(cfg, post_norm=False),
                                                                       rngs=nnx.Rngs(0)), seed=1), tmp_path / "x")
+    copying = dataclasses.replace(cfg, pointer_generator=True)
+    copying_model = random_jax_module(lambda: je.EncoderDecoder(copying, rngs=nnx.Rngs(0)), seed=1)
     with pytest.raises(jaxformer.UnsupportedCheckpointError, match="pointer_generator"):
-        copying = dataclasses.replace(cfg, pointer_generator=True)
-        jaxformer.save_hf(random_jax_module(lambda: je.EncoderDecoder(copying, rngs=nnx.Rngs(0)), seed=1), tmp_path / "y")
+        jaxformer.save_hf(copying_model, tmp_path / "y")
 
 
 def test_greedy_and_beam_search_match_marian_generate(tmp_path):

@@ -1,8 +1,9 @@
 """Seq2seq decoding for jaxformer.encdec.EncoderDecoder: greedy and beam search, batched.
 
 The encoder runs once per batch and each decoder layer's cross-attention keys/values (and a copy
-head's keys) are projected once; the decoder then takes one token per step against a KVCache (jaxformer.infer.cache), so a step
-costs one token's work. Both loops are one jitted lax.while_loop that ends when every row is done.
+head's keys) are projected once; the decoder then takes one token per step against a KVCache
+(jaxformer.infer.cache), so a step costs one token's work. Both loops are one jitted lax.while_loop
+that ends when every row is done.
 
 Beam search (batched over B sources x K beams) keeps K alive hypotheses and a pool of K finished
 ones per source. Each step takes the top 2K extensions of the alive beams; an EOS among the top K

@@ -67,13 +67,8 @@ def config_from_hf(hf: dict[str, Any], overrides: dict[str, Any]) -> EncDecConfi
 
 def config_to_hf(cfg: EncDecConfig, *, eos_token_id: int | None = None) -> dict[str, Any]:
     """config.json contents of the MarianMTModel matching `cfg`."""
-    if cfg.family != "marian":
-        wants = dict(position="sinusoidal", norm="layernorm", norm_eps=1e-5, post_norm=True, gated_mlp=False,
-                     use_bias=True, n_kv_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads,
-                     pointer_generator=False)
-        differ = {k: getattr(cfg, k) for k, v in wants.items() if getattr(cfg, k) != v}
-        if cfg.activation not in ACT_TO_HF:
-            differ["activation"] = cfg.activation
+    differ, wants = cfg.marian_mismatches()
+    if differ:
         raise UnsupportedCheckpointError(f"this encoder-decoder has no MarianMTModel equivalent: {differ} "
                                          f"(Marian needs {wants})")
     eos = cfg.eos_id if eos_token_id is None else eos_token_id
