@@ -143,11 +143,19 @@ def sweep(args, dtype) -> list[dict]:
     return rows
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """ours / baseline speed for every shape where both ran."""
+def ratios(rows: list[dict], correctness: dict | None = None) -> list[dict]:
+    """ours / baseline speed for every shape where both ran and both passed the correctness check.
+
+    An implementation whose check failed (or crashed) for a head dim and mask gets no ratio there: a
+    fast wrong answer is not a speed-up. Without a check (--skip-check) every timing counts.
+    """
+    def passed(impl, H, causal):
+        entry = (correctness or {}).get(f"{impl}/H{H}/{'causal' if causal else 'full'}")
+        return not correctness or "error" not in correctness and entry is not None and entry.get("ok", False)
+
     by_key = {}
     for r in rows:
-        if "ms" in r:
+        if "ms" in r and passed(r["impl"], r["head_dim"], r["causal"]):
             by_key[(r["head_dim"], r["causal"], r["seq"], r["mode"], r["impl"])] = r["ms"]
     out = []
     for (H, causal, S, mode, impl), ms in sorted(by_key.items()):
@@ -219,7 +227,7 @@ def main(argv=None) -> dict:
         traceback.print_exc()
         correctness = {"error": "correctness check crashed"}
     rows = sweep(args, dtype)
-    table = ratios(rows)
+    table = ratios(rows, correctness)
     print_ratio_table(table)
     result = {"plan": plan, "correctness": correctness, "results": rows, "ratios": table}
     print(json.dumps(result))

@@ -35,3 +35,16 @@ def test_ratios_compare_ours_with_every_baseline_that_ran():
             dict(impl="cudnn", error="RuntimeError: cuDNN is not detected.", **shape)]
     assert bench.ratios(rows) == [dict(**shape, vs_xla=3.0)]
     assert bench.forward_flops(1, 1024, 16, 128, causal=True) == 2 * 1024 * 1024 * 16 * 128
+
+
+def test_no_ratio_for_an_implementation_that_failed_its_check():
+    bench = load_bench()
+    shape = dict(head_dim=64, causal=True, seq=512, mode="fwd")
+    rows = [dict(impl="ours", ms=1.0, **shape), dict(impl="xla", ms=3.0, **shape), dict(impl="jax_pallas_mha", ms=2.0,
+                                                                                         **shape)]
+    checks = {"ours/H64/causal": {"ok": True}, "xla/H64/causal": {"ok": True},
+              "jax_pallas_mha/H64/causal": {"ok": False, "out": 0.5}}
+    assert bench.ratios(rows, checks) == [dict(**shape, vs_xla=3.0)]  # the failing baseline is left out
+    checks["ours/H64/causal"] = {"ok": False, "out": 0.3}
+    assert bench.ratios(rows, checks) == []  # ours failed: no speed claim at all for this configuration
+    assert bench.ratios(rows, {"error": "correctness check crashed"}) == []

@@ -1,0 +1,208 @@
+"""Multi-head attention with GQA/MQA, causal and segment masks, and implementation dispatch.
+
+Implementations (ModelConfig.attention_impl):
+  xla    plain jnp einsums, softmax in float32; runs everywhere, the numerical reference.
+  auto   jax.nn.dot_product_attention: cuDNN on a GPU for bf16/fp16, XLA otherwise.
+  cudnn  jax.nn.dot_product_attention(implementation="cudnn"); where no GPU is present it
+         warns once and runs the xla path (cuDNN does not exist on CPU).
+  pallas pallas_kernels.flash_attention (FlashAttention-2, Triton); needs an NVIDIA GPU, or
+         JAXFORMER_PALLAS_INTERPRET=1 to interpret it on CPU (tests). Rows that see no key give 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.layers import Linear, apply_rope
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+
+SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k_cache, v_cache, start [B] int32), see cache_layout
+DECODE_KERNEL_MAX_QUERIES = 16  # cached calls with more new tokens (prefill) use the xla path
+NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN
+
+
+def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds | None) -> jax.Array | None:
+    """Boolean mask [B or 1, T, S], True where query t may attend key s.
+
+    Causal masks align the last query with the last key (query t sits at key position
+    t + S - T), which is both plain self-attention (T == S) and decoding against a cache.
+    """
+    mask = None
+    if causal:
+        t = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        mask = (t >= jnp.arange(kv_len)[None, :])[None]  # [1, T, S]
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids
+        same = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, T, S]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                  scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v with grouped kv heads; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+
+    Laid out for plain XLA: each kv head's G query heads are stacked as G*T rows of one matmul,
+    the mask is an additive bias, and the softmax normalisation is applied after the PV matmul
+    (one [.., T, H] divide instead of a [.., T, S] one). On CPU this is ~2x the naive form.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qh = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # rows (g, t)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    s = jnp.einsum("bkqh,bksh->bkqs", qh * jnp.asarray(scale, qh.dtype), kh,
+                   preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+    if mask is not None:
+        bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # [B|1, T, S]
+        s = s + jnp.tile(bias, (1, G, 1))[:, None]
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))  # the shift cancels in the ratio
+    o = jnp.einsum("bkqs,bksh->bkqh", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    o = (o / e.sum(-1, keepdims=True)).astype(v.dtype)  # [B, K, G*T, H]
+    return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+@functools.cache
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: SegmentIds | None = None,
+           impl: str = "xla", scale: float | None = None) -> jax.Array:
+    """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"{N} query heads cannot be grouped over {K} kv heads")
+    scale = H ** -0.5 if scale is None else scale
+    if impl == "cudnn" and not _on_gpu():
+        _warn_once("attention_impl='cudnn' needs an NVIDIA GPU; using the xla implementation instead")
+        impl = "xla"
+    if impl == "xla":
+        return xla_attention(q, k, v, make_mask(T, S, causal=causal, segment_ids=segment_ids), scale)
+    if impl == "pallas":
+        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale)
+    if impl == "auto":
+        impl = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else None
+    seg_mask = make_mask(T, S, causal=False, segment_ids=segment_ids)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if seg_mask is None else seg_mask[:, None], scale=scale,
+        is_causal=causal, implementation=impl)
+
+
+def cache_layout(impl: str) -> str:
+    """Axis order of KV-cache tensors for an attention_impl: the Pallas decode kernel reads [B,S,K,H];
+    XLA's batched matmuls want their batch dims (B, K) leading, so its caches are [B,K,S,H]
+    (no per-step transpose of the whole cache: ~4x faster decode attention on CPU)."""
+    return "bskh" if impl == "pallas" else "bksh"
+
+
+def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, impl: str = "xla",
+                  scale: float | None = None) -> jax.Array:
+    """Queries [B,T,N,H] at positions lengths[b]-T+t attend causally to cache slots [0, lengths[b]).
+
+    Caches are laid out as cache_layout(impl) says. impl "pallas" with at most DECODE_KERNEL_MAX_QUERIES
+    queries runs pallas_kernels.decode_attention; everything else is plain XLA with a [B, T, S] mask
+    (stale slots past lengths[b] are masked).
+    """
+    B, T, N, H = q.shape
+    scale = H ** -0.5 if scale is None else scale
+    if cache_layout(impl) == "bskh":
+        if T <= DECODE_KERNEL_MAX_QUERIES:
+            return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale)
+        S = k_cache.shape[1]
+        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S), scale)
+    K, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by the kv head they share
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(_cache_mask(lengths, T, S)[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
+
+
+def _cache_mask(lengths: jax.Array, T: int, S: int) -> jax.Array:
+    q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
+    return jnp.arange(S)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+
+
+def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
+                impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """New k/v [B,T,K,H] written at slots start[b]+t of the caches (cache_layout(impl)); past S is dropped."""
+    B, T = k.shape[:2]
+    rows = jnp.arange(B)[:, None]  # [B, 1]
+    slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    if cache_layout(impl) == "bskh":
+        return (k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop"),
+                v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop"))
+    # [B, K, S, H]: the indexed dims (B, S) come first in the update, as numpy orders them: [B, T, K, H]
+    return (k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype), mode="drop"))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped kv heads: q/k/v/o projections and optional RoPE.
+
+    Self-attention by default, causal (decoder) or bidirectional (`causal=False`, an encoder). Given
+    `kv` (keys and values of another sequence, from `project_kv`), it is cross-attention: queries from
+    `x`, keys and values from the context (Vaswani et al. 2017, encoder-decoder attention).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(bias=cfg.use_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
+                  compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
+        self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
+        kw["std"] = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # residual branch output (GPT-2 init)
+        self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.causal = causal
+        self.impl = cfg.attention_impl
+
+    def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, K, H] of a sequence [B, S, D] (for cross-attention: once per source)."""
+        B, S, _ = x.shape
+        k = self.k_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        return k, v
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
+                 segment_ids: jax.Array | SegmentIds | None = None, cache: LayerCache | None = None,
+                 kv: tuple[jax.Array, jax.Array] | None = None):  # [B, T, D] -> [B, T, D]
+        """`segment_ids` is [B, T] (self-attention within packed documents) or a (q [B, T], kv [B, S]) pair.
+
+        With `cache` (k_cache, v_cache, start), the new keys/values go to slots start[b] + t, the queries
+        attend to the cache, and the result is (out, (k_cache, v_cache)). With `kv` (k, v) [B, S, K, H]
+        this is cross-attention: neither RoPE nor a cache applies to the context.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
+        if kv is None:
+            k, v = self.project_kv(x)  # [B, T, K, H]
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        elif rope is not None or cache is not None:
+            raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
+        else:
+            k, v = kv  # [B, S, K, H]
+        if cache is not None:
+            k_cache, v_cache, start = cache
+            k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
+            out = attend_cached(q, k_cache, v_cache, start + T, impl=self.impl)  # [B, T, N, H]
+            return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_cache, v_cache)
+        seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+        out = attend(q, k, v, causal=self.causal, segment_ids=seg, impl=self.impl)  # [B, T, N, H]
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

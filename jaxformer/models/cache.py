@@ -1,0 +1,76 @@
+"""A preallocated key/value cache: one (keys, values) pair per layer and a per-sequence length.
+
+Sequence b holds `lengths[b]` valid entries at slots [0, lengths[b]); slots past that are stale
+and never attended to (the causal mask hides them), so a ragged batch needs no padding masks.
+`DecoderLM.extend(tokens [B, T], cache)` writes the new keys/values at slots lengths[b] + t
+(jaxformer.models.attention.Attention) and returns CachedLogits(logits, cache) with lengths advanced by T;
+callers that padded their tokens (bucketed prefill) set the true lengths afterwards.
+
+The axis order follows the attention implementation (jaxformer.models.attention.cache_layout): [B, K, S, H]
+for XLA, [B, S, K, H] for the Pallas decode kernel. Axes are named logically (CACHE_AXES) and laid
+out through jaxformer.sharding like activations: batch over ("data", "fsdp"), kv heads over
+"tensor"; without a mesh that is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.attention import cache_layout
+from jaxformer.sharding import constrain
+
+CACHE_AXES = {"bksh": ("batch", "act_kv_heads", "seq", None), "bskh": ("batch", "seq", "act_kv_heads", None)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values ([B, K, S, H] or [B, S, K, H], as `layout` says) and valid lengths [B] int32."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+    layout: str = dataclasses.field(default="bksh", metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        """Zeros for `batch` sequences of up to `max_len` tokens, in the compute dtype."""
+        dtype = jnp.dtype(dtype or cfg.compute_dtype)
+        layout = cache_layout(cfg.attention_impl)
+        sizes = {"b": batch, "s": max_len, "k": cfg.n_kv_heads, "h": cfg.head_dim}
+        shape = tuple(sizes[a] for a in layout)
+        zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])  # noqa: E731
+        return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
+                   lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[self.layout.index("s")]
+
+    def nbytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in self.k + self.v)
+
+    def replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
+
+    def constrained(self) -> "KVCache":
+        """The same cache with its layout pinned to CACHE_AXES (inside jit, under a mesh)."""
+        pin = lambda xs: tuple(constrain(x, CACHE_AXES[self.layout]) for x in xs)  # noqa: E731
+        return self.replace(k=pin(self.k), v=pin(self.v))
+
+
+
+class CachedLogits(NamedTuple):
+    """What a cached forward pass returns: logits [B, T, V] (float32) and the cache with the new tokens in it."""
+
+    logits: jax.Array
+    cache: KVCache

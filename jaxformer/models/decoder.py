@@ -1,0 +1,152 @@
+"""Decoder-only language model: GPT-2 and Llama families from one ModelConfig."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.attention import Attention
+from jaxformer.models.cache import CachedLogits, KVCache
+from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, rope_cos_sin,
+                                     sinusoidal_positions)
+from jaxformer.sharding import constrain
+
+ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the block
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+                 segment_ids: jax.Array | None, cache=None):  # [B, T, D] -> [B, T, D]
+        """With `cache` (k_cache, v_cache, start) returns (x, (k_cache, v_cache)); see Attention."""
+        if cache is not None:
+            h, kv = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nnx.Module):
+    """tokens [B, T] -> logits [B, T, V] (float32), causal, packed-document aware."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        emb = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
+        self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), **emb)
+                                if cfg.position == "learned" else None)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = make_norm(cfg)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        Linear(cfg.d_model, cfg.vocab_size, bias=False, axes=("vocab", "embed"), std=cfg.init_std,
+                               param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for every position; `positions` restart per packed document,
+        `segment_ids` keep packed documents from attending to each other."""
+        check_inputs(self.config, tokens, positions, segment_ids)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x, rope = self._embed(tokens, positions)
+        x = self._blocks(x, rope, segment_ids)
+        return self._logits(x)
+
+    def extend(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None) -> CachedLogits:
+        """Continue each cached sequence b with tokens [B, T] after its cache.lengths[b] tokens.
+
+        Positions default to lengths[b] + t. Returns the logits [B, T, V] and the cache with the new
+        keys/values written and lengths advanced by T.
+        """
+        check_inputs(self.config, tokens, positions, None)
+        if positions is None:
+            positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        x, rope = self._embed(tokens, positions)
+        x, cache = self._cached_blocks(x, rope, cache)
+        return CachedLogits(self._logits(x), cache)
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array):
+        """Token (and learned / sinusoidal position) embeddings [B, T, D], and RoPE's cos/sin when used."""
+        cfg = self.config
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        rope = None
+        if cfg.position == "learned":
+            x = x + self.embed_positions(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
+        elif cfg.position == "rope":
+            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # 2 x [B, T, H]
+        return constrain(x, ACT), rope
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+
+    def _cached_blocks(self, x: jax.Array, rope, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """All blocks over new tokens, each writing its keys/values into its layer of the cache."""
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, rope, None, (cache.k[i], cache.v[i], cache.lengths))
+            x = constrain(x, ACT)
+            ks.append(k)
+            vs.append(v)
+        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
+
+    def _blocks(self, x: jax.Array, rope, segment_ids) -> jax.Array:
+        """All blocks in order; with remat each block's activations are recomputed in the backward
+        pass, and with scan_layers one compiled body runs over the stacked block weights."""
+        cfg = self.config
+        if cfg.remat == "none" and not cfg.scan_layers:
+            for layer in self.layers:
+                x = materialize_cotangent(constrain(layer(x, rope, segment_ids), ACT))
+            return x
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(layer) for layer in self.layers]
+
+        def body(x, state):
+            return constrain(nnx.merge(graphdef, state)(x, rope, segment_ids), ACT), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            # stacking copies the weights once per call: memory for compile time on deep models
+            return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *states))[0]
+        for state in states:
+            x = materialize_cotangent(body(x, state)[0])
+        return x
+
+
+def check_inputs(cfg: ModelConfig, tokens, positions, segment_ids) -> None:
+    """Shape/dtype checks that turn bad input into a clear ValueError before anything traces deep."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's max_seq_len={cfg.max_seq_len}; "
+                         "truncate the input or use a config with a longer context")
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr is not None and arr.shape != tokens.shape:
+            raise ValueError(f"{name} must have the tokens' shape {tokens.shape}, got {arr.shape}")
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (works on abstract models from nnx.eval_shape too)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
