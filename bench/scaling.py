@@ -26,12 +26,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxformer.config import MeshConfig, ModelConfig, TrainConfig, load_model_config  # noqa: E402
-from jaxformer.model import DecoderLM  # noqa: E402
+from jaxformer.models import DecoderLM  # noqa: E402
 from jaxformer.sharding import batch_sharding, make_mesh, param_shardings, shard_like  # noqa: E402
 from jaxformer.train.flops import peak_tflops, train_flops_per_token  # noqa: E402
 from jaxformer.train.optim import make_optimizer  # noqa: E402
 from jaxformer.train.state import init_train_state  # noqa: E402
-from jaxformer.train.step import make_train_step  # noqa: E402
+from jaxformer.train.step import lm_loss, make_train_step  # noqa: E402
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
 
@@ -53,7 +53,7 @@ def abstract_step_memory(cfg: ModelConfig, mesh_shape: tuple[int, int, int], B: 
         i32 = lambda: jax.ShapeDtypeStruct((B, T), np.int32, sharding=bs)  # noqa: E731
         batch = {"inputs": i32(), "targets": i32(), "positions": i32(), "segment_ids": i32(),
                  "loss_mask": jax.ShapeDtypeStruct((B, T), np.float32, sharding=bs)}
-        step = jax.jit(make_train_step(graphdef, tx, packed=False), out_shardings=(p_sh, o_sh, None),
+        step = jax.jit(make_train_step(lm_loss(graphdef, packed=False), tx), out_shardings=(p_sh, o_sh, None),
                        donate_argnums=(0, 1))
         mem = step.lower(params, opt, batch).compile().memory_analysis()
     state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
@@ -69,7 +69,8 @@ def mesh_throughput(cfg: ModelConfig, mesh_shape, B: int, T: int, steps: int) ->
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         graphdef, state, sh = init_train_state(cfg, tx, mesh, 0)
-        step = jax.jit(make_train_step(graphdef, tx, packed=False), out_shardings=(sh["params"], sh["opt_state"], None),
+        step = jax.jit(make_train_step(lm_loss(graphdef, packed=False), tx),
+                       out_shardings=(sh["params"], sh["opt_state"], None),
                        donate_argnums=(0, 1))
         p, o = state["params"], state["opt_state"]
         times = []

@@ -27,13 +27,13 @@ def local_server(args):
     from flax import nnx
 
     from jaxformer.config import ModelConfig
-    from jaxformer.model import DecoderLM
+    from jaxformer.models import DecoderLM
     from jaxformer.serve import ServerThread, create_app
 
     if args.ckpt:
-        from jaxformer.infer import load_model, load_text_tokenizer
+        from jaxformer.infer import load_model, load_tokenizer_for
 
-        model, tok = load_model(args.ckpt), load_text_tokenizer(args.ckpt)
+        model, tok = load_model(args.ckpt), load_tokenizer_for(args.ckpt)
     else:
         cfg = ModelConfig.gpt2(vocab_size=args.vocab, d_model=args.width, n_layers=args.layers,
                                n_heads=args.width // 64, d_ff=4 * args.width, max_seq_len=256)

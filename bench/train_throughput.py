@@ -27,7 +27,7 @@ from jaxformer.sharding import make_mesh
 from jaxformer.train.flops import measured_matmul_tflops, train_flops_per_token
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.state import init_train_state
-from jaxformer.train.step import make_train_step
+from jaxformer.train.step import lm_loss, make_train_step
 
 CFG = ModelConfig.gpt2(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, d_ff=1536, max_seq_len=256)
 # jaxformer is also timed with scan_layers=True (one compiled block body) for comparison
@@ -58,7 +58,7 @@ def jaxformer_step(scan: bool):
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         graphdef, state, sh = init_train_state(cfg, tx, mesh, 0)
-        fn = jax.jit(make_train_step(graphdef, tx, packed=False), donate_argnums=(0, 1))
+        fn = jax.jit(make_train_step(lm_loss(graphdef, packed=False), tx), donate_argnums=(0, 1))
     box = [state["params"], state["opt_state"]]
     pos = np.tile(np.arange(T, dtype=np.int32), (B, 1))
     ones = np.ones((B, T), np.float32)

@@ -18,8 +18,8 @@ Everything lands in runs/finetune_docstrings/ (example_report.json sums it up).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ast
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -114,7 +114,7 @@ def follows_format(reply: str, finish_reason: str) -> bool:
 
 
 def format_check(model, tok, messages: list[list[dict]], max_new_tokens: int = 40) -> tuple[float, list[dict]]:
-    from jaxformer.finetune.loop import answer_prompts
+    from jaxformer.finetune.task import answer_prompts
 
     prompts = [tok.encode_prompt(tok.apply_chat_template(m[:-1])) for m in messages]
     answers = answer_prompts(model, tok, prompts, max_new_tokens)
@@ -128,11 +128,12 @@ def serve_check(model_dir: Path, user_message: str) -> dict:
     """Serve the fine-tuned model (as `jaxformer serve` does) and ask it through the chat endpoint."""
     import httpx
 
-    from jaxformer.infer import load_model, load_text_tokenizer
+    from jaxformer.data.tokenizer import load_tokenizer_for
+    from jaxformer.infer import load_model
     from jaxformer.serve import create_app
     from jaxformer.serve.app import ServerThread
 
-    app = create_app(load_model(model_dir), load_text_tokenizer(model_dir), model_name="docstrings", max_batch=2)
+    app = create_app(load_model(model_dir), load_tokenizer_for(model_dir), model_name="docstrings", max_batch=2)
     with ServerThread(app) as server:
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
             "model": "docstrings", "messages": [{"role": "user", "content": user_message}],
@@ -153,8 +154,9 @@ def main() -> None:
     stats = build_dataset()
     print(f"instruction set: {stats['train']} train / {stats['val']} held-out examples in {DATA_DIR}", flush=True)
 
+    from jaxformer.data.tokenizer import load_tokenizer_for
     from jaxformer.finetune import finetune, load_finetune_config
-    from jaxformer.infer import load_model, load_text_tokenizer
+    from jaxformer.infer import load_model
 
     overrides = {"sft.base": str(BASE), "sft.data": [str(DATA_DIR / "train.jsonl")],
                  "sft.val_data": [str(DATA_DIR / "val.jsonl")]}
@@ -170,7 +172,7 @@ def main() -> None:
         first = [r for r in read_metrics(run_dir) if r["kind"] == "eval" and r["step"] == 0]
         result["val_loss_before"] = first[0]["val_loss"] if first else None
 
-    tok = load_text_tokenizer(BASE)
+    tok = load_tokenizer_for(BASE)
     held_out = [json.loads(line)["messages"] for line in (DATA_DIR / "val.jsonl").read_text().splitlines()]
     held_out = held_out[:args.format_examples]
     base_rate, base_answers = format_check(load_model(BASE), tok, held_out)

@@ -32,7 +32,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     from jaxformer.config import load_model_config
     from jaxformer.interop import native
-    from jaxformer.model import count_params, model_class
+    from jaxformer.models import count_params, model_class
 
     src = Path(args.src)
     if src.exists() and (native.is_native(src) or (src / "config.json").exists()):
@@ -65,16 +65,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from jaxformer.config import load_config
-    from jaxformer.train.loop import train
-
+    from jaxformer import seq2seq
+    from jaxformer.config import EncDecConfig, load_config
     from jaxformer.sharding import maybe_initialize_distributed
+    from jaxformer.train import lm
 
-    maybe_initialize_distributed()
-    train(load_config(args.config, args.overrides), resume=args.resume, progress=not args.no_progress)
+    maybe_initialize_distributed(args.distributed)
+    cfgs = load_config(args.config, args.overrides)
+    task = seq2seq.train if isinstance(cfgs["model"], EncDecConfig) else lm.train  # the config picks the task
+    task(cfgs, resume=args.resume, progress=not args.no_progress)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from jaxformer.config import parse_overrides
     from jaxformer.finetune import finetune, load_finetune_config
     from jaxformer.sharding import maybe_initialize_distributed
 
@@ -82,90 +85,40 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in flags.items() if v}
     if args.full:
         overrides["sft.method"] = "full"
-    from jaxformer.config import parse_overrides
-
     overrides.update(parse_overrides(args.overrides))  # dotted overrides win over the flags above
-    maybe_initialize_distributed()
+    maybe_initialize_distributed(args.distributed)
     out = finetune(load_finetune_config(args.config, overrides), resume=args.resume, progress=not args.no_progress)
     keys = ("step", "loss", "val_loss_before", "val_loss", "model_dir", "adapter_dir")
     print(json.dumps({"trainable": out.get("trainable"), **{k: out[k] for k in keys if k in out}}, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    import jax
-    from flax import nnx
-
-    from jaxformer.config import DataConfig, EncDecConfig, MeshConfig
-    from jaxformer.data.shards import open_split
+    from jaxformer.config import EncDecConfig
     from jaxformer.interop.auto import load_any
-    from jaxformer.sharding import make_mesh
-    from jaxformer.train.loop import evaluate
-    from jaxformer.train.step import make_eval_step
 
     model = load_any(args.ckpt)
     if isinstance(model.config, EncDecConfig):
-        return _eval_seq2seq(args, model)
-    run_meta = _run_config(args.ckpt)
-    data = DataConfig(**{k: v for k, v in run_meta.get("data", {}).items()}) if run_meta else DataConfig()
-    if args.data:
-        data = dataclasses.replace(data, data_dir=args.data)
-    if args.seq_len:
-        data = dataclasses.replace(data, seq_len=args.seq_len)
-    data = dataclasses.replace(data, seq_len=min(data.seq_len, model.config.max_seq_len))
-    graphdef, params = nnx.split(model)
-    eval_fn = jax.jit(make_eval_step(graphdef, packed=data.packed))
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        out = evaluate(eval_fn, params, open_split(data.data_dir, args.split), data, args.batch_size, args.batches,
-                       mesh)
-    out = {"split": args.split, "data_dir": data.data_dir, **out}
+        from jaxformer.seq2seq import evaluate_checkpoint
+
+        evaluate_checkpoint(model, args.ckpt, split=args.split, data_dir=args.data, beam_size=args.beam_size,
+                            length_penalty=args.length_penalty, batch_size=args.batch_size,
+                            max_examples=args.max_examples, json_path=args.json)
+        return
+    from jaxformer.train.lm import evaluate_checkpoint
+
+    out = evaluate_checkpoint(model, args.ckpt, data_dir=args.data, split=args.split, seq_len=args.seq_len,
+                              batch_size=args.batch_size, batches=args.batches)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 
-def _eval_seq2seq(args: argparse.Namespace, model) -> None:
-    """An encoder-decoder on a split of its pairs: BLEU, ROUGE, perplexity and the baseline; a table and JSON."""
-    import dataclasses
-
-    from jaxformer.config import Seq2SeqConfig
-    from jaxformer.data.seq2seq import load_split
-    from jaxformer.data.tokenizer import load_tokenizer
-    from jaxformer.evaluate import evaluate_seq2seq, print_report
-
-    src = Path(args.ckpt)
-    run_dir = src if (src / "checkpoints").is_dir() else src.parent if (src.parent / "checkpoints").is_dir() else None
-    run = (_run_config(str(run_dir)) or {}) if run_dir else {}
-    cfg = Seq2SeqConfig(**run.get("seq2seq", {}))
-    if args.data:
-        cfg = dataclasses.replace(cfg, data_dir=args.data)
-    tok_dir = next((d for d in (src, src / "model", Path(cfg.data_dir)) if (d / "tokenizer.json").exists()), None)
-    if tok_dir is None:
-        raise FileNotFoundError(f"no tokenizer.json in {src}, {src / 'model'} or {cfg.data_dir}")
-    tok = load_tokenizer(tok_dir)
-    pairs = load_split(cfg.data_dir, args.split, tok, cfg)
-    report = evaluate_seq2seq(model, tok, pairs, cfg, split=args.split, beam_size=args.beam_size,
-                              length_penalty=args.length_penalty, batch_size=args.batch_size,
-                              max_examples=args.max_examples)
-    out = Path(args.json) if args.json else (run_dir or (src if src.is_dir() else src.parent)) / f"eval_{args.split}.json"
-    print_report(report, out)
-
-
 def cmd_data_code2doc(args: argparse.Namespace) -> None:
-    from jaxformer.data.code2doc import build_code2doc
+    from jaxformer.seq2seq.code2doc import build_code2doc
 
     stats = build_code2doc(args.out, args.input, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                            include_tests=args.include_tests, min_words=args.min_words)
     print(json.dumps(stats, indent=2))
-
-
-def _run_config(src: str) -> dict | None:
-    """The run config saved with a run directory's checkpoints (None for plain model files)."""
-    from jaxformer.train.checkpoint import read_run_config
-
-    return read_run_config(src)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -186,9 +139,9 @@ def _sampling_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from jaxformer.infer import Engine, generate, load_model, load_text_tokenizer
+    from jaxformer.infer import Engine, generate, load_model, load_tokenizer_for
 
-    tok = load_text_tokenizer(args.ckpt, args.tokenizer)
+    tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, quantize_to=args.quantize)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     stop_ids = tok.eos_ids
@@ -216,22 +169,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import logging
     import os
 
-    from jaxformer.infer import load_model, load_text_tokenizer
+    from jaxformer.infer import load_model, load_tokenizer_for
     from jaxformer.serve import create_app, serve
 
     logging.basicConfig(level=logging.INFO)
     api_key = args.api_key or os.environ.get("JAXFORMER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without an API key (--api-key)", file=sys.stderr)
-    tok = load_text_tokenizer(args.ckpt, args.tokenizer)
+    tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, quantize_to=args.quantize)
     name = args.model_name or Path(args.ckpt).resolve().name
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     drain_timeout=args.drain_timeout)
+                     drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes)
     serve(app, args.host, args.port)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from jaxformer.checkpoint import read_run_config
     from jaxformer.infer.quant import load_model, quantize, report, save_quantized
 
     model = load_model(args.ckpt)
@@ -239,7 +193,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = save_quantized(qmodel, args.out, tokenizer_from=args.ckpt)
     data_dir = args.data
     if data_dir is None:
-        run = _run_config(args.ckpt) or {}
+        run = read_run_config(args.ckpt) or {}
         data_dir = run.get("data", {}).get("data_dir")
         data_dir = data_dir if data_dir and Path(data_dir, "manifest.json").exists() else None
     result = {"out": str(out), **report(model, qmodel, data_dir=data_dir, seq_len=args.seq_len,
@@ -263,6 +217,10 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", required=True, help="jaxformer model/run directory or Hugging Face directory")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside the checkpoint)")
     g.add_argument("--quantize", choices=["int8"], help="quantize the linear layers' weights on load")
+
+DISTRIBUTED_HELP = ("join a multi-host run that JAX detects by itself (Cloud TPU pod slice, GKE, Open MPI); "
+                    "SLURM and JAX_COORDINATOR_ADDRESS runs are joined without it")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxformer", description="Transformer LLMs in JAX/Flax NNX.",
@@ -300,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default="tiny_code", help="preset name or config file")
     tr.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
     tr.set_defaults(func=cmd_train)
 
     ft = sub.add_parser("finetune", help="LoRA or full supervised fine-tuning on chat / prompt-completion JSONL",
@@ -312,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--full", action="store_true", help="full fine-tuning (every parameter) instead of LoRA")
     ft.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     ft.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ft.add_argument("--distributed", action="store_true", help=DISTRIBUTED_HELP)
     ft.set_defaults(func=cmd_finetune)
 
     da = sub.add_parser("data", help="build a task's data").add_subparsers(dest="data_command", required=True)
@@ -369,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot before 429")
     se.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds running requests may take to finish at shutdown")
+    se.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     se.set_defaults(func=cmd_serve)
 
     qu = sub.add_parser("quantize", help="int8 weight-only quantization; reports memory, perplexity, agreement")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +38,18 @@ def _number(name: str, value: Any) -> None:
 def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def require_local(name: str, value: Any) -> None:
+    """Runs read and write plain files: a URL (gs://, s3://, ...) is refused with what to do instead."""
+    if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise ValueError(f"{name}={value!r} is a URL; jaxformer reads and writes runs and data on a local or mounted "
+                         "filesystem. Mount the bucket (e.g. gcsfuse, s3fs) or use a shared filesystem, and give its "
+                         "path")
+
+
+# How a model runs, not what it is: these may change between a checkpoint and its resume or load.
+EXECUTION_FIELDS = ("attention_impl", "compute_dtype", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +148,13 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the parameters and the function they compute (EXECUTION_FIELDS left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        return _build(cls, d, "model")
+        return build_section(cls, d, "model")
 
 
 ENCDEC_POSITIONS = ("sinusoidal", "learned")
@@ -218,15 +235,16 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     downstream (model class, training loop, evaluation, Hugging Face export) follows the config's type.
     """
     if "n_encoder_layers" in d:
-        return _build(EncDecConfig, d, "model")
+        return build_section(EncDecConfig, d, "model")
     encdec_only = sorted(set(d) & (ENCDEC_FIELDS - set(MODEL_FIELDS)))
     if encdec_only:
         raise ValueError(f"model key(s) {encdec_only} are encoder-decoder settings: add model.n_encoder_layers "
                          "to describe an encoder-decoder, or remove them")
-    return _build(ModelConfig, d, "model")
+    return build_section(ModelConfig, d, "model")
 
 
-def _build(cls: type, d: Mapping[str, Any], section: str):
+def build_section(cls: type, d: Mapping[str, Any], section: str):
+    """The frozen dataclass `cls` from a config section's mapping; unknown keys are named in the error."""
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(valid))
     if unknown:
@@ -255,6 +273,10 @@ class DataConfig:
         _positive("seq_len", self.seq_len)
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("data_dir", "tokenizer"):
+            require_local(f"data.{name}", getattr(self, name))
+        for source in self.sources:
+            require_local("data.sources", source)
 
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -303,6 +325,7 @@ class TrainConfig:
                              f"min_lr_ratio={self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.z_loss < 0 or self.weight_decay < 0:
             raise ValueError("warmup_steps, grad_clip, z_loss and weight_decay must be >= 0")
+        require_local("train.run_dir", self.run_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +385,8 @@ class Seq2SeqConfig:
             raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
         if self.max_target_len < 2:
             raise ValueError(f"max_target_len must be at least 2 (a token and EOS), got {self.max_target_len}")
+        for name in ("data_dir", "tokenizer"):
+            require_local(f"seq2seq.{name}", getattr(self, name))
 
 
 # Sections of a run configuration, each a frozen dataclass.
@@ -444,7 +469,7 @@ def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | Sequenc
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
     merged = apply_overrides(raw, overrides)
-    return {s: model_config_from_dict(merged.get(s, {})) if s == "model" else _build(cls, merged.get(s, {}), s)
+    return {s: model_config_from_dict(merged.get(s, {})) if s == "model" else build_section(cls, merged.get(s, {}), s)
             for s, cls in SECTIONS.items()}
 
 

@@ -144,11 +144,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
 
 
-def maybe_initialize_distributed() -> bool:
-    """Join a multi-process run when the environment describes one; returns True if it did.
+def maybe_initialize_distributed(force: bool = False) -> bool:
+    """Join a multi-process run when asked or when the environment describes one; returns True if it did.
 
-    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID select the coordinator explicitly;
-    under SLURM (SLURM_NTASKS > 1) jax.distributed.initialize() reads everything itself.
+    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID select the coordinator explicitly.
+    Under SLURM (SLURM_NTASKS > 1), and wherever `force` or JAXFORMER_DISTRIBUTED=1 asks for it (a Cloud TPU
+    pod slice, GKE, Open MPI), jax.distributed.initialize() is called with no arguments: JAX detects the
+    cluster, its coordinator, process count and id itself (on TPU VMs from the metadata server).
     """
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
@@ -156,7 +158,8 @@ def maybe_initialize_distributed() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only processes; harmless on GPU
         jax.distributed.initialize(addr, num_processes=n, process_id=pid)
         return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if force or os.environ.get("JAXFORMER_DISTRIBUTED", "") not in ("", "0") or \
+            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
         return True
     return False

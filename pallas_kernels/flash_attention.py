@@ -21,7 +21,7 @@ Causal grids launch the longest query tiles first, so the short ones fill the la
 Masking and padding. Lengths are padded to block multiples and head dims to a power of two (>= 16);
 padded keys are masked, padded queries are sliced off (their dO is zero, so they add nothing to
 dK/dV). Causal masks align bottom-right (query t sees keys s <= t + S - T, as
-jaxformer.attention.make_mask). Every tile loop is split in two: tiles every row of the resident
+jaxformer.models.attention.make_mask). Every tile loop is split in two: tiles every row of the resident
 tile fully sees run without a mask; only diagonal, tail and segment-id tiles pay for one, and
 causal loops stop at the diagonal. A query row that sees no key returns zeros with zero gradients.
 """
@@ -38,8 +38,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
-                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
+from pallas_kernels.common import (
+    ceil_blocks,
+    check_addressable,
+    check_block,
+    fit_block,
+    floor_blocks,
+    next_power_of_2,
+    pad_axis,
+    resolve_interpret,
+    round_up,
+)
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
 LOG2_E = math.log2(math.e)

@@ -12,10 +12,15 @@ import pytest
 from flax import nnx
 
 import jaxformer
-from jaxformer import attention as jattn
 from jaxformer.interop import from_state_dict, to_numpy_state_dict
-from parity_tests.conftest import (assert_grads_close, assert_outputs_close, jax_logits, random_jax_module,
-                                   random_segments)
+from jaxformer.models import attention as jattn
+from parity_tests.conftest import (
+    assert_grads_close,
+    assert_outputs_close,
+    jax_logits,
+    random_jax_module,
+    random_segments,
+)
 
 B, T = 2, 16
 

@@ -1,4 +1,4 @@
-"""Encoder-decoder parity: jaxformer.encdec vs torch_ref.encdec (modules, whole model, label-smoothed loss,
+"""Encoder-decoder parity: jaxformer.models.encdec vs torch_ref.encdec (modules, whole model, label-smoothed loss,
 gradients) and vs Hugging Face transformers' MarianMTModel (import, export, greedy and beam search).
 
 Marian models are random-init from a MarianConfig (nothing is downloaded), then every learned tensor,
@@ -18,14 +18,21 @@ from flax import nnx
 
 import jaxformer
 import torch_ref
-from jaxformer import attention as jattn
-from jaxformer import encdec as je
 from jaxformer.config import EncDecConfig
-from jaxformer.infer.beam import beam_search, greedy_decode, strip
-from jaxformer.layers import sinusoidal_positions
+from jaxformer.models import attention as jattn
+from jaxformer.models import encdec as je
+from jaxformer.models.layers import sinusoidal_positions
+from jaxformer.seq2seq.beam import beam_search, greedy_decode, strip
 from jaxformer.train.losses import label_smoothed_sums
-from parity_tests.conftest import (assert_grads_close, assert_hf_close, assert_outputs_close, copy_jax_to_torch,
-                                   module_parity, quiet_transformers, random_jax_module)
+from parity_tests.conftest import (
+    assert_grads_close,
+    assert_hf_close,
+    assert_outputs_close,
+    copy_jax_to_torch,
+    module_parity,
+    quiet_transformers,
+    random_jax_module,
+)
 from torch_ref import attention as tattn
 from torch_ref import encdec as te
 
@@ -99,7 +106,7 @@ def test_decoder_layer(name):
 
 
 def test_sinusoids_are_marians():
-    """jaxformer.layers.sinusoidal_positions is transformers' MarianSinusoidalPositionalEmbedding table."""
+    """jaxformer.models.layers.sinusoidal_positions is transformers' MarianSinusoidalPositionalEmbedding table."""
     for dim in (32, 64):
         ref = MarianSinusoidalPositionalEmbedding(512, dim).create_weight().numpy()
         ours = np.asarray(sinusoidal_positions(jnp.arange(512), dim))

@@ -14,14 +14,21 @@ import torch
 from flax import nnx
 
 from jaxformer import ModelConfig
-from jaxformer import attention as jattn
-from jaxformer import layers as jl
-from jaxformer import model as jm
-from parity_tests.conftest import (assert_grads_close, assert_outputs_close, copy_jax_to_torch, module_parity,
-                                   random_jax_module, random_segments, rel_err)
+from jaxformer.models import attention as jattn
+from jaxformer.models import decoder as jm
+from jaxformer.models import layers as jl
+from parity_tests.conftest import (
+    assert_grads_close,
+    assert_outputs_close,
+    copy_jax_to_torch,
+    module_parity,
+    random_jax_module,
+    random_segments,
+    rel_err,
+)
 from torch_ref import attention as tattn
+from torch_ref import decoder as tm
 from torch_ref import layers as tl
-from torch_ref import model as tm
 
 B, T = 2, 12
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxformer import sharding
 from jaxformer.config import MeshConfig
 from jaxformer.finetune import finetune, load_finetune_config
-from jaxformer.finetune.loop import init_finetune_state
+from jaxformer.finetune.task import init_finetune_state
 from jaxformer.interop.auto import load_any
 from jaxformer.train.optim import make_optimizer
 

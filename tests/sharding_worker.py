@@ -16,7 +16,7 @@ import jax
 
 from jaxformer import sharding
 from jaxformer.config import MeshConfig, load_config
-from jaxformer.train.loop import train
+from jaxformer.train.lm import train
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.state import init_train_state
 

@@ -9,8 +9,22 @@ import pytest
 from flax import nnx
 
 import jaxformer
-from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, NORMS, POSITIONS, EncDecConfig,
-                              ModelConfig, load_config, load_model_config, parse_overrides)
+from jaxformer.config import (
+    ACTIVATIONS,
+    ATTENTION_IMPLS,
+    CONFIG_DIR,
+    DTYPES,
+    EXECUTION_FIELDS,
+    NORMS,
+    POSITIONS,
+    DataConfig,
+    EncDecConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+    load_model_config,
+    parse_overrides,
+)
 
 PRESETS = ["tiny", "gpt2-124m", "llama-tiny", "llama3-8b"]  # required; any other preset on disk is loaded too
 ALL_PRESETS = sorted({*PRESETS, *(p.stem for p in CONFIG_DIR.glob("*.yaml"))})
@@ -70,6 +84,21 @@ def test_sizes_must_be_positive_integers(field, value):
 def test_bad_scalars_rejected(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         ModelConfig(**kw)
+
+
+@pytest.mark.parametrize("make", [lambda u: TrainConfig(run_dir=u), lambda u: DataConfig(data_dir=u),
+                                  lambda u: DataConfig(sources=(u,))], ids=["run_dir", "data_dir", "sources"])
+def test_remote_urls_are_refused_with_what_to_do(make):
+    with pytest.raises(ValueError, match=r"is a URL; .* Mount the bucket"):
+        make("gs://bucket/runs/llama")
+    make("/mnt/bucket/runs/llama")  # a mounted bucket is a path
+
+
+def test_architecture_leaves_out_how_it_runs():
+    cfg = ModelConfig.llama(remat="full", scan_layers=True, attention_impl="pallas", compute_dtype="bfloat16")
+    assert cfg.architecture() == ModelConfig.llama().architecture()
+    assert set(cfg.to_dict()) - set(cfg.architecture()) == set(EXECUTION_FIELDS)
+    assert cfg.architecture() != ModelConfig.llama(d_ff=512).architecture()
 
 
 def test_defaults_resolve():

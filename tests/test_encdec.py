@@ -14,10 +14,10 @@ from flax import nnx
 
 import jaxformer
 from jaxformer.config import EncDecConfig, ModelConfig, load_config, model_config_from_dict
-from jaxformer.encdec import EncoderDecoder
-from jaxformer.infer.cache import KVCache
 from jaxformer.interop import native
-from jaxformer.model import DecoderLM, count_params, model_class
+from jaxformer.models import DecoderLM, count_params, model_class
+from jaxformer.models.cache import KVCache
+from jaxformer.models.encdec import EncoderDecoder
 
 V, S, T = 53, 11, 9
 CFG = EncDecConfig(vocab_size=V, d_model=32, n_encoder_layers=2, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
@@ -42,7 +42,7 @@ def _logits(model, src, tgt, mask=None):
 
 @nnx.jit
 def _decode_step(model, tok, source, cache):
-    return model.decode(tok, source, cache=cache)
+    return model.extend(tok, source, cache)
 
 
 def _tokens(seed: int, *shape: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.finetune import finetune, load_finetune_config
 from jaxformer.interop import native, to_numpy_state_dict
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 from jaxformer.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_lora_run_trains_adapters_only(lora_run, base_dir):
         delta = s * ad[f"{mod}.lora_B.weight"].astype(np.float64) @ ad[f"{mod}.lora_A.weight"]
         np.testing.assert_allclose(merged[k], base[k] + delta, atol=1e-6)
     # checkpoints hold the adapters and their optimizer state only
-    from jaxformer.train.checkpoint import Checkpointer
+    from jaxformer.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints", async_save=False)
     meta = json.loads((run / "checkpoints" / "8" / "meta" / "metadata").read_text())
@@ -140,7 +140,8 @@ def test_full_finetune_changes_every_parameter(tmp_path, base_dir, sft_data):
 def test_cli_finetune_then_serve_chat(tmp_path, base_dir, sft_data):
     import httpx
 
-    from jaxformer.infer import load_model, load_text_tokenizer
+    from jaxformer.data.tokenizer import load_tokenizer_for
+    from jaxformer.infer import load_model
     from jaxformer.serve import ServerThread, create_app
 
     run = tmp_path / "cli"
@@ -159,7 +160,7 @@ def test_cli_finetune_then_serve_chat(tmp_path, base_dir, sft_data):
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
     model_dir = Path(summary["model_dir"])
-    app = create_app(load_model(model_dir), load_text_tokenizer(model_dir), model_name="ft", max_batch=2)
+    app = create_app(load_model(model_dir), load_tokenizer_for(model_dir), model_name="ft", max_batch=2)
     with ServerThread(app) as server:
         r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
             "model": "ft", "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "max_tokens": 5,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -13,7 +13,7 @@ from jaxformer.infer import Engine, KVCache, SamplingParams, generate
 from jaxformer.infer.engine import prompt_buckets
 from jaxformer.infer.generate import Sequence
 from jaxformer.infer.sampling import apply_penalties, filter_top_k_top_p, sample_rows
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 
 FAMILIES = {
     "gpt2": ModelConfig.gpt2(vocab_size=400, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64,
@@ -68,7 +68,7 @@ def test_cached_decode_equals_uncached_forward_every_step(model):
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, cfg.vocab_size)
     full = _forward(model, tokens)  # [2, 40, V]
     scale = float(jnp.abs(full).max())
-    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    step = nnx.jit(lambda m, t, c: m.extend(t, c))
     cache = KVCache.init(cfg, 2, cfg.max_seq_len)
     logits, cache = step(model, tokens[:, :7], cache)
     _close(logits, full[:, :7], scale)
@@ -129,7 +129,7 @@ def test_pallas_decode_kernel_path_matches_xla(llama, monkeypatch):
     nnx.update(pallas, nnx.state(llama, nnx.Param))
     tokens = jax.random.randint(jax.random.key(4), (2, 22), 0, 400)
     full = _forward(llama, tokens)  # xla, uncached
-    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    step = nnx.jit(lambda m, t, c: m.extend(t, c))
     cache = KVCache.init(pallas.config, 2, 32)
     _, cache = step(pallas, tokens[:, :20], cache)  # 20 > 16 new tokens: the xla path
     for t in range(20, 22):  # one token: the Pallas decode kernel
@@ -229,9 +229,9 @@ def test_seeds_reproduce_and_rows_are_independent(llama):
 
 
 def test_stop_ids_stop_strings_and_text_deltas(llama, tokenizer):
-    from jaxformer.infer.text import TextTokenizer
+    from jaxformer.data.tokenizer import Tokenizer
 
-    tok = TextTokenizer(tokenizer.tok)
+    tok = Tokenizer(tokenizer.tok)
     assert tokenizer.vocab_size <= 400
     engine = Engine(llama, max_batch=4)
     prompt = tok.encode("def main():\n    return")
@@ -269,15 +269,15 @@ def test_sequence_holds_back_partial_stop_strings():
 
 def test_generate_cli_streams_the_greedy_continuation(tmp_path, tokenizer, capsys):
     from jaxformer.cli import main
+    from jaxformer.data.tokenizer import load_tokenizer_for
     from jaxformer.interop import native
-    from jaxformer.infer.text import load_text_tokenizer
 
     model = DecoderLM(FAMILIES["gpt2"].replace(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(6))  # ids < vocab
     native.save(model, tmp_path / "m")
     tokenizer.save(tmp_path / "m")
     main(["generate", "--ckpt", str(tmp_path / "m"), "--prompt", "import os\n", "--max-new-tokens", "12",
           "--temperature", "0"])
-    tok = load_text_tokenizer(tmp_path / "m")
+    tok = load_tokenizer_for(tmp_path / "m")
     ids = uncached_greedy(model, tok.encode_prompt("import os\n"), 12, stop_ids=tok.eos_ids)
     captured = capsys.readouterr()
     assert captured.out == "import os\n" + tok.decode(ids) + "\n"

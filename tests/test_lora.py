@@ -10,12 +10,20 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig, TrainConfig
-from jaxformer.finetune.lora import (LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, set_dropout,
-                                     split_trainable, trainable_report)
+from jaxformer.finetune.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    lora_modules,
+    merge_lora,
+    set_dropout,
+    split_trainable,
+    trainable_report,
+)
 from jaxformer.interop import to_numpy_state_dict
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 from jaxformer.train.optim import make_optimizer
-from jaxformer.train.step import make_train_step
+from jaxformer.train.step import lm_loss, make_train_step
 
 LLAMA = ModelConfig.llama(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 GPT2 = ModelConfig.gpt2(vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32)
@@ -140,7 +148,7 @@ def test_train_step_updates_only_adapters():
     tok = rng.integers(0, 96, (4, 17)).astype(np.int32)
     batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1)),
              "segment_ids": np.ones((4, 16), np.int32), "loss_mask": np.ones((4, 16), np.float32)}
-    step = jax.jit(make_train_step(graphdef, tx, packed=True))
+    step = jax.jit(make_train_step(lm_loss(graphdef, packed=True), tx))
     new = params
     for _ in range(3):
         new, opt_state, m = step(new, opt_state, batch, frozen)
@@ -167,8 +175,8 @@ def test_peft_export_loads_with_peft_and_matches(tmp_path, cfg, targets):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from jaxformer.finetune.peft import load_peft, save_peft
     from jaxformer.interop.hf import save_hf
-    from jaxformer.interop.peft import load_peft, save_peft
 
     model = _randomize_b(_lora_model(cfg, LoRAConfig(rank=4, alpha=8.0, targets=targets)))
     base = DecoderLM(cfg, rngs=nnx.Rngs(0))  # the same base weights, without adapters
@@ -193,8 +201,8 @@ def test_load_an_adapter_that_peft_wrote(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from jaxformer.finetune.peft import load_peft
     from jaxformer.interop.hf import load_hf
-    from jaxformer.interop.peft import load_peft
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

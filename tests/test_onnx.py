@@ -13,7 +13,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.interop import native
 from jaxformer.interop.onnx import export_onnx, run_onnx
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 
 
 def test_onnx_llama_gqa_matches_jaxformer_with_dynamic_axes(tmp_path):

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.data.pipeline import DataIterator, WindowSource, make_dataset
 from jaxformer.data.shards import open_split
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 
 
 def test_fixed_windows_tile_the_stream(shards_dir):

@@ -11,9 +11,17 @@ import pytest
 from flax import nnx
 
 from jaxformer.infer import Engine, SamplingParams, generate
-from jaxformer.infer.quant import (QuantLinear, is_quantized, load_model, perplexity, quantize, quantize_weight,
-                                   report, weight_bytes)
-from jaxformer.layers import Linear
+from jaxformer.infer.quant import (
+    QuantLinear,
+    is_quantized,
+    load_model,
+    perplexity,
+    quantize,
+    quantize_weight,
+    report,
+    weight_bytes,
+)
+from jaxformer.models.layers import Linear
 from tests.conftest import tiny_run
 
 
@@ -25,7 +33,7 @@ def _forward(model, tokens):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shards_dir):
     """A ~50k-parameter Llama trained for a few seconds on the fixture corpus (exports RUN/model + tokenizer)."""
-    from jaxformer.train.loop import train
+    from jaxformer.train.lm import train
 
     run = tmp_path_factory.mktemp("quant") / "run"
     train(tiny_run(run, shards_dir, steps=60, lr=1e-2, eval_every=60, ckpt_every=60, model={"max_seq_len": 64}),

@@ -15,14 +15,23 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import EncDecConfig, Seq2SeqConfig
-from jaxformer.data.code2doc import function_examples, module_split, name_baseline
 from jaxformer.data.pipeline import DataIterator
-from jaxformer.data.seq2seq import (Pairs, TrainBatches, bucket, detruecase, eval_dataset, split_identifiers,
-                                    tokenize_pairs, train_dataset, truecase)
-from jaxformer.encdec import EncoderDecoder
-from jaxformer.infer.beam import beam_search, greedy_decode
+from jaxformer.models.encdec import EncoderDecoder
+from jaxformer.seq2seq.beam import beam_search, greedy_decode
+from jaxformer.seq2seq.code2doc import function_examples, module_split, name_baseline
+from jaxformer.seq2seq.data import (
+    Pairs,
+    TrainBatches,
+    bucket,
+    detruecase,
+    eval_dataset,
+    split_identifiers,
+    tokenize_pairs,
+    train_dataset,
+    truecase,
+)
+from jaxformer.seq2seq.metrics import bleu, rouge
 from jaxformer.train.metrics import read_metrics
-from jaxformer.train.metrics_text import bleu, rouge
 from tests.test_cli import main_in_process
 
 # ----------------------------------------------------------------------------- code2doc

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.infer.text import TextTokenizer
-from jaxformer.model import DecoderLM
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.models import DecoderLM
 from jaxformer.serve import ServerThread, create_app
 
 MODEL = "tiny-llama"
@@ -24,7 +24,7 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def tok(tokenizer):
-    return TextTokenizer(tokenizer.tok)
+    return Tokenizer(tokenizer.tok)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,26 @@ def test_openai_client_raises_on_bad_input(client):
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=5000)
     assert httpx.get(str(client.base_url).rstrip("/") + "/completions").status_code == 405
+
+
+def test_oversized_bodies_get_413_before_parsing_and_long_prompts_400(model, tok):
+    srv = start(model, tok, max_body_bytes=2048, warmup=False)
+    try:
+        big = b'{"model": "' + MODEL.encode() + b'", "prompt": "' + b"x" * 4096 + b'"}'
+        r = httpx.post(srv.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "2048" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/chat/completions", content=iter([b"{" + b" " * 1500, b" " * 1500 + b"}"]),
+                       headers={"Content-Type": "application/json"})  # chunked: no Content-Length to trust
+        assert r.status_code == 413
+        r = httpx.post(srv.url + "/v1/completions", content=b"{" + b" " * 3000, headers={"Content-Type": "x"})
+        assert r.status_code == 413  # not 400 for bad JSON: the size check comes first
+        ids = list(range(10, 10 + 200))  # a token prompt longer than the 128-token context
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1})
+        assert r.status_code == 400
+        assert "128" in r.json()["error"]["message"] and "200" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------- auth, queue, disconnects, shutdown

@@ -12,16 +12,16 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.data import sft
-from jaxformer.infer.text import TextTokenizer
-from jaxformer.model import DecoderLM
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.finetune import sft
+from jaxformer.models import DecoderLM
 from jaxformer.train.losses import cross_entropy_sums
-from jaxformer.train.step import make_train_step
+from jaxformer.train.step import lm_loss, make_train_step
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer):
-    return TextTokenizer(tokenizer.tok)  # jaxformer's default chat template, the reserved role tokens
+    return Tokenizer(tokenizer.tok)  # jaxformer's default chat template, the reserved role tokens
 
 
 def _ids(tok, text):
@@ -139,7 +139,7 @@ def test_prompt_tokens_get_zero_loss_and_zero_gradient(tok):
 
     graphdef, params = nnx.split(model)
     tx = optax.sgd(1.0)
-    step = jax.jit(make_train_step(graphdef, tx, packed=True))
+    step = jax.jit(make_train_step(lm_loss(graphdef, packed=True), tx))
     ref_params, _, ref = step(params, tx.init(params), batch)
     scrambled = dict(batch, targets=np.where(mask == 0, (batch["targets"] + 7) % cfg.vocab_size, batch["targets"]))
     got_params, _, got = step(params, tx.init(params), scrambled)  # every prompt target changed: nothing may change

@@ -198,3 +198,27 @@ def test_bad_meshes_fail_clearly(config):
     assert res.returncode == 2
     assert "error: mesh data=1 x fsdp=1 x tensor=3 = 3 devices, but there are 8" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_multi_host_initialisation_follows_the_environment(monkeypatch):
+    """JAX's own distributed runtime: explicit coordinator env, SLURM, or an opt-in for JAX's cluster detection."""
+    import jax
+
+    from jaxformer.sharding import maybe_initialize_distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "JAXFORMER_DISTRIBUTED"):
+        monkeypatch.delenv(var, raising=False)
+    assert not maybe_initialize_distributed() and calls == []  # one machine: nothing to join
+    assert maybe_initialize_distributed(force=True) and calls[-1] == ((), {})  # Cloud TPU / GKE: JAX detects it
+    monkeypatch.setenv("JAXFORMER_DISTRIBUTED", "1")
+    assert maybe_initialize_distributed() and calls[-1] == ((), {})
+    monkeypatch.delenv("JAXFORMER_DISTRIBUTED")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert maybe_initialize_distributed() and calls[-1] == ((), {})
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    assert maybe_initialize_distributed() and calls[-1] == (("10.0.0.1:1234",), {"num_processes": 2, "process_id": 1})

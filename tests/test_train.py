@@ -14,12 +14,13 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig, TrainConfig
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
+from jaxformer.train.lm import train
 from jaxformer.train.losses import cross_entropy_sums
-from jaxformer.train.loop import NonFiniteLossError, train
 from jaxformer.train.metrics import read_metrics
 from jaxformer.train.optim import decay_mask, make_optimizer, make_schedule
-from jaxformer.train.step import make_train_step
+from jaxformer.train.run import NonFiniteLossError
+from jaxformer.train.step import lm_loss, make_train_step
 from tests.conftest import tiny_run
 
 
@@ -74,7 +75,7 @@ def test_grad_accumulation_equals_full_batch():
     batch = _random_batch(np.random.default_rng(2), 8, 16, 64)
     results = []
     for k in (1, 4):
-        step = jax.jit(make_train_step(graphdef, tx, packed=True, grad_accum=k))
+        step = jax.jit(make_train_step(lm_loss(graphdef, packed=True), tx, grad_accum=k))
         p, _, m = step(params, tx.init(params), batch)
         results.append((p, m))
     (p1, m1), (p4, m4) = results

@@ -1,4 +1,4 @@
-"""PyTorch mirror of jaxformer.attention (eager math, no fused kernels: it is the reference)."""
+"""PyTorch mirror of jaxformer.models.attention (eager math, no fused kernels: it is the reference)."""
 
 from __future__ import annotations
 

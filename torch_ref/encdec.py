@@ -1,4 +1,4 @@
-"""PyTorch mirror of jaxformer.encdec; state_dict keys equal jaxformer's parameter paths (no dropout)."""
+"""PyTorch mirror of jaxformer.models.encdec; state_dict keys equal jaxformer's parameter paths (no dropout)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class DecoderLayer(_Residual):
 
 
 class PointerGenerator(nn.Module):
-    """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source ids); see jaxformer.encdec."""
+    """log(g * softmax(logits) + (1 - g) * copy attention scattered onto the source ids); see models/encdec.py."""
 
     def __init__(self, cfg: EncDecConfig):
         super().__init__()

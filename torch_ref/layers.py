@@ -1,4 +1,4 @@
-"""PyTorch mirror of jaxformer.layers: same module names, same parameter names and layouts."""
+"""PyTorch mirror of jaxformer.models.layers: same module names, same parameter names and layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from jaxformer.config import ModelConfig
 
 
 class Linear(nn.Linear):
-    """torch's Linear already stores weight [out, in], like jaxformer.layers.Linear."""
+    """torch's Linear already stores weight [out, in], like jaxformer.models.layers.Linear."""
 
 
 class Embed(nn.Module):

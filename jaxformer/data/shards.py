@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -89,6 +88,9 @@ def prepare(sources: Sequence[str | Path] | str, tokenizer: Tokenizer | str | Pa
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token, which shards put after every document; "
+                         "train one with `jaxformer tokenizer train` or use a tokenizer with an eos_token")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("*.bin")) + list(out.glob("*.docs.npy")) + [out / MANIFEST]:
@@ -177,14 +179,6 @@ def open_split(data_dir: str | Path, split: str) -> SplitTokens:
         shards.append(np.memmap(data_dir / s["tokens"], dtype=dtype, mode="r", shape=(s["n_tokens"],)))
         starts.append(np.load(data_dir / s["docs"]))
     return SplitTokens(shards, starts, info["n_bytes"])
-
-
-def copy_tokenizer(data_dir: str | Path, dst: str | Path) -> None:
-    """Copy the shards' tokenizer files next to a model (so checkpoints carry their tokenizer)."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = Path(data_dir) / name
-        if src.exists():
-            shutil.copy(src, Path(dst) / name)
 
 
 def iter_sources_text(sources, jsonl_field: str = "text") -> Iterable[str]:

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from jaxformer.config import MeshConfig, TrainConfig, _build, parse_overrides, preset_path
+from jaxformer.config import MeshConfig, TrainConfig, build_section, parse_overrides, preset_path, require_local
 from jaxformer.finetune.lora import LoRAConfig
 
 METHODS = ("lora", "full")
@@ -47,6 +47,8 @@ class SFTConfig:
             raise ValueError(f"sft.seq_len must be a positive integer, got {self.seq_len!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"sft.val_fraction must be in (0, 1), got {self.val_fraction}")
+        for path in (self.base, self.tokenizer, *self.data, *self.val_data):
+            require_local("sft paths", path)
 
 
 SECTIONS: dict[str, type] = {"sft": SFTConfig, "lora": LoRAConfig, "train": TrainConfig, "mesh": MeshConfig}
@@ -76,4 +78,4 @@ def load_finetune_config(name_or_path: str | Path | None = None,
         if key not in valid:
             raise ValueError(f"unknown key {key!r} in {dotted!r}; valid {section} keys: {valid}")
         merged.setdefault(section, {})[key] = value
-    return {s: _build(cls, merged.get(s, {}), s) for s, cls in SECTIONS.items()}
+    return {s: build_section(cls, merged.get(s, {}), s) for s, cls in SECTIONS.items()}

@@ -4,7 +4,7 @@ A targeted projection W [out, in] becomes y = x W^T + b + s * dropout(x) A^T B^T
 B [out, r] and s = alpha / r (alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023). A starts
 uniform in +-1/sqrt(in) (PEFT's kaiming_uniform(a=sqrt(5))), B at zero: the adapted model starts
 equal to its base. Parameter paths follow PEFT: `layers.{i}.self_attn.q_proj.lora_A.weight`, so the
-PEFT export (jaxformer.interop.peft) is a rename. The adapters are `nnx.LoRAParam`s: the train
+PEFT export (jaxformer.finetune.peft) is a rename. The adapters are `nnx.LoRAParam`s: the train
 step differentiates and optimizes only them, the base is passed in frozen.
 
 Adapters carry logical axes derived from their base weight's: A (None, in_axis), B (out_axis, None),
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformer.layers import Linear
+from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
+from jaxformer.models.layers import Linear
 
 # short names users write -> the projection attribute they mean
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
@@ -122,7 +123,8 @@ class LoRALinear(nnx.Module):
         return self.scaling * (b @ a)
 
 
-def _parent(model: nnx.Module, path: Sequence[Any]) -> nnx.Module:
+def module_at(model: nnx.Module, path: Sequence[Any]) -> nnx.Module:
+    """The submodule at an attribute path such as ("layers", 0, "self_attn")."""
     node = model
     for p in path:
         node = node[p] if isinstance(p, int) else getattr(node, p)
@@ -140,7 +142,7 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Mod
                          "has no gate_proj)")
     for path, lin in targets:
         lora = LoRALinear(lin, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora, rngs=rngs)
-        setattr(_parent(model, path[:-1]), path[-1], lora)
+        setattr(module_at(model, path[:-1]), path[-1], lora)
     return model
 
 
@@ -177,8 +179,6 @@ def step_dropout_keys(keys: nnx.State, step: jax.Array) -> nnx.State:
 
 def merge_lora(model: nnx.Module):
     """A plain DecoderLM whose projections hold W + s * B A (exports to Hugging Face / torch like any model)."""
-    from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
-
     sd = to_numpy_state_dict(model)
     for name, m in lora_modules(model):
         w = sd[f"{name}.weight"]

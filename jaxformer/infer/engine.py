@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformer.infer.cache import KVCache
 from jaxformer.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, apply_penalties, sample_rows
+from jaxformer.models.cache import KVCache
 
 
 @jax.tree_util.register_dataclass
@@ -150,7 +150,8 @@ class Engine:
             raise ValueError(f"need max_batch >= 1 and max_len >= 2, got {max_batch} and {max_len}")
         self.buckets = prompt_buckets(self.max_len, smallest_bucket)
         self.graphdef, state = nnx.split(model)
-        self._leaves, state_def = jax.tree.flatten(state)  # a flat list dispatches fastest
+        leaves, state_def = jax.tree.flatten(state)  # a flat list dispatches fastest
+        self._leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]  # host weights: once
         self._prefill, self._decode = compiled_steps(self.graphdef, state_def)
         self.slots = self._init_slots()
         self._active: tuple[np.ndarray, jax.Array] | None = None
@@ -236,7 +237,7 @@ def prefill_step(model, slots: Slots, slot, tokens, length, seed, row: RowSettin
     """Prefill tokens [1, T] (the first `length` real) into row `slot` and sample its first token."""
     cfg = model.config
     T = tokens.shape[1]
-    logits, fresh = model(tokens, cache=KVCache.init(cfg, 1, T))  # [1, T, V]
+    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T))  # [1, T, V]
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
     cache = slots.cache.replace(k=tuple(map(put, slots.cache.k, fresh.k)),
                                 v=tuple(map(put, slots.cache.v, fresh.v)),
@@ -255,7 +256,7 @@ def decode_step(model, slots: Slots, active, *, n_top):
     """Feed every row's newest token [B, 1], then sample the next one for active rows."""
     (B, S), lengths = slots.history.shape, slots.cache.lengths
     last = jnp.take_along_axis(slots.history, jnp.minimum(lengths, S - 1)[:, None], axis=1)  # [B, 1]
-    logits, cache = model(last, cache=slots.cache)  # [B, 1, V]
+    logits, cache = model.extend(last, slots.cache)  # [B, 1, V]
     cache = cache.replace(lengths=jnp.where(active, cache.lengths, lengths))
     out = choose(logits[:, 0], slots.history, lengths + 1, slots.prompt_len, slots.settings, slots.keys, n_top)
     at = jnp.where(active, lengths + 1, S)  # S: dropped (inactive rows, or a row that filled its context)

@@ -12,20 +12,21 @@ batching). `generate` is the offline loop over it; jaxformer.serve's scheduler i
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterable, Sequence as Seq
+from typing import Callable, Iterable
+from typing import Sequence as Seq
 
 import numpy as np
 
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.infer.engine import Engine, StepOut, logprobs_mode
 from jaxformer.infer.sampling import SamplingParams
-from jaxformer.infer.text import TextTokenizer
 
 
 class Sequence:
     """One request's state on the host: prompt, generated tokens, logprobs, text, finish reason."""
 
     def __init__(self, prompt: Seq[int], params: SamplingParams, *, max_len: int,
-                 tokenizer: TextTokenizer | None = None, stop_ids: Iterable[int] = ()):
+                 tokenizer: Tokenizer | None = None, stop_ids: Iterable[int] = ()):
         if not prompt:
             raise ValueError("prompt is empty: give at least one token")
         if len(prompt) >= max_len:
@@ -132,7 +133,7 @@ class Batcher:
 
 
 def generate(engine: Engine, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
-             tokenizer: TextTokenizer | None = None, stop_ids: Iterable[int] = (),
+             tokenizer: Tokenizer | None = None, stop_ids: Iterable[int] = (),
              on_text: Callable[[int, str], None] | None = None) -> list[Sequence]:
     """Generate for every prompt (continuous batching over the engine's slots); finished Sequences in order."""
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)

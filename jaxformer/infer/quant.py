@@ -12,7 +12,6 @@ opens them (and any other checkpoint, quantizing on load when asked).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -21,13 +20,15 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.data.shards import open_split
+from jaxformer.data.tokenizer import copy_tokenizer_files, tokenizer_candidates
+from jaxformer.interop.auto import load_any
 from jaxformer.interop.native import FORMAT, WEIGHTS
 from jaxformer.interop.state_dict import check_shapes, param_shapes, to_numpy_state_dict
-from jaxformer.layers import Linear
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
+from jaxformer.models.layers import Linear
 
 METHOD = {"method": "int8-weight-only", "granularity": "per-output-channel", "symmetric": True}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -106,12 +107,9 @@ def save_quantized(model: DecoderLM, path: str | Path, *, tokenizer_from: str | 
     (path / "config.json").write_text(json.dumps({"format": FORMAT, "model": model.config.to_dict(),
                                                   "quantization": METHOD}, indent=2))
     if tokenizer_from is not None:
-        from jaxformer.infer.text import tokenizer_candidates
-
         found = next((p for p in tokenizer_candidates(tokenizer_from) if p.is_file()), None)
-        for name in TOKENIZER_FILES if found else ():
-            if (found.parent / name).is_file():
-                shutil.copy(found.parent / name, path / name)
+        if found is not None:
+            copy_tokenizer_files(found.parent, path)
     return path
 
 
@@ -147,8 +145,6 @@ def load_quantized(path: str | Path, **config_overrides) -> DecoderLM:
 
 def load_model(src: str | Path, *, quantize_to: str | None = None, **config_overrides) -> DecoderLM:
     """Any checkpoint jaxformer reads (interop.auto.load_any) or a quantized directory; int8 on load if asked."""
-    from jaxformer.interop.auto import load_any
-
     if quantize_to not in (None, "int8"):
         raise ValueError(f"quantize={quantize_to!r} is not supported; choose int8")
     if Path(src).is_dir() and quantization_of(src) is not None:
@@ -161,8 +157,6 @@ def load_model(src: str | Path, *, quantize_to: str | None = None, **config_over
 
 def held_out_windows(data_dir: str | Path, *, seq_len: int, n: int = 32, split: str = "val") -> np.ndarray:
     """Up to n consecutive windows of seq_len + 1 tokens from a split's shards, int32 [n, seq_len + 1]."""
-    from jaxformer.data.shards import open_split
-
     need, parts = n * (seq_len + 1), []
     for shard in open_split(data_dir, split).shards:
         parts.append(np.asarray(shard[: need - sum(len(p) for p in parts)]))

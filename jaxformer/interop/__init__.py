@@ -1,15 +1,20 @@
 """Weights in and out: torch_ref state dicts, Hugging Face directories, jaxformer's own files."""
 
+from jaxformer.config import EncDecConfig
 from jaxformer.interop.hf import UnsupportedCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
 from jaxformer.interop.native import load, save
-from jaxformer.interop.state_dict import (CheckpointMismatchError, from_state_dict, from_torch_state_dict,
-                                          to_numpy_state_dict, to_torch_state_dict)
+from jaxformer.interop.state_dict import (
+    CheckpointMismatchError,
+    from_state_dict,
+    from_torch_state_dict,
+    to_numpy_state_dict,
+    to_torch_state_dict,
+)
 
 
 def to_torch(model):
     """A torch_ref module with the same config and weights as the jaxformer `model`."""
     import torch_ref
-    from jaxformer.config import EncDecConfig
 
     module_cls = torch_ref.EncoderDecoder if isinstance(model.config, EncDecConfig) else torch_ref.DecoderLM
     module = module_cls(model.config)

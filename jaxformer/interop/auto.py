@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxformer.checkpoint import load_run_params
 from jaxformer.interop import hf, native
-from jaxformer.model import DecoderLM
+from jaxformer.interop.state_dict import from_state_dict
+from jaxformer.models import DecoderLM
 
 
 def load_any(src: str | Path, **config_overrides) -> DecoderLM:
@@ -19,9 +21,6 @@ def load_any(src: str | Path, **config_overrides) -> DecoderLM:
     if src.is_dir() and native.is_native(src / "model"):  # a finished training run
         return native.load(src / "model", **config_overrides)
     if (src / "checkpoints").is_dir():  # a run in progress (or stopped): its newest readable checkpoint
-        from jaxformer.interop.state_dict import from_state_dict
-        from jaxformer.train.checkpoint import load_run_params
-
         cfg, params = load_run_params(src)
         return from_state_dict(cfg.replace(**config_overrides), params, source=f"{src}/checkpoints")
     if src.is_dir() and (src / "config.json").exists() and "model_type" in json.loads((src / "config.json").read_text()):

@@ -4,7 +4,7 @@ Reads what `save_pretrained` writes (model.safetensors, sharded safetensors with
 pytorch_model.bin via torch.load(weights_only=True)) and writes directories that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Llama names differ from ours only by
 a "model." prefix; GPT-2's fused c_attn and Conv1D ([in, out]) layout are handled here alone.
-MarianMTModel (the encoder-decoder, jaxformer.encdec) has its own tables in jaxformer.interop.marian;
+MarianMTModel (the encoder-decoder, jaxformer.models.encdec) has its own tables in jaxformer.interop.marian;
 `model_type` picks the importer, the config's `family` the exporter.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from jaxformer.config import EncDecConfig, ModelConfig
 from jaxformer.interop import marian
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "marian": "MarianMTModel"}
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",

@@ -1,7 +1,7 @@
 """transformers' MarianMTModel <-> jaxformer's EncoderDecoder: the config map and the weight-name table.
 
 Marian is the Vaswani et al. architecture: post-LN blocks, sinusoidal positions (sin in the first half of
-each vector, cos in the second, as jaxformer.layers.sinusoidal_positions), embeddings scaled by
+each vector, cos in the second, as jaxformer.models.layers.sinusoidal_positions), embeddings scaled by
 sqrt(d_model) when `scale_embedding`, biases everywhere, a `final_logits_bias` buffer, and the pad id as
 the decoder's start token. Names differ from ours only by a table (out_proj -> o_proj, fc1/fc2 ->
 mlp.up_proj/down_proj, encoder_attn -> cross_attn, *_layer_norm -> *_norm); the sinusoid tables

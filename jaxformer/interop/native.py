@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxformer.config import ModelConfig, model_config_from_dict
 from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
-from jaxformer.model import DecoderLM
+from jaxformer.models import DecoderLM
 
 FORMAT = "jaxformer"
 WEIGHTS = "model.safetensors"

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.model import DecoderLM, model_class
+from jaxformer.models import DecoderLM, model_class
 
 
 class CheckpointMismatchError(ValueError):

@@ -23,18 +23,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.infer.engine import Engine
 from jaxformer.infer.generate import Sequence
-from jaxformer.infer.text import TextTokenizer
 from jaxformer.serve.protocol import APIError, GenRequest, ServerInfo, parse_chat, parse_completion
 from jaxformer.serve.scheduler import Event, Scheduler, Ticket
 
 log = logging.getLogger("jaxformer.serve")
 
 
-def create_app(model, tokenizer: TextTokenizer | None, *, model_name: str = "jaxformer", api_key: str | None = None,
+MAX_BODY_BYTES = 1 << 20  # request bodies above this get 413 before any parsing
+
+
+def create_app(model, tokenizer: Tokenizer | None, *, model_name: str = "jaxformer", api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, max_len: int | None = None, drain_timeout: float = 30.0,
-               engine: Engine | None = None, warmup: bool = True) -> FastAPI:
+               engine: Engine | None = None, warmup: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `model` (its scheduler starts and stops with the app's lifespan)."""
     engine = engine or Engine(model, max_batch=max_batch, max_len=max_len)
     scheduler = Scheduler(engine, max_queue=max_queue, drain_timeout=drain_timeout)
@@ -104,12 +107,12 @@ def create_app(model, tokenizer: TextTokenizer | None, *, model_name: str = "jax
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        return await respond(request, parse_completion(await read_json(request), info))
+        return await respond(request, parse_completion(await read_json(request, max_body_bytes), info))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        return await respond(request, parse_chat(await read_json(request), info))
+        return await respond(request, parse_chat(await read_json(request, max_body_bytes), info))
 
     async def respond(request: Request, req: GenRequest):
         seqs = []
@@ -171,12 +174,27 @@ def create_app(model, tokenizer: TextTokenizer | None, *, model_name: str = "jax
     return app
 
 
-async def read_json(request: Request):
-    raw = await request.body()
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES):
+    """The request's JSON body; 413 for a body over `limit` bytes (checked before parsing, while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes ({size} seen), the most this server accepts "
+                    "(jaxformer serve --max-body-bytes)", code="request_too_large")
 
 
 def _first_wins(pairs) -> dict:
@@ -194,7 +212,7 @@ def sse(obj: dict) -> str:
 class Answer:
     """Accumulates a request's events into OpenAI response objects (whole, or chunk by chunk)."""
 
-    def __init__(self, req: GenRequest, tokenizer: TextTokenizer | None, model: str, n_choices: int):
+    def __init__(self, req: GenRequest, tokenizer: Tokenizer | None, model: str, n_choices: int):
         self.req, self.tok, self.model = req, tokenizer, model
         self.chat = req.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex

@@ -12,8 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.infer.sampling import SamplingParams
-from jaxformer.infer.text import TextTokenizer
 
 MAX_N = 8  # choices per prompt
 MAX_PROMPTS = 32  # prompts per /v1/completions request
@@ -44,7 +44,7 @@ class ServerInfo:
     model_name: str
     max_len: int  # context: prompt + completion tokens
     vocab_size: int
-    tokenizer: TextTokenizer | None
+    tokenizer: Tokenizer | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,1 +1,5 @@
-"""Losses, optimizer, train/eval steps, checkpoints, metrics and the training loop."""
+"""Training: the run skeleton every task runs through, steps, losses, optimizer, metrics, and LM pretraining.
+
+    from jaxformer.train.lm import train          # pretraining (jaxformer.seq2seq / .finetune: the other tasks)
+    train(jaxformer.load_config("tiny_code"))
+"""

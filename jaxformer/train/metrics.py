@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,8 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # steps after the checkpoint will be recomputed: drop their old records
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
@@ -52,11 +52,25 @@ def _plain(v: Any) -> Any:
         return str(v)
 
 
+def _records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short (a process killed mid-write) is dropped with a warning."""
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {n} is not a complete JSON record (cut short by a kill?); dropped it",
+                          stacklevel=3)
+    return records
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a jaxformer run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path)
 
 
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:

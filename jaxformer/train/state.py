@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxformer import sharding
 from jaxformer.config import ModelConfig
-from jaxformer.model import model_class
+from jaxformer.models import model_class
 
 
 class TrainState(NamedTuple):

@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxformer import DecoderLM, ModelConfig
-from jaxformer.attention import attend
+from jaxformer.models.attention import attend
 from pallas_kernels import INTERPRET_ENV, PallasUnavailableError
-
 
 # Interpret-mode kernels are large XLA programs: skipping backend optimisation halves CPU compile time.
 FAST_COMPILE = {} if jax.default_backend() == "gpu" else {"xla_backend_optimization_level": 0}

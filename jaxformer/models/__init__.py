@@ -1,0 +1,23 @@
+"""The models: a decoder-only LM for every family one ModelConfig describes, and the encoder-decoder.
+
+    model = model_class(cfg)(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens)                          # DecoderLM: [B, T] -> [B, T, V] float32
+    logits, cache = model.extend(tokens, cache)     # the same, continuing sequences held in a KVCache
+
+Model code names axes logically and never sees a mesh (jaxformer.sharding lays them out).
+"""
+
+from flax import nnx
+
+from jaxformer.config import EncDecConfig, ModelConfig
+from jaxformer.models.cache import CachedLogits, KVCache
+from jaxformer.models.decoder import DecoderLM, count_params
+from jaxformer.models.encdec import EncoderDecoder
+
+
+def model_class(cfg: ModelConfig) -> type[nnx.Module]:
+    """The model a config describes: EncoderDecoder for an EncDecConfig, DecoderLM otherwise."""
+    return EncoderDecoder if isinstance(cfg, EncDecConfig) else DecoderLM
+
+
+__all__ = ["CachedLogits", "DecoderLM", "EncoderDecoder", "KVCache", "count_params", "model_class"]

@@ -1,0 +1,306 @@
+"""The one run skeleton: pretraining, seq2seq training and fine-tuning all run through `run(task, cfgs)`.
+
+The driver owns what every run does the same way: the device mesh and its checks, the checkpoint
+manager and its --resume guard, the resume check, restoring the train state and the data iterator,
+the step loop (logging to metrics.jsonl / TensorBoard, the progress bar, the evaluation cadence,
+checkpoints, the NaN guard, SIGINT/SIGTERM stops), lead-process printing, and the report of a run
+that had already finished. A task (the Task protocol below) supplies its data, its train state, its
+step and evaluation, and what it writes at the end.
+
+    task.setup(mesh)        -> Setup: state, data iterator, step, evaluate, meta   (inside the mesh)
+    run_steps(...)             optimizer steps start+1 .. train.steps              (inside the mesh)
+    task.model(params)      -> the trained model on the host (every process)       (inside the mesh)
+    task.export(model, ...) -> files written and their report (lead process only)  (outside the mesh)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxformer.checkpoint import Checkpointer, abstract_like, read_run_meta
+from jaxformer.config import MeshConfig, ModelConfig, TrainConfig
+from jaxformer.sharding import global_batch, make_mesh
+from jaxformer.train.flops import peak_tflops
+from jaxformer.train.metrics import MetricsLogger
+from jaxformer.train.optim import make_schedule
+
+
+def say(*args, **kwargs) -> None:
+    """print, on the lead process only (every process runs the same code)."""
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a task hands the driver once its data and train state exist on the mesh."""
+
+    state: dict[str, Any]  # params, opt_state, rng (key data): what checkpoints hold
+    iterator: Any  # batches (dicts of numpy arrays) with get_state() / set_state() for exact resume
+    step: Callable  # (params, opt_state, batch laid out on the mesh, step number) -> (params, opt_state, metrics)
+    evaluate: Callable[[Any], dict]  # params -> {"val_loss": ..., ...}
+    flops_per_token: float  # training FLOPs per counted token (MFU)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint meta (tokenizer hash, ...)
+    must_match: dict[str, Any] = dataclasses.field(default_factory=dict)  # meta a resume must find unchanged
+    eval_at_start: str = ""  # a name for it: evaluate the initial params (logged at step 0) on a fresh start
+
+
+class Task(Protocol):
+    """One kind of run. `resume_sections` names the config sections (and keys; None = all, model = its
+    architecture) that a resumed run must share with its checkpoints."""
+
+    model_config: ModelConfig
+    resume_sections: dict[str, tuple[str, ...] | None]
+
+    def setup(self, mesh: Mesh) -> Setup: ...
+
+    def model(self, params: Any) -> nnx.Module: ...
+
+    def export(self, model: nnx.Module, result: dict) -> dict: ...
+
+
+def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True,
+        devices: list | None = None) -> dict:
+    """Train `task` per `cfgs` (train and mesh sections); returns the final metrics and what was written."""
+    tcfg: TrainConfig = cfgs["train"]
+    mesh = make_mesh(cfgs.get("mesh", MeshConfig()), task.model_config, devices)  # fails before anything compiles
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % (rows * tcfg.grad_accum):
+        raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of grad_accum x mesh data x fsdp = "
+                         f"{tcfg.grad_accum} x {rows}")
+    run_dir = Path(tcfg.run_dir)
+    lead = jax.process_index() == 0
+    with jax.set_mesh(mesh):
+        check_fresh(tcfg, resume)  # before any work: a run directory with checkpoints needs --resume
+        setup = task.setup(mesh)
+        ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
+        try:
+            start, meta = restore(ckpt, setup, cfgs, task) if resume else (0, {})
+            done = start >= tcfg.steps and (run_dir / "model").is_dir()
+            if not done:
+                logger = MetricsLogger(run_dir, resume_step=start if resume else None, enabled=lead)
+                result = recorded(meta)  # what the newest checkpoint measured, until this run measures anew
+                if start == 0 and setup.eval_at_start:
+                    before = setup.evaluate(setup.state["params"])
+                    logger.log(0, "eval", before)
+                    say(f"{setup.eval_at_start}: {before['val_loss']:.4f}")
+                    result["val_loss_before"] = before["val_loss"]
+        except BaseException:
+            ckpt.close()  # no orbax threads left behind
+            raise
+        if done:
+            ckpt.close()
+            return finished(run_dir, start, meta)
+        meta_base = {"config": run_config_dict(cfgs), **setup.meta, **setup.must_match}
+        params, result = run_steps(setup, mesh=mesh, tcfg=tcfg, start=start, ckpt=ckpt, logger=logger,
+                                   meta_base=meta_base, progress=progress, result=result)
+        if result.pop("stopped"):
+            return result
+        model = task.model(params)  # every process joins the gather
+    if not lead:
+        return result
+    if "val_loss" in result:
+        say(evaluation_line(result))
+    result.update(task.export(model, result))
+    say(outputs_line(result))
+    return result
+
+
+def restore(ckpt: Checkpointer, setup: Setup, cfgs: dict, task: Task) -> tuple[int, dict]:
+    """(step, meta) of the newest usable checkpoint, its state and data position put into `setup`."""
+    if not ckpt.steps():
+        say(f"no checkpoint in {ckpt.directory}: starting from step 0")
+        return 0, {}
+    check_resumable(read_run_meta(ckpt.directory.parent) or {}, cfgs, task.resume_sections, setup.must_match,
+                    ckpt.directory)
+    start, setup.state, data_state, meta = ckpt.restore(abstract_like(setup.state))  # laid out on this mesh
+    setup.iterator.set_state(data_state)
+    say(f"resumed from step {start} ({ckpt.directory})")
+    return start, meta
+
+
+def outputs_line(result: dict) -> str:
+    """'model: RUN/model  loss plot: RUN/loss.png  ...' for the paths a result holds."""
+    names = {"_dir": "", "_plot": " plot", "_json": ""}
+    return "  ".join(f"{k.rsplit('_', 1)[0].replace('_', ' ')}{names['_' + k.rsplit('_', 1)[1]]}: {v}"
+                     for k, v in result.items() if k.endswith(tuple(names)))
+
+
+def evaluation_line(metrics: dict) -> str:
+    """'validation: loss 2.3456  perplexity 10.45  bits/byte 1.234' (what the metrics hold)."""
+    parts = [f"loss {metrics['val_loss']:.4f}", f"perplexity {metrics['val_ppl']:.2f}"]
+    if "val_bpb" in metrics:
+        parts.append(f"bits/byte {metrics['val_bpb']:.3f}")
+    return "validation: " + "  ".join(parts)
+
+
+def recorded(meta: dict) -> dict:
+    """The training loss and evaluation a checkpoint's meta recorded ({} for a fresh run)."""
+    return {k: v for k, v in meta.items() if k == "loss" or k.startswith("val_")}
+
+
+def finished(run_dir: Path, step: int, meta: dict) -> dict:
+    """A run already trained to its last step: report its recorded final evaluation and outputs, change nothing."""
+    result = {"step": step, **recorded(meta), "finished": True}
+    outputs = {"model_dir": run_dir / "model", "adapter_dir": run_dir / "adapter", "loss_plot": run_dir / "loss.png"}
+    outputs.update({f"{p.stem}_json": p for p in sorted(run_dir.glob("eval_*.json"))})
+    result.update({k: str(p) for k, p in outputs.items() if p.exists()})
+    say(f"{run_dir} finished at step {step} (nothing to do; raise --train.steps to train further)")
+    if "val_loss" in result:
+        say(evaluation_line(result))
+    say(outputs_line(result))
+    return result
+
+
+def check_fresh(tcfg: TrainConfig, resume: bool) -> None:
+    """A run directory that already holds checkpoints continues only with --resume (never overwritten)."""
+    ckpt_dir = Path(tcfg.run_dir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    if steps and not resume:
+        raise ValueError(f"{tcfg.run_dir} already holds checkpoints (steps {steps}); pass --resume to continue "
+                         "it, or choose another --train.run_dir")
+
+
+def run_config_dict(cfgs: dict[str, Any]) -> dict[str, dict]:
+    return {name: dataclasses.asdict(c) for name, c in cfgs.items()}
+
+
+def check_resumable(saved: dict, cfgs: dict, sections: dict[str, tuple[str, ...] | None], must_match: dict,
+                    ckpt_dir: Path) -> None:
+    """A resumed run must keep what its checkpoints were made from; how it executes and trains may change.
+
+    The model section is compared by architecture (ModelConfig.architecture): attention_impl, remat,
+    scan_layers and compute_dtype may differ, and so may every train / mesh setting.
+    """
+    for key, value in must_match.items():
+        if saved.get(key) not in (None, value):
+            raise ValueError(f"cannot resume from {ckpt_dir}: its {key.replace('_', ' ')} differs from this run's "
+                             f"(the weights or data it started from changed)")
+    for section, keys in sections.items():
+        cfg = cfgs[section]
+        now = cfg.architecture() if section == "model" else dataclasses.asdict(cfg)
+        then = saved.get("config", {}).get(section, {})
+        diff = sorted(k for k in (keys or now) if k in then and _plain(now[k]) != _plain(then[k]))
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt_dir}: {section} config differs in {diff} "
+                             f"(checkpoint: {[then[k] for k in diff]}, now: {[now[k] for k in diff]})")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def eval_batch_size(batch_size: int, mesh: Mesh, limit: int | None = None) -> int:
+    """The largest batch <= min(batch_size, limit) that splits evenly over the mesh's batch rows (one each at least)."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
+    want = batch_size if limit is None else min(batch_size, limit)
+    return max(rows, want // rows * rows)
+
+
+def mean_loss(eval_fn: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, *extra: Any) -> dict:
+    """Token-weighted mean of eval_fn's (loss sum, token count) over batches: val_loss, val_ppl, val_tokens."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n = eval_fn(params, global_batch(batch, mesh), *extra)
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM request a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: Checkpointer, logger: MetricsLogger,
+              meta_base: dict, progress: bool, result: dict) -> tuple[Any, dict]:
+    """Optimizer steps start+1 .. tcfg.steps with logging, evaluation, checkpoints and graceful stops.
+
+    Returns (params, {**result, "step", "loss", eval metrics..., "stopped": signal name or None}); closes
+    `ckpt` and `logger`.
+    """
+    lead = jax.process_index() == 0
+    schedule = make_schedule(tcfg)
+    peak = peak_tflops(tcfg.peak_tflops) * 1e12 * jax.device_count()
+    stop = GracefulStop()
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not (progress and lead), dynamic_ncols=True)
+    state, it = setup.state, setup.iterator
+    params, opt_state = state["params"], state["opt_state"]
+    last_good, last_eval = start, {k: v for k, v in result.items() if k.startswith("val_") and k != "val_loss_before"}
+    loss = result.get("loss", float("nan"))
+    t_log, tokens_since = time.perf_counter(), 0.0
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            params, opt_state, metrics = setup.step(params, opt_state, global_batch(next(it), mesh), step)
+            m = jax.device_get(metrics)
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN grads would poison the params
+                bad = loss if not math.isfinite(loss) else f"finite ({loss:.4f}) but the gradient norm is {grad_norm}"
+                raise NonFiniteLossError(
+                    f"loss became {bad} at step {step}; stopping. The last good checkpoint (step {last_good}) is "
+                    f"kept in {ckpt.directory}; lower --train.lr, raise warmup, or check the data")
+            tokens_since += float(m["tokens"])
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                dt = time.perf_counter() - t_log
+                tps = tokens_since / dt
+                logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
+                                           "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                t_log, tokens_since = time.perf_counter(), 0.0
+            val_loss = None
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                last_eval = setup.evaluate(params)
+                val_loss = last_eval["val_loss"]
+                logger.log(step, "eval", last_eval)
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+            if step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested:
+                ckpt.save(step, {"params": params, "opt_state": opt_state, "rng": state["rng"]}, it.get_state(),
+                          {**meta_base, "step": step, "loss": loss, **last_eval}, val_loss)
+                last_good = step
+            if stop.requested:
+                say(f"\n{stop.requested}: saved a checkpoint at step {step}; resume with --resume")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        logger.close()
+    return params, {**result, "step": last_good, "loss": loss, **last_eval, "stopped": stop.requested}
+
+
+def windows(ds) -> Iterator[dict]:
+    """Every batch of a finite grain MapDataset, in order."""
+    for i in range(len(ds)):
+        yield ds[i]
