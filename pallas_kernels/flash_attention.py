@@ -38,17 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (
-    ceil_blocks,
-    check_addressable,
-    check_block,
-    fit_block,
-    floor_blocks,
-    next_power_of_2,
-    pad_axis,
-    resolve_interpret,
-    round_up,
-)
+from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
+                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
 LOG2_E = math.log2(math.e)

@@ -14,13 +14,8 @@ from flax import nnx
 import jaxformer
 from jaxformer.interop import from_state_dict, to_numpy_state_dict
 from jaxformer.models import attention as jattn
-from parity_tests.conftest import (
-    assert_grads_close,
-    assert_outputs_close,
-    jax_logits,
-    random_jax_module,
-    random_segments,
-)
+from parity_tests.conftest import (assert_grads_close, assert_outputs_close, jax_logits, random_jax_module,
+                                   random_segments)
 
 B, T = 2, 16
 

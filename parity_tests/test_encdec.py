@@ -24,15 +24,8 @@ from jaxformer.models import encdec as je
 from jaxformer.models.layers import sinusoidal_positions
 from jaxformer.seq2seq.beam import beam_search, greedy_decode, strip
 from jaxformer.train.losses import label_smoothed_sums
-from parity_tests.conftest import (
-    assert_grads_close,
-    assert_hf_close,
-    assert_outputs_close,
-    copy_jax_to_torch,
-    module_parity,
-    quiet_transformers,
-    random_jax_module,
-)
+from parity_tests.conftest import (assert_grads_close, assert_hf_close, assert_outputs_close, copy_jax_to_torch,
+                                   module_parity, quiet_transformers, random_jax_module)
 from torch_ref import attention as tattn
 from torch_ref import encdec as te
 

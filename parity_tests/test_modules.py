@@ -17,15 +17,8 @@ from jaxformer import ModelConfig
 from jaxformer.models import attention as jattn
 from jaxformer.models import decoder as jm
 from jaxformer.models import layers as jl
-from parity_tests.conftest import (
-    assert_grads_close,
-    assert_outputs_close,
-    copy_jax_to_torch,
-    module_parity,
-    random_jax_module,
-    random_segments,
-    rel_err,
-)
+from parity_tests.conftest import (assert_grads_close, assert_outputs_close, copy_jax_to_torch, module_parity,
+                                   random_jax_module, random_segments, rel_err)
 from torch_ref import attention as tattn
 from torch_ref import decoder as tm
 from torch_ref import layers as tl

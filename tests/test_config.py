@@ -9,22 +9,9 @@ import pytest
 from flax import nnx
 
 import jaxformer
-from jaxformer.config import (
-    ACTIVATIONS,
-    ATTENTION_IMPLS,
-    CONFIG_DIR,
-    DTYPES,
-    EXECUTION_FIELDS,
-    NORMS,
-    POSITIONS,
-    DataConfig,
-    EncDecConfig,
-    ModelConfig,
-    TrainConfig,
-    load_config,
-    load_model_config,
-    parse_overrides,
-)
+from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, EXECUTION_FIELDS, NORMS, POSITIONS,
+                              DataConfig, EncDecConfig, ModelConfig, TrainConfig, load_config, load_model_config,
+                              parse_overrides)
 
 PRESETS = ["tiny", "gpt2-124m", "llama-tiny", "llama3-8b"]  # required; any other preset on disk is loaded too
 ALL_PRESETS = sorted({*PRESETS, *(p.stem for p in CONFIG_DIR.glob("*.yaml"))})

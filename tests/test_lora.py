@@ -10,16 +10,8 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig, TrainConfig
-from jaxformer.finetune.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    lora_modules,
-    merge_lora,
-    set_dropout,
-    split_trainable,
-    trainable_report,
-)
+from jaxformer.finetune.lora import (LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, set_dropout,
+                                     split_trainable, trainable_report)
 from jaxformer.interop import to_numpy_state_dict
 from jaxformer.models import DecoderLM
 from jaxformer.train.optim import make_optimizer

@@ -11,16 +11,8 @@ import pytest
 from flax import nnx
 
 from jaxformer.infer import Engine, SamplingParams, generate
-from jaxformer.infer.quant import (
-    QuantLinear,
-    is_quantized,
-    load_model,
-    perplexity,
-    quantize,
-    quantize_weight,
-    report,
-    weight_bytes,
-)
+from jaxformer.infer.quant import (QuantLinear, is_quantized, load_model, perplexity, quantize, quantize_weight, report,
+                                   weight_bytes)
 from jaxformer.models.layers import Linear
 from tests.conftest import tiny_run
 

@@ -31,14 +31,8 @@ from jaxformer import sharding
 from jaxformer.data.pipeline import DataIterator
 from jaxformer.data.tokenizer import Tokenizer, copy_tokenizer_files, load_tokenizer_for
 from jaxformer.finetune import sft
-from jaxformer.finetune.lora import (
-    apply_lora,
-    merge_lora,
-    set_dropout,
-    split_trainable,
-    step_dropout_keys,
-    trainable_report,
-)
+from jaxformer.finetune.lora import (apply_lora, merge_lora, set_dropout, split_trainable, step_dropout_keys,
+                                     trainable_report)
 from jaxformer.finetune.peft import save_peft
 from jaxformer.infer import Engine, SamplingParams, generate
 from jaxformer.interop import native

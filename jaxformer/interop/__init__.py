@@ -3,13 +3,8 @@
 from jaxformer.config import EncDecConfig
 from jaxformer.interop.hf import UnsupportedCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
 from jaxformer.interop.native import load, save
-from jaxformer.interop.state_dict import (
-    CheckpointMismatchError,
-    from_state_dict,
-    from_torch_state_dict,
-    to_numpy_state_dict,
-    to_torch_state_dict,
-)
+from jaxformer.interop.state_dict import (CheckpointMismatchError, from_state_dict, from_torch_state_dict,
+                                          to_numpy_state_dict, to_torch_state_dict)
 
 
 def to_torch(model):

@@ -9,15 +9,8 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import Attention
 from jaxformer.models.cache import CachedLogits, KVCache
-from jaxformer.models.layers import (
-    MLP,
-    Embed,
-    Linear,
-    make_norm,
-    materialize_cotangent,
-    rope_cos_sin,
-    sinusoidal_positions,
-)
+from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, rope_cos_sin,
+                                     sinusoidal_positions)
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
