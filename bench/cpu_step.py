@@ -1,0 +1,108 @@
+"""The main job's train step on CPU with jaxformer's XLA defaults vs XLA's own (jaxformer/xla_flags.py).
+
+  python bench/cpu_step.py                  # tiny_code preset: 4 layers, width 256, batch 16 x 256
+  python bench/cpu_step.py --quick          # a smaller model, fewer repeats: proves the script runs
+
+Each setting runs in its own child process (XLA reads its flags once, when its backend starts): the
+jitted step (AdamW, donated buffers) on a fixed random packed batch is compiled, warmed up, then timed
+--steps times; the processes alternate --rounds times so that a busy moment of the machine falls on
+both. Reported: median step time and tokens/s per setting, the (min, max) of the per-round medians,
+and the ratio of medians. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {"jaxformer_defaults": {}, "xla_defaults": {"JAXFORMER_XLA_DEFAULTS": "0"}}
+
+
+def child(args) -> None:
+    """Time the step in this process; print one JSON line {median_s, tokens, xla_flags}."""
+    sys.path.insert(0, str(ROOT))
+    import jaxformer  # noqa: F401  (first: it sets XLA_FLAGS before JAX starts a backend)
+    from jaxformer.config import MeshConfig, load_config
+    from jaxformer.sharding import make_mesh
+    from jaxformer.train.optim import make_optimizer
+    from jaxformer.train.state import init_train_state
+    from jaxformer.train.step import lm_loss, make_train_step
+
+    import jax
+    import numpy as np
+
+    cfgs = load_config(args.config, args.overrides)
+    m, d, t = cfgs["model"], cfgs["data"], cfgs["train"]
+    B, T = t.batch_size, d.seq_len
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, m.vocab_size, (B, T + 1)).astype(np.int32)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+             "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+             "segment_ids": np.sort(rng.integers(1, 4, (B, T)), axis=1).astype(np.int32),
+             "loss_mask": np.ones((B, T), np.float32)}
+    mesh = make_mesh(MeshConfig(1, 1, 1), m, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        tx = make_optimizer(t)
+        graphdef, state, _ = init_train_state(m, tx, mesh, 0)
+        step = jax.jit(make_train_step(lm_loss(graphdef, packed=d.packed), tx), donate_argnums=(0, 1))
+        p, o, b = state["params"], state["opt_state"], jax.device_put(batch)
+        for _ in range(2):
+            p, o, metrics = step(p, o, b)
+            jax.block_until_ready(metrics)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            p, o, metrics = step(p, o, b)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"median_s": statistics.median(times), "tokens": B * T,
+                      "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="tiny_code")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating child processes per setting (>= 5)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, overrides = ap.parse_known_args()
+    args.overrides = overrides
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.steps, args.rounds = 2, 5
+        args.overrides += ["--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=128",
+                           "--train.batch_size=4"]
+    if args.rounds < 5:
+        ap.error("--rounds must be at least 5")
+    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    for _ in range(args.rounds):
+        for name, env in SETTINGS.items():
+            cmd = [sys.executable, __file__, "--child", "--config", args.config, "--steps", str(args.steps),
+                   *args.overrides]
+            clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXFORMER_XLA_DEFAULTS")}
+            out = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result: dict = {"config": args.config, "overrides": args.overrides, "cpus": os.cpu_count()}
+    for name, rs in runs.items():
+        medians = [r["median_s"] for r in rs]
+        med = statistics.median(medians)
+        result[name] = {"step_s": med, "tokens_per_s": rs[0]["tokens"] / med, "min_s": min(medians),
+                        "max_s": max(medians), "xla_flags": rs[0]["xla_flags"]}
+        print(f"{name:20s} step {med * 1000:7.0f} ms [{min(medians) * 1000:.0f}-{max(medians) * 1000:.0f}]  "
+              f"{rs[0]['tokens'] / med:8.0f} tok/s  XLA_FLAGS={rs[0]['xla_flags']!r}")
+    result["speedup"] = result["xla_defaults"]["step_s"] / result["jaxformer_defaults"]["step_s"]
+    print(f"jaxformer's defaults: x{result['speedup']:.2f} the step speed of XLA's")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
