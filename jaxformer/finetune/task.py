@@ -77,8 +77,10 @@ class FineTuning:
         self.cfgs, self.base, self.tok = cfgs, base, tok
         self.model_config = base.config
         self.graphdef: nnx.GraphDef | None = None
-        self.frozen: tuple = ()
+        self.frozen: tuple = ()  # (LoRA dropout keys, the frozen rest) laid out on the mesh
         self.val_rows: dict | None = None
+        self.report: dict = {}  # trainable parameters and optimizer bytes (trainable_report)
+        self.data_stats: dict = {}
 
     def setup(self, mesh: Mesh) -> Setup:
         scfg, lcfg, tcfg = self.cfgs["sft"], self.cfgs["lora"], self.cfgs["train"]

@@ -77,12 +77,14 @@ class Seq2SeqTraining:
         step_fn = jax.jit(step, out_shardings=(shardings["params"], shardings["opt_state"], None),
                           donate_argnums=(0, 1))
         eval_fn = jax.jit(make_eval_step(loss))
-        rng = state["rng"]
-        return Setup(state=state, iterator=it, step=lambda p, o, batch, n: step_fn(p, o, batch, rng, n),
-                     evaluate=lambda p: evaluate_loss(eval_fn, p, val_pairs, scfg, mcfg, tcfg.batch_size, mesh,
-                                                      max_examples=tcfg.eval_batches * tcfg.batch_size),
-                     flops_per_token=flops_per_target_token(mcfg, train_pairs),
-                     meta={"tokenizer_sha256": self.tok.sha256()})
+        setup = Setup(state=state, iterator=it, step=None,
+                      evaluate=lambda p: evaluate_loss(eval_fn, p, val_pairs, scfg, mcfg, tcfg.batch_size, mesh,
+                                                       max_examples=tcfg.eval_batches * tcfg.batch_size),
+                      flops_per_token=flops_per_target_token(mcfg, train_pairs),
+                      meta={"tokenizer_sha256": self.tok.sha256()})
+        # the run's key as checkpointed: after a resume, the restored state's
+        setup.step = lambda p, o, batch, n: step_fn(p, o, batch, setup.state["rng"], n)
+        return setup
 
     def model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, gather_to_host(params))
