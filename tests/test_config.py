@@ -275,17 +275,3 @@ def test_small_llama_presets_param_count(name, tied):
     layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D
     assert _count(c) == (1 if tied else 2) * V * D + L * layer + D
 
-
-def test_xla_defaults_append_and_never_override(monkeypatch):
-    from jaxformer.xla_flags import CPU_FLAGS, apply_xla_defaults
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    monkeypatch.delenv("JAXFORMER_XLA_DEFAULTS", raising=False)
-    assert apply_xla_defaults().split() == ["--xla_force_host_platform_device_count=8", *CPU_FLAGS]
-    assert apply_xla_defaults().split() == ["--xla_force_host_platform_device_count=8", *CPU_FLAGS]  # idempotent
-    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    monkeypatch.setenv("XLA_FLAGS", mine)
-    assert apply_xla_defaults() == mine  # the user's own setting of the flag wins
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setenv("JAXFORMER_XLA_DEFAULTS", "0")
-    assert apply_xla_defaults() == ""

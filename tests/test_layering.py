@@ -18,7 +18,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxformer"
 
 # group -> rank: a group may import only groups of strictly lower rank (and itself)
 LAYERS = {
-    "xla_flags": 0,  # process settings applied at import; imports nothing
     "config": 0,
     "sharding": 1,
     "models": 2,
