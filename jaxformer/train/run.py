@@ -8,6 +8,7 @@ that had already finished. A task (the Task protocol below) supplies its data, i
 step and evaluation, and what it writes at the end.
 
     task.setup(mesh)        -> Setup: state, data iterator, step, evaluate, meta   (inside the mesh)
+    (a finished run re-run with --resume: its recorded evaluation and outputs are printed, nothing more)
     run_steps(...)             optimizer steps start+1 .. train.steps              (inside the mesh)
     task.model(params)      -> the trained model on the host (every process)       (inside the mesh)
     task.export(model, ...) -> files written and their report (lead process only)  (outside the mesh)
@@ -86,25 +87,24 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
     lead = jax.process_index() == 0
     with jax.set_mesh(mesh):
         check_fresh(tcfg, resume)  # before any work: a run directory with checkpoints needs --resume
+        saved = read_run_meta(run_dir) if resume else None
+        if saved and saved.get("step", 0) >= tcfg.steps and (run_dir / "model").is_dir():
+            check_resumable(saved, cfgs, task.resume_sections, {}, run_dir / "checkpoints")
+            return finished(run_dir, saved["step"], saved)  # nothing loaded, nothing written
         setup = task.setup(mesh)
         ckpt = Checkpointer(run_dir / "checkpoints", keep_last=tcfg.keep_last, async_save=tcfg.async_checkpoint)
         try:
             start, meta = restore(ckpt, setup, cfgs, task) if resume else (0, {})
-            done = start >= tcfg.steps and (run_dir / "model").is_dir()
-            if not done:
-                logger = MetricsLogger(run_dir, resume_step=start if resume else None, enabled=lead)
-                result = recorded(meta)  # what the newest checkpoint measured, until this run measures anew
-                if start == 0 and setup.eval_at_start:
-                    before = setup.evaluate(setup.state["params"])
-                    logger.log(0, "eval", before)
-                    say(f"{setup.eval_at_start}: {before['val_loss']:.4f}")
-                    result["val_loss_before"] = before["val_loss"]
+            logger = MetricsLogger(run_dir, resume_step=start if resume else None, enabled=lead)
+            result = recorded(meta)  # what the newest checkpoint measured, until this run measures anew
+            if start == 0 and setup.eval_at_start:
+                before = setup.evaluate(setup.state["params"])
+                logger.log(0, "eval", before)
+                say(f"{setup.eval_at_start}: {before['val_loss']:.4f}")
+                result["val_loss_before"] = before["val_loss"]
         except BaseException:
             ckpt.close()  # no orbax threads left behind
             raise
-        if done:
-            ckpt.close()
-            return finished(run_dir, start, meta)
         meta_base = {"config": run_config_dict(cfgs), **setup.meta, **setup.must_match}
         params, result = run_steps(setup, mesh=mesh, tcfg=tcfg, start=start, ckpt=ckpt, logger=logger,
                                    meta_base=meta_base, progress=progress, result=result)
