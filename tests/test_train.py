@@ -18,7 +18,7 @@ from jaxformer.models import DecoderLM
 from jaxformer.train.lm import train
 from jaxformer.train.losses import cross_entropy_sums
 from jaxformer.train.metrics import read_metrics
-from jaxformer.train.optim import decay_mask, make_optimizer, make_schedule
+from jaxformer.train.optim import decay_mask, make_schedule
 from jaxformer.train.run import NonFiniteLossError
 from jaxformer.train.step import lm_loss, make_train_step
 from tests.conftest import tiny_run

@@ -49,7 +49,7 @@ def _hf_modules(model: nnx.Module) -> list[tuple[str, np.ndarray, np.ndarray, fl
         return [(f"model.{name}", _np(m.lora_A.weight), _np(m.lora_B.weight), m.scaling) for name, m in mods]
     if family != "gpt2":
         raise ValueError("PEFT export needs a GPT-2 or Llama family model (the Hugging Face architectures "
-                         f"jaxformer exports); this config is neither")
+                         "jaxformer exports); this config is neither")
     out, by_name = [], dict(mods)
     for i in range(cfg.n_layers):
         qkv = [(j, by_name[f"layers.{i}.self_attn.{p}"]) for j, p in enumerate(GPT2_QKV)
