@@ -14,6 +14,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "sandwich", "post")
+QK_NORMS = ("none", "head", "proj")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,6 +52,44 @@ def require_local(name: str, value: Any) -> None:
                          "path")
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as transformers' `rope_parameters` / `rope_scaling` (modeling_rope_utils.py).
+
+    linear: positions / factor. dynamic (NTK): the base grows with the longest position seen once it passes
+    original_max_position_embeddings. llama3: wavelengths between the low/high frequency bounds are blended
+    (Llama 3.1). yarn: NTK-by-parts with beta_fast/beta_slow and cos/sin times attention_factor. longrope
+    (Phi-3): per-frequency short_factor / long_factor, the long ones once a sequence passes the original context.
+    None fields take transformers' defaults for the type.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # None: the model's max_seq_len
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    attention_factor: float | None = None  # yarn, longrope: None = derived from factor
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn (DeepSeek style attention_factor)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: floor/ceil the correction range
+    short_factor: tuple[float, ...] | None = None  # longrope, head_dim / 2 values
+    long_factor: tuple[float, ...] | None = None  # longrope
+
+    def __post_init__(self) -> None:
+        _choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        _number("rope_scaling.factor", self.factor)
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        for name in ("short_factor", "long_factor"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        if self.rope_type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ValueError("rope_scaling type 'longrope' needs short_factor and long_factor (head_dim / 2 each)")
+
+
 # How a model runs, not what it is: these may change between a checkpoint and its resume or load.
 EXECUTION_FIELDS = ("attention_impl", "compute_dtype", "remat", "scan_layers")
 
@@ -78,10 +120,26 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"  # activation checkpointing per block: none | full | save_dots
     scan_layers: bool = False  # lax.scan over blocks: one compiled body however deep the model
+    # --- the open families (docs/models.md): each field is read in one place of models/ and torch_ref/
+    rope_scaling: RopeScaling | None = None  # RoPE frequency scaling (Llama 3.1 llama3, yarn, Phi-3 longrope...)
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: rope_theta
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); use_bias puts them on every projection
+    qk_norm: str = "none"  # RMSNorm of q and k: per head (Qwen3, Gemma 3) | over the whole projection (OLMo 2)
+    sliding_window: int | None = None  # keys within the last W positions (self included) on sliding layers
+    layer_types: tuple[str, ...] | None = None  # per layer full_attention | sliding_attention; None: all full,
+    #   or all sliding when sliding_window is set (Mistral)
+    norm_placement: str = "pre"  # pre (Llama) | sandwich (Gemma 2/3: norms before and after) | post (OLMo 2)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma); weights start at 0
+    scale_embedding: bool = False  # token embeddings times sqrt(d_model) (Gemma; the Transformer paper)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by this ** -0.5 (Gemma); None: head_dim
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    export_as: str | None = None  # the Hugging Face model_type to export to (set on import); None: inferred
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _positive(name, getattr(self, name))
+        self._check_family_fields()
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         _positive("n_kv_heads", self.n_kv_heads)
@@ -118,6 +176,48 @@ class ModelConfig:
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
+    def _check_family_fields(self) -> None:
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", build_section(RopeScaling, self.rope_scaling, "model.rope_scaling"))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a mapping of RopeScaling fields or null, got {self.rope_scaling!r}")
+        _choice("qk_norm", self.qk_norm, QK_NORMS)
+        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        for name in ("qkv_bias", "norm_unit_offset", "scale_embedding"):
+            _flag(name, getattr(self, name))
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            v = getattr(self, name)
+            if v is not None:
+                _number(name, v)
+                if v <= 0:
+                    raise ValueError(f"{name} must be > 0 (or null), got {v}")
+        if self.sliding_window is not None:
+            _positive("sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            for t in self.layer_types:
+                _choice("layer_types[i]", t, LAYER_TYPES)
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}; "
+                                 "give one per layer")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def layer_type(self, i: int) -> str:
+        """'full_attention' or 'sliding_attention' for block i (the one place that reads layer_types)."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
+
+    def layer_window(self, i: int) -> int | None:
+        """Block i's sliding window (keys t - W < s <= t), or None for full causal attention."""
+        return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k: query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @classmethod
     def gpt2(cls, **overrides: Any) -> "ModelConfig":
         """GPT-2 family: learned positions, LayerNorm, GELU(tanh) MLP, biases, tied head."""
@@ -134,13 +234,28 @@ class ModelConfig:
 
     @property
     def family(self) -> str | None:
-        """'gpt2' or 'llama' when the components match that Hugging Face architecture, else None."""
+        """The Hugging Face model_type these fields read as (export_as when set), or None when none fits.
+
+        The name only: jaxformer.interop checks, field by field, that the architecture can express them.
+        """
+        if self.export_as is not None:
+            return self.export_as
         if (self.position, self.norm, self.gated_mlp, self.use_bias) == ("learned", "layernorm", False, True) \
                 and self.n_kv_heads == self.n_heads and self.head_dim * self.n_heads == self.d_model:
             return "gpt2"
-        if (self.position, self.norm, self.activation, self.gated_mlp) == ("rope", "rmsnorm", "silu", True):
-            return "llama"
-        return None
+        if (self.position, self.norm, self.gated_mlp) != ("rope", "rmsnorm", True):
+            return None
+        if self.norm_unit_offset:
+            return {"sandwich": "gemma3_text" if self.qk_norm == "head" else "gemma2"}.get(self.norm_placement, "gemma")
+        if self.norm_placement == "post":
+            return "olmo2"
+        if self.qk_norm == "head":
+            return "qwen3"
+        if self.qkv_bias:
+            return "qwen2"
+        if self.sliding_window is not None:
+            return "mistral"
+        return "llama" if self.activation == "silu" else None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
