@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.layers import Linear, apply_rope
+from jaxformer.models.layers import Linear, apply_rope, make_norm
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
@@ -29,16 +29,22 @@ DECODE_KERNEL_MAX_QUERIES = 16  # cached calls with more new tokens (prefill) us
 NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN
 
 
-def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds | None) -> jax.Array | None:
+def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds | None,
+              window: int | None = None) -> jax.Array | None:
     """Boolean mask [B or 1, T, S], True where query t may attend key s.
 
     Causal masks align the last query with the last key (query t sits at key position
-    t + S - T), which is both plain self-attention (T == S) and decoding against a cache.
+    p = t + S - T), which is both plain self-attention (T == S) and decoding against a cache.
+    A sliding window W keeps keys p - W < s <= p (transformers' sliding_window_overlay).
     """
     mask = None
     if causal:
-        t = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-        mask = (t >= jnp.arange(kv_len)[None, :])[None]  # [1, T, S]
+        p = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        s = jnp.arange(kv_len)[None, :]
+        mask = (p >= s) if window is None else (p >= s) & (s > p - window)
+        mask = mask[None]  # [1, T, S]
+    elif window is not None:
+        raise ValueError("a sliding window needs causal attention")
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids
         same = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, T, S]
@@ -47,7 +53,7 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds 
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                  scale: float) -> jax.Array:
+                  scale: float, softcap: float | None = None) -> jax.Array:
     """softmax(q k^T * scale) v with grouped kv heads; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
     Laid out for plain XLA: each kv head's G query heads are stacked as G*T rows of one matmul,
@@ -61,6 +67,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     s = jnp.einsum("bkqh,bksh->bkqs", qh * jnp.asarray(scale, qh.dtype), kh,
                    preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+    if softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before the mask
+        s = softcap * jnp.tanh(s / softcap)
     if mask is not None:
         bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # [B|1, T, S]
         s = s + jnp.tile(bias, (1, G, 1))[:, None]
@@ -80,8 +88,12 @@ def _on_gpu() -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: SegmentIds | None = None,
-           impl: str = "xla", scale: float | None = None) -> jax.Array:
-    """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out."""
+           impl: str = "xla", scale: float | None = None, window: int | None = None,
+           softcap: float | None = None) -> jax.Array:
+    """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out.
+
+    `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh.
+    """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     if N % K:
@@ -90,16 +102,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     if impl == "cudnn" and not _on_gpu():
         _warn_once("attention_impl='cudnn' needs an NVIDIA GPU; using the xla implementation instead")
         impl = "xla"
+    if impl in ("auto", "cudnn") and softcap is not None:
+        _warn_once(f"attention_impl={impl!r} has no logit soft-capping; using the xla implementation for it")
+        impl = "xla"
     if impl == "xla":
-        return xla_attention(q, k, v, make_mask(T, S, causal=causal, segment_ids=segment_ids), scale)
+        mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
+        return xla_attention(q, k, v, mask, scale, softcap)
     if impl == "pallas":
-        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale)
+        extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale, **extra)
     if impl == "auto":
         impl = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else None
     seg_mask = make_mask(T, S, causal=False, segment_ids=segment_ids)
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if seg_mask is None else seg_mask[:, None], scale=scale,
-        is_causal=causal, implementation=impl)
+        is_causal=causal, local_window_size=None if window is None else (window - 1, 0), implementation=impl)
 
 
 def cache_layout(impl: str) -> str:
@@ -110,31 +127,36 @@ def cache_layout(impl: str) -> str:
 
 
 def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, impl: str = "xla",
-                  scale: float | None = None) -> jax.Array:
+                  scale: float | None = None, window: int | None = None, softcap: float | None = None) -> jax.Array:
     """Queries [B,T,N,H] at positions lengths[b]-T+t attend causally to cache slots [0, lengths[b]).
 
     Caches are laid out as cache_layout(impl) says. impl "pallas" with at most DECODE_KERNEL_MAX_QUERIES
     queries runs pallas_kernels.decode_attention; everything else is plain XLA with a [B, T, S] mask
-    (stale slots past lengths[b] are masked).
+    (stale slots past lengths[b], and slots outside a sliding window, are masked).
     """
     B, T, N, H = q.shape
     scale = H ** -0.5 if scale is None else scale
     if cache_layout(impl) == "bskh":
         if T <= DECODE_KERNEL_MAX_QUERIES:
-            return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale)
+            extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+            return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, **extra)
         S = k_cache.shape[1]
-        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S), scale)
+        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window), scale, softcap)
     K, S = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by the kv head they share
     scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(_cache_mask(lengths, T, S)[:, None, None], scores, NEG_INF)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(_cache_mask(lengths, T, S, window)[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
 
 
-def _cache_mask(lengths: jax.Array, T: int, S: int) -> jax.Array:
+def _cache_mask(lengths: jax.Array, T: int, S: int, window: int | None = None) -> jax.Array:
     q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
-    return jnp.arange(S)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    s = jnp.arange(S)[None, None, :]
+    mask = s <= q_pos[:, :, None]  # [B, T, S]
+    return mask if window is None else mask & (s > q_pos[:, :, None] - window)
 
 
 def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
@@ -152,32 +174,51 @@ def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Arr
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped kv heads: q/k/v/o projections and optional RoPE.
+    """Multi-head attention with grouped kv heads: q/k/v/o projections, optional q/k norms and RoPE.
 
-    Self-attention by default, causal (decoder) or bidirectional (`causal=False`, an encoder). Given
-    `kv` (keys and values of another sequence, from `project_kv`), it is cross-attention: queries from
-    `x`, keys and values from the context (Vaswani et al. 2017, encoder-decoder attention).
+    Self-attention by default, causal (decoder) or bidirectional (`causal=False`, an encoder); `window` makes
+    a causal layer a sliding-window one. Given `kv` (keys and values of another sequence, from `project_kv`),
+    it is cross-attention: queries from `x`, keys and values from the context (Vaswani et al. 2017).
     """
 
-    def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, causal: bool = True, window: int | None = None, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kw = dict(bias=cfg.use_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
+        kw = dict(bias=cfg.use_bias or cfg.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
                   compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
         self.v_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
-        kw["std"] = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # residual branch output (GPT-2 init)
+        kw.update(bias=cfg.use_bias, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # residual output (GPT-2 init)
         self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
+        # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = None if cfg.qk_norm == "none" else make_norm(cfg, H if cfg.qk_norm == "head" else N * H)
+        self.k_norm = None if cfg.qk_norm == "none" else make_norm(cfg, H if cfg.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
-        self.causal = causal
+        self.causal, self.window = causal, window
+        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcap
         self.impl = cfg.attention_impl
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, S, K, H] of a sequence [B, S, D] (for cross-attention: once per source)."""
         B, S, _ = x.shape
-        k = self.k_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        k = self.k_proj(x)  # [B, S, K*H]
+        if self.qk_norm == "proj":
+            k = self.k_norm(k)
+        k = k.reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        if self.qk_norm == "head":
+            k = self.k_norm(k)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
         return k, v
+
+    def project_q(self, x: jax.Array) -> jax.Array:
+        """Queries [B, T, N, H] of [B, T, D], q-normed when the config says so."""
+        B, T, _ = x.shape
+        q = self.q_proj(x)  # [B, T, N*H]
+        if self.qk_norm == "proj":
+            q = self.q_norm(q)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
+        return self.q_norm(q) if self.qk_norm == "head" else q
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
                  segment_ids: jax.Array | SegmentIds | None = None, cache: LayerCache | None = None,
@@ -189,7 +230,7 @@ class Attention(nnx.Module):
         this is cross-attention: neither RoPE nor a cache applies to the context.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
+        q = self.project_q(x)  # [B, T, N, H]
         if kv is None:
             k, v = self.project_kv(x)  # [B, T, K, H]
             if rope is not None:
@@ -198,11 +239,12 @@ class Attention(nnx.Module):
             raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
         else:
             k, v = kv  # [B, S, K, H]
+        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
-            out = attend_cached(q, k_cache, v_cache, start + T, impl=self.impl)  # [B, T, N, H]
+            out = attend_cached(q, k_cache, v_cache, start + T, **kw)  # [B, T, N, H]
             return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_cache, v_cache)
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-        out = attend(q, k, v, causal=self.causal, segment_ids=seg, impl=self.impl)  # [B, T, N, H]
+        out = attend(q, k, v, causal=self.causal, segment_ids=seg, **kw)  # [B, T, N, H]
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

@@ -21,23 +21,45 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block; where its norms sit is `norm_placement` (the one place that reads it):
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, rngs=rngs)
+      pre       x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))         (GPT-2, Llama)
+      sandwich  x + post_attention_layernorm(attn(input_layernorm(x))),
+                then x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))       (Gemma 2, 3)
+      post      x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)) (OLMo 2)
+    """
+
+    def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
+        self.placement = cfg.norm_placement
+        self.attention_type = cfg.layer_type(layer)  # full_attention | sliding_attention: which RoPE it takes
+        self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
+        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
         self.post_attention_layernorm = make_norm(cfg)
+        self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
         self.mlp = MLP(cfg, rngs=rngs)
+        self.post_feedforward_layernorm = make_norm(cfg) if self.placement != "pre" else None
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-                 segment_ids: jax.Array | None, cache=None):  # [B, T, D] -> [B, T, D]
-        """With `cache` (k_cache, v_cache, start) returns (x, (k_cache, v_cache)); see Attention."""
-        if cache is not None:
-            h, kv = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
+                 cache=None):  # [B, T, D] -> [B, T, D]
+        """`rope` is this block's (cos, sin) (see rope_for). With `cache` (k_cache, v_cache, start) returns
+        (x, (k_cache, v_cache)); see Attention."""
+        kv = None
+        if self.placement == "pre":
+            h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            h, kv = h if cache is not None else (h, kv)
             x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x)), kv
-        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        elif self.placement == "sandwich":
+            h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            h, kv = h if cache is not None else (h, kv)
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:  # post
+            h = self.self_attn(x, rope, segment_ids, cache)
+            h, kv = h if cache is not None else (h, kv)
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(x))
+        return x if cache is None else (x, kv)
 
 
 class DecoderLM(nnx.Module):
@@ -49,7 +71,7 @@ class DecoderLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
         self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), **emb)
                                 if cfg.position == "learned" else None)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, layer=i, rngs=rngs) for i in range(cfg.n_layers)])
         self.norm = make_norm(cfg)
         self.lm_head = (None if cfg.tie_embeddings else
                         Linear(cfg.d_model, cfg.vocab_size, bias=False, axes=("vocab", "embed"), std=cfg.init_std,
@@ -63,8 +85,8 @@ class DecoderLM(nnx.Module):
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x, rope = self._embed(tokens, positions)
-        x = self._blocks(x, rope, segment_ids)
+        x, ropes = self._embed(tokens, positions)
+        x = self._blocks(x, ropes, segment_ids)
         return self._logits(x)
 
     def extend(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None) -> CachedLogits:
@@ -76,61 +98,89 @@ class DecoderLM(nnx.Module):
         check_inputs(self.config, tokens, positions, None)
         if positions is None:
             positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-        x, rope = self._embed(tokens, positions)
-        x, cache = self._cached_blocks(x, rope, cache)
+        x, ropes = self._embed(tokens, positions)
+        x, cache = self._cached_blocks(x, ropes, cache)
         return CachedLogits(self._logits(x), cache)
 
     def _embed(self, tokens: jax.Array, positions: jax.Array):
-        """Token (and learned / sinusoidal position) embeddings [B, T, D], and RoPE's cos/sin when used."""
+        """Token (and learned / sinusoidal position) embeddings [B, T, D], and RoPE's cos/sin per attention type."""
         cfg = self.config
         x = self.embed_tokens(tokens)  # [B, T, D]
-        rope = None
+        if cfg.scale_embedding:  # Gemma: the normaliser is rounded to the activations' dtype
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+        ropes = None
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
         elif cfg.position == "rope":
-            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # 2 x [B, T, H]
-        return constrain(x, ACT), rope
+            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+            # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
+            local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
+                                                                            cfg.rope_local_theta)
+            ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
+        return constrain(x, ACT), ropes
 
     def _logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
+        cfg = self.config
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:  # Gemma 2
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return constrain(logits, ("batch", "seq", "act_vocab"))
 
-    def _cached_blocks(self, x: jax.Array, rope, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """All blocks over new tokens, each writing its keys/values into its layer of the cache."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, rope, None, (cache.k[i], cache.v[i], cache.lengths))
+            x, (k, v) = layer(x, rope_for(layer, ropes), None, (cache.k[i], cache.v[i], cache.lengths))
             x = constrain(x, ACT)
             ks.append(k)
             vs.append(v)
         return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
 
-    def _blocks(self, x: jax.Array, rope, segment_ids) -> jax.Array:
+    def _blocks(self, x: jax.Array, ropes, segment_ids) -> jax.Array:
         """All blocks in order; with remat each block's activations are recomputed in the backward
-        pass, and with scan_layers one compiled body runs over the stacked block weights."""
+        pass, and with scan_layers one compiled body runs over the stacked block weights (a body of
+        `period` blocks when layer types repeat, e.g. Gemma 2's sliding/full pairs)."""
         cfg = self.config
         if cfg.remat == "none" and not cfg.scan_layers:
             for layer in self.layers:
-                x = materialize_cotangent(constrain(layer(x, rope, segment_ids), ACT))
+                x = materialize_cotangent(constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT))
             return x
-        graphdef = nnx.graphdef(self.layers[0])
+        period = layer_period(cfg)
+        graphdefs = [nnx.graphdef(self.layers[j]) for j in range(period)]
         states = [nnx.state(layer) for layer in self.layers]
+        groups = [states[i:i + period] for i in range(0, cfg.n_layers, period)]
 
-        def body(x, state):
-            return constrain(nnx.merge(graphdef, state)(x, rope, segment_ids), ACT), None
+        def body(x, group):
+            for graphdef, state in zip(graphdefs, group):
+                layer = nnx.merge(graphdef, state)
+                x = constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT)
+            return x, None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # stacking copies the weights once per call: memory for compile time on deep models
-            return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *states))[0]
-        for state in states:
-            x = materialize_cotangent(body(x, state)[0])
+            return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *groups))[0]
+        for group in groups:
+            x = materialize_cotangent(body(x, group)[0])
         return x
+
+
+def rope_for(layer: Block, ropes: dict | None) -> tuple[jax.Array, jax.Array] | None:
+    """The (cos, sin) of a block's attention type: sliding layers may have their own RoPE (Gemma 3)."""
+    return None if ropes is None else ropes[layer.attention_type]
+
+
+def layer_period(cfg: ModelConfig) -> int:
+    """The shortest run of layer types that repeats through the whole model (1 when all layers are alike)."""
+    types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+    return next(p for p in range(1, cfg.n_layers + 1)
+                if cfg.n_layers % p == 0 and all(t == types[i % p] for i, t in enumerate(types)))
 
 
 def check_inputs(cfg: ModelConfig, tokens, positions, segment_ids) -> None:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, RopeScaling
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -75,22 +75,29 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm (Zhang & Sennrich 2019) as in Llama: normalise in float32, cast, then scale."""
+    """RMSNorm (Zhang & Sennrich 2019). Llama: normalise in float32, cast, then scale by weight.
+    With `unit_offset` (Gemma): scale by (1 + weight) in float32, then cast; the weight starts at 0."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: str = "float32"):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype_of(param_dtype)), logical_axes=("norm",))
+    def __init__(self, dim: int, *, eps: float, unit_offset: bool = False, param_dtype: str = "float32"):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype_of(param_dtype)), logical_axes=("norm",))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> LayerNorm | RMSNorm:
-    """The norm layer the config names (the one place that reads `cfg.norm`)."""
-    norm_cls = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}[cfg.norm]
-    return norm_cls(dim or cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    """The norm layer the config names (the one place that reads `cfg.norm` and `cfg.norm_unit_offset`)."""
+    if cfg.norm == "layernorm":
+        return LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    return RMSNorm(dim or cfg.d_model, eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset,
+                   param_dtype=cfg.param_dtype)
 
 
 ACTIVATIONS = {
@@ -119,12 +126,84 @@ class MLP(nnx.Module):
         return self.down_proj(h)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, T, H] for rotate-half RoPE (Su et al. 2021, Hugging Face layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_seq_len: int,
+                  seq_len: jax.Array | int) -> tuple[jax.Array, float]:
+    """RoPE inverse frequencies [H/2] and the factor on cos/sin, as transformers' modeling_rope_utils.
+
+    `seq_len` (max position + 1 of the call, may be traced) matters to `dynamic` and `longrope` only.
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim  # [H/2]
+    inv_freq = 1.0 / (theta ** exponents)
+    kind = "default" if scaling is None else scaling.rope_type
+    if kind == "default":
+        return inv_freq, 1.0
+    original = scaling.original_max_position_embeddings or max_seq_len
+    factor = scaling.factor
+    if kind == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":  # NTK-aware: the base grows once the sequence passes the original context
+        n = jnp.maximum(jnp.asarray(seq_len, jnp.float32), original)
+        base = theta * (factor * n / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if kind == "llama3":  # Llama 3.1: long wavelengths / factor, short ones kept, a smooth blend between
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # Peng et al. 2023: NTK-by-parts between extrapolation and interpolation
+        return _yarn_inv_freq(head_dim, theta, scaling, original, inv_freq)
+    # longrope (Phi-3): per-frequency factors, the long set once the sequence passes the original context
+    if scaling.attention_factor is not None:
+        attention_factor = scaling.attention_factor
+    else:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short = jnp.asarray(scaling.short_factor, jnp.float32)
+    long = jnp.asarray(scaling.long_factor, jnp.float32)
+    ext = jnp.where(jnp.asarray(seq_len) > original, long, short)  # [H/2]
+    return 1.0 / (ext * theta ** exponents), attention_factor
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, original: int,
+                   inv_freq: jax.Array) -> tuple[jax.Array, float]:
+    factor = scaling.factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.attention_factor is not None:
+        attention_factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        attention_factor = mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+    else:
+        attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                 max_seq_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, H] for rotate-half RoPE (Su et al. 2021, Hugging Face layout), scaled as
+    `scaling` says (transformers multiplies cos and sin by the scaling's attention factor)."""
+    seq_len = positions.max() + 1
+    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, max_seq_len or 0, seq_len)  # [H/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
-    return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
