@@ -6,15 +6,24 @@ import torch
 from torch import nn
 
 from jaxformer.config import ModelConfig
-from torch_ref.layers import Linear, apply_rope
+from torch_ref.layers import Linear, apply_rope, make_norm
 
 
-def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None) -> torch.Tensor | None:
-    """Boolean [B or 1, T, S], True where attention is allowed; causal aligned bottom-right."""
+def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window: int | None = None):
+    """Boolean [B or 1, T, S], True where attention is allowed; causal aligned bottom-right.
+
+    With `window`, query t sees keys t - window < s <= t (itself and the window - 1 before it).
+    """
     mask = None
     if causal:
         t = torch.arange(q_len)[:, None] + (kv_len - q_len)
-        mask = (t >= torch.arange(kv_len)[None, :])[None]
+        s = torch.arange(kv_len)[None, :]
+        mask = t >= s
+        if window is not None:
+            mask = mask & (t - s < window)
+        mask = mask[None]
+    elif window is not None:
+        raise ValueError("a sliding window needs causal attention")
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids
         same = q_seg[:, :, None] == kv_seg[:, None, :]
@@ -22,15 +31,22 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None) -> tor
     return mask
 
 
-def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None) -> torch.Tensor:
-    """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; kv heads repeated explicitly for clarity."""
+def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None, window: int | None = None,
+           softcap: float | None = None) -> torch.Tensor:
+    """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; kv heads repeated explicitly for clarity.
+
+    Scores are q·k * scale (default H ** -0.5), then softcap * tanh(scores / softcap) when set (Gemma 2),
+    then the causal / window / segment mask.
+    """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     scale = H ** -0.5 if scale is None else scale
     k = k.repeat_interleave(N // K, dim=2)
     v = v.repeat_interleave(N // K, dim=2)
     scores = torch.einsum("btnh,bsnh->bnts", q.float(), k.float()) * scale
-    mask = make_mask(T, S, causal=causal, segment_ids=segment_ids)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], -1e30)
     probs = scores.softmax(-1).to(v.dtype)
@@ -38,26 +54,47 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = Non
 
 
 class Attention(nn.Module):
-    """Self-attention (causal or bidirectional), or cross-attention when `kv` comes from another sequence."""
+    """Self-attention (causal or bidirectional), or cross-attention when `kv` comes from another sequence.
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True):
+    `window`: this layer's sliding window (ModelConfig.layer_window(i)), None for full attention.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None):
         super().__init__()
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(D, N * H, bias=cfg.use_bias)
-        self.k_proj = Linear(D, K * H, bias=cfg.use_bias)
-        self.v_proj = Linear(D, K * H, bias=cfg.use_bias)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias  # Qwen2: biases on q/k/v only
+        self.q_proj = Linear(D, N * H, bias=qkv_bias)
+        self.k_proj = Linear(D, K * H, bias=qkv_bias)
+        self.v_proj = Linear(D, K * H, bias=qkv_bias)
         self.o_proj = Linear(N * H, D, bias=cfg.use_bias)
+        # q/k RMSNorm: per head over H (Qwen3, Gemma 3) or over the whole projection N*H / K*H (OLMo 2)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            self.q_norm = make_norm(cfg, H if cfg.qk_norm == "head" else N * H)
+            self.k_norm = make_norm(cfg, H if cfg.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
-        self.causal = causal
+        self.causal, self.window = causal, window
+        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcap
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, S, K, H] of x [B, S, D] (k normalised when qk_norm is set)."""
         B, S, _ = x.shape
-        return (self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim),
-                self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim))
+        k, v = self.k_proj(x), self.v_proj(x)  # [B, S, K*H]
+        if self.qk_norm == "proj":
+            k = self.k_norm(k)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            k = self.k_norm(k)
+        return k, v.view(B, S, self.n_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, rope=None, segment_ids=None, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        q = self.q_proj(x)  # [B, T, N*H]
+        if self.qk_norm == "proj":
+            q = self.q_norm(q)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q = self.q_norm(q)
         if kv is None:
             k, v = self.project_kv(x)
             if rope is not None:
@@ -65,5 +102,6 @@ class Attention(nn.Module):
         else:
             k, v = kv
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-        out = attend(q, k, v, causal=self.causal, segment_ids=seg)
+        out = attend(q, k, v, causal=self.causal, segment_ids=seg, scale=self.scale, window=self.window,
+                     softcap=self.softcap)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

@@ -2,34 +2,58 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
-from torch_ref.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
+from torch_ref.layers import MLP, Embed, Linear, layer_rope, make_norm, sinusoidal_positions
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Residual block i; cfg.norm_placement places its norms (parameter names as Hugging Face's):
+
+    pre (Llama):        x + attn(input_layernorm(x)); x + mlp(post_attention_layernorm(x))
+    sandwich (Gemma 2): x + post_attention_layernorm(attn(input_layernorm(x)));
+                        x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))
+    post (OLMo 2):      x + post_attention_layernorm(attn(x)); x + post_feedforward_layernorm(mlp(x))
+    """
+
+    def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
-        self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg)
+        self.placement = cfg.norm_placement
+        if self.placement != "post":
+            self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, window=cfg.layer_window(i))
         self.post_attention_layernorm = make_norm(cfg)
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(cfg)
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, segment_ids=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope=None, segment_ids=None):  # [B, T, D] -> [B, T, D]
+        if self.placement == "pre":
+            x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        if self.placement == "sandwich":
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, segment_ids))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.post_attention_layernorm(self.self_attn(x, rope, segment_ids))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
 
 
 class DecoderLM(nn.Module):
+    """tokens [B, T] -> float32 logits [B, T, V]; every family of ModelConfig, eager reference math."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model)
         self.embed_positions = Embed(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -41,16 +65,21 @@ class DecoderLM(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
         if positions is None:
             positions = torch.arange(T).expand(B, T)
-        x = self.embed_tokens(tokens)
-        rope = None
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        if cfg.scale_embedding:  # Gemma: the normaliser sqrt(D) in the hidden dtype
+            x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
+        ropes = {}
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).to(x.dtype)
-        elif cfg.position == "rope":
-            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        for layer in self.layers:
-            x = layer(x, rope, segment_ids)
+        elif cfg.position == "rope":  # one cos/sin per layer type (Gemma 3: local base on sliding layers)
+            types = {cfg.layer_type(i) for i in range(cfg.n_layers)}
+            ropes = {t: layer_rope(cfg, positions, t) for t in sorted(types)}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ropes.get(cfg.layer_type(i)), segment_ids)
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
+        if cfg.final_logit_softcap is not None:  # Gemma 2
+            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         return logits.float()

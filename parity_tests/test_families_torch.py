@@ -1,0 +1,205 @@
+"""torch_ref vs Hugging Face transformers, family by family: the open families' ModelConfig fields.
+
+Each case is a random-init transformers model built from its config class (nothing is downloaded) with
+every matrix redrawn and every 1-D weight (norms, biases) perturbed away from its init, copied into
+torch_ref.DecoderLM by renaming (`hf_to_torch_ref`), and run on prompts longer than any sliding window.
+Logits must agree within 1e-4 absolute (eager attention on the transformers side).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import torch_ref
+from torch_ref.layers import rope_inv_freq
+from jaxformer.config import ModelConfig, RopeScaling
+from parity_tests.conftest import assert_hf_close, quiet_transformers
+
+quiet_transformers()
+import transformers  # noqa: E402
+
+B = 2
+V = 101
+# transformers kwargs and the jaxformer fields shared by most cases: GQA, head_dim 16 with d_model 48
+HF_BASE = dict(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+               tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+OURS_BASE = dict(vocab_size=V, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64,
+                 max_seq_len=64, norm_eps=1e-6)
+GEMMA = dict(norm_unit_offset=True, scale_embedding=True, activation="gelu_tanh", tie_embeddings=True)
+SHORT = tuple(float(x) for x in np.linspace(1.0, 1.6, 8))  # longrope factors, head_dim / 2 of them
+LONG = tuple(float(x) for x in np.geomspace(1.0, 12.0, 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    hf_class: str  # transformers class name, e.g. "LlamaForCausalLM"
+    hf_config: str  # its config class
+    hf: dict  # config kwargs on top of HF_BASE
+    ours: ModelConfig
+    lengths: tuple[int, ...] = (40,)  # prompt lengths, each longer than any window
+
+
+def llama(rope: dict, scaling: RopeScaling, lengths=(40,), **hf) -> Case:
+    return Case("LlamaForCausalLM", "LlamaConfig", dict(rope_parameters=rope, **hf),
+                ModelConfig.llama(**OURS_BASE, rope_theta=rope["rope_theta"], rope_scaling=scaling), lengths)
+
+
+CASES = {
+    # Llama 3.1: orig 64 puts wavelengths of head_dim 16 in all three bands (kept, blended, / factor)
+    "llama3": llama(dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=64),
+                    RopeScaling("llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=64)),
+    # yarn: correction range [0, 2] of 8 frequencies, attention factor 0.1 ln 4 + 1
+    "llama_yarn": llama(dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32),
+                        RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32)),
+    # yarn with DeepSeek-style mscale, explicit betas, an untruncated correction range
+    "llama_yarn_mscale": llama(dict(rope_type="yarn", rope_theta=500.0, factor=8.0, original_max_position_embeddings=48,
+                                    beta_fast=16.0, beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, truncate=False),
+                               RopeScaling("yarn", factor=8.0, original_max_position_embeddings=48, beta_fast=16.0,
+                                           beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, truncate=False)),
+    "llama_linear": llama(dict(rope_type="linear", rope_theta=10000.0, factor=2.5),
+                          RopeScaling("linear", factor=2.5)),
+    # dynamic NTK: transformers' threshold is max_position_embeddings (32 here); 24 stays, 48 grows the base
+    "llama_dynamic": llama(dict(rope_type="dynamic", rope_theta=10000.0, factor=3.0),
+                           RopeScaling("dynamic", factor=3.0, original_max_position_embeddings=32), (24, 48),
+                           max_position_embeddings=32),
+    # Qwen2: q/k/v biases (not o_proj), layer 0 full and layer 1 sliding (max_window_layers=1)
+    "qwen2": Case("Qwen2ForCausalLM", "Qwen2Config",
+                  dict(rope_parameters=dict(rope_type="default", rope_theta=1e6), use_sliding_window=True,
+                       sliding_window=8, max_window_layers=1),
+                  ModelConfig.llama(**OURS_BASE, rope_theta=1e6, qkv_bias=True, sliding_window=8,
+                                    layer_types=("full_attention", "sliding_attention"))),
+    # Qwen3: RMSNorm over head_dim on q and k, tied embeddings
+    "qwen3": Case("Qwen3ForCausalLM", "Qwen3Config",
+                  dict(rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=True),
+                  ModelConfig.llama(**OURS_BASE, rope_theta=1e6, qk_norm="head", tie_embeddings=True)),
+    # Mistral: every layer sliding, window 8
+    "mistral": Case("MistralForCausalLM", "MistralConfig", dict(sliding_window=8),
+                    ModelConfig.llama(**OURS_BASE, sliding_window=8)),
+    # Gemma: (1 + w) RMSNorm, sqrt(D) embedding scale, GeGLU, tied head
+    "gemma": Case("GemmaForCausalLM", "GemmaConfig", dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+                  ModelConfig.llama(**OURS_BASE, **GEMMA)),
+    # Gemma 2: sandwich norms, query_pre_attn_scalar != head_dim, both soft-caps low enough to bend,
+    # layers alternating sliding / full
+    "gemma2": Case("Gemma2ForCausalLM", "Gemma2Config",
+                   dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, query_pre_attn_scalar=24,
+                        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=8,
+                        num_hidden_layers=3),
+                   ModelConfig.llama(**{**OURS_BASE, "n_layers": 3}, **GEMMA, norm_placement="sandwich",
+                                     query_pre_attn_scalar=24, attn_logit_softcap=2.0, final_logit_softcap=3.0,
+                                     sliding_window=8, layer_types=("sliding_attention", "full_attention",
+                                                                    "sliding_attention"))),
+    # Gemma 3: + q/k head norms, local RoPE base on sliding layers, linear scaling on the global ones
+    "gemma3_text": Case("Gemma3ForCausalLM", "Gemma3TextConfig",
+                        dict(hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, query_pre_attn_scalar=24,
+                             final_logit_softcapping=3.0, sliding_window=8, num_hidden_layers=3,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                             rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                              "full_attention": dict(rope_type="linear", factor=2.0,
+                                                                     rope_theta=1e6)}),
+                        ModelConfig.llama(**{**OURS_BASE, "n_layers": 3}, **GEMMA, norm_placement="sandwich",
+                                          qk_norm="head", query_pre_attn_scalar=24, final_logit_softcap=3.0,
+                                          sliding_window=8, rope_theta=1e6, rope_local_theta=10000.0,
+                                          rope_scaling=RopeScaling("linear", factor=2.0),
+                                          layer_types=("sliding_attention", "full_attention", "sliding_attention"))),
+    # Phi-3: longrope, short factors up to 32 tokens, long ones past them; attention factor from 64 / 32
+    "phi3_longrope": Case("Phi3ForCausalLM", "Phi3Config",
+                          dict(head_dim=None, hidden_size=64, original_max_position_embeddings=32,
+                               rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                    short_factor=list(SHORT), long_factor=list(LONG))),
+                          ModelConfig.llama(**{**OURS_BASE, "d_model": 64},
+                                            rope_scaling=RopeScaling("longrope", factor=2.0,
+                                                                     original_max_position_embeddings=32,
+                                                                     short_factor=SHORT, long_factor=LONG)),
+                          (24, 48)),
+    # OLMo 2: norms after attention and MLP only, q/k RMSNorm over the whole projections (N*H and K*H)
+    "olmo2": Case("Olmo2ForCausalLM", "Olmo2Config", dict(),
+                  ModelConfig.llama(**OURS_BASE, norm_placement="post", qk_norm="proj")),
+}
+
+
+def hf_model(case: Case, seed: int, std: float = 0.2):
+    """The transformers model of `case`, eager attention, matrices redrawn, 1-D weights moved off their init."""
+    kwargs = {k: v for k, v in {**HF_BASE, **case.hf}.items() if v is not None}
+    config = getattr(transformers, case.hf_config)(**kwargs)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, case.hf_class)(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                p.add_(0.1 * noise)  # norm scales (1, or 0 for Gemma's 1 + w) and biases (0)
+            else:
+                p.copy_(std * noise)
+    return model
+
+
+def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict -> torch_ref keys: drop "model.", split Phi-3's fused qkv_proj and gate_up_proj."""
+    out = {}
+    for key, t in hf_sd.items():
+        name = key.removeprefix("model.")
+        if name.endswith("self_attn.qkv_proj.weight"):  # rows [q: N*H | k: K*H | v: K*H]
+            q, k, v = t.split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim,
+                               cfg.n_kv_heads * cfg.head_dim])
+            prefix = name.removesuffix("qkv_proj.weight")
+            out.update({f"{prefix}q_proj.weight": q, f"{prefix}k_proj.weight": k, f"{prefix}v_proj.weight": v})
+        elif name.endswith("mlp.gate_up_proj.weight"):  # rows [gate: F | up: F]
+            gate, up = t.chunk(2)
+            prefix = name.removesuffix("gate_up_proj.weight")
+            out.update({f"{prefix}gate_proj.weight": gate, f"{prefix}up_proj.weight": up})
+        elif not (name == "lm_head.weight" and cfg.tie_embeddings):
+            out[name] = t
+    return out
+
+
+def ref_module(case: Case, hf) -> torch_ref.DecoderLM:
+    module = torch_ref.DecoderLM(case.ours).eval()
+    module.load_state_dict(hf_to_torch_ref(hf.state_dict(), case.ours), strict=True)
+    return module
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(name):
+    case = CASES[name]
+    hf = hf_model(case, seed=1)
+    module = ref_module(case, hf)
+    rng = np.random.default_rng(2)
+    for T in case.lengths:  # ascending: transformers' dynamic RoPE keeps state between calls
+        tokens = torch.from_numpy(rng.integers(0, V, (B, T)))
+        with torch.no_grad():
+            ref = hf(input_ids=tokens).logits.float()
+            got = module(tokens)
+        assert ref.abs().max() > 1.0, "logits too small for a meaningful check"
+        assert_hf_close(got, ref, f"logits T={T}")
+
+
+def test_weight_names_are_transformers_names():
+    """torch_ref's state_dict keys are the transformers keys minus "model." (Phi-3 after its split)."""
+    for name in ("gemma2", "gemma3_text", "olmo2", "qwen2", "phi3_longrope"):
+        case = CASES[name]
+        hf = hf_model(case, seed=3)
+        assert set(torch_ref.DecoderLM(case.ours).state_dict()) == set(hf_to_torch_ref(hf.state_dict(), case.ours))
+    keys = set(torch_ref.DecoderLM(CASES["gemma3_text"].ours).state_dict())
+    assert {"layers.0.self_attn.q_norm.weight", "layers.0.pre_feedforward_layernorm.weight",
+            "layers.0.post_feedforward_layernorm.weight", "norm.weight"} <= keys
+    assert "layers.0.input_layernorm.weight" not in set(torch_ref.DecoderLM(CASES["olmo2"].ours).state_dict())
+    qwen2 = torch_ref.DecoderLM(CASES["qwen2"].ours).state_dict()
+    assert "layers.0.self_attn.q_proj.bias" in qwen2 and "layers.0.self_attn.o_proj.bias" not in qwen2
+
+
+@pytest.mark.parametrize("name", ["llama_dynamic", "phi3_longrope"])
+def test_length_dependent_rope_switches(name):
+    """The long-context regime really differs from the short one (else the two-length test proves little)."""
+    cfg = CASES[name].ours
+    short, long = (torch.arange(T).expand(1, T) for T in CASES[name].lengths)
+    inv_short, _ = rope_inv_freq(cfg, short)
+    inv_long, _ = rope_inv_freq(cfg, long)
+    assert (inv_short - inv_long).abs().max() > 1e-3 * inv_short.abs().max()
