@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.targets import compile_target
+
 INTERPRET_ENV = "JAXFORMER_PALLAS_INTERPRET"
 
 
@@ -24,7 +26,7 @@ def resolve_interpret(interpret: bool, kernel: str = "this Pallas kernel") -> bo
     """The interpret flag a kernel should use; raises PallasUnavailableError where it cannot run."""
     if interpret or interpret_requested():
         return True
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and compile_target() is None:  # compiling_for(target): compile, never run
         raise PallasUnavailableError(
             f"{kernel} compiles through Pallas' Triton backend and needs an NVIDIA GPU, but JAX's default "
             f"backend is {jax.default_backend()!r}. To run it on CPU in (slow) interpret mode pass "

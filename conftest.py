@@ -1,0 +1,13 @@
+"""Every test session: without an NVIDIA driver, JAX runs on CPU only (JAX_PLATFORMS=cpu).
+
+With the gpu-compile extra installed, JAX's CUDA plugin would otherwise try to start a GPU client, fail,
+and log a traceback; with jax_platforms="cpu" it only registers the compiler that tests/gpu uses to
+build cubins for H100/A100 without the hardware. Where a driver exists nothing changes (pytest -m gpu).
+Set here, before any test imports JAX, and inherited by the subprocesses tests start.
+"""
+
+import os
+from pathlib import Path
+
+if not Path("/proc/driver/nvidia/version").exists():
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
