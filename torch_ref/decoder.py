@@ -9,11 +9,11 @@ from torch import nn
 
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
-from torch_ref.layers import MLP, Embed, Linear, layer_rope, make_norm, sinusoidal_positions
+from torch_ref.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
 
 
 class Block(nn.Module):
-    """Residual block i; cfg.norm_placement places its norms (parameter names as Hugging Face's):
+    """Residual block number `layer`; cfg.norm_placement places its norms (parameter names as Hugging Face's):
 
     pre (Llama):        x + attn(input_layernorm(x)); x + mlp(post_attention_layernorm(x))
     sandwich (Gemma 2): x + post_attention_layernorm(attn(input_layernorm(x)));
@@ -21,12 +21,13 @@ class Block(nn.Module):
     post (OLMo 2):      x + post_attention_layernorm(attn(x)); x + post_feedforward_layernorm(mlp(x))
     """
 
-    def __init__(self, cfg: ModelConfig, i: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.placement = cfg.norm_placement
+        self.attention_type = cfg.layer_type(layer)  # full_attention | sliding_attention: which RoPE it takes
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(i))
+        self.self_attn = Attention(cfg, window=cfg.layer_window(layer))
         self.post_attention_layernorm = make_norm(cfg)
         if self.placement == "sandwich":
             self.pre_feedforward_layernorm = make_norm(cfg)
@@ -53,7 +54,7 @@ class DecoderLM(nn.Module):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model)
         self.embed_positions = Embed(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([Block(cfg, layer=i) for i in range(cfg.n_layers)])
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -68,16 +69,19 @@ class DecoderLM(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, D]
         if cfg.scale_embedding:  # Gemma: the normaliser sqrt(D) in the hidden dtype
             x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
-        ropes = {}
+        ropes = None
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).to(x.dtype)
-        elif cfg.position == "rope":  # one cos/sin per layer type (Gemma 3: local base on sliding layers)
-            types = {cfg.layer_type(i) for i in range(cfg.n_layers)}
-            ropes = {t: layer_rope(cfg, positions, t) for t in sorted(types)}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ropes.get(cfg.layer_type(i)), segment_ids)
+        elif cfg.position == "rope":
+            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+            # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
+            local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
+                                                                            cfg.rope_local_theta)
+            ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
+        for layer in self.layers:
+            x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         if cfg.final_logit_softcap is not None:  # Gemma 2

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, RopeScaling
 
 
 class Linear(nn.Linear):
@@ -88,85 +88,69 @@ class MLP(nn.Module):
         return self.down_proj(h)
 
 
-def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """RoPE inverse frequencies theta ** (-2i / H), i < H/2 (Su et al. 2021), in float32 as transformers."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_seq_len: int,
+                  seq_len: torch.Tensor | int) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies [H/2] and the factor on cos/sin, written from transformers' modeling_rope_utils.
 
-
-def rope_inv_freq(cfg: ModelConfig, positions: torch.Tensor,
-                  layer_type: str = "full_attention") -> tuple[torch.Tensor, float]:
-    """A layer type's RoPE inverse frequencies [H/2] and cos/sin factor (transformers' modeling_rope_utils.py).
-
-    Sliding-window layers take the default RoPE at rope_local_theta when it is set (Gemma 3). dynamic and
-    longrope read the sequence length max(positions) + 1, as transformers' dynamic_rope_update does.
+    `seq_len` (max position + 1 of the call) matters to dynamic and longrope only, as in transformers'
+    dynamic_rope_update; original_max_position_embeddings defaults to `max_seq_len`.
     """
-    H, theta, rs = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
-    if layer_type == "sliding_attention" and cfg.rope_local_theta is not None:
-        return default_inv_freq(H, cfg.rope_local_theta), 1.0
-    inv_freq = default_inv_freq(H, theta)  # [H/2]
-    if rs is None or rs.rope_type == "default":
-        return inv_freq, 1.0
-    factor, orig = rs.factor, rs.original_max_position_embeddings or cfg.max_seq_len
-    seq_len = positions.max() + 1
+    H = head_dim
     exponent = torch.arange(0, H, 2, dtype=torch.int64).float() / H  # [H/2]
-    if rs.rope_type == "linear":  # positions / factor
+    inv_freq = 1.0 / (theta ** exponent)
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq, 1.0
+    kind, factor = scaling.rope_type, scaling.factor
+    orig = scaling.original_max_position_embeddings or max_seq_len
+    seq_len = torch.as_tensor(seq_len)
+    if kind == "linear":  # positions / factor
         return inv_freq / factor, 1.0
-    if rs.rope_type == "dynamic":  # NTK-aware: the base grows once the sequence passes `orig`
+    if kind == "dynamic":  # NTK-aware: the base grows once the sequence passes `orig`
         grown = theta * ((factor * torch.clamp(seq_len, min=orig) / orig) - (factor - 1)) ** (H / (H - 2))
         return torch.where(seq_len > orig, 1.0 / (grown ** exponent), inv_freq), 1.0
-    if rs.rope_type == "llama3":  # Llama 3.1: long wavelengths / factor, medium ones blended
-        low_wavelen, high_wavelen = orig / rs.low_freq_factor, orig / rs.high_freq_factor
+    if kind == "llama3":  # Llama 3.1: long wavelengths / factor, short ones kept, medium ones blended
+        lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (orig / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        scaled = torch.where(wavelen > orig / lo, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        medium = ~(wavelen < orig / hi) * ~(wavelen > orig / lo)
         return torch.where(medium, smoothed, scaled), 1.0
-    if rs.rope_type == "longrope":  # Phi-3: per-frequency factors, the long ones past the original context
-        attention = rs.attention_factor
+    attention = scaling.attention_factor
+    if kind == "longrope":  # Phi-3: per-frequency factors, the long ones past the original context
         if attention is None:
             attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        ext = torch.where(seq_len > orig, torch.tensor(rs.long_factor), torch.tensor(rs.short_factor))  # [H/2]
+        ext = torch.where(seq_len > orig, torch.tensor(scaling.long_factor), torch.tensor(scaling.short_factor))
         return 1.0 / (ext * theta ** exponent), attention
-    # yarn (Peng et al. 2023): NTK-by-parts between the beta_fast / beta_slow rotation counts
+
+    # yarn (Peng et al. 2023): NTK-by-parts, frequencies between the beta_fast / beta_slow rotation counts blended
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    attention = rs.attention_factor
-    if attention is None:
-        attention = (mscale(factor, rs.mscale) / mscale(factor, rs.mscale_all_dim) if rs.mscale and rs.mscale_all_dim
-                     else mscale(factor))
-
-    def correction_dim(rotations: float) -> float:
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `orig`
         return H * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low, high = correction_dim(rs.beta_fast or 32), correction_dim(rs.beta_slow or 1)
-    if rs.truncate:
+    if attention is None:
+        m, m_all = scaling.mscale, scaling.mscale_all_dim
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    low, high = correction_dim(scaling.beta_fast or 32), correction_dim(scaling.beta_slow or 1)
+    if scaling.truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, H - 1)
     ramp = torch.clamp((torch.arange(H // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1)
     pos_freqs = theta ** exponent
-    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate it by 1 / factor
+    extrapolate = 1 - ramp  # 1: keep the frequency, 0: interpolate it by 1 / factor
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate, attention
 
 
-def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
-                   attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, H] of positions [B, T] at inverse frequencies [H/2], times the attention factor."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                 max_seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, H] of positions [B, T] for rotate-half RoPE, scaled as `scaling` says (times its
+    attention factor, as transformers)."""
+    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, max_seq_len or 0, positions.max() + 1)
     freqs = positions.float()[..., None] * inv_freq  # [B, T, H/2]
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, H]
     return emb.cos() * attention_factor, emb.sin() * attention_factor
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default (unscaled) RoPE cos, sin [B, T, H]."""
-    return rotary_cos_sin(positions, default_inv_freq(head_dim, theta))
-
-
-def layer_rope(cfg: ModelConfig, positions: torch.Tensor,
-               layer_type: str = "full_attention") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, H] for the layers of `layer_type`, with the config's RoPE scaling."""
-    return rotary_cos_sin(positions, *rope_inv_freq(cfg, positions, layer_type))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
