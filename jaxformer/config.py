@@ -139,7 +139,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _positive(name, getattr(self, name))
-        self._check_family_fields()
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         _positive("n_kv_heads", self.n_kv_heads)
@@ -175,6 +174,7 @@ class ModelConfig:
             raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        self._check_family_fields()
 
     def _check_family_fields(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
@@ -191,6 +191,9 @@ class ModelConfig:
                 _number(name, v)
                 if v <= 0:
                     raise ValueError(f"{name} must be > 0 (or null), got {v}")
+        if self.query_pre_attn_scalar is not None and self.head_dim is not None \
+                and self.query_pre_attn_scalar == self.head_dim:
+            object.__setattr__(self, "query_pre_attn_scalar", None)  # the default scale, said one way
         if self.sliding_window is not None:
             _positive("sliding_window", self.sliding_window)
         if self.layer_types is not None:
@@ -202,6 +205,12 @@ class ModelConfig:
                                  "give one per layer")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+            # one spelling per architecture: uniform layer types are said by sliding_window alone
+            if set(self.layer_types) == {"sliding_attention"}:
+                object.__setattr__(self, "layer_types", None)
+            elif set(self.layer_types) == {"full_attention"}:
+                object.__setattr__(self, "layer_types", None)
+                object.__setattr__(self, "sliding_window", None)
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'sliding_attention' for block i (the one place that reads layer_types)."""

@@ -1,0 +1,94 @@
+"""Gemma (1), Gemma 2 and Gemma 3 text models: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM.
+
+What sets them apart (transformers' modeling_gemma*.py): RMSNorm scaling by (1 + weight) in float32,
+embeddings times sqrt(hidden_size), GeGLU (tanh GELU, gated), head_dim apart from hidden / heads.
+Gemma 2 adds sandwich norms, attention scores scaled by query_pre_attn_scalar ** -0.5, tanh soft-caps
+on attention scores and final logits, and sliding windows on every other layer. Gemma 3 adds per-head
+q/k RMSNorm, five sliding layers to one full one, and a RoPE base of its own for sliding layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxformer.config import ModelConfig
+from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_fields, decoder_to_hf,
+                                         layer_types_from_hf, prefixed, require, rope_from_hf, rope_to_hf,
+                                         unprefixed)
+from jaxformer.interop.state_dict import UnsupportedCheckpointError
+
+SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # transformers' default: layer i slides unless (i+1) % p == 0
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf["model_type"]
+    require(hf, "attention_bias", lambda v: not v, False, "Gemma has no biases in jaxformer")
+    act = activation({**hf, "hidden_act": "gelu_pytorch_tanh" if hf.get("hidden_act") == "gelu" else
+                      hf.get("hidden_act")}, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+    fields: dict[str, Any] = dict(norm_unit_offset=True, scale_embedding=True, activation=act,
+                                  tie_embeddings=hf.get("tie_word_embeddings", True))
+    if model_type == "gemma":
+        theta, scaling = rope_from_hf(hf)
+        return ModelConfig.llama(**{**decoder_fields(hf), **fields}, rope_theta=theta, rope_scaling=scaling)
+    window = hf.get("sliding_window", 4096)
+    pattern = hf.get("sliding_window_pattern", SLIDING_PATTERN[model_type])
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(hf["num_hidden_layers"])]
+    fields.update(norm_placement="sandwich", query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                  sliding_window=window, layer_types=layer_types_from_hf({"layer_types": layer_types}, window))
+    if model_type == "gemma2":
+        theta, scaling = rope_from_hf(hf)
+        fields.update(attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
+                      final_logit_softcap=hf.get("final_logit_softcapping", 30.0))
+    else:  # gemma3_text
+        require(hf, "use_bidirectional_attention", lambda v: not v, False, "only causal attention")
+        theta, scaling, local_theta = _gemma3_rope(hf)
+        fields.update(qk_norm="head", rope_local_theta=local_theta,
+                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                      final_logit_softcap=hf.get("final_logit_softcapping"))
+    if window is None and "sliding_attention" in layer_types:
+        raise UnsupportedCheckpointError(f"{model_type} has sliding layers but sliding_window=null")
+    return ModelConfig.llama(**{**decoder_fields(hf), **fields}, rope_theta=theta, rope_scaling=scaling)
+
+
+def _gemma3_rope(hf: dict[str, Any]):
+    """(full layers' theta, their scaling, sliding layers' theta or None when they rotate as full layers do)."""
+    rp = hf.get("rope_parameters") or {}
+    if "full_attention" in rp:  # transformers 5: one entry per layer type
+        theta, scaling = rope_from_hf(hf, rp["full_attention"])
+        local = rp.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}
+    else:  # older config.json: rope_theta (+ rope_scaling) for full layers, rope_local_base_freq for sliding ones
+        theta, scaling = rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", 1_000_000.0)})
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    local_theta, local_scaling = rope_from_hf(hf, local)
+    if local_scaling is not None:
+        raise UnsupportedCheckpointError(f"gemma3_text sliding layers with rope_type={local_scaling.rope_type!r} are "
+                                         "not supported; only the default RoPE on sliding layers")
+    return theta, scaling, None if (local_theta == theta and scaling is None) else local_theta
+
+
+def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
+    out = {**decoder_to_hf(cfg, family), "attention_bias": False}
+    act = ACT_TO_HF[cfg.activation]
+    if family.model_type == "gemma":
+        return {**out, "hidden_act": act, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
+    out.update(hidden_activation=act, query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+               sliding_window=cfg.sliding_window, layer_types=[cfg.layer_type(i) for i in range(cfg.n_layers)],
+               attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
+    if family.model_type == "gemma2":
+        return {**out, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
+    local = rope_to_hf(cfg.rope_local_theta or cfg.rope_theta, None)
+    return {**out, "rope_parameters": {"full_attention": rope_to_hf(cfg.rope_theta, cfg.rope_scaling),
+                                       "sliding_attention": local}}
+
+
+def _family(model_type: str, architecture: str) -> Family:
+    def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+        return _config_to_hf(cfg, fam)
+
+    fam = Family(model_type, architecture, _config_from_hf, to_hf, unprefixed, prefixed)
+    return fam
+
+
+FAMILIES = {f.model_type: f for f in (_family("gemma", "GemmaForCausalLM"), _family("gemma2", "Gemma2ForCausalLM"),
+                                      _family("gemma3_text", "Gemma3ForCausalLM"))}

@@ -1,0 +1,136 @@
+"""Hugging Face import and export for every open family, against transformers itself.
+
+Each case builds a random-init transformers model from its config class (no download), moves its 1-D weights
+(norms, biases) away from their init values, saves it (sharded for one case), loads it with
+`jaxformer.load_hf`, and compares logits on a prompt longer than any sliding window; then `save_hf` writes it
+back and `AutoModelForCausalLM.from_pretrained` must give the same logits.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxformer.interop import UnsupportedCheckpointError, load_hf, save_hf  # noqa: E402
+
+T = 320  # tokens per prompt: past every window below, and past the RoPE scalings' original contexts
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SHORT = [1.0 + 0.05 * i for i in range(8)]  # longrope factors for head_dim 16
+LONG = [1.0 + 0.5 * i for i in range(8)]
+
+CASES = {
+    "llama3": ("LlamaConfig", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=64))),
+    "llama_yarn": ("LlamaConfig", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                            original_max_position_embeddings=128))),
+    "llama_linear_bias": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
+                                                                   factor=2.0), attention_bias=True, mlp_bias=True)),
+    "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=128, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "mistral": ("MistralConfig", dict(sliding_window=48, head_dim=24)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=40, max_window_layers=1,
+                                  tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "gemma": ("GemmaConfig", dict(head_dim=32, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh",
+                                  tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(head_dim=32, sliding_window=40, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, num_hidden_layers=4)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=32, sliding_window=40, query_pre_attn_scalar=24, num_hidden_layers=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=4, sliding_window=200, original_max_position_embeddings=128,
+                                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=SHORT,
+                                                     long_factor=LONG, original_max_position_embeddings=128))),
+    "olmo2": ("Olmo2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+}
+
+
+def _hf_model(name: str, seed: int = 0):
+    cls_name, extra = CASES[name]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # 1-D weights away from their init (ones / zeros), so a swapped norm would show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def _tokens(n: int, seed: int, length: int = T) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, COMMON["vocab_size"], (2, length)).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_import_and_export_match_transformers(name, tmp_path):
+    hf_model = _hf_model(name)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB" if name == "qwen2" else "5GB")
+    if name == "qwen2":
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    overrides = {"max_seq_len": 512} if name == "llama_dynamic" else {}
+    model = load_hf(tmp_path / "hf", **overrides)
+    lengths = (T, 100) if name == "phi3" else (T,)  # Phi-3: long factors past 128 tokens, short ones below
+    for i, length in enumerate(lengths):
+        tokens = _tokens(2, seed=i, length=length)
+        ref = _hf_logits(hf_model, tokens)
+        ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+        assert np.abs(ref).max() > 1.0, "logits too small to prove anything"
+        assert np.abs(ours - ref).max() <= 1e-4, f"{name}: import max|diff| {np.abs(ours - ref).max():.2e}"
+        print(f"{name} T={length}: import max|diff| {np.abs(ours - ref).max():.1e} (max|logit| {np.abs(ref).max():.1f})")
+
+    if name == "llama_dynamic":  # transformers' dynamic NTK grows past max_position_embeddings: export at 128
+        model = load_hf(tmp_path / "hf")
+        tokens = _tokens(2, seed=5, length=128)
+        ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    save_hf(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(back).__name__ == type(hf_model).__name__
+    export_diff = np.abs(_hf_logits(back, np.asarray(tokens)) - ours).max()
+    print(f"{name}: export max|diff| {export_diff:.1e}")
+    assert export_diff <= 1e-4
+
+
+def test_exported_configs_read_back_as_the_same_architecture(tmp_path):
+    """A family's export of every case reads back to the config it came from, field by field."""
+    for name in ("gemma3", "phi3", "qwen2"):
+        _hf_model(name).save_pretrained(tmp_path / name)
+        model = load_hf(tmp_path / name)
+        save_hf(model, tmp_path / f"{name}_out")
+        again = load_hf(tmp_path / f"{name}_out")
+        assert again.config.architecture() == model.config.architecture()
+
+
+def test_options_that_do_not_map_are_named(tmp_path):
+    cfg = transformers.Qwen3Config(**{**COMMON, "attention_bias": True})
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q3")
+    with pytest.raises(UnsupportedCheckpointError, match="attention_bias=True"):
+        load_hf(tmp_path / "q3")
+    cfg = transformers.Phi3Config(**{**COMMON, "num_key_value_heads": 4, "partial_rotary_factor": 0.5})
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "phi")
+    with pytest.raises(UnsupportedCheckpointError, match="partial_rotary_factor=0.5"):
+        load_hf(tmp_path / "phi")
+    # an export that would lose a field names it
+    model = load_hf(_saved(tmp_path, "gemma2"))
+    model.config = model.config.replace(export_as="llama")
+    with pytest.raises(UnsupportedCheckpointError, match="norm_unit_offset=True"):
+        save_hf(model, tmp_path / "as_llama")
+
+
+def _saved(tmp_path, name):
+    _hf_model(name).save_pretrained(tmp_path / name)
+    return tmp_path / name
