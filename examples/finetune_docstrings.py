@@ -116,7 +116,7 @@ def follows_format(reply: str, finish_reason: str) -> bool:
 def format_check(model, tok, messages: list[list[dict]], max_new_tokens: int = 40) -> tuple[float, list[dict]]:
     from jaxformer.finetune.task import answer_prompts
 
-    prompts = [tok.encode_prompt(tok.apply_chat_template(m[:-1])) for m in messages]
+    prompts = [tok.encode_chat(m[:-1]) for m in messages]
     answers = answer_prompts(model, tok, prompts, max_new_tokens)
     for a, m in zip(answers, messages):
         a["expected"] = m[-1]["content"]

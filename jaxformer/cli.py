@@ -145,9 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = load_model(args.ckpt, quantize_to=args.quantize)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     stop_ids = tok.eos_ids
-    if args.chat:
+    if args.chat:  # the template writes its own special tokens; end-of-turn tokens stop the reply
         text, stop_ids = tok.apply_chat_template([{"role": "user", "content": text}]), tok.chat_stop_ids
-    ids = tok.encode_prompt(text)
+    ids = tok.encode(text) if args.chat else tok.encode_prompt(text)
     if not ids:
         raise ValueError("the prompt is empty")
     if len(ids) >= model.config.max_seq_len:

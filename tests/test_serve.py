@@ -110,7 +110,7 @@ def test_chat_matches_uncached_reference(client, model, tok):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop, please."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, logprobs=True,
                                        top_logprobs=3)
-    prompt = tok.encode_prompt(tok.apply_chat_template(messages))
+    prompt = tok.encode_chat(messages)  # what transformers' apply_chat_template(tokenize=True) gives
     expected = reference(model, tok, prompt, 16, tok.chat_stop_ids)
     msg = r.choices[0].message
     assert msg.role == "assistant" and msg.content == expected

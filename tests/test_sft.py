@@ -64,7 +64,7 @@ def test_render_masks_exactly_the_replies(tok):
     assert ids == _ids(tok, "".join(t for t, _ in parts))  # piecewise tokenization == whole-text tokenization
     end = tok.tok.token_to_id("<|end|>")
     assert sum(1 for i, t in zip(ids, trained) if t and i == end) == 2  # each reply ends its turn
-    prompt = tok.encode_prompt(tok.apply_chat_template(msgs[:2]))  # what the server feeds for the first reply
+    prompt = tok.encode_chat(msgs[:2])  # what the server feeds for the first reply
     assert ids[:len(prompt)] == prompt and not any(trained[:len(prompt)]) and trained[len(prompt)]
 
 

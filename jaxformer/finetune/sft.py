@@ -5,7 +5,8 @@ Records, one JSON object per line:
   {"prompt": "...", "completion": "..."}          (= a user message and the assistant's reply;
                                                    an optional "system" field adds a system message)
 Each conversation is rendered with the tokenizer's chat template, the same one the server applies
-(jaxformer's default: <|role|>content<|end|> per message, the reserved role tokens). Only the
+(a Hugging Face directory's tokenizer_config.json / chat_template.jinja, e.g. Llama 3's or ChatML; else
+jaxformer's default: <|role|>content<|end|> per message, the reserved role tokens). Only the
 assistant turns are trained: the text a template writes for an assistant message after the
 generation prompt (its content and end-of-turn token) gets loss, everything else (system, user,
 the role header of the assistant turn) is context with loss_mask 0, hence zero gradient.
@@ -105,7 +106,8 @@ def split_records(records: list, val_fraction: float) -> tuple[list, list]:
 def render(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[bool]]:
     """(token ids, trained flag per token) of one conversation under the tokenizer's chat template.
 
-    `tokenizer` is a jaxformer.data.tokenizer.Tokenizer (encode, encode_prompt, apply_chat_template).
+    `tokenizer` is a jaxformer.data.tokenizer.Tokenizer (encode, apply_chat_template); the ids equal its
+    encode_chat(messages, add_generation_prompt=False), the server's prompts are a prefix of them.
     Each assistant turn is found by rendering the conversation up to it with the generation prompt
     and through it without: the difference is the reply (content + end-of-turn). Pieces are
     tokenized one by one, which equals whole-text tokenization where pieces meet at special tokens.
@@ -124,8 +126,8 @@ def render(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[b
         done = through
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     pieces.append((full[len(done):], False))
-    ids: list[int] = list(tokenizer.encode_prompt("")) if getattr(tokenizer, "add_bos", False) else []
-    trained = [False] * len(ids)
+    ids: list[int] = []  # as transformers' apply_chat_template: no special tokens added, the template writes BOS
+    trained: list[bool] = []
     for text, train in pieces:
         t = tokenizer.encode(text) if text else []
         ids += t

@@ -242,7 +242,7 @@ def parse_chat(body: Any, info: ServerInfo) -> GenRequest:
         text = info.tokenizer.apply_chat_template(messages)
     except Exception as e:  # a template's raise_exception or a render error: the messages do not fit it
         raise _bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
-    prompt = tuple(info.tokenizer.encode_prompt(text))
+    prompt = tuple(info.tokenizer.encode(text))  # the template writes its own BOS (as transformers' encode_chat)
     if not prompt:
         raise _bad("the chat prompt is empty", "messages")
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
