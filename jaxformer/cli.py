@@ -43,7 +43,27 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         cfg = load_model_config(args.src, args.overrides)
     n = count_params(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
-    print(json.dumps({"model": cfg.to_dict(), "family": cfg.family, "params": n}, indent=2))
+    print(json.dumps({"model": cfg.to_dict(), "family": cfg.family, "attention": attention_pattern(cfg),
+                      "heads": head_sharing(cfg), "params": n}, indent=2))
+
+
+def attention_pattern(cfg) -> str:
+    """Layer types in words: 'all full', 'all sliding (window 4096)', '5 sliding (window 512) : 1 full'."""
+    types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+    n_sliding = types.count("sliding_attention")
+    if n_sliding in (0, len(types)):
+        return "all full" if n_sliding == 0 else f"all sliding (window {cfg.sliding_window})"
+    period = next(p for p in range(1, len(types) + 1) if all(t == types[i % p] for i, t in enumerate(types)))
+    if period < len(types):  # a repeating pattern (Gemma 2: 1 : 1, Gemma 3: 5 : 1); the last may be cut short
+        s = types[:period].count("sliding_attention")
+        return f"{s} sliding (window {cfg.sliding_window}) : {period - s} full"
+    return f"{n_sliding} sliding (window {cfg.sliding_window}), {len(types) - n_sliding} full"
+
+
+def head_sharing(cfg) -> str:
+    """Query heads per key/value head: 'MHA 12:12', 'GQA 32:8' or 'MQA 8:1' (N:K)."""
+    kind = "MHA" if cfg.n_kv_heads == cfg.n_heads else "MQA" if cfg.n_kv_heads == 1 else "GQA"
+    return f"{kind} {cfg.n_heads}:{cfg.n_kv_heads}"
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -201,6 +221,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from jaxformer.config import load_config
+    from jaxformer.plan import format_report, plan_decode, plan_train
+
+    from pallas_kernels.targets import GpuCompileUnavailable
+
+    cfgs = load_config(args.config, args.overrides)
+    common = dict(hosts=args.hosts, mem_fraction=args.mem_fraction, search=not args.no_search, config_name=args.config)
+    try:
+        if args.step == "train":
+            out = plan_train(cfgs, args.target, args.devices, **common)
+        else:
+            out = plan_decode(cfgs, args.target, args.devices, batch=args.batch, context=args.context, **common)
+    except GpuCompileUnavailable as e:  # the extra is missing: say how to install it, no traceback
+        raise ValueError(str(e)) from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    print(format_report(out))
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from jaxformer.interop.auto import load_any
     from jaxformer.interop.onnx import export_onnx, verify_onnx
@@ -349,13 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--opset", type=int, default=18)
     eo.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     eo.set_defaults(func=cmd_export_onnx)
+
+    pn = sub.add_parser("plan", help="compile a step for GPUs that are not here: memory per device, FLOPs, roofline, "
+                        "the largest batch that fits", epilog="also takes dotted overrides: --mesh.fsdp=8 "
+                        "--train.batch_size=16 --data.seq_len=4096 --model.remat=full ...")
+    pn.add_argument("--config", required=True, help="preset name or config file")
+    pn.add_argument("--target", required=True, help="GPU model: h100, h200, a100, a100-40gb")
+    pn.add_argument("--devices", type=int, required=True, help="GPUs in all")
+    pn.add_argument("--hosts", type=int, default=1, help="hosts they are spread over (devices / hosts per host)")
+    pn.add_argument("--step", choices=["train", "decode"], default="train",
+                    help="train: the optimizer step; decode: the inference engine's one-token step")
+    pn.add_argument("--batch", type=int, default=8, help="decode: sequences decoded together")
+    pn.add_argument("--context", type=int, help="decode: tokens of KV cache per sequence (default: max_seq_len)")
+    pn.add_argument("--mem-fraction", type=float, default=0.75,
+                    help="share of GPU memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75)")
+    pn.add_argument("--no-search", action="store_true", help="skip the largest-batch search (fewer compiles)")
+    pn.add_argument("--json", help="also write the full report to this file")
+    pn.set_defaults(func=cmd_plan)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # extra: dotted config overrides (--model.n_layers=4)
-    if args.func in (cmd_train, cmd_inspect, cmd_finetune):
+    if args.func in (cmd_train, cmd_inspect, cmd_finetune, cmd_plan):
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
