@@ -102,6 +102,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_
         return inv_freq, 1.0
     kind, factor = scaling.rope_type, scaling.factor
     orig = scaling.original_max_position_embeddings or max_seq_len
+    if not orig and kind != "linear":
+        raise ValueError(f"rope_scaling type {kind!r} needs an original context: set "
+                         "rope_scaling.original_max_position_embeddings or pass max_seq_len")
     seq_len = torch.as_tensor(seq_len)
     if kind == "linear":  # positions / factor
         return inv_freq / factor, 1.0
