@@ -1,7 +1,10 @@
-"""Helpers shared by the kernels: where Pallas may run, padding, block arithmetic."""
+"""Helpers shared by the kernels: where Pallas may run, padding, block arithmetic, attention options."""
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import os
 
 import jax
@@ -75,18 +78,81 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def idiv(n, d: int):
+    """n // d for non-negative n: Python ints stay Python; traced ints divide in their own dtype.
+
+    lax.div (which Triton lowers, unlike floor_divide) wants equal dtypes, and with jax_enable_x64 a
+    Python divisor would become int64 against an int32 program id.
+    """
+    if isinstance(n, int):
+        return n // d
+    n = jnp.asarray(n)
+    return lax.div(n, jnp.asarray(d, n.dtype))
+
+
 def floor_blocks(n, block: int):
-    """floor(max(n, 0) / block) for a Python or traced int32 n (Triton lowers lax.div, not floor_divide)."""
+    """floor(max(n, 0) / block) for a Python or traced integer n."""
     if isinstance(n, int):
         return max(n, 0) // block
-    return lax.div(jnp.maximum(n, 0), block)
+    return idiv(jnp.maximum(n, 0), block)
 
 
 def ceil_blocks(n, block: int):
     """ceil(max(n, 0) / block), same contract as floor_blocks."""
     if isinstance(n, int):
         return -(-max(n, 0) // block)
-    return lax.div(jnp.maximum(n, 0) + (block - 1), block)
+    return idiv(jnp.maximum(n, 0) + (block - 1), block)
+
+
+def imin(a, b):
+    """min of two Python or traced ints (stays a Python int when both are)."""
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+def imax(a, b):
+    """max of two Python or traced ints (stays a Python int when both are)."""
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tile bands: a loop over tiles [lo, hi) whose edges [lo, clear_lo) and [clear_hi, hi) need a mask and whose
+# middle [clear_lo, clear_hi) every row sees whole. Tiles outside [lo, hi) are never visited.
+
+def clamp_band(lo, clear_lo, clear_hi, hi):
+    """(lo, clear_lo, clear_hi, hi) forced into lo <= clear_lo <= clear_hi <= hi (an empty middle stays empty)."""
+    lo = imin(lo, hi)
+    clear_lo = imin(imax(clear_lo, lo), hi)
+    clear_hi = imin(imax(clear_hi, clear_lo), hi)
+    return lo, clear_lo, clear_hi, hi
+
+
+def band_loop(band, step, carry):
+    """carry after step(i, carry, masked=...) over the band's tiles: masked edges, an unmasked middle."""
+    lo, clear_lo, clear_hi, hi = band
+    for start, stop, masked in ((lo, clear_lo, True), (clear_lo, clear_hi, False), (clear_hi, hi, True)):
+        if isinstance(start, int) and isinstance(stop, int) and start >= stop:
+            continue  # statically empty: no loop at all
+        carry = lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
+    return carry
+
+
+def check_window_softcap(window, softcap, causal: bool = True) -> tuple[int | None, float | None]:
+    """(window, softcap) as a Python int / float (or None) after checking them; raises ValueError naming the fix."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"window must be a Python int >= 1 (the keys a query sees, its own position "
+                             f"included) or None for no sliding window; got {window!r}")
+        if not causal:
+            raise ValueError(f"window={window} is a sliding window over past keys and needs causal=True; "
+                             "pass causal=True or drop the window")
+        window = int(window)
+    if softcap is not None:
+        if (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                or not math.isfinite(softcap) or softcap <= 0):
+            raise ValueError(f"softcap must be a finite Python float > 0 (scores become softcap * "
+                             f"tanh(scores / softcap)) or None for no cap; got {softcap!r}")
+        softcap = float(softcap)
+    return window, softcap
 
 
 def check_block(name: str, value: int) -> None:

@@ -3,15 +3,18 @@
 Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference" (2023),
 https://crfm.stanford.edu/2023/10/12/flashdecoding.html.
 
-q [B, Tq, N, H] are the last Tq positions of each sequence: query i sits at lengths[b] - Tq + i and
+q [B, Tq, N, H] are the last Tq positions of each sequence: query i sits at p = lengths[b] - Tq + i and
 attends causally to cache positions [0, lengths[b]); cache entries at or past lengths[b] are never
-read into the result (even NaN there is harmless).
+read into the result (even NaN there is harmless). A sliding window W keeps only keys p - W < s <= p;
+a soft-cap C turns scores into C tanh(scores / C) before masking (as flash_attention).
 
   split     grid (B, K, row tiles, n_splits): the Tq * G query rows that share kv head k form
             [block_m, H] tiles (block_m = Tq * G padded to a power of two in [16, 128]), so GQA
             decoding is matmuls rather than matrix-vector products; each program walks its share of
             the cache in [block_k, H] tiles with an online softmax and writes a normalised partial
             output and its log2-sum-exp. Tiles past lengths[b] are skipped: work follows the lengths.
+            With a window the splits share out only the band of tiles the window reaches (at most
+            ceil((W + Tq - 2) / block_k) + 1 of them, wherever it lies), not the whole cache.
   combine   one XLA reduction over splits: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 
 Forward only: decoding needs no gradient.
@@ -29,8 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
-                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
+from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
+                                   clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
+                                   resolve_interpret, round_up)
 
 LOG2_E = math.log2(math.e)
 TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs): split the cache until the grid has this many
@@ -51,6 +55,16 @@ class BlockSizes:
         if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
             raise ValueError(f"num_splits must be a positive integer or None, got {self.num_splits!r}")
 
+    @classmethod
+    def default(cls, head_dim: int, dtype=jnp.bfloat16) -> "BlockSizes":
+        """Cache tiles of at most 32 KiB per K or V tile (128 rows at bf16 H = 128).
+
+        Compiled for sm_80 (164 KiB shared memory per block): 128-row tiles fail at H = 256 bf16 and at
+        H = 128 fp32; 64 / 64 / 32 rows for bf16 H = 256, fp32 H = 128, fp32 H = 256 fit.
+        """
+        tile_bytes = max(16, next_power_of_2(head_dim)) * jnp.dtype(dtype).itemsize
+        return cls(block_k=max(16, min(128, 32 * 1024 // tile_bytes)))
+
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
@@ -61,11 +75,34 @@ class _Static:
     tiles_per_split: int
     n_tiles: int  # cache tiles in the (padded) cache
     block_m: int  # query rows per program
+    window: int | None = None  # query at position p sees cache positions (p - window, p]
+    softcap: float | None = None  # scores = softcap * tanh(scores / softcap)
 
 
 def _dot(a, b, *, trans_b=False):
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+
+
+def _band(length, row_tile, split, st: _Static):
+    """(lo, clear_lo, clear_hi, hi): the cache tiles program (row_tile, split) visits; [clear_lo, clear_hi) unmasked.
+
+    The row tile's queries sit at positions p_first .. p_last (its padded rows are ignored: they are
+    sliced off); it needs tiles from the one holding p_first - W + 1 (0 without a window) to the one
+    holding p_last, and split s takes the s-th run of tiles_per_split of them. A tile is clear when
+    p_first sees its last key and p_last its first.
+    """
+    M, bk = st.block_m, st.block_k
+    p_first = length - st.n_new + idiv(row_tile * M, st.group)  # row r holds token r // G
+    p_last = imin(length - st.n_new + idiv(row_tile * M + M - 1, st.group), length - 1)
+    end = imin(ceil_blocks(p_last + 1, bk), st.n_tiles)
+    start, clear_lo = 0, 0
+    if st.window is not None:
+        start = floor_blocks(p_first - st.window + 1, bk)
+        clear_lo = ceil_blocks(p_last - st.window + 1, bk)
+    lo = start + split * st.tiles_per_split
+    hi = imin(lo + st.tiles_per_split, end)
+    return clamp_band(lo, clear_lo, floor_blocks(p_first + 1, bk), hi)
 
 
 def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
@@ -75,18 +112,24 @@ def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Stati
     length = length_ref[()]
     q = q_ref[...]
     rows = row_tile * M + lax.broadcasted_iota(jnp.int32, (M,), 0)
-    q_pos = length - st.n_new + lax.div(rows, st.group)  # row r holds token r // G
-    scale = st.sm_scale * LOG2_E
+    q_pos = length - st.n_new + idiv(rows, st.group)  # row r holds token r // G
 
     def step(tile, carry, masked: bool):
         acc, m, l = carry  # [M, H], [M], [M]
         kv = pl.ds(tile * bk, bk)
         k, v = k_ref[kv, :], v_ref[kv, :]  # [bk, H]
-        s = _dot(q, k, trans_b=True) * scale  # [M, bk]
+        qk = _dot(q, k, trans_b=True)  # [M, bk]
+        if st.softcap is None:
+            s = qk * (st.sm_scale * LOG2_E)  # log2 units: exp2 is the native instruction
+        else:
+            s = jnp.tanh(qk * (st.sm_scale / st.softcap)) * (st.softcap * LOG2_E)
         if masked:
             kv_pos = tile * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
             live = kv_pos < length
-            s = jnp.where((kv_pos[None, :] <= q_pos[:, None]) & live[None, :], s, -jnp.inf)
+            visible = (kv_pos[None, :] <= q_pos[:, None]) & live[None, :]
+            if st.window is not None:
+                visible = visible & (kv_pos[None, :] > q_pos[:, None] - st.window)
+            s = jnp.where(visible, s, -jnp.inf)
             v = jnp.where(live[:, None], v, 0)  # stale cache rows may hold anything, even NaN
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -95,12 +138,8 @@ def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Stati
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    first = split * st.tiles_per_split
-    end = jnp.minimum(jnp.minimum(first + st.tiles_per_split, ceil_blocks(length, bk)), st.n_tiles)
-    clear = jnp.minimum(jnp.maximum(floor_blocks(length - st.n_new + 1, bk), first), end)  # tiles all rows see whole
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((M,), -1e30, jnp.float32), jnp.zeros((M,), jnp.float32))
-    carry = lax.fori_loop(first, clear, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(clear, end, functools.partial(step, masked=True), carry)
+    acc, m, l = band_loop(_band(length, row_tile, split, st), step, carry)
 
     seen = l > 0.0
     l = jnp.where(seen, l, 1.0)
@@ -112,7 +151,7 @@ def _split_call(q_rows, k_cache, v_cache, lengths, st: _Static, blocks: BlockSiz
     """Partial (o [B, K, splits, M, H], lse [B, K, splits, M]) float32 over each cache split."""
     B, K, M, H = q_rows.shape
     S, bm = k_cache.shape[1], st.block_m
-    n_splits = -(-st.n_tiles // st.tiles_per_split)
+    n_splits = -(-_band_tiles(st) // st.tiles_per_split)
     return pl.pallas_call(
         functools.partial(_split_kernel, st=st),
         grid=(B, K, M // bm, n_splits),
@@ -142,27 +181,40 @@ def _combine(o, lse):
     return (w[..., None] * o).sum(axis=2) / jnp.where(total == 0.0, 1.0, total)[..., None]  # exact fp32, no TF32
 
 
+def _band_tiles(st: _Static) -> int:
+    """Most cache tiles one program can need: all of them, or those a window of W over Tq queries reaches."""
+    if st.window is None:
+        return st.n_tiles
+    return min(st.n_tiles, ceil_blocks(st.window + st.n_new - 2, st.block_k) + 1)
+
+
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
-                     interpret: bool = False) -> jax.Array:
-    """Attention of the last Tq tokens over a cache of per-sequence length; q [B, Tq, N, H] -> [B, Tq, N, H]."""
+                     sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                     block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+    """Attention of the last Tq tokens over a cache of per-sequence length; q [B, Tq, N, H] -> [B, Tq, N, H].
+
+    window W: the query at position p = lengths[b] - Tq + t sees cache positions p - W < s <= p.
+    softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
+    """
     _check_inputs(q, k_cache, v_cache, lengths)
+    window, softcap = check_window_softcap(window, softcap)
     interpret = resolve_interpret(interpret, "decode_attention")
     B, Tq, N, H = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
     G = N // K
-    blocks = block_sizes or BlockSizes()
+    blocks = block_sizes or BlockSizes.default(H, q.dtype)
     block_k = fit_block(blocks.block_k, S)
     S_pad, H_pad, M = round_up(S, block_k), max(16, next_power_of_2(H)), Tq * G
     check_addressable("k_cache", (B, S_pad, K, H_pad))
     block_m = min(MAX_BLOCK_M, max(16, next_power_of_2(M)))
     # Allocate caches with a length that is a multiple of block_k and head_dim 64/128: then nothing is copied here.
     k_cache, v_cache = (pad_axis(pad_axis(c, 1, S_pad), 3, H_pad) for c in (k_cache, v_cache))
-    n_tiles = S_pad // block_k
-    n_splits = blocks.num_splits or max(1, TARGET_PROGRAMS // (B * K * -(-M // block_m)))
-    tiles_per_split = -(-n_tiles // min(n_splits, n_tiles))
     st = _Static(sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale), n_new=Tq, group=G,
-                 block_k=block_k, tiles_per_split=tiles_per_split, n_tiles=n_tiles, block_m=block_m)
+                 block_k=block_k, tiles_per_split=1, n_tiles=S_pad // block_k, block_m=block_m,
+                 window=window, softcap=softcap)
+    n_band = _band_tiles(st)  # the splits share out this many tiles
+    n_splits = blocks.num_splits or max(1, TARGET_PROGRAMS // (B * K * -(-M // block_m)))
+    st = dataclasses.replace(st, tiles_per_split=-(-n_band // min(n_splits, n_band)))
 
     q_rows = q.reshape(B, Tq, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)  # row r: token r // G
     q_rows = pad_axis(pad_axis(q_rows, 2, round_up(M, block_m)), 3, H_pad)
@@ -194,8 +246,10 @@ def _check_inputs(q, k_cache, v_cache, lengths) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                               sm_scale: float | None = None) -> jax.Array:
+                               sm_scale: float | None = None, window: int | None = None,
+                               softcap: float | None = None) -> jax.Array:
     """Plain-jnp decode attention with the kernel's semantics (fp32 math; queries seeing no key give 0)."""
+    window, softcap = check_window_softcap(window, softcap)
     B, Tq, N, H = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
@@ -203,11 +257,15 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     q_pos = lengths[:, None] - Tq + jnp.arange(Tq)[None, :]  # [B, Tq]
     kv_pos = jnp.arange(S)
     mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < lengths[:, None, None])  # [B,Tq,S]
+    if window is not None:
+        mask = mask & (kv_pos[None, None, :] > q_pos[:, :, None] - window)
     live = (kv_pos[None, :] < lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
     v = jnp.where(live, v_cache.astype(jnp.float32), 0.0)
     qg = q.astype(jnp.float32).reshape(B, Tq, K, N // K, H)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(jnp.float32),
                         precision=lax.Precision.HIGHEST) * sm_scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))

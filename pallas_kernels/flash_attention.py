@@ -20,10 +20,16 @@ Causal grids launch the longest query tiles first, so the short ones fill the la
 
 Masking and padding. Lengths are padded to block multiples and head dims to a power of two (>= 16);
 padded keys are masked, padded queries are sliced off (their dO is zero, so they add nothing to
-dK/dV). Causal masks align bottom-right (query t sees keys s <= t + S - T, as
-jaxformer.models.attention.make_mask). Every tile loop is split in two: tiles every row of the resident
-tile fully sees run without a mask; only diagonal, tail and segment-id tiles pay for one, and
-causal loops stop at the diagonal. A query row that sees no key returns zeros with zero gradients.
+dK/dV). Causal masks align bottom-right: query t sits at key position p = t + S - T and sees keys
+s <= p (as jaxformer.models.attention.make_mask); a sliding window W also drops keys s <= p - W
+(transformers' sliding_window_overlay: W counts the query's own position). Each tile loop walks a
+band [lo, hi) of tiles: tiles wholly outside it (past the diagonal, before the window) are never
+visited; inside, tiles every row of the resident tile fully sees run without a mask and only the
+band's edges (window start, diagonal, padded tail) and segment-id tiles pay for one. A query row
+that sees no key returns zeros with zero gradients.
+
+Soft-capping (Gemma 2): scores = C tanh(q k^T sm_scale / C), capped before masking and softmax; the
+backward multiplies dS by the cap's derivative 1 - tanh^2, recomputed from the same tile.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import (ceil_blocks, check_addressable, check_block, fit_block, floor_blocks,
-                                   next_power_of_2, pad_axis, resolve_interpret, round_up)
+from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
+                                   clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
+                                   resolve_interpret, round_up)
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
 LOG2_E = math.log2(math.e)
@@ -69,6 +76,9 @@ class BlockSizes:
         """Starting points from Triton's fused-attention tutorial (backward 32x128 / 128x32 tiles), untuned here.
 
         4-byte inputs get half the streamed tiles and 2 stages so the pipeline fits in shared memory.
+        Head dims above 128 (Gemma's 256) get 64x32 forward tiles, which stay 64x32 for fp32 too: with
+        2 stages the forward's K/V pipeline is 128 KiB at H = 256, and fp32 forward + backward compile
+        for sm_80 (164 KiB per block) and sm_90 (227 KiB) (checked with jax's compile-only CUDA topology).
         Tune on the target GPU with `python bench/attention_gpu.py --block-sizes ...`.
         """
         if head_dim <= 64:
@@ -79,7 +89,7 @@ class BlockSizes:
             blocks = cls(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=64, block_q_dq=64, block_k_dq=16,
                          num_warps=8, num_warps_bwd=8, num_stages=2)
         if jnp.dtype(dtype).itemsize >= 4:
-            blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // 2),
+            blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // (1 if head_dim > 128 else 2)),
                                          block_k_dkv=max(16, blocks.block_k_dkv // 2),
                                          block_q_dq=max(16, blocks.block_q_dq // 2), num_stages=2)
         return blocks
@@ -102,57 +112,88 @@ class _Static:
     interpret: bool
     q_len: int  # true lengths; arrays reaching the kernels are padded beyond them
     kv_len: int
+    window: int | None = None  # sliding window (causal only): query at position p sees keys (p - window, p]
+    softcap: float | None = None  # scores = softcap * tanh(scores / softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Masks and tile ranges (shared by the three kernels).
-
-def _visible(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
-    """[bq, bk] True where the query at q_pos [bq] may attend the key at kv_pos [bk]."""
-    mask = (kv_pos < st.kv_len)[None, :]
-    if st.causal:
-        mask = mask & (kv_pos[None, :] <= q_pos[:, None] + (st.kv_len - st.q_len))
-    if q_seg is not None:
-        mask = mask & (q_seg[:, None] == kv_seg[None, :])
-    return mask
-
-
-def _kv_tiles(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
-    """(n_clear, n_end) for query tile q_tile: kv tiles [0, n_clear) need no mask, [n_clear, n_end) do."""
-    n_end, n_clear = ceil_blocks(st.kv_len, block_k), st.kv_len // block_k
-    if st.causal:
-        first = q_tile * block_q + (st.kv_len - st.q_len) + 1  # the tile's first row sees keys [0, first)
-        n_end = jnp.minimum(ceil_blocks(first + block_q - 1, block_k), n_end)
-        n_clear = jnp.minimum(floor_blocks(first, block_k), n_clear)
-    return (0 if segmented else n_clear), n_end
-
-
-def _q_tiles(kv_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
-    """(n_start, n_masked, n_end) for kv tile kv_tile: q tiles [n_start, n_masked) need a mask, then none."""
-    n_end = ceil_blocks(st.q_len, block_q)
-    if st.causal:
-        offset = st.kv_len - st.q_len  # query t sees key s iff t >= s - offset
-        n_start = jnp.minimum(floor_blocks(kv_tile * block_k - offset, block_q), n_end)
-        n_masked = jnp.minimum(ceil_blocks(kv_tile * block_k + block_k - 1 - offset, block_q), n_end)
-    else:
-        n_start, n_masked = 0, 0
-    # Scalar max, not jnp.where: Triton's select_n lowering mistypes two literal operands as i1.
-    has_padding = jnp.asarray((kv_tile + 1) * block_k > st.kv_len, jnp.int32)  # mask every q tile
-    all_padding = jnp.asarray(kv_tile * block_k >= st.kv_len, jnp.int32)  # skip every q tile
-    n_masked = jnp.maximum(n_masked, has_padding * n_end)
-    n_start = jnp.maximum(n_start, all_padding * n_end)
-    return n_start, (n_end if segmented else n_masked), n_end
-
-
-def _q_tile_id(i, n_q_tiles, st: _Static):
-    """Causal grids launch the longest query tiles (the last ones) first, so short ones fill the tail."""
-    return n_q_tiles - 1 - i if st.causal else i
-
+# Scores, masks and tile bands (shared by the three kernels).
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
     """fp32-accumulated tile matmul; fp32 inputs stay fp32 (no TF32) so fp32 results match XLA."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _scores(q, k, st: _Static):
+    """(s, t): soft-capped scores q k^T in log2 units [bq, bk], and their tanh (None without a cap)."""
+    qk = _dot(q, k, trans_b=True)
+    if st.softcap is None:
+        return qk * (st.sm_scale * LOG2_E), None
+    t = jnp.tanh(qk * (st.sm_scale / st.softcap))
+    return t * (st.softcap * LOG2_E), t
+
+
+def _visible(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
+    """[bq, bk] True where the query at row q_pos [bq] may attend the key at kv_pos [bk]."""
+    mask = (kv_pos < st.kv_len)[None, :]
+    if st.causal:
+        p = q_pos[:, None] + (st.kv_len - st.q_len)  # the query's key position (bottom-right aligned)
+        mask = mask & (kv_pos[None, :] <= p)
+        if st.window is not None:
+            mask = mask & (kv_pos[None, :] > p - st.window)
+    if q_seg is not None:
+        mask = mask & (q_seg[:, None] == kv_seg[None, :])
+    return mask
+
+
+def _kv_band(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
+    """(lo, clear_lo, clear_hi, hi): the kv tiles query tile q_tile visits; [clear_lo, clear_hi) need no mask.
+
+    Rows of the tile sit at key positions p0 .. p0 + block_q - 1 (padded rows included, so every row the
+    kernels compute follows _visible exactly): the band runs from the first row's oldest key to the last
+    row's newest; a tile is clear when the first row sees its last key and the last row its first key.
+    """
+    lo, clear_lo = 0, 0
+    clear_hi, hi = st.kv_len // block_k, ceil_blocks(st.kv_len, block_k)
+    if st.causal:
+        p0 = q_tile * block_q + (st.kv_len - st.q_len)
+        hi = imin(ceil_blocks(p0 + block_q, block_k), hi)
+        clear_hi = imin(floor_blocks(p0 + 1, block_k), clear_hi)
+        if st.window is not None:
+            lo = floor_blocks(p0 - st.window + 1, block_k)
+            clear_lo = ceil_blocks(p0 + block_q - st.window, block_k)
+    if segmented:
+        clear_lo = hi  # every visited tile compares segment ids
+    return clamp_band(lo, clear_lo, clear_hi, hi)
+
+
+def _q_band(kv_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
+    """(lo, clear_lo, clear_hi, hi): the query tiles kv tile kv_tile visits; [clear_lo, clear_hi) need no mask.
+
+    Query row t sees key s iff s - offset <= t < s - offset + window (offset = S - T): the band runs from
+    the row that first sees the tile's first key to the last row that still sees its last key.
+    """
+    lo, clear_lo = 0, 0
+    clear_hi = hi = ceil_blocks(st.q_len, block_q)
+    if st.causal:
+        r0 = kv_tile * block_k - (st.kv_len - st.q_len)  # the first row that sees the tile's first key
+        lo = imin(floor_blocks(r0, block_q), hi)
+        clear_lo = ceil_blocks(r0 + block_k - 1, block_q)  # rows from here on see the tile's last key
+        if st.window is not None:
+            hi = imin(ceil_blocks(r0 + block_k - 1 + st.window, block_q), hi)
+            clear_hi = floor_blocks(r0 + st.window, block_q)  # rows before r0 + window see its first key
+    # Scalar max, not jnp.where: Triton's select_n lowering mistypes two literal operands as i1.
+    has_padding = jnp.asarray((kv_tile + 1) * block_k > st.kv_len, jnp.int32)  # mask every q tile
+    all_padding = jnp.asarray(kv_tile * block_k >= st.kv_len, jnp.int32)  # skip every q tile
+    clear_lo = hi if segmented else jnp.maximum(clear_lo, has_padding * hi)
+    lo = jnp.maximum(lo, all_padding * hi)
+    return clamp_band(lo, clear_lo, clear_hi, hi)
+
+
+def _q_tile_id(i, n_q_tiles, st: _Static):
+    """Causal grids launch the longest query tiles (the last ones) first, so short ones fill the tail."""
+    return n_q_tiles - 1 - i if st.causal else i
 
 
 def _iota(n: int, start):
@@ -169,13 +210,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
     q = q_ref[...]
     q_pos = _iota(bq, q_tile * bq)
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
-    scale = st.sm_scale * LOG2_E  # scores in log2 units: exp2 is the native instruction
 
     def step(kv_tile, carry, masked: bool):
         acc, m, l = carry  # [bq, H], [bq], [bq]
         tile = pl.ds(kv_tile * bk, bk)
         k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, H]
-        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        s, _ = _scores(q, k, st)  # [bq, bk], log2 units: exp2 is the native instruction
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[tile]
             s = jnp.where(_visible(q_pos, _iota(bk, kv_tile * bk), q_seg, kv_seg, st), s, -jnp.inf)
@@ -187,14 +227,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
         return acc, m_new, l
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    n_clear, n_end = _kv_tiles(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
-    carry = lax.fori_loop(0, n_clear, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_clear, n_end, functools.partial(step, masked=True), carry)
+    band = _kv_band(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
+    acc, m, l = band_loop(band, step, carry)
 
     seen = l > 0.0  # False only for rows that see no key at all
     l = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l), jnp.inf)  # +inf: exp2(s - lse) = 0 in the backward
+
+
+def _score_grad(s, t, do, v, lse, delta):
+    """(p, ds): probabilities and dL/d(q k^T sm_scale) [bq, bk] of one tile pair; t is tanh of the capped scores."""
+    p = jnp.exp2(s - lse[:, None])  # softmax probabilities
+    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])  # dL/d(capped scores)
+    if t is not None:
+        ds = ds * (1.0 - t * t)  # d(C tanh(x / C))/dx
+    return p, ds
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref, *,
@@ -206,32 +254,24 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
     k, v = k_ref[...], v_ref[...]
     kv_pos = _iota(bk, kv_tile * bk)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-    scale = st.sm_scale * LOG2_E
 
     def step(q_tile, carry, head, masked: bool):
         dk, dv = carry  # [bk, H] each
         rows = pl.ds(q_tile * bq, bq)
         q, do = q_ref[rows, head, :], do_ref[rows, head, :]  # [bq, H]
-        lse, delta = lse_ref[head, rows], delta_ref[head, rows]  # [bq]
-        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        s, t = _scores(q, k, st)  # [bq, bk]
         if masked:
             q_seg = None if q_seg_ref is None else q_seg_ref[rows]
             s = jnp.where(_visible(_iota(bq, q_tile * bq), kv_pos, q_seg, kv_seg, st), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])  # softmax probabilities [bq, bk]
+        p, ds = _score_grad(s, t, do, v, lse_ref[head, rows], delta_ref[head, rows])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        dp = _dot(do, v, trans_b=True)  # [bq, bk]
-        ds = p * (dp - delta[:, None])  # dL/d(logits), logits = sm_scale * q k^T
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    n_start, n_masked, n_end = _q_tiles(kv_tile, bq, bk, st, segmented=q_seg_ref is not None)
-
-    def one_head(head, carry):  # the G query heads sharing this kv head
-        carry = lax.fori_loop(n_start, n_masked, functools.partial(step, head=head, masked=True), carry)
-        return lax.fori_loop(n_masked, n_end, functools.partial(step, head=head, masked=False), carry)
-
+    band = _q_band(kv_tile, bq, bk, st, segmented=q_seg_ref is not None)
+    one_head = lambda head, carry: band_loop(band, functools.partial(step, head=head), carry)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, group, one_head, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, one_head, (zeros, zeros))  # the G query heads sharing this kv head
     dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -245,22 +285,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos = _iota(bq, q_tile * bq)
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
-    scale = st.sm_scale * LOG2_E
 
     def step(kv_tile, dq, masked: bool):
         tile = pl.ds(kv_tile * bk, bk)
         k, v = k_ref[tile, :], v_ref[tile, :]  # [bk, H]
-        s = _dot(q, k, trans_b=True) * scale  # [bq, bk]
+        s, t = _scores(q, k, st)  # [bq, bk]
         if masked:
             kv_seg = None if kv_seg_ref is None else kv_seg_ref[tile]
             s = jnp.where(_visible(q_pos, _iota(bk, kv_tile * bk), q_seg, kv_seg, st), s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        _, ds = _score_grad(s, t, do, v, lse, delta)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    n_clear, n_end = _kv_tiles(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
-    dq = lax.fori_loop(0, n_clear, functools.partial(step, masked=False), jnp.zeros(q.shape, jnp.float32))
-    dq = lax.fori_loop(n_clear, n_end, functools.partial(step, masked=True), dq)
+    band = _kv_band(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
+    dq = band_loop(band, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
 
 
@@ -278,7 +315,7 @@ def _forward_call(q, k, v, q_seg, kv_seg, st: _Static):
     G, bq = N // K, st.blocks.block_q
     tile = functools.partial(_q_tile_id, n_q_tiles=T // bq, st=st)
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, tile(i), n, 0))
-    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, idiv(n, G), 0))
     seg_specs = [None, None]
     if q_seg is not None:
         seg_specs = [pl.BlockSpec((None, bq), lambda i, b, n: (b, tile(i))),
@@ -325,7 +362,7 @@ def _dq_call(q, k, v, do, lse, delta, q_seg, kv_seg, st: _Static):
     G, bq = N // K, st.blocks.block_q_dq
     tile = functools.partial(_q_tile_id, n_q_tiles=T // bq, st=st)
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, tile(i), n, 0))
-    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+    kv_spec = pl.BlockSpec((None, S, None, H), lambda i, b, n: (b, 0, idiv(n, G), 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, tile(i)))
     seg_specs = [None, None]
     if q_seg is not None:
@@ -363,7 +400,7 @@ def _flash(q, k, v, q_seg, kv_seg, st: _Static):
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
-    T, S, H = q.shape[1], k.shape[1], q.shape[3]
+    T, H = q.shape[1], q.shape[3]
     T_pad, S_pad, H_pad = _padded_shape(st, H)
     q_p, k_p, v_p = _pad(q, T_pad, H_pad), _pad(k, S_pad, H_pad), _pad(v, S_pad, H_pad)
     if q_seg is not None:
@@ -387,16 +424,22 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                     segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
+                    window: int | None = None, softcap: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
-    """softmax(q k^T * sm_scale) v, fused; q [B, T, N, H], k/v [B, S, K, H] (K divides N) -> [B, T, N, H]."""
+    """softmax(mask(cap(q k^T * sm_scale))) v, fused; q [B, T, N, H], k/v [B, S, K, H] (K divides N) -> [B, T, N, H].
+
+    window W (causal only): the query at key position p = t + S - T sees keys p - W < s <= p.
+    softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
+    """
     _check_inputs(q, k, v, segment_ids)
+    window, softcap = check_window_softcap(window, softcap, causal)
     T, H, S = q.shape[1], q.shape[3], k.shape[1]
     st = _Static(
         causal=bool(causal),
         sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale),
         blocks=(block_sizes or BlockSizes.default(H, q.dtype)).fitted(T, S),
         interpret=resolve_interpret(interpret, "flash_attention"),
-        q_len=T, kv_len=S)
+        q_len=T, kv_len=S, window=window, softcap=softcap)
     T_pad, S_pad, H_pad = _padded_shape(st, H)
     check_addressable("q", (q.shape[0], T_pad, q.shape[2], H_pad))
     check_addressable("k", (k.shape[0], S_pad, k.shape[2], H_pad))
@@ -432,17 +475,24 @@ def _check_inputs(q, k, v, segment_ids) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                              segment_ids: SegmentIds | None = None, sm_scale: float | None = None) -> jax.Array:
+                              segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
+                              window: int | None = None, softcap: float | None = None) -> jax.Array:
     """Plain-jnp attention with the kernel's exact semantics (fp32 math; rows seeing no key give 0)."""
+    window, softcap = check_window_softcap(window, softcap, causal)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)  # query heads grouped by their kv head
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32),
                         precision=lax.Precision.HIGHEST) * sm_scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     mask = jnp.ones((1, T, S), bool)
     if causal:
-        mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None]
+        p, s = jnp.arange(T)[:, None] + (S - T), jnp.arange(S)[None, :]  # query and key positions
+        mask = mask & (s <= p)[None]
+        if window is not None:
+            mask = mask & (s > p - window)[None]
     if segment_ids is not None:
         mask = mask & (segment_ids[0][:, :, None] == segment_ids[1][:, None, :])  # [B, T, S]
     mask = mask[:, None, None]  # [B or 1, 1, 1, T, S]

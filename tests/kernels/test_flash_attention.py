@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,25 +182,65 @@ def test_random_shapes_match_reference(B, T, S, K, G, H, causal, segments):
         assert_close_fp32(x, ref, name)
 
 
-@pytest.mark.parametrize("T,S,bq,bk,causal", [
-    (100, 100, 32, 16, True), (17, 100, 16, 32, True), (257, 100, 32, 16, True), (100, 257, 16, 16, False),
-    (128, 128, 32, 32, True),
+def brute_force_visible(T, S, n_rows, n_cols, causal, window):
+    """[n_rows, n_cols] True where row t (padded rows continue the positions) may see key s < S."""
+    p, s = np.arange(n_rows)[:, None] + S - T, np.arange(n_cols)[None, :]
+    visible = (s < S) & ((s <= p) | (not causal))
+    return visible & (s > p - window) if window is not None else visible
+
+
+def check_band(band, tiles):
+    """band (lo, clear_lo, clear_hi, hi) against tiles [n_tiles, ...] of a brute-force mask: exact on both counts."""
+    lo, clear_lo, clear_hi, hi = (int(x) for x in band)
+    assert 0 <= lo <= clear_lo <= clear_hi <= hi <= len(tiles)
+    any_ = [bool(t.any()) for t in tiles]
+    all_ = [bool(t.all()) for t in tiles]
+    visited = list(range(lo, hi))
+    if any(any_):  # visits exactly the tiles with a visible key: the band is contiguous
+        assert visited == [i for i, a in enumerate(any_) if a], (band, any_)
+    else:
+        assert not visited, band
+    assert list(range(clear_lo, clear_hi)) == [i for i, a in enumerate(all_) if a], (band, all_)
+
+
+@pytest.mark.parametrize("T,S,bq,bk,causal,window", [
+    (100, 100, 32, 16, True, None), (17, 100, 16, 32, True, None), (257, 100, 32, 16, True, None),
+    (100, 257, 16, 16, False, None), (128, 128, 32, 32, True, None),
+    (128, 128, 32, 16, True, 5),  # window inside one tile
+    (100, 100, 16, 32, True, 40),  # window across tiles, padded tails
+    (40, 130, 32, 16, True, 33),  # T < S
+    (130, 40, 16, 16, True, 16),  # T > S: early rows see nothing
+    (64, 64, 16, 16, True, 1000),  # window longer than the sequence
 ])
-def test_tile_ranges_skip_only_invisible_tiles_and_mask_only_where_needed(T, S, bq, bk, causal):
-    """Kernel loop bounds against a brute-force mask: never skip a visible key, never skip a mask it needs."""
-    st_ = fa._Static(causal=causal, sm_scale=1.0, blocks=BlockSizes(), interpret=True, q_len=T, kv_len=S)
-    rows, cols = np.arange(T)[:, None], np.arange(-(-S // bk) * bk)[None, :]
-    visible = (cols < S) & ((cols <= rows + S - T) if causal else (rows >= 0))  # [T, S_pad]
-    for i in range(-(-T // bq)):
-        n_clear, n_end = (int(x) for x in fa._kv_tiles(i, bq, bk, st_, segmented=False))
-        tiles = visible[i * bq:(i + 1) * bq].reshape(-1, cols.size // bk, bk)  # [rows, kv tiles, bk]
-        assert tiles[:, :n_clear].all() and not tiles[:, n_end:].any()
-        assert n_clear == n_end or not tiles[:, n_clear].all()  # the first masked tile really needs it
-    for j in range(cols.size // bk):
-        n_start, n_masked, n_end = (int(x) for x in fa._q_tiles(j, bq, bk, st_, segmented=False))
-        col = visible[:, j * bk:(j + 1) * bk]
-        assert not col[:n_start * bq].any() and col[n_masked * bq:].all()
-        assert n_masked == n_start or not col[(n_masked - 1) * bq:n_masked * bq].all()
+def test_tile_bands_visit_exactly_the_visible_tiles_and_mask_only_where_needed(T, S, bq, bk, causal, window):
+    """Kernel loop bounds against a brute-force mask: tiles outside the band are never visited, none inside are
+    skipped, and exactly the tiles that every row sees whole run without a mask (forward/dQ and dK/dV)."""
+    st_ = fa._Static(causal=causal, sm_scale=1.0, blocks=BlockSizes(), interpret=True, q_len=T, kv_len=S,
+                     window=window)
+    n_q, n_kv = -(-T // bq), -(-S // bk)
+    visible = brute_force_visible(T, S, n_q * bq, n_kv * bk, causal, window)  # [rows, cols], padded rows included
+    for i in range(n_q):
+        check_band(fa._kv_band(i, bq, bk, st_, segmented=False),
+                   visible[i * bq:(i + 1) * bq].reshape(bq, n_kv, bk).transpose(1, 0, 2))
+    for j in range(n_kv):
+        check_band(fa._q_band(j, bq, bk, st_, segmented=False),
+                   visible[:, j * bk:(j + 1) * bk].reshape(n_q, bq, bk))
+    if window is not None and window + bq < S:  # the window really skips: fewer tiles than causal alone
+        causal_only = dataclasses.replace(st_, window=None)
+        n_visits = lambda st: sum(int(b[3]) - int(b[0]) for b in (fa._kv_band(i, bq, bk, st, False) for i in range(n_q)))
+        assert n_visits(st_) < n_visits(causal_only)
+
+
+def test_segment_ids_mask_every_visited_tile_but_keep_the_window_bounds():
+    st_ = fa._Static(causal=True, sm_scale=1.0, blocks=BlockSizes(), interpret=True, q_len=128, kv_len=128, window=40)
+    for i in range(4):
+        lo, clear_lo, clear_hi, hi = (int(x) for x in fa._kv_band(i, 32, 16, st_, segmented=True))
+        assert (lo, hi) == tuple(int(x) for x in fa._kv_band(i, 32, 16, st_, segmented=False))[::3]
+        assert clear_lo == clear_hi == hi
+    for j in range(8):
+        lo, clear_lo, clear_hi, hi = (int(x) for x in fa._q_band(j, 32, 16, st_, segmented=True))
+        assert (lo, hi) == tuple(int(x) for x in fa._q_band(j, 32, 16, st_, segmented=False))[::3]
+        assert clear_lo == clear_hi == hi
 
 
 # ---------------------------------------------------------------------------------------------- contract
