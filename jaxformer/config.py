@@ -223,6 +223,14 @@ class ModelConfig:
         return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
 
     @property
+    def rope_switch_len(self) -> int | None:
+        """Where longrope's factors switch (its original context), at which generation re-encodes; else None."""
+        s = self.rope_scaling
+        if s is None or s.rope_type != "longrope" or self.position != "rope":
+            return None
+        return s.original_max_position_embeddings or self.max_seq_len
+
+    @property
     def attention_scale(self) -> float:
         """The factor on q·k: query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5

@@ -237,7 +237,10 @@ def prefill_step(model, slots: Slots, slot, tokens, length, seed, row: RowSettin
     """Prefill tokens [1, T] (the first `length` real) into row `slot` and sample its first token."""
     cfg = model.config
     T = tokens.shape[1]
-    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T))  # [1, T, V]
+    # padding sits at the last real position: RoPE scalings that read the sequence length (dynamic NTK,
+    # longrope) then see the prompt's length, not the bucket's
+    positions = jnp.minimum(jnp.arange(T, dtype=jnp.int32), length - 1)[None]  # [1, T]
+    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T), positions)  # [1, T, V]
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
     cache = slots.cache.replace(k=tuple(map(put, slots.cache.k, fresh.k)),
                                 v=tuple(map(put, slots.cache.v, fresh.v)),
@@ -252,11 +255,31 @@ def prefill_step(model, slots: Slots, slot, tokens, length, seed, row: RowSettin
     return slots, out
 
 
+def _reencode(model, history, rows, n: int, cache: KVCache) -> KVCache:
+    """Rows' first n cache entries recomputed from their tokens with the RoPE of n + 1 tokens.
+
+    Phi-3's longrope switches to its long factors once a sequence passes n = original context; transformers
+    then drops the cache and re-encodes the whole sequence with them (Phi3ForCausalLM.
+    prepare_inputs_for_generation), and so does this, once per row, at that step.
+    """
+    B, S = history.shape
+    fresh = model.extend(history[:, :n + 1], KVCache.init(model.config, B, S, cache.k[0].dtype)).cache
+    pick = lambda new, old: jnp.where(rows.reshape(B, 1, 1, 1), new, old)  # noqa: E731
+    return cache.replace(k=tuple(map(pick, fresh.k, cache.k)), v=tuple(map(pick, fresh.v, cache.v)))
+
+
 def decode_step(model, slots: Slots, active, *, n_top):
     """Feed every row's newest token [B, 1], then sample the next one for active rows."""
     (B, S), lengths = slots.history.shape, slots.cache.lengths
     last = jnp.take_along_axis(slots.history, jnp.minimum(lengths, S - 1)[:, None], axis=1)  # [B, 1]
-    logits, cache = model.extend(last, slots.cache)  # [B, 1, V]
+    cache = slots.cache
+    switch = model.config.rope_switch_len
+    if switch is not None and switch < S:
+        crossing = active & (lengths == switch)  # [B]
+        cache = jax.lax.cond(crossing.any(), functools.partial(_reencode, model, slots.history, crossing, switch),
+                             lambda c: c, cache)
+    positions = jnp.where(active, lengths, 0)[:, None]  # idle rows must not lengthen what longrope/NTK see
+    logits, cache = model.extend(last, cache, positions)  # [B, 1, V]
     cache = cache.replace(lengths=jnp.where(active, cache.lengths, lengths))
     out = choose(logits[:, 0], slots.history, lengths + 1, slots.prompt_len, slots.settings, slots.keys, n_top)
     at = jnp.where(active, lengths + 1, S)  # S: dropped (inactive rows, or a row that filled its context)
