@@ -138,6 +138,24 @@ def test_prompts_and_ids_equal_transformers(which, llama3_dir, chatml_dir):
         assert tok.chat_stop_ids == {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
 
 
+def test_template_environment_equals_transformers(chatml_dir):
+    """Loop controls, namespace, tojson (no HTML escaping, non-ASCII kept), tools=None, strftime_now, the named
+    special tokens, {% generation %} marks: what real templates (Llama 3.1, Qwen2.5, SmolLM) lean on."""
+    from jaxformer.data.tokenizer import Tokenizer
+
+    template = ("{%- set ns = namespace(n=0) %}{%- for m in messages %}{%- if m.role == 'system' %}{% continue %}"
+                "{% endif %}{%- set ns.n = ns.n + 1 %}{{ m.role | upper }} {% generation %}{{ m.content | tojson }}"
+                "{% endgeneration %}\n{%- if ns.n > 1 %}{% break %}{% endif %}{%- endfor %}{{ ns.n }} {{ eos_token }}"
+                "{% if tools is not none %}tools{% endif %}{{ strftime_now('%Y') }}{{ bos_token is defined }}")
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "<b>ünï</b> & 'x'"},
+            {"role": "assistant", "content": "ok", "tool_calls": None}, {"role": "user", "content": "unseen"}]
+    config = {**json.loads((chatml_dir / "tokenizer_config.json").read_text()), "chat_template": template}
+    tok = Tokenizer(load_tokenizer(chatml_dir).tok, config)
+    want = reference(chatml_dir).apply_chat_template(chat, tokenize=False, chat_template=template)
+    assert tok.apply_chat_template(chat, add_generation_prompt=False) == want
+    assert '"<b>ünï</b> & \'x\'"' in want and "unseen" not in want and "tools" not in want
+
+
 def test_chat_template_file_wins_and_travels(chatml_dir, tmp_path):
     config = json.loads((chatml_dir / "tokenizer_config.json").read_text())
     src = tmp_path / "src"
