@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxformer import DecoderLM, ModelConfig
+from jaxformer.infer import Engine, SamplingParams, generate
 from jaxformer.models.attention import attend
 from pallas_kernels import INTERPRET_ENV, PallasUnavailableError
 
@@ -28,10 +29,22 @@ def loss_and_grads(cfg: ModelConfig, tokens, positions, segment_ids):
     return loss, logits, grads
 
 
-def test_decoder_lm_pallas_matches_xla(monkeypatch):
+CONFIGS = {
+    "llama": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                               max_seq_len=48),
+    # Gemma 2 / 3 style: a sliding layer (window 12 < T) beside a full one, soft-capped scores, per-head q/k norms
+    "gemma": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=128,
+                               max_seq_len=48, sliding_window=12, layer_types=("sliding_attention", "full_attention"),
+                               attn_logit_softcap=4.0, final_logit_softcap=10.0, qk_norm="head",
+                               norm_placement="sandwich", norm_unit_offset=True, query_pre_attn_scalar=24,
+                               rope_local_theta=100.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decoder_lm_pallas_matches_xla(monkeypatch, name):
     monkeypatch.setenv(INTERPRET_ENV, "1")
-    cfg = ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                            max_seq_len=48)
+    cfg = CONFIGS[name]
     B, T = 2, 40
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     segment_ids = jnp.stack([jnp.where(jnp.arange(T) < 15, 1, 2), jnp.ones(T, jnp.int32)])  # two packed docs
@@ -49,6 +62,19 @@ def test_decoder_lm_pallas_matches_xla(monkeypatch):
         gx, gp = np.asarray(gx), np.asarray(gp)
         err = np.linalg.norm(gp - gx) / max(np.linalg.norm(gx), 1e-30)
         assert err <= 1e-4, f"{jax.tree_util.keystr(path)}: relative grad error {err:.2e}"
+
+
+def test_windowed_soft_capped_generation_with_the_decode_kernel_matches_xla(monkeypatch):
+    """The engine over the Pallas caches (decode kernel: window and soft-cap) picks the xla engine's tokens."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    cfg = CONFIGS["gemma"]
+    prompts = [np.random.default_rng(3).integers(0, cfg.vocab_size, n).tolist() for n in (20, 7)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    runs = {}
+    for impl in ("xla", "pallas"):
+        model = DecoderLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+        runs[impl] = [s.tokens for s in generate(Engine(model, max_batch=2, max_len=40), prompts, params)]
+    assert runs["pallas"] == runs["xla"]
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the no-GPU error")
