@@ -83,8 +83,8 @@ def test_flash_reference_matches_naive_numpy(B, T, S, N, K, window, softcap, cau
     seg = None
     if segments:
         seg = (jnp.asarray(rng.integers(0, 2, (B, T)), jnp.int32), jnp.asarray(rng.integers(0, 2, (B, S)), jnp.int32))
-    ref = flash_attention_reference(q, k, v, causal=causal, segment_ids=seg, sm_scale=0.4, window=window,
-                                    softcap=softcap)
+    ref = jax.jit(flash_attention_reference, static_argnames=("causal", "sm_scale", "window", "softcap"))(
+        q, k, v, causal=causal, segment_ids=seg, sm_scale=0.4, window=window, softcap=softcap)
     naive = naive_attention(q, k, v, sm_scale=0.4, causal=causal, window=window, softcap=softcap, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(ref), naive, atol=2e-6, rtol=1e-5)
 
@@ -93,7 +93,7 @@ def test_decode_reference_is_windowed_causal_attention_over_each_prefix():
     rng = np.random.default_rng(1)
     q, k, v = normal(rng, 3, 3, 4, 8), normal(rng, 3, 20, 2, 8), normal(rng, 3, 20, 2, 8)
     lengths = jnp.asarray([20, 9, 2], jnp.int32)
-    dec = decode_attention_reference(q, k, v, lengths, sm_scale=0.3, window=6, softcap=1.5)
+    dec = jax.jit(lambda *a: decode_attention_reference(*a, sm_scale=0.3, window=6, softcap=1.5))(q, k, v, lengths)
     for b, length in enumerate(np.asarray(lengths)):
         full = naive_attention(q[b:b + 1], k[b:b + 1, :length], v[b:b + 1, :length], sm_scale=0.3, window=6,
                                softcap=1.5)
@@ -103,10 +103,11 @@ def test_decode_reference_is_windowed_causal_attention_over_each_prefix():
 def test_window_at_least_the_sequence_and_huge_softcap_change_nothing():
     rng = np.random.default_rng(2)
     q, k, v = normal(rng, 1, 10, 2, 8), normal(rng, 1, 14, 1, 8), normal(rng, 1, 14, 1, 8)
-    plain = flash_attention_reference(q, k, v, causal=True)
-    np.testing.assert_array_equal(np.asarray(flash_attention_reference(q, k, v, causal=True, window=14)), plain)
-    assert_close(flash_attention_reference(q, k, v, causal=True, softcap=1e6), plain, "softcap 1e6")
-    assert not np.allclose(np.asarray(flash_attention_reference(q, k, v, causal=True, window=13)), plain)
+    ref = lambda **kw: flash_attention_reference(q, k, v, causal=True, **kw)
+    plain, w14, w13, capped = jax.jit(lambda: (ref(), ref(window=14), ref(window=13), ref(softcap=1e6)))()
+    np.testing.assert_array_equal(np.asarray(w14), np.asarray(plain))
+    assert_close(capped, plain, "softcap 1e6")
+    assert not np.allclose(np.asarray(w13), np.asarray(plain))
 
 
 # ---------------------------------------------------------------------------------------- flash kernel
@@ -169,16 +170,16 @@ def test_flash_never_reads_key_tiles_before_the_window():
 def test_jax_enable_x64_runs_both_kernels():
     """With jax_enable_x64 on, int64 Python scalars must not meet the kernels' int32 program ids."""
     rng = np.random.default_rng(4)
-    q, k, v, do = normal(rng, 1, 24, 2, 16), normal(rng, 1, 40, 1, 16), normal(rng, 1, 40, 1, 16), normal(rng, 1, 24, 2, 16)
-    lengths = jnp.asarray([40], jnp.int32)
+    q, k, v, do = normal(rng, 1, 16, 2, 16), normal(rng, 1, 32, 1, 16), normal(rng, 1, 32, 1, 16), normal(rng, 1, 16, 2, 16)
+    lengths = jnp.asarray([32], jnp.int32)
     with jax.enable_x64(True):
         kw = dict(causal=True, window=9, softcap=3.0)
         got = value_and_grads(lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, interpret=True, **kw),
                               q, k, v, do)
         want = value_and_grads(lambda q, k, v: flash_attention_reference(q, k, v, **kw), q, k, v, do)
-        dec = decode_attention(q[:, -2:], k, v, lengths, window=9, block_sizes=DecodeBlocks(block_k=16),
-                               interpret=True)
-        dec_ref = decode_attention_reference(q[:, -2:], k, v, lengths, window=9)
+        dec, dec_ref = jax.jit(lambda *a: (
+            decode_attention(*a, window=9, block_sizes=DecodeBlocks(block_k=16), interpret=True),
+            decode_attention_reference(*a, window=9)), compiler_options=FAST_COMPILE)(q[:, -2:], k, v, lengths)
     for name, x, ref in zip(("out", "dq", "dk", "dv", "decode"), (*got, dec), (*want, dec_ref)):
         assert x.dtype == jnp.float32, name
         assert_close(x, ref, name)

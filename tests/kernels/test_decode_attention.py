@@ -83,7 +83,8 @@ def test_bad_inputs_raise_clear_errors(args, message):
         decode_attention(jnp.ones(q_shape), cache, cache, jnp.ones(len_shape, jnp.int32), interpret=True)
 
 
-def test_lowers_to_valid_triton_ir(monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"window": 300, "softcap": 50.0}])
+def test_lowers_to_valid_triton_ir(extra, monkeypatch):
     """Every op of the split kernel lowers to Triton and passes its verifier (no GPU needed)."""
     from jax._src.pallas.triton import lowering  # private: the only handle on the Triton module
     verified = []
@@ -98,7 +99,7 @@ def test_lowers_to_valid_triton_ir(monkeypatch):
     monkeypatch.setattr(da, "resolve_interpret", lambda interpret, kernel="": False)
     q = jax.ShapeDtypeStruct((2, 4, 8, 128), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
-    jax.jit(decode_attention).trace(q, cache, cache, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
+    jax.jit(lambda *a: decode_attention(*a, **extra)).trace(q, cache, cache, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
         lowering_platforms=("cuda",))
     assert verified == [True]
 

@@ -293,11 +293,12 @@ def lower_for_cuda(fn, *args, monkeypatch) -> list[bool]:
     return verified
 
 
-@pytest.mark.parametrize("causal,segments,H,dtype", [
-    (True, False, 64, jnp.bfloat16), (False, False, 64, jnp.float32), (False, True, 128, jnp.float16),
-    (True, True, 80, jnp.bfloat16),
+@pytest.mark.parametrize("causal,segments,H,dtype,extra", [
+    (True, False, 64, jnp.bfloat16, {}), (False, False, 64, jnp.float32, {}), (False, True, 128, jnp.float16, {}),
+    (True, True, 80, jnp.bfloat16, {}),
+    (True, True, 256, jnp.bfloat16, {"window": 100, "softcap": 50.0}),  # Gemma 2: sliding window + soft-cap
 ])
-def test_lowers_to_valid_triton_ir(causal, segments, H, dtype, monkeypatch):
+def test_lowers_to_valid_triton_ir(causal, segments, H, dtype, extra, monkeypatch):
     """The compiled path cannot run here, but every op must lower to Triton and pass its verifier."""
     monkeypatch.setattr(fa, "resolve_interpret", lambda interpret, kernel="": False)
     q = jax.ShapeDtypeStruct((2, 300, 4, H), dtype)
@@ -305,7 +306,7 @@ def test_lowers_to_valid_triton_ir(causal, segments, H, dtype, monkeypatch):
     seg = (jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 200), jnp.int32)) if segments else None
 
     def loss(q, k, v, seg):
-        return flash_attention(q, k, v, causal=causal, segment_ids=seg).astype(jnp.float32).sum()
+        return flash_attention(q, k, v, causal=causal, segment_ids=seg, **extra).astype(jnp.float32).sum()
 
     assert lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, seg, monkeypatch=monkeypatch) == [True] * 3
 
