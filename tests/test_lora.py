@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,9 @@ from jaxformer.train.step import lm_loss, make_train_step
 
 LLAMA = ModelConfig.llama(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 GPT2 = ModelConfig.gpt2(vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32)
+PHI3 = LLAMA.replace(export_as="phi3")  # q/k/v and gate/up fused in Hugging Face's Phi-3
+QWEN3 = LLAMA.replace(qk_norm="head", head_dim=16)  # q_norm / k_norm beside the projections
+OLMO2 = LLAMA.replace(qk_norm="proj", norm_placement="post")
 
 
 def _tokens(cfg, B=2, T=11, seed=0):
@@ -106,6 +111,20 @@ def test_targets_rank_and_trainable_counts():
         apply_lora(DecoderLM(GPT2, rngs=nnx.Rngs(0)), LoRAConfig(targets=("gate",)), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("cfg", [QWEN3, OLMO2], ids=["qwen3", "olmo2"])
+def test_qk_norms_are_not_targets(cfg):
+    """With q_norm / k_norm present (per head or over the projection), only the seven projections are adapted."""
+    model = _lora_model(cfg, LoRAConfig(rank=2, alpha=4.0))
+    assert sorted(n for n, _ in lora_modules(model)) == sorted(
+        f"layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                      "mlp.down_proj"))
+    attn = model.layers[0].self_attn
+    assert not isinstance(attn.q_norm, LoRALinear) and not isinstance(attn.k_norm, LoRALinear)
+    _, params, _ = split_trainable(model, "lora")
+    assert all("norm" not in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(params))
+
+
 def test_adapter_axes_follow_the_base_weight():
     model = _lora_model(LLAMA)
     axes = {n: (m.lora_A.weight.get_metadata()["logical_axes"], m.lora_B.weight.get_metadata()["logical_axes"])
@@ -161,20 +180,31 @@ def _hf_logits(model, tokens):
         return model(torch.from_numpy(np.array(tokens)).long()).logits.numpy()
 
 
-@pytest.mark.parametrize("cfg,targets", [(LLAMA, ("q", "k", "v", "o", "gate", "up", "down")),
-                                         (GPT2, ("q", "v", "o", "up", "down"))], ids=["llama", "gpt2"])
-def test_peft_export_loads_with_peft_and_matches(tmp_path, cfg, targets):
+ALL7 = ("q", "k", "v", "o", "gate", "up", "down")
+PEFT_CASES = {  # config, our targets, PEFT's target_modules and rank_pattern (fused modules: rank m * 4)
+    "llama": (LLAMA, ALL7, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], {}),
+    "gpt2": (GPT2, ("q", "v", "o", "up", "down"), ["c_attn", "c_fc", "c_proj"], {"c_attn": 8}),
+    "phi3": (PHI3, ("q", "v", "o", "gate", "down"), ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
+             {"qkv_proj": 8}),
+    "qwen3": (QWEN3, ALL7, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_export_loads_with_peft_and_matches(tmp_path, case):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from jaxformer.finetune.peft import load_peft, save_peft
     from jaxformer.interop.hf import save_hf
 
+    cfg, targets, peft_targets, rank_pattern = PEFT_CASES[case]
     model = _randomize_b(_lora_model(cfg, LoRAConfig(rank=4, alpha=8.0, targets=targets)))
     base = DecoderLM(cfg, rngs=nnx.Rngs(0))  # the same base weights, without adapters
     save_hf(base, tmp_path / "base")
     save_peft(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == peft_targets and config["rank_pattern"] == rank_pattern
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     tokens = _tokens(cfg, T=13, seed=4)
     ours = np.asarray(model(tokens))
@@ -185,30 +215,55 @@ def test_peft_export_loads_with_peft_and_matches(tmp_path, cfg, targets):
     np.testing.assert_allclose(_hf_logits(merged_hf, tokens), np.asarray(merge_lora(model)(tokens)), atol=1e-4)
     back = load_peft(DecoderLM(cfg, rngs=nnx.Rngs(0)), tmp_path / "adapter")  # and back into jaxformer
     np.testing.assert_allclose(np.asarray(back(tokens)), ours, atol=1e-5)
+    # fused modules (GPT-2's c_attn, Phi-3's qkv_proj / gate_up_proj) split back into the adapters they came from
+    assert [(n, m.rank, m.scaling) for n, m in lora_modules(back)] == [
+        (n, m.rank, pytest.approx(m.scaling, rel=1e-12)) for n, m in lora_modules(model)]
 
 
-def test_load_an_adapter_that_peft_wrote(tmp_path):
-    """peft's own save_pretrained output (random LoRA on a random LlamaForCausalLM) loads into jaxformer."""
+PEFT_WRITTEN = {  # transformers config class, its model class, PEFT target_modules, what they adapt in jaxformer
+    "llama": ("LlamaConfig", "LlamaForCausalLM", ["q_proj", "v_proj", "down_proj"],
+              ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", ["qkv_proj", "gate_up_proj"],  # fused: every part shares A
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_WRITTEN))
+def test_load_an_adapter_that_peft_wrote(tmp_path, case):
+    """peft's own save_pretrained output (random LoRA on a random transformers model) loads into jaxformer."""
     import torch
+    import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from jaxformer.finetune.peft import load_peft
     from jaxformer.interop.hf import load_hf
 
+    config_cls, model_cls, peft_targets, ours = PEFT_WRITTEN[case]
     torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf_cfg = getattr(transformers, config_cls)(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = getattr(transformers, model_cls)(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=12, target_modules=peft_targets,
                                                lora_dropout=0.0, init_lora_weights=False)).eval()
     peft_model.save_pretrained(tmp_path / "adapter")
-    ours = load_peft(load_hf(tmp_path / "base"), tmp_path / "adapter")
-    assert sorted(n for n, _ in lora_modules(ours)) == sorted(
-        f"layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
-    assert all(m.scaling == 3.0 for _, m in lora_modules(ours))
+    model = load_peft(load_hf(tmp_path / "base"), tmp_path / "adapter")
+    assert sorted(n for n, _ in lora_modules(model)) == sorted(f"layers.{i}.{m}" for i in range(2) for m in ours)
+    assert all(m.scaling == 3.0 and m.rank == 4 for _, m in lora_modules(model))
     tokens = _tokens(LLAMA, T=9, seed=6)
-    np.testing.assert_allclose(np.asarray(ours(tokens)), _hf_logits(peft_model, tokens), atol=1e-4)
-    assert isinstance(lora_modules(ours)[0][1], LoRALinear)
+    np.testing.assert_allclose(np.asarray(model(tokens)), _hf_logits(peft_model, tokens), atol=1e-4)
+    assert isinstance(lora_modules(model)[0][1], LoRALinear)
+
+
+def test_peft_errors_name_the_problem(tmp_path):
+    from jaxformer.finetune.peft import load_peft, save_peft
+
+    with pytest.raises(ValueError, match="no LoRA adapters to export"):
+        save_peft(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), tmp_path / "none")
+    save_peft(_randomize_b(_lora_model(PHI3, LoRAConfig(rank=2, alpha=4.0, targets=("q",)))), tmp_path / "phi3")
+    with pytest.raises(ValueError, match=r"PEFT module model\.layers\.0\.self_attn\.qkv_proj is not a projection "
+                                         r"of this llama model's blocks"):
+        load_peft(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), tmp_path / "phi3")
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        load_peft(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), tmp_path)
