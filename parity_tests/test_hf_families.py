@@ -42,6 +42,10 @@ CASES = {
                                   tie_word_embeddings=True)),
     "gemma2": ("Gemma2Config", dict(head_dim=32, sliding_window=40, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0, num_hidden_layers=4)),
+    # every layer full although sliding_window is set: the window must not apply anywhere (found by
+    # bench/hf_families_sweep.py), and the export must still give transformers a window to build its mask with
+    "gemma2_all_full": ("Gemma2Config", dict(head_dim=32, sliding_window=40, num_hidden_layers=2,
+                                             layer_types=["full_attention", "full_attention"])),
     "gemma3": ("Gemma3TextConfig", dict(
         head_dim=32, sliding_window=40, query_pre_attn_scalar=24, num_hidden_layers=4,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],

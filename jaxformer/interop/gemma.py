@@ -73,7 +73,8 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     if family.model_type == "gemma":
         return {**out, "hidden_act": act, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
     out.update(hidden_activation=act, query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-               sliding_window=cfg.sliding_window, layer_types=[cfg.layer_type(i) for i in range(cfg.n_layers)],
+               sliding_window=cfg.sliding_window or cfg.max_seq_len,  # transformers always builds the mask
+               layer_types=[cfg.layer_type(i) for i in range(cfg.n_layers)],
                attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
     if family.model_type == "gemma2":
         return {**out, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}

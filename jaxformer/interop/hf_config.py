@@ -138,11 +138,9 @@ def rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
 
 
 def layer_types_from_hf(hf: dict[str, Any], sliding_window: int | None) -> tuple[str, ...] | None:
-    """config.json's layer_types when they mix in sliding layers, None when every layer is full."""
+    """config.json's layer_types (ModelConfig folds uniform ones into sliding_window); None without a window."""
     types = hf.get("layer_types")
-    if not types or sliding_window is None or "sliding_attention" not in types:
-        return None
-    return tuple(types)
+    return tuple(types) if types and sliding_window is not None else None
 
 
 def prefixed(sd: StateDict, cfg: ModelConfig) -> StateDict:

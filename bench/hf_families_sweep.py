@@ -1,0 +1,130 @@
+"""Hugging Face import and export on configs no test has seen: random odd sizes and options per family.
+
+For each family, draws `--per-family` transformers configs (odd vocab, widths, head dims, layer counts,
+windows, soft-caps, RoPE scalings), builds the random-init model (1-D weights moved off their init),
+loads it with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints
+max|logits diff| both ways on a 300-token prompt. The last line is one JSON object of the figures.
+
+    python bench/hf_families_sweep.py [--per-family 3] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from jaxformer.interop import load_hf, save_hf
+
+T = 300
+
+
+def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
+    """A transformers config class name and its kwargs: odd sizes and the family's options, drawn at random."""
+    heads = int(rng.choice([2, 3, 4, 6]))
+    kv = int(rng.choice([k for k in (1, 2, 3, 6) if heads % k == 0]))
+    head_dim = int(rng.choice([8, 12, 20, 24]))
+    cfg = dict(vocab_size=int(rng.integers(97, 300)), hidden_size=int(rng.choice([36, 48, 60, 72])),
+               intermediate_size=int(rng.integers(50, 160)), num_hidden_layers=int(rng.integers(2, 5)),
+               num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=512,
+               initializer_range=float(rng.uniform(0.05, 0.2)), rms_norm_eps=float(rng.choice([1e-5, 1e-6])),
+               tie_word_embeddings=bool(rng.integers(2)), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    window = int(rng.integers(17, 120))
+    n = cfg["num_hidden_layers"]
+    mixed = [str(rng.choice(["sliding_attention", "full_attention"])) for _ in range(n)]
+    if family == "llama":
+        kind = str(rng.choice(["llama3", "yarn", "linear", "dynamic", "default"]))
+        rope = {"rope_type": kind, "rope_theta": float(rng.choice([1e4, 5e5]))}
+        if kind != "default":
+            rope["factor"] = float(rng.uniform(1.5, 8))
+        if kind in ("llama3", "yarn"):
+            rope["original_max_position_embeddings"] = int(rng.integers(32, 200))
+        if kind == "llama3":
+            rope.update(low_freq_factor=1.0, high_freq_factor=float(rng.uniform(2, 6)))
+        if kind == "dynamic":
+            cfg["max_position_embeddings"] = T  # grows past it only beyond 300 tokens: export-safe
+        bias = bool(rng.integers(2))
+        return "LlamaConfig", {**cfg, "rope_parameters": rope, "attention_bias": bias, "mlp_bias": bias}
+    if family == "mistral":
+        return "MistralConfig", {**cfg, "sliding_window": window}
+    if family == "qwen2":
+        return "Qwen2Config", {**cfg, "use_sliding_window": True, "sliding_window": window,
+                               "max_window_layers": int(rng.integers(0, n))}
+    if family == "qwen3":
+        return "Qwen3Config", {**cfg, "use_sliding_window": bool(rng.integers(2)), "sliding_window": window,
+                               "max_window_layers": int(rng.integers(0, n))}
+    if family == "gemma":
+        return "GemmaConfig", {**cfg, "hidden_act": "gelu_pytorch_tanh"}
+    if family == "gemma2":
+        return "Gemma2Config", {**cfg, "sliding_window": window, "layer_types": mixed,
+                                "query_pre_attn_scalar": int(rng.integers(8, 64)),
+                                "attn_logit_softcapping": float(rng.uniform(2, 50)),
+                                "final_logit_softcapping": float(rng.uniform(2, 30))}
+    if family == "gemma3_text":
+        rope = {"full_attention": {"rope_type": "linear", "factor": float(rng.uniform(1, 8)), "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 5e4]))}}
+        return "Gemma3TextConfig", {**cfg, "sliding_window": window, "layer_types": mixed, "rope_parameters": rope,
+                                    "query_pre_attn_scalar": int(rng.integers(8, 64))}
+    if family == "phi3":
+        original = int(rng.integers(64, 250))
+        half = cfg["head_dim"] // 2
+        cfg.update(num_key_value_heads=heads, hidden_size=heads * cfg["head_dim"])  # Phi-3 needs D = N * H
+        rope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": original,
+                "short_factor": rng.uniform(1, 1.5, half).tolist(), "long_factor": rng.uniform(1, 8, half).tolist()}
+        return "Phi3Config", {**cfg, "rope_parameters": rope, "original_max_position_embeddings": original,
+                              "sliding_window": window if rng.integers(2) else None}
+    return "Olmo2Config", cfg  # olmo2
+
+
+def logits_hf(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-family", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    families = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
+    results = {}
+    for family in families:
+        worst = [0.0, 0.0]
+        for _ in range(args.per_family):
+            cls, kw = draw(family, rng)
+            torch.manual_seed(int(rng.integers(1 << 30)))
+            hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw),
+                                                               attn_implementation="eager").eval()
+            with torch.no_grad():
+                for p in hf.parameters():
+                    if p.ndim == 1:
+                        p.add_(0.3 * torch.randn_like(p))
+            tokens = rng.integers(3, kw["vocab_size"], (2, T))
+            ref = logits_hf(hf, tokens)
+            with tempfile.TemporaryDirectory() as tmp:
+                hf.save_pretrained(Path(tmp) / "in")
+                model = load_hf(Path(tmp) / "in")
+                ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+                save_hf(model, Path(tmp) / "out")
+                back = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "out",
+                                                                         attn_implementation="eager").eval()
+                again = logits_hf(back, tokens)
+            d_in, d_out = float(np.abs(ours - ref).max()), float(np.abs(again - ours).max())
+            worst = [max(worst[0], d_in), max(worst[1], d_out)]
+            print(f"{family:12s} {cls:17s} import {d_in:.1e} export {d_out:.1e} max|logit| {np.abs(ref).max():6.1f} "
+                  f"layers {kw['num_hidden_layers']} D {kw['hidden_size']} H {kw['head_dim']} "
+                  f"N:K {kw['num_attention_heads']}:{kw['num_key_value_heads']} V {kw['vocab_size']}", flush=True)
+        results[family] = {"import_max_abs": worst[0], "export_max_abs": worst[1]}
+    print(json.dumps({"tokens": T, "per_family": args.per_family, "families": results,
+                      "all_within_1e-4": all(max(r.values()) <= 1e-4 for r in results.values())}))
+
+
+if __name__ == "__main__":
+    main()
