@@ -192,3 +192,50 @@ def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, base_dir, sft_data):
     assert specs["layers.0.mlp.down_proj.lora_A.weight"]["spec"] == [None, "tensor"]
     assert specs["layers.0.mlp.down_proj.lora_B.weight"]["spec"] == ["fsdp", None]
     assert specs["layers.0.self_attn.q_proj.weight"]["spec"] == ["tensor", "fsdp"]  # the frozen base, sharded
+
+
+HF_BASES = {  # transformers config class and its family's fields (tiny, random-init; windows shorter than the prompt)
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                  tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=12,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_BASES))
+def test_lora_from_a_hugging_face_directory_exports_peft(family, tmp_path, tokenizer, sft_data):
+    """`jaxformer finetune --base HF_DIR` (LoRA on all seven projections); peft loads RUN/adapter onto the
+    transformers model, which then gives the fine-tuned jaxformer model's logits."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    cls, extra = HF_BASES[family]
+    hf_cfg = getattr(transformers, cls)(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+    with torch.no_grad():  # norms and biases away from their init values
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    cfgs = _cfgs(tmp_path / "run", tmp_path / "hf", sft_data, steps=4, eval_every=4, ckpt_every=4)
+    cfgs["lora"] = dataclasses.replace(cfgs["lora"], targets=("q", "k", "v", "o", "gate", "up", "down"))
+    out = finetune(cfgs, progress=False)
+    assert out["val_loss"] < out["val_loss_before"]
+
+    tuned = native.load(tmp_path / "run" / "model")  # the merged fine-tuned model
+    assert tuned.config.family == family
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(base, out["adapter_dir"]).eval()
+    tokens = np.random.default_rng(1).integers(3, 400, (2, 40))  # past every window
+    with torch.no_grad():
+        got = peft_model(torch.from_numpy(tokens)).logits.numpy()
+        with peft_model.disable_adapter():
+            before = peft_model(torch.from_numpy(tokens)).logits.numpy()
+    want = np.asarray(tuned(tokens.astype(np.int32)))
+    assert np.abs(got - before).max() > 1e-3  # the adapter changed the model ...
+    np.testing.assert_allclose(got, want, atol=1e-4)  # ... as fine-tuning changed jaxformer's

@@ -10,7 +10,7 @@ checkpoint holds only the adapters and their optimizer state; the frozen base is
 RUN_DIR/ after a finished run:
   model/      the merged (or fully fine-tuned) model in jaxformer format + tokenizer files:
               `jaxformer serve --ckpt RUN_DIR/model`, `jaxformer convert --to hf RUN_DIR/model ...`
-  adapter/    (LoRA, GPT-2 / Llama bases) the adapter alone in Hugging Face PEFT format
+  adapter/    (LoRA, bases of a Hugging Face family) the adapter alone in Hugging Face PEFT format
   metrics.jsonl, tb/, loss.png, checkpoints/
 """
 
