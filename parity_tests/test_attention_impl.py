@@ -26,9 +26,10 @@ def _qkv(seed: int, N: int, K: int, H: int = 8):
     return q, k, v
 
 
-@pytest.mark.parametrize("N,K,segments", [(4, 4, True), (4, 2, False), (4, 2, True), (4, 1, True)],
-                         ids=["mha-segments", "gqa2-causal", "gqa2-segments", "mqa-segments"])
-def test_auto_matches_xla(N, K, segments):
+@pytest.mark.parametrize("N,K,segments,window", [(4, 4, True, None), (4, 2, False, None), (4, 2, True, None),
+                                                 (4, 1, True, None), (4, 2, True, 5)],
+                         ids=["mha-segments", "gqa2-causal", "gqa2-segments", "mqa-segments", "gqa2-segments-window5"])
+def test_auto_matches_xla(N, K, segments, window):
     assert jax.default_backend() == "cpu"
     q, k, v = _qkv(1, N, K)
     seg = None
@@ -40,8 +41,8 @@ def test_auto_matches_xla(N, K, segments):
     def run(impl):
         @jax.jit  # forward and backward in one compiled program
         def fwd_bwd(q, k, v):
-            out, vjp = jax.vjp(lambda q, k, v: jattn.attend(q, k, v, causal=True, segment_ids=seg, impl=impl),
-                               q, k, v)
+            out, vjp = jax.vjp(lambda q, k, v: jattn.attend(q, k, v, causal=True, segment_ids=seg, impl=impl,
+                                                            window=window), q, k, v)
             return out, dict(zip("qkv", vjp(cot)))
         return fwd_bwd(q, k, v)
 
