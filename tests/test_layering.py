@@ -28,6 +28,7 @@ LAYERS = {
     "train": 6,
     "seq2seq": 7,
     "finetune": 7,
+    "plan": 7,  # compiles train (and infer) steps for GPU targets; only the CLI imports it
     "serve": 8,
     "cli": 9,
     "__init__": 10,  # the package's public facade
