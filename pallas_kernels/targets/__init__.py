@@ -21,7 +21,6 @@ import contextvars
 import dataclasses
 import functools
 import importlib.util
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -190,7 +189,8 @@ def compile_devices(target: str | GpuTarget, topology: str = "1x1x1") -> list:
     if missing:
         raise GpuCompileUnavailable(f"compiling for {target.name} without the GPU needs {', '.join(missing)}: "
                                     f"{INSTALL_HINT}")
-    if not xla_bridge.backends_are_initialized() and not nvidia_driver_present() and not jax.config.jax_platforms:
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)()
+    if not started and not nvidia_driver_present() and not jax.config.jax_platforms:
         jax.config.update("jax_platforms", "cpu")  # no driver: the CUDA plugin may only compile, never start
     try:
         desc = topologies.get_topology_desc(platform="cuda", target_config=target.config_text, topology=topology)
@@ -200,10 +200,3 @@ def compile_devices(target: str | GpuTarget, topology: str = "1x1x1") -> list:
             "(or jax.config.update('jax_platforms', 'cpu')) before JAX initialises its backends") from None
     return list(desc.devices)
 
-
-def env_without_driver() -> dict[str, str]:
-    """os.environ plus JAX_PLATFORMS=cpu when there is no NVIDIA driver (for child processes that compile)."""
-    env = dict(os.environ)
-    if not nvidia_driver_present():
-        env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
