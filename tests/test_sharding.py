@@ -181,6 +181,41 @@ def test_encoder_decoder_on_a_mesh_matches_one_device(tmp_path):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+FAMILY_FIELDS = dict(  # Gemma 2/3, Qwen2 and OLMo 2 fields in one model: every new parameter kind on the mesh
+    qkv_bias=True, qk_norm="proj", norm_placement="sandwich", norm_unit_offset=True, scale_embedding=True,
+    sliding_window=8, layer_types=("sliding_attention", "full_attention"), rope_local_theta=1e4,
+    attn_logit_softcap=20.0, final_logit_softcap=15.0, query_pre_attn_scalar=12.0, activation="gelu_tanh",
+    tie_embeddings=True)
+
+
+def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
+    """q/k norms over whole projections, sandwich norms, q/k/v biases, sliding layers and soft-caps: the loss and
+    every gradient on data 2 x fsdp 2 x tensor 2 equal one device's, with the layouts the table gives."""
+    cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8,
+                    model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **FAMILY_FIELDS))
+    raw = {name: dataclasses.asdict(c) for name, c in cfgs.items()}
+    raw["data"]["sources"] = list(raw["data"]["sources"])
+    raw["model"]["layer_types"] = list(raw["model"]["layer_types"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
+          str(tmp_path / "out"), "2,2,2"], devices=8)
+    got = np.load(tmp_path / "out" / "grads.npz")
+    one = {k.removeprefix("one/"): got[k] for k in got.files if k.startswith("one/")}
+    mesh = {k.removeprefix("mesh/"): got[k] for k in got.files if k.startswith("mesh/")}
+    assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
+    assert sorted(mesh) == sorted(one) and "layers.0.self_attn.q_norm.weight" in one
+    for name, g in one.items():  # k_proj.bias too: k is normed and rotated after it, so its gradient is not zero
+        assert np.abs(g).max() > 1e-6, name
+        rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)  # q/k norm weights: ~6e-6, their sums cancel
+        assert rel <= 1e-5, f"{name}: relative gradient error {rel:.1e}"
+    spec = json.loads((tmp_path / "out" / "report.json").read_text())["2,2,2"]
+    for norm in ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm",
+                 "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        assert spec[f"layers.1.{norm}.weight"] == [None], norm  # replicated: the same scale on every shard
+    assert spec["layers.0.self_attn.q_proj.bias"] == ["tensor"]  # split with the projection's heads
+    assert spec["layers.0.self_attn.k_proj.bias"] == ["tensor"]  # 2 kv heads over tensor 2
+
+
 def test_bad_meshes_fail_clearly(config):
     with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=3 = 12 devices, but there are 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=3), 8)
