@@ -239,3 +239,13 @@ def test_lora_from_a_hugging_face_directory_exports_peft(family, tmp_path, token
     want = np.asarray(tuned(tokens.astype(np.int32)))
     assert np.abs(got - before).max() > 1e-3  # the adapter changed the model ...
     np.testing.assert_allclose(got, want, atol=1e-4)  # ... as fine-tuning changed jaxformer's
+
+
+def test_lora_base_without_a_peft_naming_fails_before_training(tmp_path, tokenizer, sft_data):
+    cfg = ModelConfig.llama(vocab_size=512, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=64,
+                            export_as="llama_v9")  # a family name no exporter knows
+    native.save(DecoderLM(cfg, rngs=nnx.Rngs(0)), tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"set model.export_as to one of \[.*'qwen2'"):
+        finetune(_cfgs(tmp_path / "run", tmp_path / "base", sft_data), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written

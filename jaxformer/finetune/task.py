@@ -33,7 +33,7 @@ from jaxformer.data.tokenizer import Tokenizer, copy_tokenizer_files, load_token
 from jaxformer.finetune import sft
 from jaxformer.finetune.lora import (apply_lora, merge_lora, set_dropout, split_trainable, step_dropout_keys,
                                      trainable_report)
-from jaxformer.finetune.peft import save_peft
+from jaxformer.finetune.peft import hf_projections, save_peft
 from jaxformer.infer import Engine, SamplingParams, generate
 from jaxformer.interop import native
 from jaxformer.interop.auto import load_any
@@ -65,6 +65,8 @@ def finetune(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = Tru
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the base model's vocab_size is "
                          f"{mcfg.vocab_size}: is it the base model's tokenizer?")
+    if scfg.method == "lora" and mcfg.family is not None:
+        hf_projections(base)  # the adapter's PEFT module names: a family that cannot name them fails before training
     return run(FineTuning(cfgs, base, tok), cfgs, resume=resume, progress=progress, devices=devices)
 
 
