@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from jaxformer.data.tokenizer import copy_tokenizer_files, tokenizer_candidates
     from jaxformer.interop import hf, native
     from jaxformer.interop.auto import load_any
 
@@ -24,7 +25,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         if dst.suffix != ".safetensors":
             dst = dst.with_suffix(".safetensors")
         native.save(model, dst)
-    print(f"wrote {args.to} weights to {dst}")
+    found = next((p.parent for p in tokenizer_candidates(args.src) if p.is_file()), None)
+    if found is not None and dst.is_dir():  # a converted directory carries its tokenizer (and chat template)
+        copy_tokenizer_files(found, dst)
+    print(f"wrote {args.to} weights to {dst}" + (f", with the tokenizer of {found}" if found and dst.is_dir() else ""))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

@@ -84,9 +84,13 @@ def test_convert_round_trip_hf_jaxformer_torch_hf(tmp_path, capsys, family):
     original = _hf_model(family)
     hf_dir, j_dir, w_file, hf2_dir = (tmp_path / "hf", tmp_path / "jf", tmp_path / "w.safetensors", tmp_path / "hf2")
     original.save_pretrained(hf_dir)
+    from jaxformer.data.tokenizer import train_tokenizer
+
+    train_tokenizer(["def f(x): return x"] * 20, vocab_size=300, show_progress=False).save(hf_dir)
 
     ok(run_cli("convert", "--to", "jaxformer", hf_dir, j_dir, cwd=tmp_path))
     assert native.is_native(j_dir)
+    assert (j_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()  # carried along
     ok(run_cli("convert", "--to", "torch", j_dir, w_file, cwd=tmp_path))
     assert native.is_native(w_file)
 
