@@ -96,11 +96,9 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_llama_option(tmp_path, state_dict):
     jaxformer.save_hf(jaxformer.from_torch_state_dict(CFG, state_dict), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}
+    cfg["rope_parameters"] = {"rope_type": "proportional", "rope_theta": 500000.0, "factor": 8.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedCheckpointError, match="llama3"):
+    with pytest.raises(UnsupportedCheckpointError, match="rope_type='proportional'"):
         jaxformer.load_hf(tmp_path)
 
 
