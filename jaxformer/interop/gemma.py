@@ -13,8 +13,8 @@ from typing import Any
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_fields, decoder_to_hf,
-                                         layer_types_from_hf, prefixed, require, rope_from_hf, rope_to_hf,
-                                         unprefixed)
+                                         layer_types_from_hf, llama_style_family, require, rope_from_hf,
+                                         rope_to_hf)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # transformers' default: layer i slides unless (i+1) % p == 0
@@ -83,13 +83,8 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
                                        "sliding_attention": local}}
 
 
-def _family(model_type: str, architecture: str) -> Family:
-    def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-        return _config_to_hf(cfg, fam)
-
-    fam = Family(model_type, architecture, _config_from_hf, to_hf, unprefixed, prefixed)
-    return fam
-
-
-FAMILIES = {f.model_type: f for f in (_family("gemma", "GemmaForCausalLM"), _family("gemma2", "Gemma2ForCausalLM"),
-                                      _family("gemma3_text", "Gemma3ForCausalLM"))}
+FAMILIES = {t: llama_style_family(t, arch, _config_from_hf, _config_to_hf) for t, arch in (
+    ("gemma", "GemmaForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3_text", "Gemma3ForCausalLM"),
+)}

@@ -36,6 +36,14 @@ class Family:
     to_hf: Callable[[StateDict, ModelConfig], StateDict]
 
 
+def llama_style_family(model_type: str, architecture: str, config_from_hf: Callable[[dict[str, Any]], ModelConfig],
+                       config_to_hf: Callable[[ModelConfig, Family], dict[str, Any]]) -> Family:
+    """A Family whose weights are jaxformer's names under "model."; config_to_hf is told which family it writes."""
+    family = Family(model_type, architecture, config_from_hf, lambda cfg: config_to_hf(cfg, family), unprefixed,
+                    prefixed)
+    return family
+
+
 def check_expressible(cfg: ModelConfig, family: Family, written: dict[str, Any]) -> None:
     """Raise UnsupportedCheckpointError naming each field that `written` (family's config.json) loses."""
     back = family.config_from_hf(written).architecture()

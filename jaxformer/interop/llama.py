@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from jaxformer.config import ModelConfig
-from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_fields, decoder_to_hf, layer_types_from_hf,
-                                         prefixed, require, rope_from_hf, rope_to_hf, unprefixed)
+from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_fields, decoder_to_hf,
+                                         layer_types_from_hf, llama_style_family, require, rope_from_hf, rope_to_hf)
 
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -62,13 +62,9 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     return out
 
 
-def _family(model_type: str, architecture: str) -> Family:
-    def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-        return _config_to_hf(cfg, fam)
-
-    fam = Family(model_type, architecture, _config_from_hf, to_hf, unprefixed, prefixed)
-    return fam
-
-
-FAMILIES = {f.model_type: f for f in (_family("llama", "LlamaForCausalLM"), _family("mistral", "MistralForCausalLM"),
-                                      _family("qwen2", "Qwen2ForCausalLM"), _family("qwen3", "Qwen3ForCausalLM"))}
+FAMILIES = {t: llama_style_family(t, arch, _config_from_hf, _config_to_hf) for t, arch in (
+    ("llama", "LlamaForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+)}
