@@ -24,6 +24,7 @@ from parity_tests.conftest import (assert_grads_close, assert_outputs_close, cop
                                    module_parity, random_jax_module, random_segments)
 from parity_tests.test_families_torch import CASES, LONG, SHORT
 from parity_tests.test_model_torch import jax_loss_and_grads, torch_loss_and_grads
+from parity_tests.test_modules import rope_and_segments
 from torch_ref import attention as tattn
 from torch_ref import decoder as tm
 from torch_ref import layers as tl
@@ -80,13 +81,7 @@ def _twin(jctor, tmod, seed: int, prefix: str = ""):
 
 
 def _rope(cfg: ModelConfig, seed: int, segments: bool):
-    rng = np.random.default_rng(seed)
-    if segments:
-        seg, pos = random_segments(rng, B, T_MOD, n_docs=2)
-    else:
-        seg, pos = None, np.broadcast_to(np.arange(T_MOD, dtype=np.int32), (B, T_MOD)).copy()
-    cos, sin = jl.rope_cos_sin(jnp.asarray(pos), cfg.head_dim, cfg.rope_theta)
-    return (np.asarray(cos), np.asarray(sin)), seg
+    return rope_and_segments(cfg, segments, seed, length=T_MOD, n_docs=2)
 
 
 ATTN_CASES = {

@@ -135,12 +135,12 @@ def _attn_cfg(case: str, **kw) -> ModelConfig:
     return ModelConfig.llama(vocab_size=64, d_model=32, n_layers=1, d_ff=64, **ATTN_CASES[case], **kw)
 
 
-def _rope_and_segments(cfg: ModelConfig, segments: bool, seed: int):
+def rope_and_segments(cfg: ModelConfig, segments: bool, seed: int, length: int = T, n_docs: int = 3):
     rng = np.random.default_rng(seed)
     if segments:
-        seg, pos = random_segments(rng, B, T, n_docs=3)
+        seg, pos = random_segments(rng, B, length, n_docs=n_docs)
     else:
-        seg, pos = None, np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+        seg, pos = None, np.broadcast_to(np.arange(length, dtype=np.int32), (B, length)).copy()
     cos, sin = jl.rope_cos_sin(jnp.asarray(pos), cfg.head_dim, cfg.rope_theta)
     return (np.asarray(cos), np.asarray(sin)), seg
 
@@ -150,7 +150,7 @@ def _rope_and_segments(cfg: ModelConfig, segments: bool, seed: int):
 def test_attention(case, segments):
     cfg = _attn_cfg(case)
     jmod, tmod = _twin(lambda: jattn.Attention(cfg, rngs=nnx.Rngs(0)), tattn.Attention(cfg), seed=40)
-    rope, seg = _rope_and_segments(cfg, segments, seed=41)
+    rope, seg = rope_and_segments(cfg, segments, seed=41)
     inputs = {"x": _x(42, B, T, cfg.d_model), "rope": rope, "segment_ids": seg}
     module_parity(jmod, tmod, lambda m, x, rope, segment_ids: m(x, rope, segment_ids), inputs, diff=("x",), seed=43)
 
@@ -160,7 +160,7 @@ def test_attention_gpt2_style_bias_no_rope_wide_heads():
     cfg = ModelConfig.llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=64,
                             use_bias=True)
     jmod, tmod = _twin(lambda: jattn.Attention(cfg, rngs=nnx.Rngs(0)), tattn.Attention(cfg), seed=44)
-    _, seg = _rope_and_segments(cfg, True, seed=45)
+    _, seg = rope_and_segments(cfg, True, seed=45)
     inputs = {"x": _x(46, B, T, cfg.d_model), "segment_ids": seg}
     module_parity(jmod, tmod, lambda m, x, segment_ids: m(x, None, segment_ids), inputs, diff=("x",), seed=47,
                   zero_grads=("k_proj.bias",))
@@ -184,7 +184,7 @@ BLOCK_CFGS = {
 def test_block(name, segments):
     cfg = BLOCK_CFGS[name]
     jmod, tmod = _twin(lambda: jm.Block(cfg, rngs=nnx.Rngs(0)), tm.Block(cfg), seed=70)
-    rope, seg = _rope_and_segments(cfg, segments, seed=71)
+    rope, seg = rope_and_segments(cfg, segments, seed=71)
     inputs = {"x": _x(72, B, T, cfg.d_model), "rope": rope if cfg.position == "rope" else None, "segment_ids": seg}
     zero = ("k_proj.bias",) if cfg.position != "rope" and cfg.use_bias else ()
     report = module_parity(jmod, tmod, lambda m, x, rope, segment_ids: m(x, rope, segment_ids), inputs,
