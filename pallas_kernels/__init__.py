@@ -4,6 +4,10 @@ Kernels:
   flash_attention   FlashAttention-2 forward + backward (causal, segment ids, GQA/MQA, any length).
   decode_attention  flash-decoding: a few new queries against a KV cache with per-sequence lengths.
 
+For GPUs that are not here (docs/gpu.md):
+  targets           GPU targets as data (H100, H200, A100): compile-only devices, compiling_for, cubins.
+  tuning            default block sizes per target, dtype and head dim (measured), checked before compiling.
+
 Where the kernels run
   On an NVIDIA GPU every kernel compiles through Pallas' Triton backend. Anywhere else there is
   nothing to compile for, so a call raises `PallasUnavailableError` naming the fix. On CPU a

@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import tuning
 from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
                                    clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
                                    resolve_interpret, round_up)
@@ -57,13 +58,9 @@ class BlockSizes:
 
     @classmethod
     def default(cls, head_dim: int, dtype=jnp.bfloat16) -> "BlockSizes":
-        """Cache tiles of at most 32 KiB per K or V tile (128 rows at bf16 H = 128).
-
-        Compiled for sm_80 (164 KiB shared memory per block): 128-row tiles fail at H = 256 bf16 and at
-        H = 128 fp32; 64 / 64 / 32 rows for bf16 H = 256, fp32 H = 128, fp32 H = 256 fit.
-        """
-        tile_bytes = max(16, next_power_of_2(head_dim)) * jnp.dtype(dtype).itemsize
-        return cls(block_k=max(16, min(128, 32 * 1024 // tile_bytes)))
+        """The current GPU target's cache tile, warps and stages for this head dim and dtype: the largest that
+        compile without register spills for a 16-row query tile (pallas_kernels.tuning, targets/blocks.json)."""
+        return cls(**tuning.decode_defaults(head_dim, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +204,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     S_pad, H_pad, M = round_up(S, block_k), max(16, next_power_of_2(H)), Tq * G
     check_addressable("k_cache", (B, S_pad, K, H_pad))
     block_m = min(MAX_BLOCK_M, max(16, next_power_of_2(M)))
+    if not interpret:  # tiles that cannot fit the target's shared memory fail here, before any compile
+        tuning.check_decode_fits(dataclasses.replace(blocks, block_k=block_k), block_m, H, q.dtype)
     # Allocate caches with a length that is a multiple of block_k and head_dim 64/128: then nothing is copied here.
     k_cache, v_cache = (pad_axis(pad_axis(c, 1, S_pad), 3, H_pad) for c in (k_cache, v_cache))
     st = _Static(sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale), n_new=Tq, group=G,

@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import tuning
 from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
                                    clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
                                    resolve_interpret, round_up)
@@ -73,26 +74,9 @@ class BlockSizes:
 
     @classmethod
     def default(cls, head_dim: int, dtype=jnp.bfloat16) -> "BlockSizes":
-        """Starting points from Triton's fused-attention tutorial (backward 32x128 / 128x32 tiles), untuned here.
-
-        4-byte inputs get half the streamed tiles and 2 stages so the pipeline fits in shared memory.
-        Head dims above 128 (Gemma's 256) get 64x32 forward tiles, which stay 64x32 for fp32 too: with
-        2 stages the forward's K/V pipeline is 128 KiB at H = 256, and fp32 forward + backward compile
-        for sm_80 (164 KiB per block) and sm_90 (227 KiB) (checked with jax's compile-only CUDA topology).
-        Tune on the target GPU with `python bench/attention_gpu.py --block-sizes ...`.
-        """
-        if head_dim <= 64:
-            blocks = cls()
-        elif head_dim <= 128:
-            blocks = cls(num_warps=8, num_warps_bwd=8)
-        else:
-            blocks = cls(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=64, block_q_dq=64, block_k_dq=16,
-                         num_warps=8, num_warps_bwd=8, num_stages=2)
-        if jnp.dtype(dtype).itemsize >= 4:
-            blocks = dataclasses.replace(blocks, block_k=max(16, blocks.block_k // (1 if head_dim > 128 else 2)),
-                                         block_k_dkv=max(16, blocks.block_k_dkv // 2),
-                                         block_q_dq=max(16, blocks.block_q_dq // 2), num_stages=2)
-        return blocks
+        """The current GPU target's tiles for this head dim and dtype: per kernel, the largest that compile
+        within the target's shared memory without register spills (pallas_kernels.tuning, targets/blocks.json)."""
+        return cls(**tuning.flash_defaults(head_dim, dtype))
 
     def fitted(self, q_len: int, kv_len: int) -> "BlockSizes":
         """The same sizes, shrunk so no tile is longer than the (padded) sequence it walks."""
@@ -440,6 +424,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         blocks=(block_sizes or BlockSizes.default(H, q.dtype)).fitted(T, S),
         interpret=resolve_interpret(interpret, "flash_attention"),
         q_len=T, kv_len=S, window=window, softcap=softcap)
+    if not st.interpret:  # tiles that cannot fit the target's shared memory fail here, before any compile
+        tuning.check_flash_fits(st.blocks, H, q.dtype)
     T_pad, S_pad, H_pad = _padded_shape(st, H)
     check_addressable("q", (q.shape[0], T_pad, q.shape[2], H_pad))
     check_addressable("k", (k.shape[0], S_pad, k.shape[2], H_pad))

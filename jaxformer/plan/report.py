@@ -144,6 +144,9 @@ def plan_train(cfgs: dict[str, Any], target: str | GpuTarget, devices: int, *, h
     out["roofline"] = roof
 
     budget = out["memory"]["usable"]
+    log(f"{'fits' if out['memory']['fits'] else 'does not fit'}: peak {first.peak / GiB:.2f} GiB per device of "
+        f"{budget / GiB:.2f} GiB usable" + ("; now the largest batch that fits (up to 4 compiles; --no-search "
+                                            "skips this)" if search else ""))
     if search:
         def peak_at(k: int) -> int:
             return compile_at(_with(cfgs, train={"batch_size": k * unit})).peak

@@ -78,3 +78,13 @@ def test_plan_decode_reports_the_kv_cache():
 def test_plan_user_errors(capsys, args, needle):
     code, _, err = run(capsys, "plan", "--config", "llama-tiny", *args)
     assert code == 2 and err.startswith("error: ") and needle in err, err
+
+
+def test_fsdp_across_two_hosts_goes_over_the_network():
+    cfgs = load_config("llama-tiny", [*TINY, "--mesh.fsdp=4"])
+    report = plan_train(cfgs, "h100", 4, hosts=2, search=False, log=lambda m: None)
+    roof = report["roofline"]
+    assert roof["comm_bytes_per_device"] > 0
+    assert roof["cross_host_bytes_per_device"] == roof["comm_bytes_per_device"]  # every fsdp group spans both hosts
+    t = report["target"]
+    assert t == "h100" and roof["comm_s"] >= roof["comm_bytes_per_device"] / 50e9  # at the network's 50 GB/s
