@@ -87,6 +87,21 @@ def test_grad_accumulation_equals_full_batch():
     assert moved > 1e-3  # the step really updated the weights
 
 
+def test_bf16_params_keep_their_dtype_and_one_compile():
+    """bf16 weights: gradients, AdamW moments and updated weights stay bf16, so the donated step compiles once."""
+    cfg = ModelConfig.llama(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=8,
+                            param_dtype="bfloat16", compute_dtype="bfloat16")
+    graphdef, params = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    tx = optax.adamw(1e-3)
+    step = jax.jit(make_train_step(lm_loss(graphdef, packed=True), tx), donate_argnums=(0, 1))
+    opt_state = tx.init(params)
+    for seed in (1, 2):
+        params, opt_state, _ = step(params, opt_state, _random_batch(np.random.default_rng(seed), 2, 8, 32))
+    dtypes = {x.dtype for x in jax.tree.leaves((params, opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert step._cache_size() == 1
+
+
 def test_loss_falls_and_run_artifacts(tmp_path, shards_dir):
     out = train(tiny_run(tmp_path / "run", shards_dir, steps=40, ckpt_every=20, eval_every=20, lr=1e-2),
                 progress=False)

@@ -56,7 +56,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
             (grads, reported, n), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())),
                                                    (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)  # bf16 params keep bf16 moments
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": reported / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
