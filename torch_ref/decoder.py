@@ -59,7 +59,9 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, capture: dict | None = None) -> torch.Tensor:
+        """`capture` (a dict) receives the residual stream as jaxformer's DecoderLM records it:
+        `embed_tokens`, `layers.{i}`, `norm`."""
         cfg = self.config
         B, T = tokens.shape
         if T > cfg.max_seq_len:
@@ -80,9 +82,15 @@ class DecoderLM(nn.Module):
             local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
                                                                             cfg.rope_local_theta)
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
-        for layer in self.layers:
+        if capture is not None:
+            capture["embed_tokens"] = x
+        for i, layer in enumerate(self.layers):
             x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids)
+            if capture is not None:
+                capture[f"layers.{i}"] = x
         x = self.norm(x)
+        if capture is not None:
+            capture["norm"] = x
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         if cfg.final_logit_softcap is not None:  # Gemma 2
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)

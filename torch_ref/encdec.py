@@ -85,10 +85,15 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers)])
         self.norm = None if cfg.post_norm else make_norm(cfg)
 
-    def forward(self, x, segment_ids=None):
-        for layer in self.layers:
+    def forward(self, x, segment_ids=None, capture=None):
+        for i, layer in enumerate(self.layers):
             x = layer(x, segment_ids)
-        return x if self.norm is None else self.norm(x)
+            if capture is not None:
+                capture[f"encoder.layers.{i}"] = x
+        x = x if self.norm is None else self.norm(x)
+        if capture is not None and self.norm is not None:
+            capture["encoder.norm"] = x
+        return x
 
 
 class Decoder(nn.Module):
@@ -97,10 +102,15 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = None if cfg.post_norm else make_norm(cfg)
 
-    def forward(self, y, memory, cross_segment_ids=None):
-        for layer in self.layers:
+    def forward(self, y, memory, cross_segment_ids=None, capture=None):
+        for i, layer in enumerate(self.layers):
             y = layer(y, memory, cross_segment_ids)
-        return y if self.norm is None else self.norm(y)
+            if capture is not None:
+                capture[f"decoder.layers.{i}"] = y
+        y = y if self.norm is None else self.norm(y)
+        if capture is not None and self.norm is not None:
+            capture["decoder.norm"] = y
+        return y
 
 
 class EncoderDecoder(nn.Module):
@@ -119,20 +129,25 @@ class EncoderDecoder(nn.Module):
         self.final_logits_bias = nn.Parameter(torch.zeros(V)) if cfg.logits_bias else None
         self.pointer = PointerGenerator(cfg) if cfg.pointer_generator else None
 
-    def forward(self, src_tokens, tgt_tokens, src_mask=None):
-        return self.decode(tgt_tokens, self.encode(src_tokens, src_mask), src_mask, src_tokens)
+    def forward(self, src_tokens, tgt_tokens, src_mask=None, capture=None):
+        """`capture` (a dict) receives the residual streams as jaxformer's EncoderDecoder records them."""
+        return self.decode(tgt_tokens, self.encode(src_tokens, src_mask, capture), src_mask, src_tokens, capture)
 
-    def encode(self, src_tokens, src_mask=None):
+    def encode(self, src_tokens, src_mask=None, capture=None):
         table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
         x = self._embed(src_tokens, table, self.embed_source_positions)
+        if capture is not None:
+            capture["embed_source_tokens"] = x
         seg = None if src_mask is None else (torch.ones_like(src_mask, dtype=torch.int32), src_mask.to(torch.int32))
-        return self.encoder(x, seg)
+        return self.encoder(x, seg, capture)
 
-    def decode(self, tgt_tokens, memory, src_mask=None, src_tokens=None):
+    def decode(self, tgt_tokens, memory, src_mask=None, src_tokens=None, capture=None):
         B, T = tgt_tokens.shape
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions)
+        if capture is not None:
+            capture["embed_tokens"] = y
         seg = None if src_mask is None else (torch.ones(B, T, dtype=torch.int32), src_mask.to(torch.int32))
-        y = self.decoder(y, memory, seg)
+        y = self.decoder(y, memory, seg, capture)
         logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias

@@ -78,16 +78,23 @@ class DecoderLM(nnx.Module):
                                param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, capture: dict | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) for every position; `positions` restart per packed document,
-        `segment_ids` keep packed documents from attending to each other."""
+        `segment_ids` keep packed documents from attending to each other.
+
+        `capture`, a dict, receives the residual stream [B, T, D] under parameter paths: `embed_tokens`
+        (after the embedding), `layers.{i}` (after block i) and `norm` (after the final norm). With None
+        (the default) nothing is recorded; with a dict, remat and scan_layers are not applied.
+        """
         check_inputs(self.config, tokens, positions, segment_ids)
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x, ropes = self._embed(tokens, positions)
-        x = self._blocks(x, ropes, segment_ids)
-        return self._logits(x)
+        if capture is not None:
+            capture["embed_tokens"] = x
+        x = self._blocks(x, ropes, segment_ids, capture)
+        return self._logits(x, capture)
 
     def extend(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None) -> CachedLogits:
         """Continue each cached sequence b with tokens [B, T] after its cache.lengths[b] tokens.
@@ -108,23 +115,18 @@ class DecoderLM(nnx.Module):
         x = self.embed_tokens(tokens)  # [B, T, D]
         if cfg.scale_embedding:  # Gemma: the normaliser is rounded to the activations' dtype
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
-        ropes = None
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
-        elif cfg.position == "rope":
-            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
-            # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-            local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
-                                                                            cfg.rope_local_theta)
-            ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
-        return constrain(x, ACT), ropes
+        return constrain(x, ACT), rope_tables(cfg, positions)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def _logits(self, x: jax.Array, capture: dict | None = None) -> jax.Array:
         """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
         cfg = self.config
         x = self.norm(x)
+        if capture is not None:
+            capture["norm"] = x
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         logits = logits.astype(jnp.float32)
         if cfg.final_logit_softcap is not None:  # Gemma 2
@@ -141,14 +143,17 @@ class DecoderLM(nnx.Module):
             vs.append(v)
         return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
 
-    def _blocks(self, x: jax.Array, ropes, segment_ids) -> jax.Array:
+    def _blocks(self, x: jax.Array, ropes, segment_ids, capture: dict | None = None) -> jax.Array:
         """All blocks in order; with remat each block's activations are recomputed in the backward
         pass, and with scan_layers one compiled body runs over the stacked block weights (a body of
-        `period` blocks when layer types repeat, e.g. Gemma 2's sliding/full pairs)."""
+        `period` blocks when layer types repeat, e.g. Gemma 2's sliding/full pairs). With `capture`,
+        a plain loop that records each block's output."""
         cfg = self.config
-        if cfg.remat == "none" and not cfg.scan_layers:
-            for layer in self.layers:
+        if capture is not None or (cfg.remat == "none" and not cfg.scan_layers):
+            for i, layer in enumerate(self.layers):
                 x = materialize_cotangent(constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT))
+                if capture is not None:
+                    capture[f"layers.{i}"] = x
             return x
         period = layer_period(cfg)
         graphdefs = [nnx.graphdef(self.layers[j]) for j in range(period)]
@@ -169,6 +174,16 @@ class DecoderLM(nnx.Module):
         for group in groups:
             x = materialize_cotangent(body(x, group)[0])
         return x
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]] | None:
+    """RoPE's (cos, sin) [B, T, H] per attention type, or None when the model has no RoPE."""
+    if cfg.position != "rope":
+        return None
+    full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+    # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
+    local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_theta)
+    return {"full_attention": full, "sliding_attention": local}
 
 
 def rope_for(layer: Block, ropes: dict | None) -> tuple[jax.Array, jax.Array] | None:

@@ -160,10 +160,17 @@ class Encoder(nnx.Module):
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_encoder_layers)])
         self.norm = None if cfg.post_norm else make_norm(cfg)
 
-    def __call__(self, x: jax.Array, segment_ids, key: jax.Array | None = None) -> jax.Array:
-        for layer, k in zip(self.layers, _keys(key, len(self.layers))):
+    def __call__(self, x: jax.Array, segment_ids, key: jax.Array | None = None,
+                 capture: dict | None = None) -> jax.Array:
+        """`capture` receives `encoder.layers.{i}` and `encoder.norm` (see EncoderDecoder)."""
+        for i, (layer, k) in enumerate(zip(self.layers, _keys(key, len(self.layers)))):
             x = constrain(layer(x, segment_ids, k), ACT)
-        return x if self.norm is None else self.norm(x)
+            if capture is not None:
+                capture[f"encoder.layers.{i}"] = x
+        x = x if self.norm is None else self.norm(x)
+        if capture is not None and self.norm is not None:
+            capture["encoder.norm"] = x
+        return x
 
 
 class Decoder(nnx.Module):
@@ -173,11 +180,17 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.norm = None if cfg.post_norm else make_norm(cfg)
 
-    def __call__(self, y: jax.Array, cross_kv: CrossKV, cross_segment_ids, key: jax.Array | None = None
-                 ) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    def __call__(self, y: jax.Array, cross_kv: CrossKV, cross_segment_ids, key: jax.Array | None = None,
+                 capture: dict | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        """`capture` receives `decoder.layers.{i}` and `decoder.norm` (see EncoderDecoder)."""
         for i, (layer, k) in enumerate(zip(self.layers, _keys(key, len(self.layers)))):
             y = constrain(layer(y, cross_kv[i], cross_segment_ids, key=k), ACT)
-        return y if self.norm is None else self.norm(y)
+            if capture is not None:
+                capture[f"decoder.layers.{i}"] = y
+        y = y if self.norm is None else self.norm(y)
+        if capture is not None and self.norm is not None:
+            capture["decoder.norm"] = y
+        return y
 
     def extend(self, y: jax.Array, cross_kv: CrossKV, cross_segment_ids, cache: KVCache
                ) -> tuple[jax.Array, KVCache]:
@@ -218,20 +231,27 @@ class EncoderDecoder(nnx.Module):
         self.pointer = PointerGenerator(cfg, rngs=rngs) if cfg.pointer_generator else None
 
     def __call__(self, src_tokens: jax.Array, tgt_tokens: jax.Array, src_mask: jax.Array | None = None, *,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] (float32) for every decoder position; dropout only when a key is given."""
+                 dropout_key: jax.Array | None = None, capture: dict | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for every decoder position; dropout only when a key is given.
+
+        `capture`, a dict, receives the residual streams under parameter paths: `embed_source_tokens` (the
+        embedded source [B, S, D]), `encoder.layers.{i}`, `encoder.norm` (pre-LN only), `embed_tokens` (the
+        embedded target [B, T, D]), `decoder.layers.{i}`, `decoder.norm` (pre-LN only). None records nothing.
+        """
         k_enc, k_dec = _keys(dropout_key, 2)
-        memory = self.encode(src_tokens, src_mask, dropout_key=k_enc)  # [B, S, D]
-        return self.decode(tgt_tokens, self.source(memory, src_tokens, src_mask), dropout_key=k_dec)
+        memory = self.encode(src_tokens, src_mask, dropout_key=k_enc, capture=capture)  # [B, S, D]
+        return self.decode(tgt_tokens, self.source(memory, src_tokens, src_mask), dropout_key=k_dec, capture=capture)
 
     def encode(self, src_tokens: jax.Array, src_mask: jax.Array | None = None, *,
-               dropout_key: jax.Array | None = None) -> jax.Array:
+               dropout_key: jax.Array | None = None, capture: dict | None = None) -> jax.Array:
         """The encoder output (memory) [B, S, D]."""
         check_tokens(self.config, "src_tokens", src_tokens, src_mask)
         k_emb, k_enc = _keys(dropout_key, 2)
         table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
         x = self._embed(src_tokens, table, self.embed_source_positions, None, k_emb)  # [B, S, D]
-        return self.encoder(x, _source_segments(src_mask), k_enc)
+        if capture is not None:
+            capture["embed_source_tokens"] = x
+        return self.encoder(x, _source_segments(src_mask), k_enc, capture)
 
     def source(self, memory: jax.Array, src_tokens: jax.Array, src_mask: jax.Array | None = None) -> Source:
         """What the decoder reads of an encoded source: each decoder layer's cross-attention keys and values
@@ -242,12 +262,15 @@ class EncoderDecoder(nnx.Module):
             return Source(kv, mask)
         return Source(kv, mask, jnp.asarray(src_tokens, jnp.int32), memory, self.pointer.k_proj(memory))
 
-    def decode(self, tgt_tokens: jax.Array, source: Source, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def decode(self, tgt_tokens: jax.Array, source: Source, *, dropout_key: jax.Array | None = None,
+               capture: dict | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) of decoder inputs given the encoded `source` (see `source`)."""
         check_tokens(self.config, "tgt_tokens", tgt_tokens, None)
         k_emb, k_dec = _keys(dropout_key, 2)
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions, None, k_emb)  # [B, T, D]
-        y = self.decoder(y, source.kv, self._cross_segments(tgt_tokens, source), key=k_dec)
+        if capture is not None:
+            capture["embed_tokens"] = y
+        y = self.decoder(y, source.kv, self._cross_segments(tgt_tokens, source), key=k_dec, capture=capture)
         return self._logits(y, source)
 
     def extend(self, tgt_tokens: jax.Array, source: Source, cache: KVCache) -> CachedLogits:
