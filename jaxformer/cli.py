@@ -257,6 +257,20 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_parity(args: argparse.Namespace) -> None:
+    from jaxformer.parity import run
+
+    status = run(args)  # 0: every layer within tolerance; usage errors raise (exit 2)
+    if status:
+        raise SystemExit(status)
+
+
+def cmd_viz(args: argparse.Namespace) -> None:
+    from jaxformer.viz import run
+
+    run(args)
+
+
 def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", required=True, help="jaxformer model/run directory or Hugging Face directory")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside the checkpoint)")
@@ -410,6 +424,37 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--no-search", action="store_true", help="skip the largest-batch search (fewer compiles)")
     pn.add_argument("--json", help="also write the full report to this file")
     pn.set_defaults(func=cmd_plan)
+
+    pa = sub.add_parser("parity", help="run a checkpoint through jaxformer and PyTorch (torch_ref or transformers) "
+                        "on the same tokens and compare every layer; exit 0 within tolerance, 1 not, 2 usage error")
+    pa.add_argument("source", help="a jaxformer run or model directory, or a Hugging Face directory")
+    pa.add_argument("--against", default="torch_ref", metavar="torch_ref|hf|HF_DIR",
+                    help="torch_ref (default): the torch_ref twin with the same weights; hf: the transformers model of "
+                         "SOURCE (exported to a temporary directory when SOURCE is jaxformer's); HF_DIR: another "
+                         "Hugging Face directory, run by transformers")
+    what = pa.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="text, through the checkpoint's tokenizer (repeated on every row)")
+    what.add_argument("--tokens", type=int, help="N random tokens per row, seeded (default 32)")
+    pa.add_argument("--batch", type=int, default=2, help="rows (default 2)")
+    pa.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="jaxformer's compute dtype; the reference stays float32")
+    pa.add_argument("--attention-impl", choices=["xla", "auto", "cudnn", "pallas"],
+                    help="jaxformer's attention implementation (default: the checkpoint's; pallas interprets off GPU)")
+    pa.add_argument("--grads", action="store_true", help="also compare the loss gradient of every parameter")
+    pa.add_argument("--json", help="write the result as JSON to this file")
+    pa.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; 1e-4 against transformers)")
+    pa.add_argument("--greedy", type=int, default=32, help="greedy tokens generated on each side (default 32)")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    pa.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside SOURCE)")
+    pa.set_defaults(func=cmd_parity)
+
+    vz = sub.add_parser("viz", help="figures of a model on a prompt: attention maps, positional encodings, "
+                        "residual-stream norms, logit lens; PNGs and an index.html")
+    vz.add_argument("source", help="a jaxformer run or model directory, or a Hugging Face directory")
+    vz.add_argument("--prompt", required=True, help="the text the figures show (through the checkpoint's tokenizer)")
+    vz.add_argument("--out", required=True, help="directory for the PNGs and index.html")
+    vz.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside SOURCE)")
+    vz.set_defaults(func=cmd_viz)
     return p
 
 

@@ -444,11 +444,15 @@ class TrainConfig:
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    parity_every: int = 0  # every N steps, logits max|diff| and KL vs torch_ref on a fixed batch (0: off)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
                      "ckpt_every", "keep_last"):
             _positive(name, getattr(self, name))
+        if not isinstance(self.parity_every, int) or isinstance(self.parity_every, bool) or self.parity_every < 0:
+            raise ValueError(f"parity_every must be a step count >= 0 (0 turns the torch_ref check off), "
+                             f"got {self.parity_every!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
         _choice("schedule", self.schedule, SCHEDULES)

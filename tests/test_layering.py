@@ -25,7 +25,9 @@ LAYERS = {
     "checkpoint": 3,
     "interop": 4,
     "infer": 5,
+    "parity": 5,  # jaxformer vs torch_ref / transformers (reads interop, models); train's parity_every calls it
     "train": 6,
+    "viz": 6,  # figures from the capture parity uses; only the CLI imports it
     "seq2seq": 7,
     "finetune": 7,
     "plan": 7,  # compiles train (and infer) steps for GPU targets; only the CLI imports it

@@ -83,7 +83,8 @@ class Pretraining:
                      evaluate=lambda p: evaluate_lm(eval_fn, p, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches,
                                                     mesh),
                      flops_per_token=train_flops_per_token(mcfg, dcfg.seq_len),
-                     meta={"tokenizer_sha256": self.tok.sha256()})
+                     meta={"tokenizer_sha256": self.tok.sha256()},
+                     parity_batch=held_out_batch(val_split, dcfg, mesh) if tcfg.parity_every else None)
 
     def model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, gather_to_host(params))
@@ -123,6 +124,13 @@ def evaluate_lm(eval_fn, params, split: SplitTokens, data: DataConfig, batch_siz
     # bits per byte: nats/token -> bits/token, times this split's tokens per UTF-8 byte
     out["val_bpb"] = out["val_loss"] / math.log(2) * split.n_tokens / max(split.n_bytes, 1)
     return out
+
+
+def held_out_batch(split: SplitTokens, data: DataConfig, mesh: Mesh) -> dict:
+    """The first of evaluate_lm's held-out windows, one row per batch shard of the mesh, the same on every process
+    (train.parity_every's fixed batch)."""
+    return make_dataset(split, seq_len=data.seq_len, batch_size=eval_batch_size(1, mesh), packed=data.packed,
+                        shuffle=True, seed=EVAL_SEED, repeat=False)[0]
 
 
 def evaluate_checkpoint(model: nnx.Module, src: str | Path, *, data_dir: str | None = None, split: str = "val",

@@ -10,6 +10,7 @@ step and evaluation, and what it writes at the end.
     task.setup(mesh)        -> Setup: state, data iterator, step, evaluate, meta   (inside the mesh)
     (a finished run re-run with --resume: its recorded evaluation and outputs are printed, nothing more)
     run_steps(...)             optimizer steps start+1 .. train.steps              (inside the mesh)
+                               (with train.parity_every: the torch_ref cross-check, parity_check)
     task.model(params)      -> the trained model on the host (every process)       (inside the mesh)
     task.export(model, ...) -> files written and their report (lead process only)  (outside the mesh)
 """
@@ -24,16 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
+import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxformer.checkpoint import Checkpointer, abstract_like, read_run_meta
-from jaxformer.config import MeshConfig, ModelConfig, TrainConfig
+from jaxformer.config import EncDecConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxformer.sharding import global_batch, make_mesh
 from jaxformer.train.flops import peak_tflops
 from jaxformer.train.metrics import MetricsLogger
 from jaxformer.train.optim import make_schedule
+from jaxformer.train.state import gather_to_host
 
 
 def say(*args, **kwargs) -> None:
@@ -58,6 +61,7 @@ class Setup:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint meta (tokenizer hash, ...)
     must_match: dict[str, Any] = dataclasses.field(default_factory=dict)  # meta a resume must find unchanged
     eval_at_start: str = ""  # a name for it: evaluate the initial params (logged at step 0) on a fresh start
+    parity_batch: dict | None = None  # a fixed held-out batch for train.parity_every (None: fixed random tokens)
 
 
 class Task(Protocol):
@@ -106,8 +110,9 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
             ckpt.close()  # no orbax threads left behind
             raise
         meta_base = {"config": run_config_dict(cfgs), **setup.meta, **setup.must_match}
+        parity = parity_check(task, setup, mesh) if tcfg.parity_every else None
         params, result = run_steps(setup, mesh=mesh, tcfg=tcfg, start=start, ckpt=ckpt, logger=logger,
-                                   meta_base=meta_base, progress=progress, result=result)
+                                   meta_base=meta_base, progress=progress, result=result, parity=parity)
         if result.pop("stopped"):
             return result
         model = task.model(params)  # every process joins the gather
@@ -244,8 +249,10 @@ class GracefulStop:
 
 
 def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: Checkpointer, logger: MetricsLogger,
-              meta_base: dict, progress: bool, result: dict) -> tuple[Any, dict]:
-    """Optimizer steps start+1 .. tcfg.steps with logging, evaluation, checkpoints and graceful stops.
+              meta_base: dict, progress: bool, result: dict,
+              parity: Callable[[Any], dict] | None = None) -> tuple[Any, dict]:
+    """Optimizer steps start+1 .. tcfg.steps with logging, evaluation, the parity check, checkpoints and graceful
+    stops.
 
     Returns (params, {**result, "step", "loss", eval metrics..., "stopped": signal name or None}); closes
     `ckpt` and `logger`.
@@ -285,6 +292,9 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
                 val_loss = last_eval["val_loss"]
                 logger.log(step, "eval", last_eval)
                 t_log = time.perf_counter()  # evaluation time is not training throughput
+            if parity is not None and step % tcfg.parity_every == 0:
+                logger.log(step, "parity", parity(params))
+                t_log = time.perf_counter()
             if step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested:
                 ckpt.save(step, {"params": params, "opt_state": opt_state, "rng": state["rng"]}, it.get_state(),
                           {**meta_base, "step": step, "loss": loss, **last_eval}, val_loss)
@@ -298,6 +308,43 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
         ckpt.close()
         logger.close()
     return params, {**result, "step": last_good, "loss": loss, **last_eval, "stopped": stop.requested}
+
+
+def parity_check(task: Task, setup: Setup, mesh: Mesh) -> Callable[[Any], dict]:
+    """params -> {logits_max_abs, kl_mean, kl_max, top1_agreement}: jaxformer's logits on a fixed batch, computed on
+    this run's mesh (its sharding, kernels and compute dtype), against torch_ref in float32 with the same weights.
+
+    The batch is the task's held-out one (setup.parity_batch) or fixed random tokens. Every process joins the
+    gathers; the lead process runs torch_ref (the others return {}, which the lead-only logger ignores).
+    """
+    from jaxformer.parity import Inputs, JaxSide, against_torch_ref  # torch is an optional dependency
+
+    inputs = parity_inputs(task.model_config, setup.parity_batch, rows=mesh.shape["data"] * mesh.shape["fsdp"])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    on_mesh = Inputs(**{k: None if v is None else jax.device_put(v, replicated)
+                        for k, v in dataclasses.asdict(inputs).items()})
+
+    def check(params: Any) -> dict:
+        host = task.model(params)  # the weights gathered, as torch_ref will hold them
+        logits = gather_to_host(JaxSide(nnx.merge(nnx.graphdef(host), params)).logits_array(on_mesh))
+        return against_torch_ref(host, inputs, np.asarray(logits)) if jax.process_index() == 0 else {}
+
+    return check
+
+
+def parity_inputs(cfg: ModelConfig, batch: dict | None, rows: int, seq: int = 64) -> Any:
+    """parity_check's tokens: the task's batch (inputs, positions, segment ids), or `rows` random rows of `seq`."""
+    from jaxformer.parity import Inputs
+
+    if batch is not None:
+        return Inputs(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (rows, min(seq, cfg.max_seq_len))).astype(np.int32)
+    if not isinstance(cfg, EncDecConfig):
+        return Inputs(tokens)
+    tgt = rng.integers(0, cfg.vocab_size, tokens.shape).astype(np.int32)
+    tgt[:, 0] = cfg.decoder_start_id
+    return Inputs(tgt, src=tokens)
 
 
 def windows(ds) -> Iterator[dict]:

@@ -1,0 +1,155 @@
+"""matplotlib figures of one prompt through a model; each function writes one PNG and returns its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MAX_LAYERS, MAX_HEADS = 12, 8  # an attention grid larger than this shows evenly spaced layers / heads
+MAX_LABELS = 40  # token labels on an axis; longer prompts label every k-th token
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pick(n: int, most: int) -> list[int]:
+    """Up to `most` evenly spaced indices of range(n), first and last included."""
+    return list(range(n)) if n <= most else sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
+
+
+def _ticks(ax, labels: list[str], axis: str) -> None:
+    step = max(1, -(-len(labels) // MAX_LABELS))
+    idx = list(range(0, len(labels), step))
+    fontsize = 7 if len(idx) <= 24 else 5
+    if axis == "x":
+        ax.set_xticks(idx, [labels[i] for i in idx], rotation=90, fontsize=fontsize)
+    else:
+        ax.set_yticks(idx, [labels[i] for i in idx], fontsize=fontsize)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def attention_maps(probs: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Grid of attention maps (rows: layers, columns: heads) of batch row 0; probs [L, B, N, T, T]."""
+    plt = _plt()
+    layers, heads = _pick(probs.shape[0], MAX_LAYERS), _pick(probs.shape[2], MAX_HEADS)
+    T = probs.shape[-1]
+    cell = max(1.6, min(3.2, 0.09 * T))
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(cell * len(heads) + 1.5, cell * len(layers) + 1.0),
+                             squeeze=False)
+    for r, li in enumerate(layers):
+        for c, hi in enumerate(heads):
+            ax = axes[r, c]
+            ax.imshow(probs[li, 0, hi], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"layer {li} head {hi}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                _ticks(ax, labels, "y")
+            if r == len(layers) - 1:
+                _ticks(ax, labels, "x")
+    fig.suptitle("attention weights (row: query token, column: key token; softmax, 0 to 1)", fontsize=10)
+    fig.supxlabel("key token", fontsize=9)
+    fig.supylabel("query token", fontsize=9)
+    return _save(fig, path)
+
+
+def rope_figure(freqs: dict[str, np.ndarray], head_dim: int, max_pos: int, path: Path) -> Path:
+    """RoPE: frequency per dimension pair, the rotation cos(p * theta_i) over positions (of the first entry of
+    `freqs`), and the relative-position kernel mean_i cos(d * theta_i) that a query-key dot product of constant
+    vectors follows (Su et al. 2021)."""
+    plt = _plt()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.2))
+    for name, f in freqs.items():
+        a.semilogy(np.arange(len(f)), f, marker=".", label=name)
+    a.set(title="rotation frequency per dimension pair", xlabel=f"pair i (of head_dim / 2 = {head_dim // 2})",
+          ylabel="theta_i (radians per position)")
+    a.legend(fontsize=8)
+    name, used = next(iter(freqs.items()))  # what full-attention layers use
+    pos = np.arange(max_pos)
+    im = b.imshow(np.cos(pos[:, None] * used[None, :]), aspect="auto", cmap="RdBu", vmin=-1, vmax=1,
+                  interpolation="nearest")
+    b.set(title=f"rotation cos(p * theta_i) ({name})", xlabel="pair i", ylabel="position p")
+    fig.colorbar(im, ax=b)
+    d = np.arange(max_pos)
+    for label, f in freqs.items():
+        c.plot(d, np.cos(d[:, None] * f[None, :]).mean(-1), label=label)
+    c.set(title="relative-position kernel mean_i cos(d * theta_i)", xlabel="query - key distance d",
+          ylabel="q.k of constant vectors (relative)")
+    c.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def table_figure(table: np.ndarray, title: str, xlabel: str, path: Path, cmap: str = "RdBu") -> Path:
+    """One heatmap [positions, columns] (the sinusoidal table)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    vmax = float(np.abs(table).max())
+    im = ax.imshow(table, aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set(title=title, xlabel=xlabel, ylabel="position")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def learned_positions_figure(table: np.ndarray, path: Path) -> Path:
+    """Learned position embeddings [P, D]: their cosine similarity, and each one's norm."""
+    plt = _plt()
+    unit = table / np.maximum(np.linalg.norm(table, axis=-1, keepdims=True), 1e-12)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    im = a.imshow(unit @ unit.T, cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    a.set(title="cosine similarity of learned position embeddings", xlabel="position", ylabel="position")
+    fig.colorbar(im, ax=a)
+    b.plot(np.linalg.norm(table, axis=-1))
+    b.set(title="norm of each position's embedding", xlabel="position", ylabel="||p||")
+    return _save(fig, path)
+
+
+def residual_norms_figure(names: list[str], norms: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Residual-stream norms [S, B, T] of batch row 0: mean (and range) per stage, and every position's."""
+    plt = _plt()
+    n = norms[:, 0]  # [S, T]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    x = np.arange(len(names))
+    a.plot(x, n.mean(-1), marker="o", label="mean over positions")
+    a.fill_between(x, n.min(-1), n.max(-1), alpha=0.25, label="min to max")
+    a.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    a.set(title="residual-stream norm ||x|| per stage", ylabel="L2 norm")
+    a.legend(fontsize=8)
+    im = b.imshow(n, aspect="auto", cmap="magma", interpolation="nearest")
+    b.set_yticks(x, names, fontsize=8)
+    _ticks(b, labels, "x")
+    b.set(title="||x|| at every position")
+    fig.colorbar(im, ax=b)
+    return _save(fig, path)
+
+
+def logit_lens_figure(names: list[str], top: np.ndarray, prob: np.ndarray, decode, labels: list[str],
+                      path: Path) -> Path:
+    """The top token the model would predict after each stage, at each position (row 0, the first 40 positions);
+    colour is its probability."""
+    plt = _plt()
+    T = min(top.shape[-1], MAX_LABELS)
+    top, prob = top[:, 0, :T], prob[:, 0, :T]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.62 * T + 2), 0.5 * len(names) + 2))
+    im = ax.imshow(prob, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for s in range(len(names)):
+        for t in range(T):
+            ax.text(t, s, decode(int(top[s, t]))[:6], ha="center", va="center", fontsize=6,
+                    color="white" if prob[s, t] > 0.6 else "black")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    _ticks(ax, labels[:T], "x")
+    ax.set(title="logit lens: the next token each stage predicts (text), and its probability (colour)",
+           xlabel="input token (the prediction is for the token after it)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
