@@ -27,11 +27,11 @@ from jaxformer.interop import hf as hf_interop
 from jaxformer.interop.auto import load_any
 from jaxformer.parity.compare import grad_rows, logits_summary, matching_prefix, tensor_row, tolerance
 from jaxformer.parity.report import Report
-from jaxformer.parity.sides import HFSide, Inputs, JaxSide, TorchRefSide, greedy
+from jaxformer.parity.sides import HFSide, Inputs, JaxSide, TorchRefSide, greedy, read_hf_config
 from pallas_kernels.common import INTERPRET_ENV
 
 DEFAULT_TOKENS = 32
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_encoder_layers")
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_encoder_layers")  # what two compared models share
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,15 +88,15 @@ def reference(model, source: str | Path, against: str, stack: contextlib.ExitSta
     if not Path(against).exists():
         raise FileNotFoundError(f"--against {against}: no such directory; give torch_ref, hf or a Hugging Face "
                                 "directory")
-    side = HFSide(against)
-    differ = {k: (getattr(model.config, k, None), getattr(side.config, k, None)) for k in SHAPE_FIELDS
-              if getattr(model.config, k, None) != getattr(side.config, k, None)}
-    if isinstance(model.config, EncDecConfig) != isinstance(side.config, EncDecConfig):
-        differ["encoder-decoder"] = (isinstance(model.config, EncDecConfig), isinstance(side.config, EncDecConfig))
+    theirs = hf_interop.config_from_hf(read_hf_config(against))
+    differ = {k: (getattr(model.config, k, None), getattr(theirs, k, None)) for k in SHAPE_FIELDS
+              if getattr(model.config, k, None) != getattr(theirs, k, None)}
+    if isinstance(model.config, EncDecConfig) != isinstance(theirs, EncDecConfig):
+        differ["encoder-decoder"] = (isinstance(model.config, EncDecConfig), isinstance(theirs, EncDecConfig))
     if differ:
         raise ValueError(f"{source} and {against} are models of different shapes ({differ}, as (SOURCE, HF_DIR)); "
                          "parity compares two checkpoints of one architecture")
-    return side
+    return HFSide(against)
 
 
 def is_hf_dir(path: str | Path) -> bool:

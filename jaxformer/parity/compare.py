@@ -1,12 +1,12 @@
 """The numbers of a parity check: per-tensor differences, tolerances, KL between the output distributions,
 top-1 agreement, and per-parameter gradient errors. Plain numpy in float64; `ref` is always the reference side.
 
-Tolerances (docs/parity.md): a tensor agrees when max|diff| <= atol + rtol * max|ref|, a gradient when
-||g - g_ref|| <= grad_rtol * ||g_ref||.
+A tensor agrees when max|diff| <= atol + rtol * max|ref| (bf16: or ||diff|| <= norm_rtol * ||ref||); a gradient
+when ||g - g_ref|| <= grad_rtol * ||g_ref||. docs/parity.md gives the measurements behind these:
 
-    float32 vs torch_ref       rtol 1e-5, atol 1e-5    grads 1e-4    (parity_tests: 1e-5 x max|ref|, grads 1e-4)
-    float32 vs transformers    rtol 1e-5, atol 1e-4    grads 1e-4    (parity_tests: logits within 1e-4)
-    bfloat16 vs either         rtol 4e-2, atol 1e-2    grads 5e-2    (bf16 keeps 8 bits: ~4e-3 per rounding)
+    float32 vs torch_ref       rtol 1e-5, atol 1e-5             grads 1e-4   (parity_tests' bounds)
+    float32 vs transformers    rtol 1e-5, atol 1e-4             grads 1e-4   (parity_tests: logits within 1e-4)
+    bfloat16 vs either         ||diff|| <= 5e-2 ||ref||         grads 1.5e-1 (8 mantissa bits, rounded per op)
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ class Tolerance:
         return bool(max_abs <= self.atol + self.rtol * scale or
                     (self.norm_rtol is not None and norm_rel <= self.norm_rtol))
 
-    def describe(self) -> str:
-        out = f"max|diff| <= {self.atol:g} + {self.rtol:g} x max|ref|"
+    def describe(self, grads: bool = False) -> str:
+        parts = [f"max|diff| <= {self.atol:g} + {self.rtol:g} x max|ref|"] if self.atol or self.rtol else []
         if self.norm_rtol is not None:
-            out += f" or ||diff|| <= {self.norm_rtol:g} x ||ref||"
-        return out + f"; gradients ||diff|| <= {self.grad_rtol:g} x ||ref||"
+            parts.append(f"||diff|| <= {self.norm_rtol:g} x ||ref||")
+        return " or ".join(parts) + (f"; gradients ||diff|| <= {self.grad_rtol:g} x ||ref||" if grads else "")
 
 
 FLOAT32 = Tolerance(rtol=1e-5, atol=1e-5, grad_rtol=1e-4)
 FLOAT32_HF = Tolerance(rtol=1e-5, atol=1e-4, grad_rtol=1e-4)
-BFLOAT16 = Tolerance(rtol=0.0, atol=0.0, grad_rtol=1e-1, norm_rtol=5e-2)
+BFLOAT16 = Tolerance(rtol=0.0, atol=0.0, grad_rtol=1.5e-1, norm_rtol=5e-2)
 
 
 def tolerance(dtype: str, against_hf: bool, atol: float | None = None) -> Tolerance:

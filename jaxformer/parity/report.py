@@ -48,7 +48,7 @@ class Report:
     def format(self) -> str:
         """The table and summary `jaxformer parity` prints."""
         lines = [f"parity: {self.source}", f"  {self.jax_label}", f"  vs {self.ref_label}",
-                 f"  on {self.inputs_label}; tolerance {self.tolerance.describe()}", ""]
+                 f"  on {self.inputs_label}", f"  tolerance {self.tolerance.describe(self.grads is not None)}", ""]
         width = max(len(r["name"]) for r in self.layers + (self.grads or []))
         lines.append(f"{'name':<{width}}  {'max|diff|':>10}  {'/max|ref|':>10}  {'cosine':>10}")
         for r in self.layers:

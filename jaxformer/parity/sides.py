@@ -54,6 +54,16 @@ class Trace:
     logits: np.ndarray
 
 
+def forward_order(name: str) -> tuple[int, int, int]:
+    """Sort key of captured names in the order a forward pass makes them: the source's stack (the encoder) before
+    the decoder's; in a stack its embedding, its layers by number, its final norm."""
+    stack = 0 if name.startswith(("encoder.", "embed_source")) else 1
+    leaf = name.removeprefix("encoder.").removeprefix("decoder.")
+    if leaf.startswith("layers."):
+        return stack, 1, int(leaf.split(".")[1])
+    return stack, 2 if leaf == "norm" else 0, 0
+
+
 def call_model(model: Any, x: dict, capture: dict | None = None):
     """Logits of a jaxformer or torch_ref model (their call signatures are the same) on Inputs' arrays `x`."""
     if x["src"] is not None:
@@ -100,8 +110,8 @@ class JaxSide:
         return {k: None if v is None else jnp.asarray(v, jnp.int32) for k, v in dataclasses.asdict(inputs).items()}
 
     def trace(self, inputs: Inputs) -> Trace:
-        logits, hidden = _jax_forward(*nnx.split(self.model), self._x(inputs), True)
-        return Trace({k: _f32(v) for k, v in hidden.items()}, _f32(logits))
+        logits, hidden = _jax_forward(*nnx.split(self.model), self._x(inputs), True)  # jit sorts the dict's keys
+        return Trace({k: _f32(hidden[k]) for k in sorted(hidden, key=forward_order)}, _f32(logits))
 
     def logits_array(self, inputs: Inputs) -> jax.Array:
         """The logits as a jax array, laid out as the model's weights are (on a mesh: sharded like training)."""

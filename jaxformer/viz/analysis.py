@@ -1,4 +1,5 @@
-"""The numbers behind the figures, computed by the model's own modules from its captured residual stream.
+"""The numbers behind the figures, computed by the model's own modules from its captured residual stream
+(each function compiled whole with nnx.jit: op-by-op dispatch would compile every small op separately).
 
     trace = capture(model, tokens)                # the decoder's `capture`: embed_tokens, layers.{i}, norm
     attention_probs(model, trace, positions)      # [L, B, N, T, T]: each layer's softmax, as its attention sees it
@@ -11,18 +12,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from jaxformer.models.attention import make_mask
 from jaxformer.models.decoder import DecoderLM, rope_for, rope_tables
 from jaxformer.models.layers import apply_rope, rope_inv_freq
+from jaxformer.parity.sides import forward_order
+from jaxformer.sharding import fitted_spec
 
 NEG_INF = -1e30
 
 
+@nnx.jit
+def _capture(model: DecoderLM, tokens: jax.Array):
+    hidden: dict[str, jax.Array] = {}
+    return hidden, model(tokens, capture=hidden)
+
+
 def capture(model: DecoderLM, tokens: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
     """(residual stream {name: [B, T, D]} in forward order, logits [B, T, V]) of tokens [B, T]."""
-    hidden: dict[str, jax.Array] = {}
-    logits = model(jnp.asarray(tokens, jnp.int32), capture=hidden)
-    return hidden, logits
+    hidden, logits = _capture(model, jnp.asarray(tokens, jnp.int32))
+    return {k: hidden[k] for k in sorted(hidden, key=forward_order)}, logits  # jit returns the keys sorted
 
 
 def block_inputs(model: DecoderLM, hidden: dict[str, jax.Array]) -> list[jax.Array]:
@@ -31,11 +41,17 @@ def block_inputs(model: DecoderLM, hidden: dict[str, jax.Array]) -> list[jax.Arr
 
 
 def attention_probs(model: DecoderLM, hidden: dict[str, jax.Array], positions: jax.Array) -> np.ndarray:
+    """Each layer's attention weights [L, B, N, T, T] (float32); see _attention_probs."""
+    return np.asarray(_attention_probs(model, block_inputs(model, hidden), positions))
+
+
+@nnx.jit
+def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.Array) -> jax.Array:
     """Each layer's attention weights [L, B, N, T, T] (float32), recomputed from its input as Attention computes
     them: the block's input norm, q/k projections (and q/k norms), RoPE, scale, soft-cap, causal/window mask."""
     ropes = rope_tables(model.config, positions)
     out = []
-    for layer, x in zip(model.layers, block_inputs(model, hidden)):
+    for layer, x in zip(model.layers, inputs):
         attn = layer.self_attn
         h = x if layer.input_layernorm is None else layer.input_layernorm(x)  # OLMo 2's post-norm blocks: x itself
         q, (k, _) = attn.project_q(h), attn.project_kv(h)  # [B, T, N, H], [B, T, K, H]
@@ -50,7 +66,7 @@ def attention_probs(model: DecoderLM, hidden: dict[str, jax.Array], positions: j
         mask = make_mask(T, T, causal=attn.causal, segment_ids=None, window=attn.window)  # [1, T, T]
         scores = jnp.where(mask[:, None], scores, NEG_INF)
         out.append(jax.nn.softmax(scores, axis=-1))  # [B, N, T, T]
-    return np.asarray(jnp.stack(out))
+    return jnp.stack(out)
 
 
 def lens_logits(model: DecoderLM, x: jax.Array) -> jax.Array:
@@ -65,8 +81,21 @@ def logit_lens(model: DecoderLM, hidden: dict[str, jax.Array]) -> tuple[list[str
     """(stage names, top token ids [S, B, T], their probabilities [S, B, T]) after the embedding and each block
     (nostalgebraist 2020, "interpreting GPT: the logit lens"); the last stage is the model's own prediction."""
     names = ["embed_tokens"] + [f"layers.{i}" for i in range(len(model.layers))]
-    probs = [jax.nn.softmax(lens_logits(model, hidden[n]), axis=-1) for n in names]  # S x [B, T, V]
-    return names, np.stack([np.asarray(p.argmax(-1)) for p in probs]), np.stack([np.asarray(p.max(-1)) for p in probs])
+    top, prob = _lens_top(model, [hidden[n] for n in names])
+    return names, np.asarray(top), np.asarray(prob)
+
+
+@nnx.jit
+def _lens_top(model: DecoderLM, stages: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    probs = [jax.nn.softmax(lens_logits(model, x), axis=-1) for x in stages]  # S x [B, T, V]
+    return jnp.stack([p.argmax(-1) for p in probs]), jnp.stack([p.max(-1) for p in probs])
+
+
+def next_token_loss(logits: jax.Array, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(-log p, p) of each actual next token [B, T - 1]: the training loss position by position."""
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[:, :-1], jnp.float32), axis=-1))
+    picked = np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+    return -picked, np.exp(picked)
 
 
 def residual_norms(hidden: dict[str, jax.Array]) -> tuple[list[str], np.ndarray]:
@@ -85,4 +114,35 @@ def rope_frequencies(cfg, seq_len: int) -> dict[str, np.ndarray]:
         out["without scaling"] = freq(cfg.rope_theta, None)
     if cfg.rope_local_theta is not None:
         out[f"sliding layers (base {cfg.rope_local_theta:g})"] = freq(cfg.rope_local_theta, None)
+    return out
+
+
+def sharding_layout(model: DecoderLM, mesh_shape: dict[str, int]) -> list[tuple[str, tuple, tuple, tuple]]:
+    """(name, shape, mesh axes per dim, shape held per device) of the embedding, block 0 and the head's weights on
+    a mesh of `mesh_shape`, by jaxformer.sharding's one table (the other blocks repeat block 0)."""
+    cfg = model.config
+    counts = {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads}
+    rows = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(map(str, path))
+        if name.startswith("layers.") and not name.startswith("layers.0."):
+            continue
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        spec = tuple(fitted_spec(axes, var.shape, mesh_shape, counts))
+        spec = spec + (None,) * (len(var.shape) - len(spec))
+        split = [int(np.prod([mesh_shape[a] for a in ((s,) if isinstance(s, str) else s or ())])) for s in spec]
+        rows.append((name, tuple(var.shape), spec, tuple(d // n for d, n in zip(var.shape, split))))
+    return rows
+
+
+def flash_tiles(length: int, block_q: int, block_k: int, window: int | None) -> np.ndarray:
+    """Per (query tile, key tile) of causal attention over `length` tokens: 0 skipped (fully masked), 1 computed
+    with a mask inside (the diagonal, a window's edge), 2 computed whole; as FlashAttention walks the tiles."""
+    mask = np.asarray(make_mask(length, length, causal=True, segment_ids=None, window=window))[0]  # [T, S]
+    nq, nk = -(-length // block_q), -(-length // block_k)
+    out = np.zeros((nq, nk), np.int32)
+    for i in range(nq):
+        for j in range(nk):
+            tile = mask[i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k]
+            out[i, j] = 0 if not tile.any() else 2 if tile.all() else 1
     return out

@@ -14,13 +14,25 @@ from jaxformer.data.tokenizer import load_tokenizer_for
 from jaxformer.interop.auto import load_any
 from jaxformer.models.layers import sinusoidal_positions
 from jaxformer.viz import analysis, figures
+from pallas_kernels.flash_attention import BlockSizes
+
+EXAMPLE_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
 CAPTIONS = {
+    "tokens": "The prompt as the tokenizer splits it (byte-level BPE: frequent character runs become one token).",
+    "embeddings": "Each token id picks a row of the embedding table: how alike the prompt's token vectors are "
+                  "(left), and how long the table's rows are (right; rare tokens stay near their initial size).",
     "attention": "Attention weights of every layer (rows) and head (columns): row t is how query token t spreads its "
                  "attention over the key tokens (causal: nothing right of the diagonal; sliding layers: a band).",
     "positions": "How the model encodes positions.",
     "residual_norms": "Norm of the residual stream after the embedding, after each block and after the final norm: "
                       "how much each block writes into the stream, position by position.",
+    "next_token_loss": "The training loss token by token: -log p(the actual next token) at each position, the "
+                       "quantity the optimizer minimises (averaged over every position of every batch).",
+    "sharding": "How the weights would split over a mesh of 8 devices (data 2 x fsdp 2 x tensor 2): each weight's "
+                "logical axes (vocab, embed, heads, mlp) map onto mesh axes through jaxformer.sharding's one table.",
+    "flash_tiles": "How the Pallas FlashAttention kernel walks causal attention in tiles: tiles above the diagonal "
+                   "are never computed, so a long context costs about half of the full T x T.",
     "logit_lens": "Logit lens: the final norm and output head applied after every block. Each cell is the token "
                   "that stage would predict next, shaded by its probability; the last row is the model's output.",
 }
@@ -59,17 +71,26 @@ def visualize(source: str | Path, prompt: str, out: str | Path, *, tokenizer: st
     tokens = np.asarray([ids], np.int32)
     positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
     labels = [token_label(tok.token_text(i)) for i in ids]
-    hidden, _ = analysis.capture(model, tokens)
+    hidden, logits = analysis.capture(model, tokens)
+    table = np.asarray(model.embed_tokens.weight[...], np.float32)  # [V, D]
 
-    paths = {"attention": figures.attention_maps(analysis.attention_probs(model, hidden, positions), labels,
-                                                 out / "attention.png")}
+    paths = {"tokens": figures.tokens_figure(labels, ids, out / "tokens.png"),
+             "embeddings": figures.embeddings_figure(table[ids], labels, np.linalg.norm(table, axis=-1),
+                                                     out / "embeddings.png"),
+             "attention": figures.attention_maps(analysis.attention_probs(model, hidden, positions), labels,
+                                                 out / "attention.png", kv_group=cfg.n_heads // cfg.n_kv_heads)}
     if cfg.position in POSITION_CAPTIONS:
         paths["positions"] = positions_figure(model, out / "positions.png")
     paths["residual_norms"] = figures.residual_norms_figure(*analysis.residual_norms(hidden), labels,
                                                             out / "residual_norms.png")
+    nll, p = analysis.next_token_loss(logits, tokens)
+    paths["next_token_loss"] = figures.next_token_loss_figure(nll[0], p[0], labels, out / "next_token_loss.png")
     names, top, prob = analysis.logit_lens(model, hidden)
     paths["logit_lens"] = figures.logit_lens_figure(names, top, prob, lambda i: token_label(tok.token_text(i)),
                                                     labels, out / "logit_lens.png")
+    paths["sharding"] = figures.sharding_figure(analysis.sharding_layout(model, EXAMPLE_MESH), EXAMPLE_MESH,
+                                                out / "sharding.png")
+    paths["flash_tiles"] = flash_tiles_figure(cfg, out / "flash_tiles.png")
     paths["index"] = write_index(out, source, prompt, cfg, paths)
     return paths
 
@@ -84,6 +105,18 @@ def positions_figure(model, path: Path) -> Path:
         table = np.asarray(sinusoidal_positions(jnp.arange(span), cfg.d_model))
         return figures.table_figure(table, "sinusoidal position encodings", "dimension", path)
     return figures.learned_positions_figure(np.asarray(model.embed_positions.weight[...][:span], np.float32), path)
+
+
+def flash_tiles_figure(cfg, path: Path) -> Path:
+    """The flash kernel's tiles at this model's context and at 2048 tokens (its default tiles for head_dim)."""
+    blocks = BlockSizes.default(cfg.head_dim, jnp.bfloat16)
+    window = cfg.sliding_window if cfg.layer_type(0) == "sliding_attention" else None
+    panels = []
+    for length in dict.fromkeys([cfg.max_seq_len, 2048]):
+        b = blocks.fitted(length, length)
+        panels.append((f"{length} tokens" + (f", window {window}" if window else ""),
+                       analysis.flash_tiles(length, b.block_q, b.block_k, window), b.block_q, b.block_k))
+    return figures.flash_tiles_figure(panels, path)
 
 
 def token_label(text: str) -> str:

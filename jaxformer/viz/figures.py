@@ -40,8 +40,57 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def attention_maps(probs: np.ndarray, labels: list[str], path: Path) -> Path:
-    """Grid of attention maps (rows: layers, columns: heads) of batch row 0; probs [L, B, N, T, T]."""
+def tokens_figure(labels: list[str], ids: list[int], path: Path) -> Path:
+    """The prompt as the tokenizer splits it: one box per token, its text above its id."""
+    plt = _plt()
+    per_row = 16
+    rows = -(-len(labels) // per_row)
+    fig, ax = plt.subplots(figsize=(14, 0.9 * rows + 0.8))
+    colours = plt.get_cmap("tab20")
+    for i, (label, tid) in enumerate(zip(labels, ids)):
+        r, c = divmod(i, per_row)
+        ax.add_patch(plt.Rectangle((c, -r - 0.9), 0.95, 0.85, color=colours(i % 20), alpha=0.55))
+        ax.text(c + 0.47, -r - 0.35, label[:10], ha="center", va="center", fontsize=8, family="monospace")
+        ax.text(c + 0.47, -r - 0.72, str(tid), ha="center", va="center", fontsize=6, color="0.25")
+    ax.set_xlim(0, per_row)
+    ax.set_ylim(-rows, 0)
+    ax.axis("off")
+    ax.set_title(f"the prompt as {len(ids)} tokens (text, and id below)", fontsize=10)
+    return _save(fig, path)
+
+
+def embeddings_figure(vectors: np.ndarray, labels: list[str], table_norms: np.ndarray, path: Path) -> Path:
+    """The prompt tokens' embedding vectors [T, D]: their cosine similarity; and every vocabulary row's norm."""
+    plt = _plt()
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    im = a.imshow(unit @ unit.T, cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    _ticks(a, labels, "x")
+    _ticks(a, labels, "y")
+    a.set_title("cosine similarity of the prompt tokens' embeddings", fontsize=10)
+    fig.colorbar(im, ax=a)
+    b.hist(table_norms, bins=60, color="tab:blue")
+    b.set(title="norm of every row of the embedding table", xlabel="||e_v||", ylabel="tokens")
+    return _save(fig, path)
+
+
+def next_token_loss_figure(nll: np.ndarray, prob: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Cross-entropy -log p(next token) at every position of row 0 (the training loss, token by token)."""
+    plt = _plt()
+    T = len(nll)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * T + 2), 4.2))
+    ax.bar(np.arange(T), nll, color=plt.get_cmap("viridis")(prob))
+    ax.axhline(nll.mean(), color="black", linestyle="--", linewidth=1, label=f"mean {nll.mean():.2f} nats")
+    _ticks(ax, [f"{a} \u2192 {b}" for a, b in zip(labels[:-1], labels[1:])], "x")
+    ax.set(title="next-token loss: -log p(actual next token) at each position (colour: p, 0 dark to 1 light)",
+           ylabel="nats")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def attention_maps(probs: np.ndarray, labels: list[str], path: Path, kv_group: int = 1) -> Path:
+    """Grid of attention maps (rows: layers, columns: heads) of batch row 0; probs [L, B, N, T, T]; heads h and h'
+    share a key/value head when h // kv_group == h' // kv_group (GQA)."""
     plt = _plt()
     layers, heads = _pick(probs.shape[0], MAX_LAYERS), _pick(probs.shape[2], MAX_HEADS)
     T = probs.shape[-1]
@@ -52,7 +101,7 @@ def attention_maps(probs: np.ndarray, labels: list[str], path: Path) -> Path:
         for c, hi in enumerate(heads):
             ax = axes[r, c]
             ax.imshow(probs[li, 0, hi], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(f"layer {li} head {hi}", fontsize=8)
+            ax.set_title(f"layer {li} head {hi}" + (f" (kv {hi // kv_group})" if kv_group > 1 else ""), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -126,10 +175,13 @@ def residual_norms_figure(names: list[str], norms: np.ndarray, labels: list[str]
     a.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
     a.set(title="residual-stream norm ||x|| per stage", ylabel="L2 norm")
     a.legend(fontsize=8)
-    im = b.imshow(n, aspect="auto", cmap="magma", interpolation="nearest")
+    from matplotlib.colors import LogNorm
+
+    im = b.imshow(n, aspect="auto", cmap="magma", interpolation="nearest",
+                  norm=LogNorm(vmin=max(float(n.min()), 1e-6), vmax=float(n.max())))
     b.set_yticks(x, names, fontsize=8)
     _ticks(b, labels, "x")
-    b.set(title="||x|| at every position")
+    b.set(title="||x|| at every position (log colour scale)")
     fig.colorbar(im, ax=b)
     return _save(fig, path)
 
@@ -152,4 +204,49 @@ def logit_lens_figure(names: list[str], top: np.ndarray, prob: np.ndarray, decod
     ax.set(title="logit lens: the next token each stage predicts (text), and its probability (colour)",
            xlabel="input token (the prediction is for the token after it)")
     fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def sharding_figure(rows: list[tuple], mesh_shape: dict[str, int], path: Path) -> Path:
+    """Share of each weight one device holds on `mesh_shape`, labelled shape -> mesh axes -> shard shape."""
+    plt = _plt()
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(13, 0.34 * n + 1.6))
+    shares = [int(np.prod(shard)) / int(np.prod(shape)) for _, shape, _, shard in rows]
+    ax.barh(np.arange(n), shares, color=[plt.get_cmap("viridis")(0.15 + 0.7 * s) for s in shares])
+    for i, (_, shape, spec, shard) in enumerate(rows):
+        axes = ", ".join("-" if a is None else a if isinstance(a, str) else "+".join(a) for a in spec)
+        ax.text(shares[i] + 0.01, i, f"{list(shape)} split over ({axes}) -> {list(shard)} per device", va="center",
+                fontsize=7)
+    ax.set_yticks(np.arange(n), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.6)
+    ax.set_xticks([0, 0.125, 0.25, 0.5, 1.0], ["0", "1/8", "1/4", "1/2", "1"])
+    mesh = " x ".join(f"{k} {v}" for k, v in mesh_shape.items())
+    ax.set(xlabel="share of the weight on one device",
+           title=f"parameters on a mesh of {mesh} (sharding.RULES; the other blocks repeat block 0)")
+    return _save(fig, path)
+
+
+def flash_tiles_figure(panels: list[tuple[str, np.ndarray, int, int]], path: Path) -> Path:
+    """FlashAttention's tiles over the causal mask: skipped, computed with a mask inside, computed whole."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#f0f0f0", "#f4a259", "#2a6f97"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.6), squeeze=False)
+    for ax, (title, tiles, bq, bk) in zip(axes[0], panels):
+        ax.imshow(tiles, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_xticks(np.arange(tiles.shape[1]))
+        ax.set_yticks(np.arange(tiles.shape[0]))
+        ax.tick_params(labelsize=7)
+        ax.set_xticks(np.arange(-0.5, tiles.shape[1]), minor=True)
+        ax.set_yticks(np.arange(-0.5, tiles.shape[0]), minor=True)
+        ax.grid(which="minor", color="white", linewidth=1)
+        done = int((tiles > 0).sum())
+        ax.set(title=f"{title}\n{done} of {tiles.size} tiles computed ({bq} queries x {bk} keys each)",
+               xlabel="key tile", ylabel="query tile")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(3)]
+    fig.legend(handles, ["skipped (all masked)", "computed, masked inside", "computed whole"], loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=9)
     return _save(fig, path)

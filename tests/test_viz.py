@@ -1,0 +1,96 @@
+"""`jaxformer viz`: every figure written and non-blank, index.html links them, and the attention maps are the
+model's own attention (recomputed weights reproduce its attention output)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxformer
+from jaxformer import cli
+from jaxformer.config import ModelConfig
+from jaxformer.models.decoder import rope_for, rope_tables
+from jaxformer.viz import analysis
+from jaxformer.viz.command import positions_figure
+from parity_tests.conftest import random_jax_module
+
+PROMPT = "def add(a, b):\n    return a + b\n"
+SMALL = dict(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64)
+FIGURES = ["tokens", "embeddings", "attention", "positions", "residual_norms", "next_token_loss", "logit_lens",
+           "sharding", "flash_tiles"]
+
+
+@nnx.jit
+def mixed_through_o_proj(model, inputs, probs, positions):
+    """Per layer: (o_proj of the maps' mix of the values, the layer's own attention output) on its block input."""
+    ropes = rope_tables(model.config, positions)
+    out = []
+    for layer, x, p in zip(model.layers, inputs, probs):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        _, v = attn.project_kv(h)  # [B, T, K, H]
+        v = jnp.repeat(v, attn.n_heads // attn.n_kv_heads, axis=2)  # [B, T, N, H]
+        mixed = jnp.einsum("bnts,bsnh->btnh", p, v).reshape(*x.shape[:2], -1)
+        out.append((attn.o_proj(mixed), attn(h, rope_for(layer, ropes))))
+    return out
+
+
+def random_model(cfg: ModelConfig, seed: int = 1):
+    return random_jax_module(lambda: jaxformer.DecoderLM(cfg, rngs=nnx.Rngs(0)), seed)
+
+
+def assert_not_blank(path) -> None:
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)[..., :3]
+    assert pixels.shape[0] > 150 and pixels.shape[1] > 400, path
+    assert pixels.var() > 1e-3, f"{path} is blank"
+
+
+def test_viz_writes_every_figure(tokenizer, tmp_path):
+    cfg = ModelConfig.llama(vocab_size=tokenizer.vocab_size, **SMALL, n_kv_heads=2)
+    src = jaxformer.save(random_model(cfg), tmp_path / "model")
+    tokenizer.save(src)
+    cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
+    for name in FIGURES:
+        assert_not_blank(tmp_path / "viz" / f"{name}.png")
+    page = (tmp_path / "viz" / "index.html").read_text()
+    assert set(re.findall(r'<img src="([^"]+)"', page)) == {f"{n}.png" for n in FIGURES}
+    assert "return a + b" in page
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_positions_figure_follows_the_model(position, tmp_path):
+    """GPT-2's learned table (similarity of its rows) and the sinusoidal table get their own figures."""
+    cfg = ModelConfig.gpt2(vocab_size=64, **SMALL) if position == "learned" else ModelConfig.llama(
+        vocab_size=64, **SMALL, position="sinusoidal")
+    assert_not_blank(positions_figure(random_model(cfg), tmp_path / "positions.png"))
+
+
+def test_attention_maps_are_the_models_attention():
+    """probs @ v through o_proj equals each layer's attention output, for a sandwich-norm model with q/k norms,
+    GQA, soft-capped scores and a sliding and a full layer; every map is non-constant; the logit lens's last
+    stage is the model's own prediction."""
+    cfg = ModelConfig.llama(vocab_size=80, **SMALL, n_kv_heads=2, norm_placement="sandwich", qk_norm="head",
+                            attn_logit_softcap=5.0, sliding_window=5,
+                            layer_types=("sliding_attention", "full_attention"))
+    model = random_model(cfg, seed=3)
+    T = 12
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+    hidden, logits = analysis.capture(model, tokens)
+    probs = analysis.attention_probs(model, hidden, positions)  # [L, B, N, T, T]
+    assert probs.shape == (2, 2, 4, T, T) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert (probs.reshape(-1, T * T).var(-1) > 0).all()
+    assert probs[0, :, :, -1, : T - 5].max() == 0.0  # the sliding layer's last query sees only 5 keys
+
+    for got, want in mixed_through_o_proj(model, analysis.block_inputs(model, hidden), jnp.asarray(probs), positions):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+    names, top, _ = analysis.logit_lens(model, hidden)
+    assert names[-1] == "layers.1" and (top[-1] == np.asarray(jax.device_get(logits)).argmax(-1)).all()
