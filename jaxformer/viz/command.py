@@ -21,7 +21,7 @@ EXAMPLE_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 CAPTIONS = {
     "tokens": "The prompt as the tokenizer splits it (byte-level BPE: frequent character runs become one token).",
     "embeddings": "Each token id picks a row of the embedding table: how alike the prompt's token vectors are "
-                  "(left), and how long the table's rows are (right; rare tokens stay near their initial size).",
+                  "(left; a repeated token matches itself), and how long the table's rows are (right).",
     "attention": "Attention weights of every layer (rows) and head (columns): row t is how query token t spreads its "
                  "attention over the key tokens (causal: nothing right of the diagonal; sliding layers: a band).",
     "positions": "How the model encodes positions.",
