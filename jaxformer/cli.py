@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("the prompt is empty")
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, kv_dtype=args.kv_cache)
     if not args.chat:
         sys.stdout.write(text)
     sys.stdout.flush()
@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import logging
     import os
 
-    from jaxformer.infer import load_model, load_tokenizer_for
+    from jaxformer.infer import Engine, load_model, load_tokenizer_for
     from jaxformer.serve import create_app, serve
 
     logging.basicConfig(level=logging.INFO)
@@ -203,17 +203,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, quantize_to=args.quantize)
     name = args.model_name or Path(args.ckpt).resolve().name
+    engine = Engine(model, max_batch=args.max_batch, kv_dtype=args.kv_cache) if args.kv_cache else None
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes)
+                     drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes, engine=engine)
     serve(app, args.host, args.port)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from jaxformer.checkpoint import read_run_config
-    from jaxformer.infer.quant import load_model, quantize, report, save_quantized
+    from jaxformer.infer.quant import is_quantized, load_model, quantize, report, save_quantized
 
     model = load_model(args.ckpt)
-    qmodel = quantize(model)
+    if is_quantized(model):
+        raise ValueError(f"{args.ckpt} is already quantized; quantize its float checkpoint instead")
+    if args.bits == 8 and args.group_size is not None:
+        raise ValueError("--group-size is for --bits 4 (int8 has one scale per output channel)")
+    qmodel = quantize(model, args.bits, args.group_size, embeddings=not args.float_embeddings)
     out = save_quantized(qmodel, args.out, tokenizer_from=args.ckpt)
     data_dir = args.data
     if data_dir is None:
@@ -274,7 +279,10 @@ def cmd_viz(args: argparse.Namespace) -> None:
 def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", required=True, help="jaxformer model/run directory or Hugging Face directory")
     g.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found beside the checkpoint)")
-    g.add_argument("--quantize", choices=["int8"], help="quantize the linear layers' weights on load")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantize the weights on load (int4: groups of 64); a quantized directory needs no flag")
+    g.add_argument("--kv-cache", choices=["int8"], help="store the KV cache as int8 with a scale per position and "
+                   "kv head (about 3.8x less cache memory; `jaxformer quantize` reports its perplexity cost)")
 
 DISTRIBUTED_HELP = ("join a multi-host run that JAX detects by itself (Cloud TPU pod slice, GKE, Open MPI); "
                     "SLURM and JAX_COORDINATOR_ADDRESS runs are joined without it")
@@ -391,9 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     se.set_defaults(func=cmd_serve)
 
-    qu = sub.add_parser("quantize", help="int8 weight-only quantization; reports memory, perplexity, agreement")
+    qu = sub.add_parser("quantize", help="int8 / int4 weight-only quantization; reports memory, bytes per token, "
+                        "perplexity, agreement, logits vs the dequantized reference, and an int8 KV cache's cost")
     qu.add_argument("--ckpt", required=True)
     qu.add_argument("--out", required=True, help="output directory (jaxformer format with a quantization entry)")
+    qu.add_argument("--bits", type=int, choices=[8, 4], default=8,
+                    help="8: int8, a scale per output channel; 4: int4, a scale and zero per group of inputs")
+    qu.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: inputs per group (default 64)")
+    qu.add_argument("--float-embeddings", action="store_true",
+                    help="keep the token embedding float (by default it is quantized: a tied LM head reads it all)")
     qu.add_argument("--data", help="token shards for the perplexity check (default: the run's, when present)")
     qu.add_argument("--seq-len", type=int)
     qu.add_argument("--windows", type=int, default=32, help="held-out windows to evaluate")

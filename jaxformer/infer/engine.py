@@ -141,9 +141,12 @@ class Engine:
     """
 
     def __init__(self, model: nnx.Module, *, max_batch: int = 8, max_len: int | None = None,
-                 smallest_bucket: int = 16):
+                 smallest_bucket: int = 16, kv_dtype: str | None = None):
         cfg = model.config
         self.config = cfg
+        if kv_dtype not in (None, "int8"):
+            raise ValueError(f"kv_dtype must be None (the compute dtype) or 'int8', got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype  # "int8": keys/values stored int8 with a scale per position and kv head
         self.max_batch = int(max_batch)
         self.max_len = min(int(max_len or cfg.max_seq_len), cfg.max_seq_len)
         if self.max_batch < 1 or self.max_len < 2:
@@ -158,8 +161,8 @@ class Engine:
 
     def _init_slots(self) -> Slots:
         B = self.max_batch
-        return Slots(cache=KVCache.init(self.config, B, self.max_len), history=jnp.zeros((B, self.max_len), jnp.int32),
-                     prompt_len=jnp.zeros((B,), jnp.int32), keys=jax.random.split(jax.random.key(0), B),
+        return Slots(cache=KVCache.init(self.config, B, self.max_len, self.kv_dtype),
+                     history=jnp.zeros((B, self.max_len), jnp.int32), prompt_len=jnp.zeros((B,), jnp.int32), keys=jax.random.split(jax.random.key(0), B),
                      settings=RowSettings.neutral(B))
 
     def warmup(self) -> None:
@@ -211,6 +214,11 @@ class Engine:
         self.slots, out = self._decode(self._leaves, self.slots, self._active[1], n_top=n_top)
         return _host(out, self.max_batch)
 
+    def decode_hlo(self, n_top: int | None = None) -> str:
+        """The decode step as XLA optimized it (HLO text): what runs per token, fusions and all."""
+        active = jnp.ones((self.max_batch,), bool)
+        return self._decode.lower(self._leaves, self.slots, active, n_top=n_top).compile().as_text()
+
     def lengths(self) -> np.ndarray:
         """Tokens in the cache per slot."""
         return np.asarray(jax.device_get(self.slots.cache.lengths))
@@ -240,8 +248,9 @@ def prefill_step(model, slots: Slots, slot, tokens, length, seed, row: RowSettin
     # padding sits at the last real position: RoPE scalings that read the sequence length (dynamic NTK,
     # longrope) then see the prompt's length, not the bucket's
     positions = jnp.minimum(jnp.arange(T, dtype=jnp.int32), length - 1)[None]  # [1, T]
-    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T), positions)  # [1, T, V]
-    put = lambda big, new: jax.lax.dynamic_update_slice(big, new.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
+    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T, slots.cache.dtype), positions)  # [1, T, V]
+    put = lambda big, new: jax.tree.map(  # noqa: E731  (an int8 cache entry is values and scales)
+        lambda b, n: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (slot,) + (0,) * (b.ndim - 1)), big, new)
     cache = slots.cache.replace(k=tuple(map(put, slots.cache.k, fresh.k)),
                                 v=tuple(map(put, slots.cache.v, fresh.v)),
                                 lengths=slots.cache.lengths.at[slot].set(length))
@@ -263,8 +272,9 @@ def _reencode(model, history, rows, n: int, cache: KVCache) -> KVCache:
     prepare_inputs_for_generation), and so does this, once per row, at that step.
     """
     B, S = history.shape
-    fresh = model.extend(history[:, :n + 1], KVCache.init(model.config, B, S, cache.k[0].dtype)).cache
-    pick = lambda new, old: jnp.where(rows.reshape(B, 1, 1, 1), new, old)  # noqa: E731
+    fresh = model.extend(history[:, :n + 1], KVCache.init(model.config, B, S, cache.dtype)).cache
+    pick = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda a, b: jnp.where(rows.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, old)
     return cache.replace(k=tuple(map(pick, fresh.k, cache.k)), v=tuple(map(pick, fresh.v, cache.v)))
 
 

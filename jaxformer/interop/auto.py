@@ -7,15 +7,19 @@ from pathlib import Path
 
 from jaxformer.checkpoint import load_run_params
 from jaxformer.interop import hf, native
+from jaxformer.interop.quantized import load_quantized, quantization_of
 from jaxformer.interop.state_dict import from_state_dict
 from jaxformer.models import DecoderLM
 
 
 def load_any(src: str | Path, **config_overrides) -> DecoderLM:
-    """Load a jaxformer model (directory / .safetensors), a training run, or a transformers directory."""
+    """Load a jaxformer model (directory / .safetensors; quantized ones too), a training run, or a transformers
+    directory."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    if src.is_dir() and quantization_of(src) is not None:  # a quantized jaxformer directory
+        return load_quantized(src, **config_overrides)
     if native.is_native(src):
         return native.load(src, **config_overrides)
     if src.is_dir() and native.is_native(src / "model"):  # a finished training run

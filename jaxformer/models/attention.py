@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.layers import Linear, apply_rope, make_norm
+from jaxformer.models.quant import QuantKV, quantize_kv
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
@@ -136,6 +137,7 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     """
     B, T, N, H = q.shape
     scale = H ** -0.5 if scale is None else scale
+    k_cache, v_cache = (c.dequantize(q.dtype) if isinstance(c, QuantKV) else c for c in (k_cache, v_cache))
     if cache_layout(impl) == "bskh":
         if T <= DECODE_KERNEL_MAX_QUERIES:
             extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
@@ -161,16 +163,20 @@ def _cache_mask(lengths: jax.Array, T: int, S: int, window: int | None = None) -
 
 def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
                 impl: str = "xla") -> tuple[jax.Array, jax.Array]:
-    """New k/v [B,T,K,H] written at slots start[b]+t of the caches (cache_layout(impl)); past S is dropped."""
+    """New k/v [B,T,K,H] written at slots start[b]+t of the caches (cache_layout(impl)); past S is dropped.
+    An int8 cache (QuantKV) stores them quantized, with their scales [B,T,K] at the same slots."""
     B, T = k.shape[:2]
     rows = jnp.arange(B)[:, None]  # [B, 1]
     slots = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    if cache_layout(impl) == "bskh":
-        return (k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop"),
-                v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop"))
     # [B, K, S, H]: the indexed dims (B, S) come first in the update, as numpy orders them: [B, T, K, H]
-    return (k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype), mode="drop"),
-            v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype), mode="drop"))
+    at = (rows, slots) if cache_layout(impl) == "bskh" else (rows, slice(None), slots)
+
+    def write(cache, new):
+        if isinstance(cache, QuantKV):
+            q, s = quantize_kv(new)
+            return QuantKV(cache.values.at[at].set(q, mode="drop"), cache.scale.at[at].set(s, mode="drop"))
+        return cache.at[at].set(new.astype(cache.dtype), mode="drop")
+    return write(k_cache, k), write(v_cache, v)
 
 
 class Attention(nnx.Module):

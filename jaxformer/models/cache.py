@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import cache_layout
+from jaxformer.models.quant import QuantKV
 from jaxformer.sharding import constrain
 
 CACHE_AXES = {"bksh": ("batch", "act_kv_heads", "seq", None), "bskh": ("batch", "seq", "act_kv_heads", None)}
@@ -39,12 +40,16 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        """Zeros for `batch` sequences of up to `max_len` tokens, in the compute dtype."""
+        """Zeros for `batch` sequences of up to `max_len` tokens, in the compute dtype; dtype "int8" stores
+        int8 with a scale per position and kv head (jaxformer.models.quant.QuantKV)."""
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         layout = cache_layout(cfg.attention_impl)
         sizes = {"b": batch, "s": max_len, "k": cfg.n_kv_heads, "h": cfg.head_dim}
         shape = tuple(sizes[a] for a in layout)
         zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])  # noqa: E731
+        if dtype == jnp.int8:
+            zeros = lambda: QuantKV(constrain(jnp.zeros(shape, jnp.int8), CACHE_AXES[layout]),  # noqa: E731
+                                    constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
         return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
                    lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
 
@@ -56,15 +61,23 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[self.layout.index("s")]
 
+    @property
+    def dtype(self) -> jnp.dtype:
+        """What the entries are stored as (int8 for a QuantKV cache)."""
+        return self.k[0].dtype
+
     def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in self.k + self.v)
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v)))
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
 
     def constrained(self) -> "KVCache":
         """The same cache with its layout pinned to CACHE_AXES (inside jit, under a mesh)."""
-        pin = lambda xs: tuple(constrain(x, CACHE_AXES[self.layout]) for x in xs)  # noqa: E731
+        axes = CACHE_AXES[self.layout]
+        one = lambda x: (QuantKV(constrain(x.values, axes), constrain(x.scale, axes[:-1]))  # noqa: E731
+                         if isinstance(x, QuantKV) else constrain(x, axes))
+        pin = lambda xs: tuple(one(x) for x in xs)  # noqa: E731
         return self.replace(k=pin(self.k), v=pin(self.v))
 
 
