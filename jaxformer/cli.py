@@ -263,7 +263,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> None:
 
 
 def cmd_parity(args: argparse.Namespace) -> None:
-    from jaxformer.parity import run
+    try:
+        from jaxformer.parity import run
+    except ModuleNotFoundError as e:  # torch (and, for Hugging Face references, transformers) are optional
+        raise ValueError(f"jaxformer parity needs PyTorch: {e}; pip install 'jaxformer[hf]'") from None
 
     status = run(args)  # 0: every layer within tolerance; usage errors raise (exit 2)
     if status:

@@ -10,7 +10,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flax import nnx
@@ -78,7 +77,8 @@ def test_perturbed_layer_is_located(name, saved, tmp_path):
     weights = to_numpy_state_dict(model)
     weights[PERTURBED[name]] = weights[PERTURBED[name]] * 1.5
     perturbed = jaxformer.save(from_state_dict(model.config, weights), tmp_path / "perturbed")
-    status, rec = parity(perturbed, "--against", hf_dir, *FAST, "--json", tmp_path / "perturbed.json")
+    status, rec = parity(perturbed, "--against", hf_dir, "--tokens", "12", "--greedy", "0",
+                         "--json", tmp_path / "perturbed.json")
     layer1 = "encoder.layers.1" if name == "marian" else "layers.1"
     assert status == 1 and not rec["ok"] and rec["first_divergent"] == layer1
     rows = {r["name"]: r for r in rec["layers"]}
@@ -145,18 +145,3 @@ def test_usage_errors_exit_2(saved, tmp_path, capsys):
     wider = jaxformer.save_hf(random_model(CONFIGS["qwen3"].replace(d_model=48), 4), tmp_path / "wider")
     assert parity(jax_dir, "--against", wider)[0] == 2
     assert "different shapes" in capsys.readouterr().err
-
-
-def test_training_logs_the_torch_ref_check(tmp_path, shards_dir):
-    """--train.parity_every=2: metrics.jsonl holds the check at steps 2 and 4, logits within float32 parity."""
-    from jaxformer.train import lm
-    from tests.conftest import tiny_run
-
-    lm.train(tiny_run(tmp_path / "run", shards_dir, steps=4, eval_every=4, ckpt_every=4, parity_every=2),
-             progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    checks = [r for r in records if r["kind"] == "parity"]
-    assert [r["step"] for r in checks] == [2, 4]
-    for r in checks:
-        assert 0 <= r["logits_max_abs"] < 1e-4 and 0 <= r["kl_max"] < 1e-8 and r["top1_agreement"] == 1.0
-    assert np.isfinite([r["kl_mean"] for r in checks]).all()

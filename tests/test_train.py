@@ -103,9 +103,12 @@ def test_bf16_params_keep_their_dtype_and_one_compile():
 
 
 def test_loss_falls_and_run_artifacts(tmp_path, shards_dir):
-    out = train(tiny_run(tmp_path / "run", shards_dir, steps=40, ckpt_every=20, eval_every=20, lr=1e-2),
-                progress=False)
+    out = train(tiny_run(tmp_path / "run", shards_dir, steps=40, ckpt_every=20, eval_every=20, lr=1e-2,
+                         parity_every=20), progress=False)
     records = read_metrics(tmp_path / "run")
+    checks = [r for r in records if r["kind"] == "parity"]  # --train.parity_every: the torch_ref cross-check
+    assert [r["step"] for r in checks] == [20, 40]
+    assert all(r["logits_max_abs"] < 1e-4 and r["kl_max"] < 1e-8 and r["top1_agreement"] == 1.0 for r in checks)
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
