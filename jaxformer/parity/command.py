@@ -50,7 +50,8 @@ def check(source: str | Path, *, against: str = "torch_ref", prompt: str | None 
           atol: float | None = None, greedy_tokens: int = 32, seed: int = 0, tokenizer: str | None = None) -> Report:
     """Run SOURCE through jaxformer and the reference on the same tokens; the per-layer comparison as a Report."""
     if batch < 1 or greedy_tokens < 0 or (n_tokens is not None and n_tokens < 2):
-        raise ValueError(f"need --batch >= 1, --tokens >= 2 and --greedy >= 0; got {batch}, {n_tokens}, {greedy_tokens}")
+        raise ValueError(f"need --batch >= 1, --tokens >= 2 and --greedy >= 0; got {batch}, {n_tokens}, "
+                         f"{greedy_tokens}")
     overrides = {"compute_dtype": dtype, "remat": "none", "scan_layers": False}
     if attention_impl:
         overrides["attention_impl"] = attention_impl
@@ -62,7 +63,10 @@ def check(source: str | Path, *, against: str = "torch_ref", prompt: str | None 
         tol = tolerance(dtype, against_hf=not isinstance(ref, TorchRefSide), atol=atol)
         stack.enter_context(pallas_interpret_off_gpu(model.config.attention_impl))
         got, want = jax_side.trace(inputs), ref.trace(inputs)
-        layers = [tensor_row(k, v, want.hidden[k], tol) for k, v in got.hidden.items() if k in want.hidden]
+        if set(got.hidden) != set(want.hidden):
+            raise RuntimeError(f"the two sides recorded different layers: {sorted(got.hidden)} and "
+                               f"{sorted(want.hidden)} ({ref.label})")
+        layers = [tensor_row(k, v, want.hidden[k], tol) for k, v in got.hidden.items()]
         layers.append(tensor_row("lm_head", got.logits, want.logits, tol))
         prompt_row, n = greedy_prompt(model.config, inputs, greedy_tokens)
         ours, theirs = greedy(jax_side, prompt_row, n), greedy(ref, prompt_row, n)

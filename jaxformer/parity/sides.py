@@ -41,6 +41,10 @@ class Inputs:
     positions: np.ndarray | None = None
     segment_ids: np.ndarray | None = None
 
+    def arrays(self) -> dict[str, Any]:
+        """The fields by name, not copied (dataclasses.asdict would deep-copy device arrays)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def row(self, tokens: np.ndarray) -> "Inputs":
         """Decoder inputs `tokens` [1, L] with this batch's first source row (greedy decoding)."""
         return Inputs(tokens, None if self.src is None else self.src[:1])
@@ -107,7 +111,7 @@ class JaxSide:
         self.label = f"jaxformer ({cfg.compute_dtype}, attention {cfg.attention_impl})"
 
     def _x(self, inputs: Inputs) -> dict:
-        return {k: None if v is None else jnp.asarray(v, jnp.int32) for k, v in dataclasses.asdict(inputs).items()}
+        return {k: None if v is None else jnp.asarray(v, jnp.int32) for k, v in inputs.arrays().items()}
 
     def trace(self, inputs: Inputs) -> Trace:
         logits, hidden = _jax_forward(*nnx.split(self.model), self._x(inputs), True)  # jit sorts the dict's keys
@@ -141,7 +145,7 @@ class _TorchSide(abc.ABC):
 
     def _x(self, inputs: Inputs) -> dict:
         return {k: None if v is None else torch.from_numpy(np.array(v, np.int64))
-                for k, v in dataclasses.asdict(inputs).items()}
+                for k, v in inputs.arrays().items()}
 
     @abc.abstractmethod
     def _logits(self, x: dict) -> torch.Tensor:

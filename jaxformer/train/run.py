@@ -321,8 +321,7 @@ def parity_check(task: Task, setup: Setup, mesh: Mesh) -> Callable[[Any], dict]:
 
     inputs = parity_inputs(task.model_config, setup.parity_batch, rows=mesh.shape["data"] * mesh.shape["fsdp"])
     replicated = NamedSharding(mesh, PartitionSpec())
-    on_mesh = Inputs(**{k: None if v is None else jax.device_put(v, replicated)
-                        for k, v in dataclasses.asdict(inputs).items()})
+    on_mesh = Inputs(**{k: None if v is None else jax.device_put(v, replicated) for k, v in inputs.arrays().items()})
 
     def check(params: Any) -> dict:
         host = task.model(params)  # the weights gathered, as torch_ref will hold them
