@@ -17,7 +17,6 @@ from flax import nnx
 from jaxformer.models.attention import make_mask
 from jaxformer.models.decoder import DecoderLM, rope_for, rope_tables
 from jaxformer.models.layers import apply_rope, rope_inv_freq
-from jaxformer.parity.sides import forward_order
 from jaxformer.sharding import fitted_spec
 
 NEG_INF = -1e30
@@ -32,7 +31,8 @@ def _capture(model: DecoderLM, tokens: jax.Array):
 def capture(model: DecoderLM, tokens: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
     """(residual stream {name: [B, T, D]} in forward order, logits [B, T, V]) of tokens [B, T]."""
     hidden, logits = _capture(model, jnp.asarray(tokens, jnp.int32))
-    return {k: hidden[k] for k in sorted(hidden, key=forward_order)}, logits  # jit returns the keys sorted
+    order = ["embed_tokens"] + [f"layers.{i}" for i in range(len(model.layers))] + ["norm"]
+    return {k: hidden[k] for k in order}, logits  # jit returns the keys sorted: layers.10 before layers.2
 
 
 def block_inputs(model: DecoderLM, hidden: dict[str, jax.Array]) -> list[jax.Array]:
