@@ -238,7 +238,7 @@ def check_int4(packed: jax.Array, scale: jax.Array, group_scale: jax.Array, grou
                          f"got {gs.shape} and {gz.shape}")
     G = Kp // gs.shape[1]
     if G not in GROUP_SIZES:
-        raise ValueError(f"group size {G} (= {Kp} inputs / {scale.shape[1]} groups) must be one of {GROUP_SIZES}")
+        raise ValueError(f"group size {G} (= {Kp} inputs / {gs.shape[1]} groups) must be one of {GROUP_SIZES}")
     return h, Kp, G
 
 

@@ -15,7 +15,8 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.infer import Engine, SamplingParams, generate
 from jaxformer.infer.quant import (QuantEmbed, QuantLinear, QuantSpec, hlo_weight_reads, is_quantized, load_model,
-                                   perplexity, quantize, quantize_weight, report, save_quantized, weight_bytes)
+                                   perplexity, quantize, quantize_weight, report, save_quantized, top1_agreement,
+                                   weight_bytes)
 from jaxformer.interop.auto import load_any
 from jaxformer.models import DecoderLM
 from jaxformer.models.cache import KVCache
@@ -128,38 +129,48 @@ def test_quant_embed_lookup_and_tied_head(bits):
 
 # ----------------------------------------------------------------------------- what XLA makes of the decode step
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_decode_step_reads_the_narrow_weights_inside_fused_dots(bits):
-    """The optimized HLO of the engine's decode step: every quantized weight (7 per layer and the tied
-    head) is read as int8 / uint8 by a fused dot, and no float copy of one is made; past FUSED_MAX_ROWS
-    rows (the negative control) the weights are widened first."""
-    cfg = ModelConfig.llama(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32)
+def decode_hlo(model, batch: int) -> str:
+    """Optimized HLO of one cached decode step ([batch, 1] new tokens), the weights' path of Engine.decode."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state).extend(tokens, cache).logits)
+    cache = KVCache.init(model.config, batch, model.config.max_seq_len)
+    return step.lower(state, jnp.zeros((batch, 1), jnp.int32), cache).compile().as_text()
+
+
+@pytest.mark.parametrize("bits,batch", [(8, 1), (4, 3)])
+def test_decode_step_reads_the_narrow_weights_inside_fused_dots(bits, batch):
+    """The optimized HLO of a decode step: every quantized weight (7 per layer and the tied head) is read
+    as int8 / uint8 by a fused dot for each row, and no float copy of one is made; past FUSED_MAX_ROWS rows
+    (the negative control) the weights are widened first."""
+    cfg = ModelConfig.llama(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=16)
     qmodel = quantize(DecoderLM(cfg, rngs=nnx.Rngs(0)), bits)
-    reads = hlo_weight_reads(Engine(qmodel, max_batch=1).decode_hlo(), qmodel)
-    assert reads == {"narrow_dot_fusions": 2 * 7 + 1, "widened_weight_copies": 0}
-    widened = hlo_weight_reads(Engine(qmodel, max_batch=9).decode_hlo(), qmodel)
-    assert widened["widened_weight_copies"] >= 2 * 7 + 1
+    reads = hlo_weight_reads(decode_hlo(qmodel, batch), qmodel)
+    assert reads == {"narrow_dot_fusions": batch * (2 * 7 + 1), "widened_weight_copies": 0}
+    if bits == 8:
+        widened = hlo_weight_reads(decode_hlo(qmodel, 9), qmodel)
+        assert widened == {"narrow_dot_fusions": 0, "widened_weight_copies": 2 * 7 + 1}
 
 
 # ----------------------------------------------------------------------------- a trained model
 
 def test_trained_model_perplexity_agreement_and_logits(trained_run, held_out):
+    """The issue's bounds on a model that learned something: int8 perplexity within 1%, int4 within 5%."""
     model = load_model(trained_run)
     untrained = perplexity(type(model)(model.config, rngs=nnx.Rngs(0)), held_out)
-    for bits, bound in ((8, 0.01), (4, 0.05)):
-        qmodel = quantize(model, bits, 32 if bits == 4 else None)
-        assert is_quantized(qmodel) and not is_quantized(model)  # the original is untouched
-        rep = report(model, qmodel, tokens=held_out)
-        print(json.dumps(rep, indent=2))
-        name = f"int{bits}"
-        assert rep["eval_tokens"] == 24 * 64 and rep["ppl_fp32"] < 0.5 * untrained  # it learned something
-        assert rep["ppl_increase"] <= bound, f"{name} perplexity rose {rep['ppl_increase']:.2%} (bound {bound:.0%})"
-        assert rep["greedy_agreement"] >= (0.95 if bits == 8 else 0.8)
-        assert rep["logits_error_vs_dequantized"] < 1e-5  # the fused matmuls compute what the format says
-        assert abs(rep["kv_int8_ppl_increase"]) < 0.01
-        assert rep[f"linear_bytes_{name}"] == weight_bytes(qmodel)["linear"]
-        assert rep[f"linear_bytes_{name}"] < (0.3 if bits == 8 else 0.2) * rep["linear_bytes_fp32"]
-        assert rep[f"decode_bytes_per_token_{name}"] < rep["decode_bytes_per_token_fp32"]
+    int4 = quantize(model, 4, 32)
+    assert is_quantized(int4) and not is_quantized(model)  # the original is untouched
+    rep = report(model, int4, tokens=held_out)
+    print(json.dumps(rep, indent=2))
+    assert rep["eval_tokens"] == 24 * 64 and rep["ppl_fp32"] < 0.5 * untrained
+    assert rep["ppl_increase"] <= 0.05 and rep["greedy_agreement"] >= 0.8
+    assert rep["logits_error_vs_dequantized"] < 1e-5  # the fused matmuls compute what the format says
+    assert abs(rep["kv_int8_ppl_increase"]) < 0.01
+    assert rep["linear_bytes_int4"] == weight_bytes(int4)["linear"] < 0.2 * rep["linear_bytes_fp32"]
+    assert rep["decode_bytes_per_token_int4"] < 0.2 * rep["decode_bytes_per_token_fp32"]
+    int8 = quantize(model)
+    assert perplexity(int8, held_out) <= 1.01 * rep["ppl_fp32"]
+    assert top1_agreement(model, int8, held_out) >= 0.95
+    assert weight_bytes(int8)["linear"] < 0.3 * rep["linear_bytes_fp32"]
 
 
 def test_quantize_cli_int4_directory_serves_everywhere(trained_run, shards_dir, tmp_path, capsys):
@@ -184,14 +195,15 @@ def test_quantize_cli_int4_directory_serves_everywhere(trained_run, shards_dir, 
 
     # the KV-cache engine on the quantized model equals its uncached greedy forward
     prompt = [5, 17, 33, 2, 40]
-    [seq] = generate(Engine(loaded, max_batch=2), [prompt], SamplingParams(temperature=0.0, max_new_tokens=8))
-    buf = np.zeros((1, loaded.config.max_seq_len), np.int32)  # fixed shape: one compile
+    [seq] = generate(Engine(loaded, max_batch=2), [prompt], SamplingParams(temperature=0.0, max_new_tokens=6))
+    buf = np.zeros((2, 20), np.int32)  # the shape compiled above: no new compile
     buf[0, :len(prompt)] = prompt
-    for t in range(len(prompt), len(prompt) + 8):
+    for t in range(len(prompt), len(prompt) + 6):
         buf[0, t] = int(jnp.argmax(_forward(loaded, jnp.asarray(buf))[0, t - 1]))
-    assert seq.tokens == list(buf[0, len(prompt):len(prompt) + 8])
+    assert seq.tokens == list(buf[0, len(prompt):len(prompt) + 6])
 
-    main(["eval", "--ckpt", str(tmp_path / "q"), "--data", str(shards_dir), "--batches", "2", "--batch-size", "2"])
+    main(["eval", "--ckpt", str(tmp_path / "q"), "--data", str(shards_dir), "--batches", "1", "--batch-size", "2",
+          "--seq-len", "16"])
     assert "loss" in capsys.readouterr().out
 
 
@@ -231,10 +243,10 @@ def test_int8_kv_cache_costs_little_and_decodes():
     float_engine, int8_engine = Engine(model, max_batch=2), Engine(model, max_batch=2, kv_dtype="int8")
     H = cfg.head_dim  # per position and kv head: H int8 bytes and a 4-byte scale, against 4 H bytes
     assert int8_engine.cache_bytes() * 4 * H == float_engine.cache_bytes() * (H + 4)
-    params = SamplingParams(temperature=0.0, max_new_tokens=6)
-    prompts = [[3, 14, 15, 92, 65], [35, 89]]
-    same = [a.tokens == b.tokens for a, b in zip(generate(float_engine, prompts, params),
-                                                 generate(int8_engine, prompts, params))]
-    assert sum(same) >= 1  # greedy decoding through the int8 cache follows the float one
+    # the engine's prefill writes the prompt into its int8 slots: its first token is the int8-cache logits' argmax
+    prompts = [list(np.asarray(tokens[0, :5])), list(np.asarray(tokens[1, :9]))]
+    seqs = generate(int8_engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert [s.tokens[0] for s in seqs] == [int(out[0, 4].argmax()), int(out[1, 8].argmax())]
+    assert all(len(s.tokens) == 4 for s in seqs)
     with pytest.raises(ValueError, match="kv_dtype must be"):
         Engine(model, kv_dtype="int4")

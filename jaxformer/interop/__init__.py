@@ -5,11 +5,16 @@ from jaxformer.interop.hf import UnsupportedCheckpointError, config_from_hf, con
 from jaxformer.interop.native import load, save
 from jaxformer.interop.state_dict import (CheckpointMismatchError, from_state_dict, from_torch_state_dict,
                                           to_numpy_state_dict, to_torch_state_dict)
+from jaxformer.models.quant_layers import dequantized_model, is_quantized
 
 
 def to_torch(model):
-    """A torch_ref module with the same config and weights as the jaxformer `model`."""
+    """A torch_ref module with the same config and weights as the jaxformer `model` (a quantized model's
+    weights dequantized: the float twin its quantized matmuls must match)."""
     import torch_ref
+
+    if is_quantized(model):
+        model = dequantized_model(model)
 
     module_cls = torch_ref.EncoderDecoder if isinstance(model.config, EncDecConfig) else torch_ref.DecoderLM
     module = module_cls(model.config)

@@ -28,6 +28,7 @@ Matmuls (x [..., K] -> [..., N]): where each runs is `impl` ("auto", "xla" or "p
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,7 @@ class QuantSpec:
 # ----------------------------------------------------------------------------------------------------------
 # Quantizing a weight
 
+@jax.jit
 def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """W [N, K] -> (int8 [N, K], float32 scale [N]) with W ~= q * scale[:, None]."""
     w = w.astype(jnp.float32)
@@ -93,6 +95,7 @@ def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
+@functools.partial(jax.jit, static_argnames="group_size")
 def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """W [N, K] -> (packed uint8 [h, Kp], scale float32 [2h], group_scale, group_zero float16 [2h, Kp / G])."""
     if group_size not in GROUP_SIZES:

@@ -127,6 +127,32 @@ def quantize_model(model: nnx.Module, spec: QuantSpec, impl: str = "auto", *, em
             swaps.append((path, QuantLinear.from_linear(m, spec, impl, empty=empty)))
         elif isinstance(m, Embed) and spec.embeddings and path and path[-1] == "embed_tokens":
             swaps.append((path, QuantEmbed.from_embed(m, spec, impl, empty=empty)))
+    return _swap(model, swaps)
+
+
+def dequantized_model(qmodel: nnx.Module) -> nnx.Module:
+    """A float model whose weights are the quantized model's, dequantized in plain jnp: its forward is the
+    reference the quantized matmuls must match."""
+    model = nnx.clone(qmodel)
+    swaps = []
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, (QuantLinear, QuantEmbed)):
+            w = m.dequantized()  # [n, k] float32
+            if isinstance(m, QuantLinear):
+                new = Linear(m.k, m.n, bias=m.bias is not None, axes=(None, None), compute_dtype=m.compute_dtype.name,
+                             rngs=nnx.Rngs(0))
+                if m.bias is not None:
+                    new.bias[...] = m.bias[...]
+            else:
+                new = Embed(m.n, m.k, axes=(None, None), compute_dtype=m.compute_dtype.name, rngs=nnx.Rngs(0))
+            new.weight[...] = w
+            swaps.append((path, new))
+    return _swap(model, swaps)
+
+
+
+def _swap(model: nnx.Module, swaps) -> nnx.Module:
+    """`model` with the submodule at each path replaced, in place."""
     for path, new in swaps:
         parent = model
         for p in path[:-1]:
