@@ -32,23 +32,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 
-def build_models(args, tmp: Path):
+def gpt2_shaped(args, tmp: Path):
+    """(transformers' random-init GPT-2 of args' shape, the same weights through jaxformer's importer)."""
     import torch
     import transformers
 
-    from jaxformer.interop import load_hf, to_torch
+    from jaxformer.interop import load_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers,
                                      n_head=args.width // 64, n_positions=1024, bos_token_id=0, eos_token_id=0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     hf.save_pretrained(tmp / "hf")
-    ours = load_hf(tmp / "hf")
+    return hf, load_hf(tmp / "hf")
+
+
+def build_models(args, tmp: Path):
+    """transformers, jaxformer and torch_ref with the same weights."""
+    from jaxformer.interop import to_torch
+
+    hf, ours = gpt2_shaped(args, tmp)
     return hf, ours, to_torch(ours)
 
 
 def jaxformer_runner(model, prompts: np.ndarray, new: int):
-    """A timed run of the engine (compiled and warmed up here): () -> (seconds, tokens [B, new])."""
+    """A timed run of the engine (compiled and warmed up here): () -> (seconds, tokens [B, new]); and the engine."""
     from jaxformer.infer import Engine, SamplingParams, generate
 
     B, P = prompts.shape
@@ -61,7 +69,7 @@ def jaxformer_runner(model, prompts: np.ndarray, new: int):
         seqs = generate(engine, [list(p) for p in prompts], params)
         return time.perf_counter() - start, np.array([s.tokens for s in seqs])
 
-    return run
+    return run, engine
 
 
 def best_torch_threads(run) -> int:
@@ -164,7 +172,7 @@ def main() -> None:
         for B in args.batches:
             prompts = rng.integers(1, args.vocab, (B, args.prompt_len))
             hf_run, hf_threads = hf_runner(hf, prompts, args.new_tokens)
-            runners = {"jaxformer": jaxformer_runner(ours, prompts, args.new_tokens), "hf": hf_run,
+            runners = {"jaxformer": jaxformer_runner(ours, prompts, args.new_tokens)[0], "hf": hf_run,
                        "torch_ref": torch_ref_runner(ref, prompts, args.ref_new_tokens)}
             tokens = {"jaxformer": B * args.new_tokens, "hf": B * args.new_tokens,
                       "torch_ref": B * args.ref_new_tokens}

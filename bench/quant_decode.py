@@ -30,39 +30,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_throughput import gpt2_shaped, jaxformer_runner  # noqa: E402  (the same model and timed engine)
 
 MODES = ("fp32", "int8", "int4")
-
-
-def build_model(args, tmp: Path):
-    """The GPT-2-shaped model: transformers' random init, saved and loaded through jaxformer's importer."""
-    import torch
-    import transformers
-
-    from jaxformer.interop import load_hf
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers,
-                                     n_head=args.width // 64, n_positions=1024, bos_token_id=0, eos_token_id=0)
-    transformers.GPT2LMHeadModel(hf_cfg).eval().save_pretrained(tmp / "hf")
-    return load_hf(tmp / "hf")
-
-
-def runner(model, prompts: np.ndarray, new: int):
-    """A warmed-up engine's timed generate: () -> (seconds, tokens [B, new]); and the engine."""
-    from jaxformer.infer import Engine, SamplingParams, generate
-
-    B, P = prompts.shape
-    engine = Engine(model, max_batch=B, max_len=P + new)
-    params = SamplingParams(temperature=0.0, max_new_tokens=new)
-    generate(engine, [list(p) for p in prompts], params)  # compile + warm-up
-
-    def run():
-        start = time.perf_counter()
-        seqs = generate(engine, [list(p) for p in prompts], params)
-        return time.perf_counter() - start, np.array([s.tokens for s in seqs])
-
-    return run, engine
 
 
 def bandwidth_probe(nbytes: int):
@@ -112,7 +83,7 @@ def main() -> None:
     results: dict = {"config": {k: getattr(args, k) for k in ("layers", "width", "vocab", "prompt_len", "new_tokens",
                                                               "group_size", "repeats")}}
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = build_model(args, Path(tmp))
+        fp32 = gpt2_shaped(args, Path(tmp))[1]
     models = {"fp32": fp32, "int8": quantize(fp32, 8), "int4": quantize(fp32, 4, args.group_size)}
     step_bytes = {m: decode_bytes_per_token(model) for m, model in models.items()}
     results["weight_bytes_per_step"] = step_bytes
@@ -123,7 +94,7 @@ def main() -> None:
         prompts = rng.integers(1, args.vocab, (B, args.prompt_len))
         runs, engines = {}, {}
         for m, model in models.items():
-            runs[m], engines[m] = runner(model, prompts, args.new_tokens)
+            runs[m], engines[m] = jaxformer_runner(model, prompts, args.new_tokens)
         rates, outputs = {m: [] for m in MODES}, {}
         for _ in range(args.repeats):
             for m in MODES:
