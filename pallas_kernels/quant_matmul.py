@@ -135,15 +135,16 @@ def _int4_kernel(x_ref, p_ref, r_ref, s_ref, z_ref, o_ref, *, st: _Static):
     o_ref[1] = acc_hi * row_hi[None, :]
 
 
-def _plan(M: int, n_tiles: int, steps: int, blocks: BlockSizes) -> tuple[int, int]:
-    """(block_m, K steps per split): enough (output tile, split, row tile) programs for two waves."""
+def _plan(M: int, n_tiles: int, steps: int, blocks: BlockSizes) -> tuple[int, int, int, int]:
+    """(block_m, K steps per split, splits, M padded to block_m): enough (output tile, split, row tile)
+    programs for two waves."""
     block_m = min(MAX_BLOCK_M, max(16, next_power_of_2(M)))
     target = tuning.current_target()
     programs = 2 * (target.sm_count if target is not None else DEFAULT_SMS)
     m_tiles = -(-M // block_m)
     splits = blocks.num_splits or max(1, programs // (n_tiles * m_tiles))
-    splits = min(splits, steps)
-    return block_m, -(-steps // splits)
+    per_split = -(-steps // min(splits, steps))
+    return block_m, per_split, -(-steps // per_split), round_up(M, block_m)
 
 
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, block_sizes: BlockSizes | None = None,
@@ -159,9 +160,7 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, block_sizes: Bl
     (M, K), N = x.shape, w.shape[0]
     bn, bk = blocks.block_n, blocks.block_k
     n_tiles, steps = -(-N // bn), -(-K // bk)
-    block_m, per_split = _plan(M, n_tiles, steps, blocks)
-    splits = -(-steps // per_split)
-    M_pad = round_up(M, block_m)
+    block_m, per_split, splits, M_pad = _plan(M, n_tiles, steps, blocks)
     check_addressable("w", w.shape)
     st = _Static(n=N, k=K, block_m=block_m, block_n=bn, block_k=bk, steps=steps, steps_per_split=per_split)
     partial = pl.pallas_call(
@@ -191,9 +190,7 @@ def int4_matmul(x: jax.Array, packed: jax.Array, scale: jax.Array, group_scale: 
     blocks = block_sizes or BlockSizes.default(x.dtype)
     M, bn = x.shape[0], blocks.block_n
     n_tiles, steps = -(-h // bn), Kp // G
-    block_m, per_split = _plan(M, n_tiles, steps, blocks)
-    splits = -(-steps // per_split)
-    M_pad = round_up(M, block_m)
+    block_m, per_split, splits, M_pad = _plan(M, n_tiles, steps, blocks)
     check_addressable("packed", packed.shape)
     st = _Static(n=h, k=Kp, block_m=block_m, block_n=bn, block_k=G, steps=steps, steps_per_split=per_split)
     partial = pl.pallas_call(
