@@ -9,7 +9,7 @@ from torch import nn
 
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
-from torch_ref.layers import MLP, Embed, Linear, make_norm, rope_cos_sin, sinusoidal_positions
+from torch_ref.layers import MLP, Embed, Linear, make_norm, record, rope_cos_sin, sinusoidal_positions
 
 
 class Block(nn.Module):
@@ -82,15 +82,12 @@ class DecoderLM(nn.Module):
             local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
                                                                             cfg.rope_local_theta)
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
-        if capture is not None:
-            capture["embed_tokens"] = x
+        record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids)
-            if capture is not None:
-                capture[f"layers.{i}"] = x
+            record(capture, f"layers.{i}", x)
         x = self.norm(x)
-        if capture is not None:
-            capture["norm"] = x
+        record(capture, "norm", x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         if cfg.final_logit_softcap is not None:  # Gemma 2
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)

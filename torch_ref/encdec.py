@@ -10,7 +10,7 @@ from torch import nn
 
 from jaxformer.config import EncDecConfig
 from torch_ref.attention import Attention
-from torch_ref.layers import MLP, Embed, Linear, make_norm, sinusoidal_positions
+from torch_ref.layers import MLP, Embed, Linear, make_norm, record, sinusoidal_positions
 
 
 class _Residual(nn.Module):
@@ -88,11 +88,10 @@ class Encoder(nn.Module):
     def forward(self, x, segment_ids=None, capture=None):
         for i, layer in enumerate(self.layers):
             x = layer(x, segment_ids)
-            if capture is not None:
-                capture[f"encoder.layers.{i}"] = x
-        x = x if self.norm is None else self.norm(x)
-        if capture is not None and self.norm is not None:
-            capture["encoder.norm"] = x
+            record(capture, f"encoder.layers.{i}", x)
+        if self.norm is not None:
+            x = self.norm(x)
+            record(capture, "encoder.norm", x)
         return x
 
 
@@ -105,11 +104,10 @@ class Decoder(nn.Module):
     def forward(self, y, memory, cross_segment_ids=None, capture=None):
         for i, layer in enumerate(self.layers):
             y = layer(y, memory, cross_segment_ids)
-            if capture is not None:
-                capture[f"decoder.layers.{i}"] = y
-        y = y if self.norm is None else self.norm(y)
-        if capture is not None and self.norm is not None:
-            capture["decoder.norm"] = y
+            record(capture, f"decoder.layers.{i}", y)
+        if self.norm is not None:
+            y = self.norm(y)
+            record(capture, "decoder.norm", y)
         return y
 
 
@@ -136,16 +134,14 @@ class EncoderDecoder(nn.Module):
     def encode(self, src_tokens, src_mask=None, capture=None):
         table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
         x = self._embed(src_tokens, table, self.embed_source_positions)
-        if capture is not None:
-            capture["embed_source_tokens"] = x
+        record(capture, "embed_source_tokens", x)
         seg = None if src_mask is None else (torch.ones_like(src_mask, dtype=torch.int32), src_mask.to(torch.int32))
         return self.encoder(x, seg, capture)
 
     def decode(self, tgt_tokens, memory, src_mask=None, src_tokens=None, capture=None):
         B, T = tgt_tokens.shape
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions)
-        if capture is not None:
-            capture["embed_tokens"] = y
+        record(capture, "embed_tokens", y)
         seg = None if src_mask is None else (torch.ones(B, T, dtype=torch.int32), src_mask.to(torch.int32))
         y = self.decoder(y, memory, seg, capture)
         logits = self.embed_tokens.attend(y) if self.lm_head is None else self.lm_head(y)

@@ -11,6 +11,12 @@ from torch import nn
 from jaxformer.config import ModelConfig, RopeScaling
 
 
+def record(capture: dict | None, name: str, x):
+    """capture[name] = x when capturing (jaxformer parity / viz read the residual stream this way)."""
+    if capture is not None:
+        capture[name] = x
+
+
 class Linear(nn.Linear):
     """torch's Linear already stores weight [out, in], like jaxformer.models.layers.Linear."""
 

@@ -9,7 +9,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import Attention
 from jaxformer.models.cache import CachedLogits, KVCache
-from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, rope_cos_sin,
+from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, record, rope_cos_sin,
                                      sinusoidal_positions)
 from jaxformer.sharding import constrain
 
@@ -91,8 +91,7 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x, ropes = self._embed(tokens, positions)
-        if capture is not None:
-            capture["embed_tokens"] = x
+        record(capture, "embed_tokens", x)
         x = self._blocks(x, ropes, segment_ids, capture)
         return self._logits(x, capture)
 
@@ -125,8 +124,7 @@ class DecoderLM(nnx.Module):
         """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
         cfg = self.config
         x = self.norm(x)
-        if capture is not None:
-            capture["norm"] = x
+        record(capture, "norm", x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         logits = logits.astype(jnp.float32)
         if cfg.final_logit_softcap is not None:  # Gemma 2
@@ -152,8 +150,7 @@ class DecoderLM(nnx.Module):
         if capture is not None or (cfg.remat == "none" and not cfg.scan_layers):
             for i, layer in enumerate(self.layers):
                 x = materialize_cotangent(constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT))
-                if capture is not None:
-                    capture[f"layers.{i}"] = x
+                record(capture, f"layers.{i}", x)
             return x
         period = layer_period(cfg)
         graphdefs = [nnx.graphdef(self.layers[j]) for j in range(period)]

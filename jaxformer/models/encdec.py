@@ -33,7 +33,7 @@ from flax import nnx
 from jaxformer.config import EncDecConfig
 from jaxformer.models.attention import Attention
 from jaxformer.models.cache import CachedLogits, KVCache
-from jaxformer.models.layers import MLP, Embed, Linear, make_norm, sinusoidal_positions
+from jaxformer.models.layers import MLP, Embed, Linear, make_norm, record, sinusoidal_positions
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
@@ -165,11 +165,10 @@ class Encoder(nnx.Module):
         """`capture` receives `encoder.layers.{i}` and `encoder.norm` (see EncoderDecoder)."""
         for i, (layer, k) in enumerate(zip(self.layers, _keys(key, len(self.layers)))):
             x = constrain(layer(x, segment_ids, k), ACT)
-            if capture is not None:
-                capture[f"encoder.layers.{i}"] = x
-        x = x if self.norm is None else self.norm(x)
-        if capture is not None and self.norm is not None:
-            capture["encoder.norm"] = x
+            record(capture, f"encoder.layers.{i}", x)
+        if self.norm is not None:
+            x = self.norm(x)
+            record(capture, "encoder.norm", x)
         return x
 
 
@@ -185,11 +184,10 @@ class Decoder(nnx.Module):
         """`capture` receives `decoder.layers.{i}` and `decoder.norm` (see EncoderDecoder)."""
         for i, (layer, k) in enumerate(zip(self.layers, _keys(key, len(self.layers)))):
             y = constrain(layer(y, cross_kv[i], cross_segment_ids, key=k), ACT)
-            if capture is not None:
-                capture[f"decoder.layers.{i}"] = y
-        y = y if self.norm is None else self.norm(y)
-        if capture is not None and self.norm is not None:
-            capture["decoder.norm"] = y
+            record(capture, f"decoder.layers.{i}", y)
+        if self.norm is not None:
+            y = self.norm(y)
+            record(capture, "decoder.norm", y)
         return y
 
     def extend(self, y: jax.Array, cross_kv: CrossKV, cross_segment_ids, cache: KVCache
@@ -249,8 +247,7 @@ class EncoderDecoder(nnx.Module):
         k_emb, k_enc = _keys(dropout_key, 2)
         table = self.embed_tokens if self.embed_source_tokens is None else self.embed_source_tokens
         x = self._embed(src_tokens, table, self.embed_source_positions, None, k_emb)  # [B, S, D]
-        if capture is not None:
-            capture["embed_source_tokens"] = x
+        record(capture, "embed_source_tokens", x)
         return self.encoder(x, _source_segments(src_mask), k_enc, capture)
 
     def source(self, memory: jax.Array, src_tokens: jax.Array, src_mask: jax.Array | None = None) -> Source:
@@ -268,8 +265,7 @@ class EncoderDecoder(nnx.Module):
         check_tokens(self.config, "tgt_tokens", tgt_tokens, None)
         k_emb, k_dec = _keys(dropout_key, 2)
         y = self._embed(tgt_tokens, self.embed_tokens, self.embed_positions, None, k_emb)  # [B, T, D]
-        if capture is not None:
-            capture["embed_tokens"] = y
+        record(capture, "embed_tokens", y)
         y = self.decoder(y, source.kv, self._cross_segments(tgt_tokens, source), key=k_dec, capture=capture)
         return self._logits(y, source)
 

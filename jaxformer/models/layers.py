@@ -20,6 +20,12 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def record(capture: dict | None, name: str, x):
+    """capture[name] = x when capturing (jaxformer parity / viz read the residual stream this way)."""
+    if capture is not None:
+        capture[name] = x
+
+
 class Linear(nnx.Module):
     """y = x @ weight.T + bias, weight stored [out, in] as in torch."""
 
