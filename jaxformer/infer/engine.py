@@ -162,7 +162,8 @@ class Engine:
     def _init_slots(self) -> Slots:
         B = self.max_batch
         return Slots(cache=KVCache.init(self.config, B, self.max_len, self.kv_dtype),
-                     history=jnp.zeros((B, self.max_len), jnp.int32), prompt_len=jnp.zeros((B,), jnp.int32), keys=jax.random.split(jax.random.key(0), B),
+                     history=jnp.zeros((B, self.max_len), jnp.int32), prompt_len=jnp.zeros((B,), jnp.int32),
+                     keys=jax.random.split(jax.random.key(0), B),
                      settings=RowSettings.neutral(B))
 
     def warmup(self) -> None:
