@@ -471,9 +471,11 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    expert: int = 1  # expert parallelism: MoE experts split over it; a data axis elsewhere
+    context: int = 1  # context parallelism: each sequence split over it (ring attention)
 
     def __post_init__(self) -> None:
-        for name in ("data", "fsdp", "tensor"):
+        for name in ("data", "fsdp", "tensor", "expert", "context"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
                 raise ValueError(f"mesh.{name} must be a positive integer or -1, got {v!r}")

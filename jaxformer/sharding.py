@@ -2,13 +2,18 @@
 
 Model code names axes logically (params carry `logical_axes` metadata; activations call
 `constrain(x, ("batch", "seq", "act_embed"))`). RULES maps each logical name onto the mesh axes
-("data", "fsdp", "tensor"). The mesh uses Auto axis types (GSPMD): XLA propagates shardings from
+("data", "fsdp", "expert", "context", "tensor"). The mesh uses Auto axis types (GSPMD): XLA propagates shardings from
 the parameter layouts and these constraints, and inserts the collectives.
 
 Tensor parallelism is Megatron-style because of how the names fall: q/k/v and gate/up have their
 output dim on "heads"/"kv_heads"/"mlp" (column-parallel), o/down their input dim (row-parallel),
 the embedding and LM head their vocab dim (vocab-parallel). FSDP shards every parameter's "embed"
-dim over "fsdp"; the batch is split over ("data", "fsdp").
+dim over "fsdp"; the batch is split over ("data", "fsdp", "expert").
+
+Expert parallelism: expert weights carry an "expert" logical axis on their expert dim, split over
+the "expert" mesh axis; outside the MoE blocks that axis is one more data-parallel axis (it splits
+the batch), so no device idles on the dense layers. Context parallelism: activations' "seq" axis is
+split over "context"; parameters are unaffected (replicated over it, like over "data").
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxformer.config import MeshConfig, ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # outermost to innermost (tensor: fastest links)
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -34,9 +39,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "expert": "expert",
     # activations
-    "batch": ("data", "fsdp"),
-    "seq": None,
+    "batch": ("data", "fsdp", "expert"),
+    "seq": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -46,7 +52,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
-    """('batch', 'seq', 'act_embed') -> PartitionSpec(('data', 'fsdp'), None, None)."""
+    """('batch', 'seq', 'act_embed') -> PartitionSpec(('data', 'fsdp', 'expert'), 'context', None)."""
     unknown = [a for a in axes if a is not None and a not in RULES]
     if unknown:
         raise ValueError(f"unknown logical axes {unknown}; known: {sorted(RULES)}")
@@ -77,21 +83,22 @@ def fitted_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: di
     return PartitionSpec(*out)
 
 
-def resolve_mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with one -1 taking the rest; a clear error when sizes do not fit."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def resolve_mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """Sizes in MESH_AXES order, with one -1 taking the rest; a clear error when sizes do not fit."""
+    sizes = [getattr(cfg, a) for a in MESH_AXES]
+    named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     free = [i for i, s in enumerate(sizes) if s == -1]
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if len(free) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+        raise ValueError(f"only one mesh axis may be -1, got {named}")
     if free:
         if n_devices % fixed:
-            raise ValueError(f"mesh sizes {sizes} cannot fill {n_devices} devices: {fixed} does not divide {n_devices}")
+            raise ValueError(f"mesh {named} cannot fill {n_devices} devices: {fixed} does not divide {n_devices}")
         sizes[free[0]] = n_devices // fixed
     if int(np.prod(sizes)) != n_devices:
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
-                         f"devices, but there are {n_devices}; make the product equal the device count "
-                         "(or set one axis to -1)")
+        named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+        raise ValueError(f"mesh {named} = {int(np.prod(sizes))} devices, but there are {n_devices}; "
+                         "make the product equal the device count (or set one axis to -1)")
     return tuple(sizes)
 
 
@@ -107,12 +114,17 @@ def check_model_fits(cfg: ModelConfig, tensor: int) -> None:
 
 
 def make_mesh(cfg: MeshConfig, model_cfg: ModelConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over all devices of all processes (Auto axis types)."""
+    """A MESH_AXES mesh over all devices of all processes (Auto axis types)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(cfg, len(devices))
     if model_cfg is not None:
-        check_model_fits(model_cfg, shape[2])
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        check_model_fits(model_cfg, shape[MESH_AXES.index("tensor")])
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_rows(mesh: Mesh) -> int:
+    """How many ways the batch axis is split: the product of the mesh axes the "batch" rule names."""
+    return int(np.prod([mesh.shape[a] for a in RULES["batch"]]))
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, cfg: ModelConfig | None = None) -> nnx.State:
@@ -135,7 +147,7 @@ def shard_like(tree: Any, params_abstract: Any, params_shardings: Any, mesh: Mes
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """[B, T, ...] batches split over ("data", "fsdp") on the batch axis."""
+    """[B, T, ...] batches split over the "batch" rule's mesh axes on the batch axis (rows whole)."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 

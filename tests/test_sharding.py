@@ -217,13 +217,13 @@ def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
 
 
 def test_bad_meshes_fail_clearly(config):
-    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=3 = 12 devices, but there are 8"):
+    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x expert=1 x context=1 x tensor=3 = 12 devices, but there are 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=3), 8)
     with pytest.raises(ValueError, match="only one mesh axis may be -1"):
         resolve_mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
     with pytest.raises(ValueError, match="3 does not divide 8"):
         resolve_mesh_shape(MeshConfig(data=3, fsdp=-1), 8)
-    assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 1, 1, 2)
     cfg = ModelConfig.llama(d_model=48, n_heads=6, n_kv_heads=3)
     with pytest.raises(ValueError, match="mesh.tensor=4 divides neither n_heads=6 nor n_kv_heads=3"):
         check_model_fits(cfg, 4)

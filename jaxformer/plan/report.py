@@ -108,10 +108,10 @@ def plan_train(cfgs: dict[str, Any], target: str | GpuTarget, devices: int, *, h
     mcfg, dcfg, tcfg = cfgs["model"], cfgs["data"], cfgs["train"]
     if dcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"data.seq_len={dcfg.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = sharding.batch_rows(mesh)
     unit = dp * tcfg.grad_accum  # batch rows that give each device one row per micro-batch
     if tcfg.batch_size % unit:
-        raise ValueError(f"train.batch_size={tcfg.batch_size} must be a multiple of data x fsdp x grad_accum = "
+        raise ValueError(f"train.batch_size={tcfg.batch_size} must be a multiple of data x fsdp x expert x grad_accum = "
                          f"{unit}, so that every device gets whole rows; e.g. --train.batch_size={unit}")
     out = _header(cfgs, target, mesh, hosts, "train", config_name)
     out.update(batch_size=tcfg.batch_size, seq_len=dcfg.seq_len, grad_accum=tcfg.grad_accum,
@@ -167,11 +167,12 @@ def _train_fixes(cfgs, out: dict, compile_at, budget: int, unit: int, mesh) -> l
     if mcfg.remat != "full":
         peak = compile_at(_with(cfgs, model={"remat": "full"})).peak
         fixes.append({"knob": "--model.remat=full", "peak": peak, "fits": peak <= budget})
-    tensor = mesh.shape["tensor"]
-    if mesh.shape["fsdp"] < n // tensor and cfgs["train"].batch_size % (n // tensor * cfgs["train"].grad_accum) == 0:
-        c = _with(cfgs, mesh={"data": 1, "fsdp": n // tensor, "tensor": tensor})
-        peak = compile_at(c).peak
-        fixes.append({"knob": f"--mesh.data=1 --mesh.fsdp={n // tensor}", "peak": peak, "fits": peak <= budget})
+    kept = mesh.shape["tensor"] * mesh.shape["expert"] * mesh.shape["context"]  # axes the fsdp knob leaves alone
+    fsdp = n // kept
+    if mesh.shape["fsdp"] < fsdp and cfgs["train"].batch_size % (n // mesh.shape["tensor"] // mesh.shape["context"]
+                                                                 * cfgs["train"].grad_accum) == 0:
+        peak = compile_at(_with(cfgs, mesh={"data": 1, "fsdp": fsdp})).peak
+        fixes.append({"knob": f"--mesh.data=1 --mesh.fsdp={fsdp}", "peak": peak, "fits": peak <= budget})
     best = out.get("max_batch", {}).get("largest_fitting")
     if best:
         B, dp = cfgs["train"].batch_size, unit // cfgs["train"].grad_accum
@@ -243,9 +244,10 @@ def plan_decode(cfgs: dict[str, Any], target: str | GpuTarget, devices: int, *, 
     context = context or mcfg.max_seq_len
     if not 2 <= context <= mcfg.max_seq_len:
         raise ValueError(f"context must be in [2, model.max_seq_len={mcfg.max_seq_len}], got {context}")
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = sharding.batch_rows(mesh)
     if batch < 1 or batch % dp:
-        raise ValueError(f"batch={batch} must be a positive multiple of data x fsdp = {dp} (rows split over devices)")
+        raise ValueError(f"batch={batch} must be a positive multiple of data x fsdp x expert = {dp} "
+                         "(rows split over devices)")
     out = _header(cfgs, target, mesh, hosts, "decode", config_name)
     out.update(batch=batch, context=context)
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from jaxformer.checkpoint import Checkpointer, abstract_like, read_run_meta
 from jaxformer.config import EncDecConfig, MeshConfig, ModelConfig, TrainConfig
-from jaxformer.sharding import global_batch, make_mesh
+from jaxformer.sharding import batch_rows, global_batch, make_mesh
 from jaxformer.train.flops import peak_tflops
 from jaxformer.train.metrics import MetricsLogger
 from jaxformer.train.optim import make_schedule
@@ -83,9 +83,9 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
     """Train `task` per `cfgs` (train and mesh sections); returns the final metrics and what was written."""
     tcfg: TrainConfig = cfgs["train"]
     mesh = make_mesh(cfgs.get("mesh", MeshConfig()), task.model_config, devices)  # fails before anything compiles
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = batch_rows(mesh)
     if tcfg.batch_size % (rows * tcfg.grad_accum):
-        raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of grad_accum x mesh data x fsdp = "
+        raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of grad_accum x mesh data x fsdp x expert = "
                          f"{tcfg.grad_accum} x {rows}")
     run_dir = Path(tcfg.run_dir)
     lead = jax.process_index() == 0
@@ -211,7 +211,7 @@ def _plain(v):
 
 def eval_batch_size(batch_size: int, mesh: Mesh, limit: int | None = None) -> int:
     """The largest batch <= min(batch_size, limit) that splits evenly over the mesh's batch rows (one each at least)."""
-    rows = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
+    rows = batch_rows(mesh) * jax.process_count()
     want = batch_size if limit is None else min(batch_size, limit)
     return max(rows, want // rows * rows)
 
@@ -319,7 +319,7 @@ def parity_check(task: Task, setup: Setup, mesh: Mesh) -> Callable[[Any], dict]:
     """
     from jaxformer.parity import Inputs, JaxSide, against_torch_ref  # torch is an optional dependency
 
-    inputs = parity_inputs(task.model_config, setup.parity_batch, rows=mesh.shape["data"] * mesh.shape["fsdp"])
+    inputs = parity_inputs(task.model_config, setup.parity_batch, rows=batch_rows(mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     on_mesh = Inputs(**{k: None if v is None else jax.device_put(v, replicated) for k, v in inputs.arrays().items()})
 
