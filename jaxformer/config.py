@@ -22,6 +22,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
+ROUTERS = ("mixtral", "qwen")  # top-k softmax styles (jaxformer/models/moe.py)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -135,6 +136,19 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     export_as: str | None = None  # the Hugging Face model_type to export to (set on import); None: inferred
+    # --- Mixture of Experts (docs/models.md, jaxformer/models/moe.py); n_experts = 0: a dense model
+    n_experts: int = 0  # E routed SwiGLU experts in each sparse layer's MLP slot
+    n_experts_per_token: int = 2  # top-k experts per token
+    moe_d_ff: int | None = None  # each routed expert's hidden size; None: d_ff
+    shared_expert_d_ff: int = 0  # a dense SwiGLU every token also takes (Qwen2-MoE); 0: none
+    shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w [1, D] (Qwen2-MoE)
+    router: str = "mixtral"  # mixtral: softmax over the top-k logits | qwen: softmax over all E, then top-k
+    norm_topk_prob: bool = True  # qwen router: renormalise the top-k probabilities to sum 1 (mixtral always does)
+    moe_every: int = 1  # layer i is sparse when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense whatever moe_every says (Qwen's mlp_only_layers)
+    router_aux_loss_coef: float = 0.001  # training loss + coef * load-balancing loss (Switch Transformer eq. 4)
+    router_z_loss_coef: float = 0.0  # training loss + coef * router z-loss (ST-MoE eq. 5)
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) of N tokens
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -175,6 +189,63 @@ class ModelConfig:
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
         self._check_family_fields()
+        self._check_moe_fields()
+
+    def _check_moe_fields(self) -> None:
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise ValueError(f"n_experts must be an integer >= 0 (0: a dense model), got {self.n_experts!r}")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.n_experts == 0:
+            set_ = [k for k, v in (("moe_d_ff", self.moe_d_ff), ("shared_expert_d_ff", self.shared_expert_d_ff),
+                                   ("capacity_factor", self.capacity_factor)) if v not in (None, 0)]
+            if set_:
+                raise ValueError(f"{set_} are Mixture-of-Experts settings but n_experts=0 (a dense model); set "
+                                 "n_experts or remove them")
+            return
+        _positive("n_experts_per_token", self.n_experts_per_token)
+        if self.n_experts_per_token > self.n_experts:
+            raise ValueError(f"n_experts_per_token={self.n_experts_per_token} exceeds n_experts={self.n_experts}; "
+                             "each token takes at most every expert")
+        if self.moe_d_ff is not None:
+            _positive("moe_d_ff", self.moe_d_ff)
+        if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
+            raise ValueError(f"shared_expert_d_ff must be an integer >= 0 (0: none), got {self.shared_expert_d_ff!r}")
+        for name in ("shared_expert_gate", "norm_topk_prob"):
+            _flag(name, getattr(self, name))
+        if self.shared_expert_gate and not self.shared_expert_d_ff:
+            raise ValueError("shared_expert_gate=true needs a shared expert: set shared_expert_d_ff > 0")
+        _choice("router", self.router, ROUTERS)
+        if self.router == "mixtral" and not self.norm_topk_prob:
+            raise ValueError("router='mixtral' always normalises over the top-k experts; for unnormalised top-k "
+                             "probabilities use router='qwen' with norm_topk_prob=false")
+        _positive("moe_every", self.moe_every)
+        bad = [i for i in self.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            _number(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.capacity_factor is not None:
+            _number("capacity_factor", self.capacity_factor)
+            if self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor must be > 0 (or null for dropless routing), got "
+                                 f"{self.capacity_factor}")
+        if not self.gated_mlp or self.use_bias:
+            raise ValueError("Mixture-of-Experts layers are SwiGLU experts without biases: set gated_mlp=true and "
+                             "use_bias=false")
+        if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+            raise ValueError(f"n_experts={self.n_experts} but no layer is sparse (moe_every={self.moe_every}, "
+                             f"dense_layers={list(self.dense_layers)}); make at least one layer sparse")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i's MLP slot is a Mixture of Experts (the one place that reads moe_every / dense_layers)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
+
+    @property
+    def expert_d_ff(self) -> int:
+        """F of each routed expert: moe_d_ff, else d_ff."""
+        return self.moe_d_ff or self.d_ff
 
     def _check_family_fields(self) -> None:
         if isinstance(self.rope_scaling, Mapping):
@@ -262,6 +333,10 @@ class ModelConfig:
             return "gpt2"
         if (self.position, self.norm, self.gated_mlp) != ("rope", "rmsnorm", True):
             return None
+        if self.n_experts:
+            if self.qk_norm == "head":
+                return "qwen3_moe"
+            return "qwen2_moe" if self.qkv_bias or self.shared_expert_d_ff else "mixtral"
         if self.norm_unit_offset:
             return {"sandwich": "gemma3_text" if self.qk_norm == "head" else "gemma2"}.get(self.norm_placement, "gemma")
         if self.norm_placement == "post":

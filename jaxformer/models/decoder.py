@@ -11,6 +11,7 @@ from jaxformer.models.attention import Attention
 from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, record, rope_cos_sin,
                                      sinusoidal_positions)
+from jaxformer.models.moe import MoE
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
@@ -36,29 +37,31 @@ class Block(nnx.Module):
         self.self_attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
         self.post_attention_layernorm = make_norm(cfg)
         self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.sparse = cfg.is_moe_layer(layer)  # the MLP slot holds a Mixture of Experts (models/moe.py)
+        self.mlp = MoE(cfg, rngs=rngs) if self.sparse else MLP(cfg, rngs=rngs)
         self.post_feedforward_layernorm = make_norm(cfg) if self.placement != "pre" else None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
-                 cache=None):  # [B, T, D] -> [B, T, D]
+                 cache=None, *, moe_stats: list | None = None):  # [B, T, D] -> [B, T, D]
         """`rope` is this block's (cos, sin) (see rope_for). With `cache` (k_cache, v_cache, start) returns
-        (x, (k_cache, v_cache)); see Attention."""
+        (x, (k_cache, v_cache)); see Attention. A sparse block appends its router statistics to `moe_stats`."""
         kv = None
+        mlp = (lambda h: self.mlp(h, moe_stats)) if self.sparse else self.mlp
         if self.placement == "pre":
             h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + h
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + mlp(self.post_attention_layernorm(x))
         elif self.placement == "sandwich":
             h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         else:  # post
             h = self.self_attn(x, rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(self.mlp(x))
+            x = x + self.post_feedforward_layernorm(mlp(x))
         return x if cache is None else (x, kv)
 
 
@@ -78,13 +81,17 @@ class DecoderLM(nnx.Module):
                                param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, capture: dict | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, capture: dict | None = None,
+                 moe_stats: list | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) for every position; `positions` restart per packed document,
         `segment_ids` keep packed documents from attending to each other.
 
         `capture`, a dict, receives the residual stream [B, T, D] under parameter paths: `embed_tokens`
         (after the embedding), `layers.{i}` (after block i) and `norm` (after the final norm). With None
         (the default) nothing is recorded; with a dict, remat and scan_layers are not applied.
+
+        `moe_stats`, a list, receives one dict per sparse block, in layer order (models/moe.py: router logits
+        [B*T, E], per-expert load [E], dropped fraction): what training's MoE losses and metrics read.
         """
         check_inputs(self.config, tokens, positions, segment_ids)
         B, T = tokens.shape
@@ -92,7 +99,7 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x, ropes = self._embed(tokens, positions)
         record(capture, "embed_tokens", x)
-        x = self._blocks(x, ropes, segment_ids, capture)
+        x = self._blocks(x, ropes, segment_ids, capture, moe_stats)
         return self._logits(x, capture)
 
     def extend(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None) -> CachedLogits:
@@ -141,15 +148,18 @@ class DecoderLM(nnx.Module):
             vs.append(v)
         return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
 
-    def _blocks(self, x: jax.Array, ropes, segment_ids, capture: dict | None = None) -> jax.Array:
+    def _blocks(self, x: jax.Array, ropes, segment_ids, capture: dict | None = None,
+                moe_stats: list | None = None) -> jax.Array:
         """All blocks in order; with remat each block's activations are recomputed in the backward
         pass, and with scan_layers one compiled body runs over the stacked block weights (a body of
         `period` blocks when layer types repeat, e.g. Gemma 2's sliding/full pairs). With `capture`,
-        a plain loop that records each block's output."""
+        a plain loop that records each block's output. Sparse blocks' statistics leave the remat / scan
+        bodies as their outputs and are appended to `moe_stats` in layer order."""
         cfg = self.config
         if capture is not None or (cfg.remat == "none" and not cfg.scan_layers):
             for i, layer in enumerate(self.layers):
-                x = materialize_cotangent(constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT))
+                x = layer(x, rope_for(layer, ropes), segment_ids, moe_stats=moe_stats)
+                x = materialize_cotangent(constrain(x, ACT))
                 record(capture, f"layers.{i}", x)
             return x
         period = layer_period(cfg)
@@ -158,18 +168,25 @@ class DecoderLM(nnx.Module):
         groups = [states[i:i + period] for i in range(0, cfg.n_layers, period)]
 
         def body(x, group):
+            stats = []  # of this body's sparse blocks, returned as outputs (never leaked out of remat / scan)
             for graphdef, state in zip(graphdefs, group):
                 layer = nnx.merge(graphdef, state)
-                x = constrain(layer(x, rope_for(layer, ropes), segment_ids), ACT)
-            return x, None
+                x = constrain(layer(x, rope_for(layer, ropes), segment_ids, moe_stats=stats), ACT)
+            return x, stats
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             # stacking copies the weights once per call: memory for compile time on deep models
-            return jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *groups))[0]
+            x, stacked = jax.lax.scan(body, x, jax.tree.map(lambda *ws: jnp.stack(ws), *groups))
+            if moe_stats is not None:  # [groups, ...] per sparse block of the body -> layer order
+                moe_stats.extend(jax.tree.map(lambda a: a[g], s) for g in range(len(groups)) for s in stacked)
+            return x
         for group in groups:
-            x = materialize_cotangent(body(x, group)[0])
+            x, stats = body(x, group)
+            x = materialize_cotangent(x)
+            if moe_stats is not None:
+                moe_stats.extend(stats)
         return x
 
 
@@ -189,8 +206,9 @@ def rope_for(layer: Block, ropes: dict | None) -> tuple[jax.Array, jax.Array] | 
 
 
 def layer_period(cfg: ModelConfig) -> int:
-    """The shortest run of layer types that repeats through the whole model (1 when all layers are alike)."""
-    types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+    """The shortest run of layer types (attention type, dense or sparse MLP) that repeats through the whole model
+    (1 when all layers are alike)."""
+    types = [(cfg.layer_type(i), cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
     return next(p for p in range(1, cfg.n_layers + 1)
                 if cfg.n_layers % p == 0 and all(t == types[i % p] for i, t in enumerate(types)))
 

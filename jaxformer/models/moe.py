@@ -1,0 +1,142 @@
+"""Mixture-of-Experts MLP slot (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral; Qwen2/3-MoE).
+
+A router picks k of E SwiGLU experts per token; the experts' weights are stacked [E, ...] in torch's
+(out, in) layout, like transformers' fused `experts.gate_up_proj` [E, 2F, D] split in two:
+`experts.gate_proj` [E, F, D], `experts.up_proj` [E, F, D], `experts.down_proj` [E, D, F]. Their "expert"
+logical axis is the expert-parallel axis of jaxformer.sharding.
+
+Dropless (capacity_factor None, the default): the N*k (token, expert) assignments are sorted by expert
+and each projection is one `jax.lax.ragged_dot` over the E contiguous groups (MegaBlocks, Gale et al.
+2022). With a capacity factor each expert takes at most C = ceil(cf * N * k / E) assignments into a static
+[E, C, D] buffer (GShard, Lepikhin et al. 2020): top-1 choices first, then top-2..., earlier tokens first
+within each; the rest are dropped (their expert output is zero) and the dropped fraction is reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
+
+# ragged_dot of x [M, D] with w [E, O, D] (torch layout): contract D with w's last dim, groups on w's first
+_RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k] int32), as transformers' routers.
+
+    mixtral: softmax over the k largest logits (= softmax over all E, top-k, renormalised). qwen: softmax
+    over all E in float32, top-k, renormalised when norm_topk_prob. Ties go to the lower expert id.
+    """
+    logits = logits.astype(jnp.float32)
+    if cfg.router == "mixtral":
+        top, idx = jax.lax.top_k(logits, cfg.n_experts_per_token)  # [N, k]
+        return jax.nn.softmax(top, axis=-1), idx
+    weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.n_experts_per_token)  # [N, k]
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights, idx
+
+
+def capacity(cfg: ModelConfig, n_tokens: int) -> int:
+    """Assignments each expert takes under capacity_factor: ceil(cf * N * k / E) (at least 1)."""
+    return max(1, math.ceil(cfg.capacity_factor * n_tokens * cfg.n_experts_per_token / cfg.n_experts))
+
+
+class Experts(nnx.Module):
+    """E SwiGLU experts with stacked weights; rows sorted by expert go through `ragged` or `batched`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
+        dt = dtype_of(cfg.param_dtype)
+        std_out = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # residual-branch output, as MLP.down_proj
+        self.gate_proj = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (E, F, D), dt),
+                                   logical_axes=("expert", "mlp", "embed"))
+        self.up_proj = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (E, F, D), dt),
+                                 logical_axes=("expert", "mlp", "embed"))
+        self.down_proj = nnx.Param(std_out * jax.random.normal(rngs.params(), (E, D, F), dt),
+                                   logical_axes=("expert", "embed", "mlp"))
+        self.act = ACTIVATIONS[cfg.activation]
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def _weights(self):
+        c = self.compute_dtype
+        return self.gate_proj[...].astype(c), self.up_proj[...].astype(c), self.down_proj[...].astype(c)
+
+    def ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """Rows [M, D] in expert order, group_sizes [E] summing to M -> [M, D] (dropless)."""
+        wg, wu, wd = self._weights()
+
+        def dot(x, w):
+            return jax.lax.ragged_dot_general(x, w, group_sizes, _RAGGED)
+
+        h = self.act(dot(xs, wg)) * dot(xs, wu)  # [M, F]
+        return dot(h, wd)  # [M, D]
+
+    def batched(self, xb: jax.Array) -> jax.Array:
+        """A capacity buffer [E, C, D] -> [E, C, D] (each expert on its own C rows)."""
+        wg, wu, wd = self._weights()
+        h = self.act(jnp.einsum("ecd,efd->ecf", xb, wg)) * jnp.einsum("ecd,efd->ecf", xb, wu)  # [E, C, F]
+        return jnp.einsum("ecf,edf->ecd", h, wd)
+
+
+class MoE(nnx.Module):
+    """x [B, T, D] -> [B, T, D]: sum over the token's k experts of weight * expert(x), plus the shared expert
+    (times sigmoid(shared_expert_gate(x)) when gated). Names follow transformers: `gate` is the router."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.gate = Linear(cfg.d_model, cfg.n_experts, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
+        self.experts = Experts(cfg, rngs=rngs)
+        self.shared_expert = MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff), rngs=rngs) if cfg.shared_expert_d_ff \
+            else None
+        self.shared_expert_gate = (Linear(cfg.d_model, 1, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
+                                   if cfg.shared_expert_gate else None)
+
+    def __call__(self, x: jax.Array, stats: list | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        """With `stats` (a list), appends {"router_logits" [N, E] f32, "load" [E] assignments per expert,
+        "dropped" fraction of assignments dropped}: what the training losses and metrics read."""
+        cfg = self.config
+        B, T, D = x.shape
+        E, k = cfg.n_experts, cfg.n_experts_per_token
+        xf = x.reshape(B * T, D)  # [N, D]
+        N = xf.shape[0]
+        logits = self.gate(xf)  # [N, E]
+        weights, idx = route(logits, cfg)  # [N, k] each
+        # assignments slot-major (all top-1 choices, then all top-2...), stably sorted by expert
+        expert = idx.T.reshape(-1)  # [k*N]: assignment a = slot * N + token
+        order = jnp.argsort(expert, stable=True)  # [k*N]
+        xs = xf[order % N]  # [k*N, D] rows grouped by expert
+        group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)  # [E]
+        if cfg.capacity_factor is None:
+            ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
+            dropped = jnp.zeros((), jnp.float32)
+        else:
+            C = capacity(cfg, N)
+            starts = jnp.cumsum(group_sizes) - group_sizes  # [E]
+            sorted_expert = expert[order]  # [k*N]
+            rank = jnp.arange(k * N) - starts[sorted_expert]  # position within its expert's group
+            keep = rank < C
+            slot = jnp.where(keep, sorted_expert * C + rank, E * C)  # E * C: out of bounds, dropped
+            buf = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")
+            out = self.experts.batched(buf.reshape(E, C, D)).reshape(E * C, D)
+            ys = jnp.where(keep[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)  # [k*N, D]
+            dropped = 1.0 - keep.mean(dtype=jnp.float32)
+        y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, N, D)  # back to (slot, token) order
+        y = jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))  # [N, D]
+        if self.shared_expert is not None:
+            s = self.shared_expert(xf)  # [N, D]
+            if self.shared_expert_gate is not None:
+                s = jax.nn.sigmoid(self.shared_expert_gate(xf)) * s
+            y = y + s
+        if stats is not None:
+            stats.append({"router_logits": logits.astype(jnp.float32), "load": group_sizes.astype(jnp.float32),
+                          "dropped": dropped})
+        return y.reshape(B, T, D).astype(x.dtype)
