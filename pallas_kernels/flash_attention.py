@@ -415,6 +415,51 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     window W (causal only): the query at key position p = t + S - T sees keys p - W < s <= p.
     softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
     """
+    st = _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret)
+    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+    return _flash(q, k, v, q_seg, kv_seg, st)
+
+
+def flash_block_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                        segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
+                        softcap: float | None = None, block_sizes: BlockSizes | None = None,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(o [B, T, N, H], lse [B, N, T] float32, natural log, -inf where a row sees no key): one block of a ring.
+
+    The forward kernel's own residual, no second pass; no VJP (the caller's custom VJP uses flash_block_backward).
+    """
+    st = _static(q, k, v, segment_ids, causal, sm_scale, None, softcap, block_sizes, interpret)
+    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+    o, residuals = _flash_fwd(q, k, v, q_seg, kv_seg, st)
+    lse2 = residuals[-1][:, :, :q.shape[1]]  # log2 units, +inf where no key is seen
+    return o, jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 / LOG2_E)
+
+
+def flash_block_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+                         delta: jax.Array, *, causal: bool = False, segment_ids: SegmentIds | None = None,
+                         sm_scale: float | None = None, softcap: float | None = None,
+                         block_sizes: BlockSizes | None = None,
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) of one block of a larger softmax, from that softmax's lse and delta = rowsum(dO * O) [B, N, T].
+
+    lse is in natural log (flash_block_forward's, merged over all blocks); P = exp(S - lse) inside the kernels.
+    """
+    st = _static(q, k, v, segment_ids, causal, sm_scale, None, softcap, block_sizes, interpret)
+    T, S, H = q.shape[1], k.shape[1], q.shape[3]
+    T_pad, S_pad, H_pad = _padded_shape(st, H)
+    q_p, k_p, v_p, do_p = _pad(q, T_pad, H_pad), _pad(k, S_pad, H_pad), _pad(v, S_pad, H_pad), _pad(do, T_pad, H_pad)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2_E, jnp.inf).astype(jnp.float32)  # +inf: P = 0 on that row
+    lse2, delta = pad_axis(lse2, 2, T_pad, jnp.inf), pad_axis(delta.astype(jnp.float32), 2, T_pad)
+    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+    if q_seg is not None:
+        q_seg, kv_seg = pad_axis(q_seg.astype(jnp.int32), 1, T_pad), pad_axis(kv_seg.astype(jnp.int32), 1, S_pad)
+    dk, dv = _dkdv_call(q_p, k_p, v_p, do_p, lse2, delta, q_seg, kv_seg, st)
+    dq = _dq_call(q_p, k_p, v_p, do_p, lse2, delta, q_seg, kv_seg, st)
+    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
+
+
+def _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret) -> _Static:
+    """The checked, hashable description of one call (raises ValueError on bad shapes or options)."""
     _check_inputs(q, k, v, segment_ids)
     window, softcap = check_window_softcap(window, softcap, causal)
     T, H, S = q.shape[1], q.shape[3], k.shape[1]
@@ -429,8 +474,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     T_pad, S_pad, H_pad = _padded_shape(st, H)
     check_addressable("q", (q.shape[0], T_pad, q.shape[2], H_pad))
     check_addressable("k", (k.shape[0], S_pad, k.shape[2], H_pad))
-    q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    return _flash(q, k, v, q_seg, kv_seg, st)
+    return st
 
 
 def _check_inputs(q, k, v, segment_ids) -> None:
