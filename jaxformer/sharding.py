@@ -83,10 +83,15 @@ def fitted_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: di
     return PartitionSpec(*out)
 
 
+def _named(sizes: Sequence[int]) -> str:
+    """'data=2 x fsdp=2 x tensor=2' (expert and context only when used)."""
+    return " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s != 1 or a in ("data", "fsdp", "tensor"))
+
+
 def resolve_mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
     """Sizes in MESH_AXES order, with one -1 taking the rest; a clear error when sizes do not fit."""
     sizes = [getattr(cfg, a) for a in MESH_AXES]
-    named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    named = _named(sizes)
     free = [i for i, s in enumerate(sizes) if s == -1]
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if len(free) > 1:
@@ -96,7 +101,7 @@ def resolve_mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
             raise ValueError(f"mesh {named} cannot fill {n_devices} devices: {fixed} does not divide {n_devices}")
         sizes[free[0]] = n_devices // fixed
     if int(np.prod(sizes)) != n_devices:
-        named = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+        named = _named(sizes)
         raise ValueError(f"mesh {named} = {int(np.prod(sizes))} devices, but there are {n_devices}; "
                          "make the product equal the device count (or set one axis to -1)")
     return tuple(sizes)

@@ -217,7 +217,7 @@ def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
 
 
 def test_bad_meshes_fail_clearly(config):
-    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x expert=1 x context=1 x tensor=3 = 12 devices, but there are 8"):
+    with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=3 = 12 devices, but there are 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=3), 8)
     with pytest.raises(ValueError, match="only one mesh axis may be -1"):
         resolve_mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
