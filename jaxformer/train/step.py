@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxformer.models.ring_attention import to_context_layout
 from jaxformer.sharding import constrain
 from jaxformer.train.losses import cross_entropy_sums
 
@@ -80,6 +81,7 @@ def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> Los
 
     def loss_fn(params, batch: Batch, frozen: tuple, micro):
         model = nnx.merge(graphdef, params, *frozen)
+        batch = to_context_layout(batch)  # context parallelism: ring order for every [B, T] entry (no-op without)
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)  # [B, T, V]
         ce, z, n = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         return ce + z, (ce, n)
