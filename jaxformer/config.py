@@ -208,6 +208,8 @@ class ModelConfig:
                              "each token takes at most every expert")
         if self.moe_d_ff is not None:
             _positive("moe_d_ff", self.moe_d_ff)
+            if self.moe_d_ff == self.d_ff:
+                object.__setattr__(self, "moe_d_ff", None)  # one spelling: None is d_ff
         if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
             raise ValueError(f"shared_expert_d_ff must be an integer >= 0 (0: none), got {self.shared_expert_d_ff!r}")
         for name in ("shared_expert_gate", "norm_topk_prob"):

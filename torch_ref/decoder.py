@@ -10,6 +10,7 @@ from torch import nn
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
 from torch_ref.layers import MLP, Embed, Linear, make_norm, record, rope_cos_sin, sinusoidal_positions
+from torch_ref.moe import MoE
 
 
 class Block(nn.Module):
@@ -33,17 +34,19 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = make_norm(cfg)
         if self.placement != "pre":
             self.post_feedforward_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.sparse = cfg.is_moe_layer(layer)
+        self.mlp = MoE(cfg) if self.sparse else MLP(cfg)
 
-    def forward(self, x, rope=None, segment_ids=None):  # [B, T, D] -> [B, T, D]
+    def forward(self, x, rope=None, segment_ids=None, moe_stats=None):  # [B, T, D] -> [B, T, D]
+        mlp = (lambda h: self.mlp(h, moe_stats)) if self.sparse else self.mlp
         if self.placement == "pre":
             x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + mlp(self.post_attention_layernorm(x))
         if self.placement == "sandwich":
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, segment_ids))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.post_attention_layernorm(self.self_attn(x, rope, segment_ids))
-        return x + self.post_feedforward_layernorm(self.mlp(x))
+        return x + self.post_feedforward_layernorm(mlp(x))
 
 
 class DecoderLM(nn.Module):
@@ -59,9 +62,10 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, capture: dict | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, capture: dict | None = None,
+                moe_stats: list | None = None) -> torch.Tensor:
         """`capture` (a dict) receives the residual stream as jaxformer's DecoderLM records it:
-        `embed_tokens`, `layers.{i}`, `norm`."""
+        `embed_tokens`, `layers.{i}`, `norm`; `moe_stats` (a list) each sparse block's router statistics."""
         cfg = self.config
         B, T = tokens.shape
         if T > cfg.max_seq_len:
@@ -84,7 +88,7 @@ class DecoderLM(nn.Module):
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
         record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids)
+            x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids, moe_stats)
             record(capture, f"layers.{i}", x)
         x = self.norm(x)
         record(capture, "norm", x)

@@ -4,8 +4,9 @@ Reads what `save_pretrained` writes (model.safetensors, sharded safetensors with
 pytorch_model.bin via torch.load(weights_only=True)) and writes directories that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. config.json's `model_type` picks the importer
 (gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2: jaxformer.interop.<family>;
-marian: the encoder-decoder); the config's `family` (export_as, or inferred from its fields) the exporter,
-which refuses, naming the fields, a config the architecture cannot express.
+mixtral, qwen2_moe, qwen3_moe: jaxformer.interop.moe; marian: the encoder-decoder); the config's `family`
+(export_as, or inferred from its fields) the exporter, which refuses, naming the fields, a config the
+architecture cannot express.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from jaxformer.config import EncDecConfig, ModelConfig
-from jaxformer.interop import gemma, gpt2, llama, marian, olmo2, phi3
+from jaxformer.interop import gemma, gpt2, llama, marian, moe, olmo2, phi3
 from jaxformer.interop.hf_config import Family, check_expressible
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.models import DecoderLM
 
-FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES, **olmo2.FAMILIES}
+FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES, **olmo2.FAMILIES,
+                               **moe.FAMILIES}
 SUPPORTED = {**{t: f.architecture for t, f in FAMILIES.items()}, "marian": "MarianMTModel"}
 # buffers some transformers versions store beside the weights; they carry no learned values
 IGNORED_HF_KEYS = re.compile(r".*\.attn\.(bias|masked_bias)$|.*rotary_emb\.inv_freq$")

@@ -44,3 +44,29 @@ def label_smoothed_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
     loss = (1.0 - smoothing) * nll + smoothing * smooth
     mask = mask.astype(jnp.float32)
     return jnp.sum(loss * mask), jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6) as transformers' load_balancing_loss_func.
+
+    router_logits [L, N, E] of L sparse layers; mask [N] (1: a real token). E * sum_e f_e * P_e, where f_e is
+    the fraction of top-k assignments and P_e the mean router probability of expert e, both over every
+    layer's kept tokens (pooled, not averaged per layer). 1 * top_k when perfectly balanced.
+    """
+    L, N, E = router_logits.shape
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [L, N, E]
+    _, idx = jax.lax.top_k(probs, top_k)  # [L, N, k]
+    counts = jax.nn.one_hot(idx, E, dtype=jnp.float32).sum(-2)  # [L, N, E]
+    m = jnp.ones((N,), jnp.float32) if mask is None else mask.reshape(N).astype(jnp.float32)
+    rows = L * jnp.maximum(m.sum(), 1.0)
+    f = jnp.einsum("lne,n->e", counts, m) / rows  # [E]
+    p = jnp.einsum("lne,n->e", probs, m) / rows  # [E]
+    return E * jnp.sum(f * p)
+
+
+def router_z_loss(router_logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean over layers and kept tokens of logsumexp(logits)^2."""
+    L, N, _ = router_logits.shape
+    z = jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1))  # [L, N]
+    m = jnp.ones((N,), jnp.float32) if mask is None else mask.reshape(N).astype(jnp.float32)
+    return jnp.sum(z * m[None]) / (L * jnp.maximum(m.sum(), 1.0))

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -43,6 +45,18 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def moe_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """A train step's Mixture-of-Experts metrics as scalars: moe_aux_loss, moe_z_loss, moe_dropped and
+    moe_load/{e} (the fraction of routed assignments that went to expert e); {} for a dense model."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if not k.startswith("moe_"):
+            continue
+        arr = np.asarray(v)
+        out.update({f"{k}/{e}": float(x) for e, x in enumerate(arr)} if arr.ndim else {k: float(arr)})
+    return out
 
 
 def _plain(v: Any) -> Any:

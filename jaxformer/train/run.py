@@ -34,7 +34,7 @@ from jaxformer.checkpoint import Checkpointer, abstract_like, read_run_meta
 from jaxformer.config import EncDecConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxformer.sharding import batch_rows, global_batch, make_mesh
 from jaxformer.train.flops import peak_tflops
-from jaxformer.train.metrics import MetricsLogger
+from jaxformer.train.metrics import MetricsLogger, moe_scalars
 from jaxformer.train.optim import make_schedule
 from jaxformer.train.state import gather_to_host
 
@@ -283,7 +283,8 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
                 dt = time.perf_counter() - t_log
                 tps = tokens_since / dt
                 logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
-                                           "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak})
+                                           "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak,
+                                           **moe_scalars(m)})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 t_log, tokens_since = time.perf_counter(), 0.0
             val_loss = None

@@ -7,7 +7,8 @@ over micro-batches, divided once by the token count, then AdamW. A task's loss i
 
 where `extra` is what the step passes through untouched (fine-tuning's frozen states, seq2seq's dropout
 key) and `micro` the micro-batch index (None without accumulation). Sums, not means: k micro-batches
-of b/k rows then give exactly the update of one batch of b rows.
+of b/k rows then give exactly the update of one batch of b rows. A loss may report a third element, a
+dict of extra metrics (Mixture-of-Experts aux losses, per-expert load), averaged over micro-batches.
 
 `lm_loss` is the language-model loss (pretraining, fine-tuning). `params` are what the optimizer
 updates; fine-tuning passes the rest of the model (a frozen base, LoRA dropout keys) as `frozen`, a
@@ -26,7 +27,7 @@ from flax import nnx
 
 from jaxformer.models.ring_attention import to_context_layout
 from jaxformer.sharding import constrain
-from jaxformer.train.losses import cross_entropy_sums
+from jaxformer.train.losses import cross_entropy_sums, load_balancing_loss, router_z_loss
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] f32
 LossFn = Callable[[Any, Batch, Any, Any], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
@@ -42,7 +43,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
 
     def step(params, opt_state, batch: Batch, extra: Any = ()):
         if grad_accum == 1:
-            (_, (reported, n)), grads = grad_fn(params, batch, extra, None)
+            (_, aux), grads = grad_fn(params, batch, extra, None)
+            reported, n, more = aux if len(aux) == 3 else (*aux, {})
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
@@ -50,17 +52,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
                 g_acc, r_acc, n_acc = carry
                 i, mb = xs
                 mb = jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
-                (_, (r, n)), g = grad_fn(params, mb, extra, i)
-                return (jax.tree.map(jnp.add, g_acc, g), r_acc + r, n_acc + n), None
+                (_, aux), g = grad_fn(params, mb, extra, i)
+                r, n, m = aux if len(aux) == 3 else (*aux, {})
+                return (jax.tree.map(jnp.add, g_acc, g), r_acc + r, n_acc + n), m
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, reported, n), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())),
-                                                   (jnp.arange(grad_accum), micro))
+            (grads, reported, n), more = jax.lax.scan(body, (zeros, jnp.zeros(()), jnp.zeros(())),
+                                                      (jnp.arange(grad_accum), micro))
+            more = jax.tree.map(lambda v: v.mean(0), more)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)  # bf16 params keep bf16 moments
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": reported / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
+        metrics = {"loss": reported / denom, "grad_norm": optax.global_norm(grads), "tokens": n, **more}
         return params, opt_state, metrics
 
     return step
@@ -70,20 +74,41 @@ def make_eval_step(loss_fn: LossFn) -> Callable:
     """eval_step(params, batch, extra=()) -> (reported sum, number of tokens), e.g. summed token CE."""
 
     def eval_step(params, batch: Batch, extra: Any = ()):
-        _, (reported, n) = loss_fn(params, batch, extra, None)
-        return reported, n
+        _, aux = loss_fn(params, batch, extra, None)
+        return aux[0], aux[1]
 
     return eval_step
 
 
 def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> LossFn:
-    """Next-token cross-entropy (+ PaLM's z-loss) of a DecoderLM; `extra` is the frozen states tuple."""
+    """Next-token cross-entropy (+ PaLM's z-loss) of a DecoderLM; `extra` is the frozen states tuple.
+
+    A Mixture-of-Experts model adds router_aux_loss_coef * load-balancing loss + router_z_loss_coef *
+    router z-loss (per token, over the loss mask's tokens) and reports them, the fraction of routed
+    assignments per expert (`moe_load` [E], pooled over sparse layers) and the dropped fraction.
+    """
 
     def loss_fn(params, batch: Batch, frozen: tuple, micro):
         model = nnx.merge(graphdef, params, *frozen)
         batch = to_context_layout(batch)  # context parallelism: ring order for every [B, T] entry (no-op without)
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None)  # [B, T, V]
+        stats: list = []  # each sparse block's router statistics (none for a dense model)
+        kw = dict(moe_stats=stats) if getattr(model.config, "n_experts", 0) else {}
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, **kw)  # [B,T,V]
         ce, z, n = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
-        return ce + z, (ce, n)
+        if not stats:
+            return ce + z, (ce, n)
+        return moe_objective(model.config, stats, ce + z, ce, n, batch["loss_mask"])
 
     return loss_fn
+
+
+def moe_objective(cfg, stats: list[dict], objective, ce, n, mask):
+    """(objective + n * (aux and z terms), (ce, n, MoE metrics)) from a model's `moe_stats` list."""
+    router = jnp.stack([s["router_logits"] for s in stats])  # [L, N, E]
+    aux = load_balancing_loss(router, cfg.n_experts_per_token, mask)
+    rz = router_z_loss(router, mask)
+    objective = objective + n * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * rz)
+    load = sum(s["load"] for s in stats)  # [E] assignments per expert over all sparse layers
+    metrics = {"moe_aux_loss": aux, "moe_z_loss": rz, "moe_load": load / jnp.maximum(load.sum(), 1.0),
+               "moe_dropped": jnp.mean(jnp.stack([s["dropped"] for s in stats]))}
+    return objective, (ce, n, metrics)

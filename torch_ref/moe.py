@@ -1,0 +1,80 @@
+"""PyTorch mirror of jaxformer.models.moe: same parameter names and layouts, eager per-expert loops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from jaxformer.config import ModelConfig
+from torch_ref.layers import ACTIVATIONS, MLP, Linear
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k]): mixtral softmax over the top-k
+    logits; qwen softmax over all E, top-k, renormalised when norm_topk_prob."""
+    logits = logits.float()
+    if cfg.router == "mixtral":
+        top, idx = torch.topk(logits, cfg.n_experts_per_token, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+    weights, idx = torch.topk(torch.softmax(logits, dim=-1), cfg.n_experts_per_token, dim=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, idx
+
+
+class Experts(nn.Module):
+    """Stacked SwiGLU experts: gate_proj, up_proj [E, F, D], down_proj [E, D, F] (torch's [out, in] per expert)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
+        self.gate_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
+        self.up_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
+        self.down_proj = nn.Parameter(torch.randn(E, D, F) * cfg.init_std)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:  # expert e on rows [M, D] -> [M, D]
+        h = self.act(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
+        return h @ self.down_proj[e].T
+
+
+class MoE(nn.Module):
+    """x [B, T, D] -> [B, T, D]: routed experts (+ the optionally gated shared expert)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.gate = Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared_expert = MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff)) if cfg.shared_expert_d_ff else None
+        self.shared_expert_gate = Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+        cfg = self.config
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)
+        N, k = xf.shape[0], cfg.n_experts_per_token
+        logits = self.gate(xf)  # [N, E]
+        weights, idx = route(logits, cfg)  # [N, k]
+        keep = torch.ones(N, k, dtype=torch.bool)
+        if cfg.capacity_factor is not None:  # per expert: top-1 choices first, then top-2..., earlier tokens first
+            cap = max(1, math.ceil(cfg.capacity_factor * N * k / cfg.n_experts))
+            for e in range(cfg.n_experts):
+                slot, token = torch.where((idx == e).T)  # slot-major order
+                keep[token[cap:], slot[cap:]] = False
+        y = torch.zeros_like(xf)
+        for e in range(cfg.n_experts):
+            token, slot = torch.where((idx == e) & keep)
+            if len(token):
+                y.index_add_(0, token, self.experts(xf[token], e) * weights[token, slot, None].to(xf.dtype))
+        if self.shared_expert is not None:
+            s = self.shared_expert(xf)
+            if self.shared_expert_gate is not None:
+                s = torch.sigmoid(self.shared_expert_gate(xf)) * s
+            y = y + s
+        if stats is not None:
+            load = torch.bincount(idx.reshape(-1), minlength=cfg.n_experts).float()
+            stats.append({"router_logits": logits.float(), "load": load, "dropped": 1.0 - keep.float().mean()})
+        return y.reshape(B, T, D)
