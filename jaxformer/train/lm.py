@@ -28,6 +28,7 @@ from jaxformer.data.shards import SplitTokens, open_split
 from jaxformer.data.tokenizer import Tokenizer, copy_tokenizer_files
 from jaxformer.infer import Engine, SamplingParams, generate
 from jaxformer.interop import native
+from jaxformer.models.ring_attention import check_length
 from jaxformer.sharding import make_mesh
 from jaxformer.train.flops import train_flops_per_token
 from jaxformer.train.metrics import plot_losses
@@ -47,6 +48,8 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
                          "train`, which picks the task from the config)")
     if cfgs["data"].seq_len > mcfg.max_seq_len:
         raise ValueError(f"data.seq_len={cfgs['data'].seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    if cfgs.get("mesh", MeshConfig()).context > 1:  # before any data or compile work
+        check_length(cfgs["data"].seq_len, cfgs["mesh"].context)
     return run(Pretraining(cfgs, progress=progress), cfgs, resume=resume, progress=progress)
 
 

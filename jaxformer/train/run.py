@@ -83,6 +83,9 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
     """Train `task` per `cfgs` (train and mesh sections); returns the final metrics and what was written."""
     tcfg: TrainConfig = cfgs["train"]
     mesh = make_mesh(cfgs.get("mesh", MeshConfig()), task.model_config, devices)  # fails before anything compiles
+    if mesh.shape["context"] > 1 and isinstance(task.model_config, EncDecConfig):
+        raise ValueError(f"mesh.context={mesh.shape['context']}: context parallelism (ring attention) is for "
+                         "decoder-only language models; train an encoder-decoder with --mesh.context=1")
     rows = batch_rows(mesh)
     if tcfg.batch_size % (rows * tcfg.grad_accum):
         raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of grad_accum x mesh data x fsdp x expert = "
