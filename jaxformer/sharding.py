@@ -13,7 +13,8 @@ dim over "fsdp"; the batch is split over ("data", "fsdp", "expert").
 Expert parallelism: expert weights carry an "expert" logical axis on their expert dim, split over
 the "expert" mesh axis; outside the MoE blocks that axis is one more data-parallel axis (it splits
 the batch), so no device idles on the dense layers. Context parallelism: activations' "seq" axis is
-split over "context"; parameters are unaffected (replicated over it, like over "data").
+split over "context"; parameters' "embed" dim is split over ("fsdp", "context"), so the devices of a ring
+hold 1/C of the parameters each (they are gathered per layer, as FSDP gathers them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # outermost to inne
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),  # context devices share params ZeRO-3 style too (as MaxText): 1/C of them each
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
