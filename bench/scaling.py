@@ -1,4 +1,5 @@
-"""Meshes on 8 fake CPU devices: tokens/s and per-device memory; gpt2-124m memory on 1 / FSDP-8 / TP-8.
+"""Meshes on 8 fake CPU devices: tokens/s and per-device memory; gpt2-124m memory on 1 / FSDP-8 / TP-8;
+per-device bytes of one long sequence split over C = 1, 2, 4, 8 context devices (ring attention).
 
 On CPU this proves the wiring (every mesh compiles, runs and splits memory), not speed: the 8
 "devices" share this machine's cores. The per-device bytes come from the compiled train step's
@@ -6,7 +7,7 @@ memory analysis (arguments = params + optimizer state + batch; nothing is alloca
 On a GPU, `--gpu` reports the gpt2-124m preset's MFU on one device in bf16.
 The last line is one JSON object of the figures.
 
-    python bench/scaling.py [--steps 5] [--gpu]
+    python bench/scaling.py [--steps 5] [--gpu] [--context-only]
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from jaxformer.train.step import lm_loss, make_train_step  # noqa: E402
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
 
 
-def abstract_step_memory(cfg: ModelConfig, mesh_shape: tuple[int, int, int], B: int, T: int) -> dict:
-    """Per-device argument bytes of the compiled train step, from shapes alone."""
+def abstract_step_memory(cfg: ModelConfig, mesh_shape: tuple[int, int, int], B: int, T: int,
+                         context: int = 1) -> dict:
+    """Per-device argument bytes of the compiled train step, from shapes alone (mesh data, fsdp, tensor x context)."""
     d, f, t = mesh_shape
-    devices = jax.devices()[: d * f * t]
-    mesh = make_mesh(MeshConfig(data=d, fsdp=f, tensor=t), cfg, devices=devices)
+    devices = jax.devices()[: d * f * t * context]
+    mesh = make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, context=context), cfg, devices=devices)
     tx = make_optimizer(TrainConfig())
     with jax.set_mesh(mesh):
         graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))))
@@ -100,10 +102,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gpu", action="store_true", help="measure gpt2-124m MFU on one GPU instead")
+    ap.add_argument("--context-only", action="store_true", help="only the context-parallel memory table")
     args = ap.parse_args()
     if args.gpu:
         figures = gpu_mfu(args.steps)
         print(json.dumps(figures))
+        return
+    if args.context_only:
+        print(json.dumps({"context": context_memory()}))
         return
     assert jax.device_count() >= 8, "needs 8 devices (set XLA_FLAGS=--xla_force_host_platform_device_count=8)"
     small = ModelConfig.llama(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=688,
@@ -130,7 +136,23 @@ def main() -> None:
     figures["fsdp2_tp4_mem_fraction"] = round(g["fsdp2_tp4"]["argument_bytes"] / g["single"]["argument_bytes"], 4)
     print(f"per-device arguments over single: FSDP-8 {figures['fsdp8_mem_fraction']:.3f}   TP-4 "
           f"{figures['tp4_mem_fraction']:.3f}   FSDP-2 x TP-4 {figures['fsdp2_tp4_mem_fraction']:.3f}")
+    figures["context"] = context_memory()
     print(json.dumps(figures))
+
+
+def context_memory(T: int = 8192) -> dict:
+    """Per-device bytes of the train step for one sequence of T tokens over C = 1, 2, 4, 8 context devices."""
+    cfg = ModelConfig.llama(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=688,
+                            max_seq_len=T)
+    print(f"\ncontext parallelism: one sequence of {T} tokens (batch 1) over C devices, per-device bytes of the step")
+    print(f"{'C':>3s} {'temporaries MiB':>16s} {'x C / (C=1)':>12s} {'params+opt MiB':>15s}")
+    out = {}
+    for c in (1, 2, 4, 8):
+        out[c] = abstract_step_memory(cfg, (1, 1, 1), 1, T, context=c)
+        ratio = out[c]["temp_bytes"] * c / out[1]["temp_bytes"]
+        print(f"{c:3d} {out[c]['temp_bytes'] / 2**20:16.1f} {ratio:12.2f} {out[c]['params_opt_bytes'] / 2**20:15.2f}",
+              flush=True)
+    return out
 
 
 if __name__ == "__main__":
