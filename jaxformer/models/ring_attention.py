@@ -79,6 +79,8 @@ def to_context_layout(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return batch
     order = {}
     for name, x in batch.items():
+        if x.ndim < 2:
+            continue
         T = x.shape[1]
         if T not in order:
             order[T] = jnp.asarray(load_balanced_order(T, ring))

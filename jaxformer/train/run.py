@@ -86,6 +86,9 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
     if mesh.shape["context"] > 1 and isinstance(task.model_config, EncDecConfig):
         raise ValueError(f"mesh.context={mesh.shape['context']}: context parallelism (ring attention) is for "
                          "decoder-only language models; train an encoder-decoder with --mesh.context=1")
+    if mesh.shape["context"] > 1 and tcfg.parity_every:
+        raise ValueError("train.parity_every compares logits in sequence order, which mesh.context > 1 lays out in ring"
+                         " order; set --train.parity_every=0 (or check parity with --mesh.context=1)")
     rows = batch_rows(mesh)
     if tcfg.batch_size % (rows * tcfg.grad_accum):
         raise ValueError(f"batch_size={tcfg.batch_size} must be a multiple of grad_accum x mesh data x fsdp x expert = "
