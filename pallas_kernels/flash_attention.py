@@ -30,6 +30,10 @@ that sees no key returns zeros with zero gradients.
 
 Soft-capping (Gemma 2): scores = C tanh(q k^T sm_scale / C), capped before masking and softmax; the
 backward multiplies dS by the cap's derivative 1 - tanh^2, recomputed from the same tile.
+
+Ring attention (jaxformer.models.ring_attention) calls the same kernels block by block:
+flash_block_forward returns O with the forward's own lse residual (natural log), and flash_block_backward
+runs the dK/dV and dQ kernels against the lse and delta of the whole merged softmax.
 """
 
 from __future__ import annotations
