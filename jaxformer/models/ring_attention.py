@@ -172,7 +172,7 @@ def _ring_fwd(q, k, v, q_seg, kv_seg, st: _Static):
     o, lse = _block_fwd(q, k, v, pos, pos, q_seg, kv_seg, st, diagonal=True)  # o [B,T,N,H] f32, lse [B,N,T]
     kv, at = (k, v, kv_seg), 0
     for s in steps[1:]:
-        kv, at = _shift(kv, s - at, C), s  # issued before this block's compute: XLA overlaps the two
+        kv, at = _shift(kv, s - at, C), s  # the next shift needs only these K/V: XLA overlaps it with this block
         kb, vb, kv_seg_b = kv
         j = (i - s) % C
         kv_pos = _positions(j, c, C)
