@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
+from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
 # ragged_dot of x [M, D] with w [E, O, D] (torch layout): contract D with w's last dim, groups on w's first
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
@@ -109,6 +110,8 @@ class MoE(nnx.Module):
         xf = x.reshape(B * T, D)  # [N, D]
         N = xf.shape[0]
         logits = self.gate(xf)  # [N, E]
+        if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
+            return self._finish(xf, *dispatch(self.experts, x, logits, cfg, route, capacity), logits, x, stats)
         weights, idx = route(logits, cfg)  # [N, k] each
         # assignments slot-major (all top-1 choices, then all top-2...), stably sorted by expert
         expert = idx.T.reshape(-1)  # [k*N]: assignment a = slot * N + token
@@ -131,12 +134,23 @@ class MoE(nnx.Module):
             dropped = 1.0 - keep.mean(dtype=jnp.float32)
         y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, N, D)  # back to (slot, token) order
         y = jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))  # [N, D]
+        return self._finish(xf, y, dropped, group_sizes, logits, x, stats)
+
+    def _finish(self, xf, y, dropped, load, logits, x, stats):
+        """Routed output y [N, D] + the shared expert; router logits, load [E] and dropped fraction to `stats`."""
+        B, T, D = x.shape
         if self.shared_expert is not None:
             s = self.shared_expert(xf)  # [N, D]
             if self.shared_expert_gate is not None:
                 s = jax.nn.sigmoid(self.shared_expert_gate(xf)) * s
             y = y + s
         if stats is not None:
-            stats.append({"router_logits": logits.astype(jnp.float32), "load": group_sizes.astype(jnp.float32),
+            stats.append({"router_logits": logits.astype(jnp.float32), "load": load.astype(jnp.float32),
                           "dropped": dropped})
         return y.reshape(B, T, D).astype(x.dtype)
+
+
+def active_params(cfg: ModelConfig, total: int) -> int:
+    """Parameters a token runs through: `total` less the n_experts - k unchosen experts of every sparse layer."""
+    idle = (cfg.n_experts - cfg.n_experts_per_token) * 3 * cfg.d_model * cfg.expert_d_ff
+    return total - idle * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))

@@ -1,0 +1,162 @@
+"""Expert parallelism: the MoE block's experts split over the "expert" mesh axis, tokens sent to them by all-to-all.
+
+Inside one `jax.shard_map` over every mesh axis (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021):
+each device routes its own tokens (the batch is split over ("data", "fsdp", "expert"), the sequence over
+"context"), sends each (token, expert) assignment to the device that holds its expert (`all_to_all` over
+"expert"), runs its E/ep local experts, sends the rows back and combines them with the router weights.
+
+The other axes are handled explicitly rather than left to GSPMD: the local experts' "embed" dim is
+all-gathered over "fsdp" (only E/ep experts' shards: never the full [E, F, D] stack), their "mlp" dim stays
+split over "tensor" (gate/up column-parallel, down row-parallel, one psum of the [n, D] output), and weight
+gradients come back reduce-scattered by the all-gather's transpose. A fully manual body keeps the
+ragged matmul and the all-to-all out of the partitioner, whose handling of ragged_dot is not specified.
+
+Buffers are static. Dropless: each device sends every destination a block of n * min(k, E/ep) rows, the
+most that n tokens with k distinct experts can put on one device's E/ep experts, so nothing is dropped
+whatever the routing (the price: ep / k times the k * n rows actually routed when E/ep >= k). Capacity
+factor: each device's tokens are one GShard group; expert e takes at most C = capacity(n) of a device's n
+tokens' assignments (top-1 choices first, earlier tokens first), so a block is exactly one device running
+moe.py's capacity path on its own tokens. With drops this differs from one device over the whole batch,
+whose capacity is pooled over all N tokens; without drops both equal the dropless result.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxformer.config import ModelConfig
+from jaxformer.sharding import fitted_spec, logical_to_spec
+
+# ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
+_RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def expert_parallel_size() -> int:
+    """Size of the "expert" axis of the mesh in context (jax.set_mesh); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _experts_ragged(xs, group_sizes, wg, wu, wd, act):
+    """Rows [M, D] grouped by expert, group_sizes [G] -> [M, D]: SwiGLU of each row with its group's expert."""
+
+    def dot(x, w):
+        return jax.lax.ragged_dot_general(x, w, group_sizes, _RAGGED)
+
+    return dot(act(dot(xs, wg)) * dot(xs, wu), wd)
+
+
+def _experts_batched(xb, wg, wu, wd, act):
+    """Per-expert buffers [G, C, D] -> [G, C, D]."""
+    h = act(jnp.einsum("gcd,gfd->gcf", xb, wg)) * jnp.einsum("gcd,gfd->gcf", xb, wu)  # [G, C, F]
+    return jnp.einsum("gcf,gdf->gcd", h, wd)
+
+
+def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
+    """Sorted rows [A, D] (A = k*n, by global expert) -> their expert outputs [A, D], exchanged over "expert"."""
+    A, D = xs.shape
+    E = counts.shape[0]
+    El = E // ep
+    C = (A // k) * min(k, El)  # rows per destination block: n tokens, each with at most min(k, El) experts there
+    starts = jnp.cumsum(counts) - counts  # [E]
+    dest = sorted_expert // El  # [A] destination device
+    pos = dest * C + jnp.arange(A) - starts[dest * El]  # [A] row of the send buffer
+    send = jnp.zeros((ep * C, D), xs.dtype).at[pos].set(xs)  # [ep*C, D], block j for device j
+    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep*C, D], block s from device s
+    rcounts = jax.lax.all_to_all(counts.reshape(ep, El), "expert", 0, 0, tiled=True)  # [ep, El] per source
+    # the local expert of received row o of block s: first group whose cumulative count exceeds o (El: padding)
+    offsets = jnp.arange(C)
+    local = jax.vmap(lambda c: jnp.searchsorted(c, offsets, side="right"))(jnp.cumsum(rcounts, 1)).reshape(-1)
+    rorder = jnp.argsort(local, stable=True)  # [ep*C] rows grouped by local expert, padding last
+    out = _experts_ragged(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, act)  # [ep*C, D]
+    back = jnp.zeros_like(out).at[rorder].set(out)
+    ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [ep*C, D] in the send buffer's layout
+    return ret[pos], jnp.zeros((), jnp.float32)
+
+
+def _capacity(xs, sorted_expert, counts, ws, act, ep: int, C: int):
+    """Sorted rows [A, D] -> outputs [A, D] (zero where dropped) and the dropped fraction, C rows per expert."""
+    A, D = xs.shape
+    E = counts.shape[0]
+    El = E // ep
+    starts = jnp.cumsum(counts) - counts  # [E]
+    rank = jnp.arange(A) - starts[sorted_expert]  # position within its expert's group
+    keep = rank < C
+    slot = jnp.where(keep, sorted_expert * C + rank, E * C)  # E * C: out of bounds, dropped
+    send = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")  # [ep * El * C, D]
+    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep(source) * El * C, D]
+    xb = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)  # [El, ep*C, D]
+    out = _experts_batched(xb, *ws, act)
+    back = out.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(E * C, D)
+    ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [E*C, D] in the send buffer's layout
+    ys = jnp.where(keep[:, None], ret.at[slot].get(mode="fill", fill_value=0), 0)
+    return ys, 1.0 - keep.mean(dtype=jnp.float32)
+
+
+def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: Callable, capacity: Callable
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D], router logits [B*T, E] -> (routed output [B*T, D], dropped fraction, load [E] assignments).
+
+    `experts` is moe.Experts (stacked gate/up [E, F, D], down [E, D, F]); `route(logits, cfg)` and
+    `capacity(cfg, n)` are moe.py's router and capacity rule, applied to each device's own tokens.
+    Needs a mesh in context whose "expert" axis divides n_experts and splits the batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = dict(mesh.shape)
+    ep = shape["expert"]
+    B, T, D = x.shape
+    E, k = cfg.n_experts, cfg.n_experts_per_token
+    if E % ep:
+        raise ValueError(f"mesh.expert={ep} does not divide n_experts={E}: expert parallelism gives each device "
+                         "n_experts / expert experts; choose an expert size that divides n_experts")
+    def spec(axes, dims):  # the rules' layout, minus mesh axes of size 1 (they need no collective)
+        entries = (tuple(a for a in _axes(e) if shape[a] > 1) for e in fitted_spec(axes, dims, shape))
+        return P(*(e[0] if len(e) == 1 else e or None for e in entries))
+
+    tok = spec(("batch", "seq", None), x.shape)
+    if "expert" not in _axes(tok[0]):
+        rows = int(np.prod([shape[a] for a in _axes(logical_to_spec(("batch",))[0])]))
+        raise ValueError(f"expert parallelism splits the batch over the mesh's batch axes ({rows} ways), but the "
+                         f"batch has {B} rows; use a batch size divisible by {rows}")
+    c = experts.compute_dtype
+    wg, wu, wd = (experts.gate_proj[...].astype(c), experts.up_proj[...].astype(c), experts.down_proj[...].astype(c))
+    up_spec = spec(("expert", "mlp", "embed"), wg.shape)  # as jaxformer.sharding lays them out
+    down_spec = spec(("expert", "embed", "mlp"), wd.shape)
+    token_axes, mlp_axes, embed_axes = _axes(tok[0]) + _axes(tok[1]), _axes(up_spec[1]), _axes(up_spec[2])
+    act = experts.act
+
+    def body(x, logits, wg, wu, wd):  # local blocks: x [b, t, D], logits [b, t, E], experts [E/ep, ...]
+        if embed_axes:  # FSDP: gather this device's E/ep experts' "embed" shards, never the other experts'
+            wg, wu = (jax.lax.all_gather(w, embed_axes, axis=2, tiled=True) for w in (wg, wu))
+            wd = jax.lax.all_gather(wd, embed_axes, axis=1, tiled=True)
+        n = x.shape[0] * x.shape[1]
+        xf = x.reshape(n, D)
+        weights, idx = route(logits.reshape(n, E), cfg)  # [n, k] each: this device's own tokens
+        expert = idx.T.reshape(-1)  # [k*n]: assignment a = slot * n + token, as moe.py
+        order = jnp.argsort(expert, stable=True)
+        counts = jnp.bincount(expert, length=E).astype(jnp.int32)  # [E]
+        xs, sorted_expert = xf[order % n], expert[order]  # [k*n, D] rows grouped by expert
+        if cfg.capacity_factor is None:
+            ys, dropped = _dropless(xs, sorted_expert, counts, (wg, wu, wd), act, ep, k)
+        else:
+            ys, dropped = _capacity(xs, sorted_expert, counts, (wg, wu, wd), act, ep, capacity(cfg, n))
+        y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, n, D)  # back to (slot, token) order
+        y = jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))  # [n, D]
+        if mlp_axes:  # row-parallel down projection: partial sums over the "mlp" shards
+            y = jax.lax.psum(y, mlp_axes)
+        return y.reshape(x.shape), jax.lax.pmean(dropped, token_axes), jax.lax.psum(counts, token_axes)
+
+    y, dropped, load = jax.shard_map(body, in_specs=(tok, tok, up_spec, up_spec, down_spec), out_specs=(tok, P(), P())
+                                     )(x, logits.reshape(B, T, E), wg, wu, wd)
+    return y.reshape(B * T, D), dropped, load

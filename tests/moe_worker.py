@@ -1,0 +1,128 @@
+"""Expert parallelism on 8 fake CPU devices, in one subprocess (XLA reads XLA_FLAGS once, at import).
+
+usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/moe_worker.py OUT.json
+For a tiny MoE model (2 sparse layers, 8 experts, top-2) and each mesh of MESHES, against one device: the
+training objective (cross-entropy + aux + z loss) and the largest relative gradient error, the per-device
+bytes of each expert weight, the compiled step's all-gather / all-to-all result shapes. For the capacity
+mode on expert=8: the block's output and dropped fraction against moe.py's one-device path on each
+device's own tokens (one GShard group per device).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxformer import sharding
+from jaxformer.config import MeshConfig, ModelConfig
+from jaxformer.models import DecoderLM
+from jaxformer.models.moe import MoE
+from jaxformer.train.step import lm_loss
+
+MESHES = {"expert8": MeshConfig(expert=8), "expert2_fsdp2_tensor2": MeshConfig(expert=2, fsdp=2, tensor=2)}
+CFG = ModelConfig.llama(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                        n_experts=8, n_experts_per_token=2, router_aux_loss_coef=0.02, router_z_loss_coef=0.001)
+B, T = 8, 16
+
+
+def _name(path) -> str:
+    return ".".join(str(k.key) for k in path if hasattr(k, "key"))
+
+
+def _batch(rng) -> dict[str, np.ndarray]:
+    tokens = rng.integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+    t = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+            "positions": np.ascontiguousarray(t), "loss_mask": (rng.random((B, T)) > 0.1).astype(np.float32)}
+
+
+def _collectives(hlo: str, op: str) -> list[list[int]]:
+    """The first result shape of every `op` (sync or async start) in compiled HLO text."""
+    found = re.findall(rf"= \(?\w+\[([\d,]*)\][^\n]*? {op}(?:-start)?\(", hlo)
+    return [[int(d) for d in dims.split(",") if d] for dims in found]
+
+
+def model_case(params, graphdef, batch, mesh) -> dict:
+    """Objective, gradients, per-device expert bytes and collectives of one train-step gradient on `mesh`."""
+    loss = lm_loss(graphdef, packed=True)
+
+    def objective(p, b):
+        value, (_, n, _) = loss(p, b, (), None)
+        return value / n
+
+    with jax.set_mesh(mesh):
+        p_sh = sharding.param_shardings(params, mesh, CFG)
+        fn = jax.jit(jax.value_and_grad(objective), out_shardings=(None, p_sh))
+        laid_out = jax.device_put(params, p_sh)
+        gb = sharding.global_batch(batch, mesh)
+        hlo = fn.lower(laid_out, gb).compile().as_text()
+        value, grads = fn(laid_out, gb)
+    flat = jax.tree_util.tree_flatten_with_path
+    expert_bytes = {_name(k): [v.addressable_shards[0].data.nbytes, v.nbytes] for k, v in flat(laid_out)[0]
+                    if ".experts." in _name(k)}
+    return {"loss": float(value), "grads": {_name(k): np.asarray(v) for k, v in flat(grads)[0]},
+            "expert_bytes": expert_bytes, "all_gather": _collectives(hlo, "all-gather"),
+            "all_to_all": _collectives(hlo, "all-to-all")}
+
+
+def capacity_case(rng) -> dict:
+    """Capacity factor 1 on expert=8 vs the one-device block on each device's row (its GShard group)."""
+    cfg = CFG.replace(capacity_factor=1.0)
+    block = MoE(cfg, rngs=nnx.Rngs(3))
+    x = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
+
+    def run(b, x):
+        stats = []
+        return b(x, stats), stats[0]["dropped"]
+
+    one = [run(block, x[i:i + 1]) for i in range(B)]  # no mesh: moe.py's own capacity path
+    mesh = sharding.make_mesh(MESHES["expert8"], cfg)
+    graphdef, state = nnx.split(block)
+    with jax.set_mesh(mesh):
+        y, dropped = jax.jit(lambda s, x: run(nnx.merge(graphdef, s), x))(state, sharding.global_batch({"x": x},
+                                                                                                       mesh)["x"])
+    ref = np.concatenate([np.asarray(o[0]) for o in one])
+    return {"max_abs_diff": float(np.abs(np.asarray(y) - ref).max()), "max_abs": float(np.abs(ref).max()),
+            "dropped": float(dropped), "dropped_ref": float(np.mean([float(o[1]) for o in one]))}
+
+
+def error_case(cfg: ModelConfig, rows: int) -> str:
+    """The error a misfit expert-parallel block raises while tracing (expert=8), or "" if none."""
+    block = MoE(cfg, rngs=nnx.Rngs(0))
+    with jax.set_mesh(sharding.make_mesh(MESHES["expert8"], cfg)):
+        try:
+            jax.eval_shape(block, jax.ShapeDtypeStruct((rows, T, cfg.d_model), np.float32))
+        except ValueError as e:
+            return str(e)
+    return ""
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    graphdef, params = nnx.split(DecoderLM(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype) if p.ndim == 1 else p,
+                          params)  # norm weights away from their init
+    batch = _batch(rng)
+    one = model_case(params, graphdef, batch, sharding.make_mesh(MeshConfig(), CFG, devices=jax.devices()[:1]))
+    report = {"devices": jax.device_count(), "one_loss": one["loss"], "routed_rows": [2, B * T, CFG.d_model],
+              "expert_shapes": {k: list(v.shape) for k, v in one["grads"].items() if ".experts." in k}}
+    for label, mc in MESHES.items():
+        r = model_case(params, graphdef, batch, sharding.make_mesh(mc, CFG))
+        rel = {k: float(np.linalg.norm(r["grads"][k] - g) / max(np.linalg.norm(g), 1e-30))
+               for k, g in one["grads"].items()}
+        report[label] = {"loss": r["loss"], "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get),
+                         "n_grads": len(rel), "expert_bytes": r["expert_bytes"], "all_gather": r["all_gather"],
+                         "all_to_all": r["all_to_all"]}
+    report["capacity"] = capacity_case(rng)
+    report["errors"] = {"rows": error_case(CFG, 4), "experts": error_case(CFG.replace(n_experts=4), B)}
+    with open(sys.argv[1], "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()

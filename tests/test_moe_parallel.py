@@ -1,0 +1,61 @@
+"""Expert parallelism (jaxformer/models/moe_parallel.py) on 8 fake CPU devices: one subprocess, tests/moe_worker.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MESHES = {"expert8": (8, 1, 1), "expert2_fsdp2_tensor2": (2, 2, 2)}  # expert, fsdp, tensor
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("moe") / "report.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "moe_worker.py"), str(out)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_expert_parallel_equals_one_device(report, mesh):
+    r = report[mesh]
+    assert report["devices"] == 8
+    assert abs(r["loss"] - report["one_loss"]) <= 1e-5 * abs(report["one_loss"])  # cross-entropy + aux + z loss
+    assert r["n_grads"] == 23, "every parameter's gradient compared"
+    assert r["max_grad_rel"] <= 1e-5, f"{r['worst']}: rel {r['max_grad_rel']}"
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_expert_weights_split_and_never_gathered_whole(report, mesh):
+    r = report[mesh]
+    ep, fsdp, tensor = MESHES[mesh]
+    for name, (shard, full) in r["expert_bytes"].items():
+        assert shard * ep * fsdp * tensor == full, name  # 1/ep of the experts, each split over fsdp x tensor too
+    full_sizes = {math.prod(s) for s in report["expert_shapes"].values()}
+    assert r["all_to_all"], "tokens reach their experts by all-to-all"
+    biggest = max((math.prod(s) for s in r["all_gather"]), default=0)
+    assert biggest <= min(full_sizes) // ep, f"an all-gather as large as {biggest} elements: {r['all_gather']}"
+    assert not [s for s in r["all_gather"] if s in report["expert_shapes"].values()]
+    assert report["routed_rows"] not in r["all_gather"], "every token's rows gathered onto each device (GSPMD's way)"
+
+
+def test_capacity_factor_groups_per_device(report):
+    c = report["capacity"]
+    assert c["dropped"] > 0.05, "the case must drop assignments"
+    assert abs(c["dropped"] - c["dropped_ref"]) < 1e-6
+    assert c["max_abs_diff"] <= 1e-5 * c["max_abs"]
+
+
+def test_misfit_meshes_name_the_fix(report):
+    assert "batch size divisible by 8" in report["errors"]["rows"]
+    assert "does not divide n_experts=4" in report["errors"]["experts"]
