@@ -16,11 +16,14 @@ GPU_PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 31
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls per token (embedding lookups excluded, LM head included)."""
+    """Parameters that take part in matmuls per token (embedding lookups excluded, LM head included); a sparse
+    layer counts its router, its k active experts and its shared expert (and gate)."""
     D, L, V, F = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
     attn = D * cfg.n_heads * cfg.head_dim * 2 + D * cfg.n_kv_heads * cfg.head_dim * 2
-    mlp = D * F * (3 if cfg.gated_mlp else 2)
-    return L * (attn + mlp) + D * V
+    dense = D * F * (3 if cfg.gated_mlp else 2)
+    sparse = D * (cfg.n_experts + 3 * cfg.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.shared_expert_d_ff
+                  + int(cfg.shared_expert_gate))
+    return sum(attn + (sparse if cfg.is_moe_layer(i) else dense) for i in range(L)) + D * V
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

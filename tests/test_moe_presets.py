@@ -1,0 +1,79 @@
+"""The Mixture-of-Experts presets against each checkpoint's published config.json and transformers.
+
+As tests/test_presets.py: the config.json architecture fields (written out here, no download) read by
+jaxformer's importer must give the preset, and the model transformers builds from them on torch's meta device
+must have exactly the parameters of jaxformer's DecoderLM (nnx.eval_shape), the count on the model card;
+the active count (k of E experts) must be the card's too. moe_tiny_code runs as many parameters per token
+as the default tiny_code model.
+"""
+
+from __future__ import annotations
+
+import pytest
+from flax import nnx
+
+from jaxformer.config import load_model_config
+from jaxformer.interop.hf import config_from_hf
+from jaxformer.models import DecoderLM, count_params
+from jaxformer.models.moe import active_params
+
+# preset: (model_type, config.json architecture fields, total parameters, active parameters per token)
+PUBLISHED = {
+    "mixtral-8x7b": ("mixtral", dict(  # mistralai/Mixtral-8x7B-v0.1: 46.7B, 12.9B active
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+        router_aux_loss_coef=0.02), 46_702_792_704, 12_879_925_248),
+    "qwen2-moe-a2.7b": ("qwen2_moe", dict(  # Qwen/Qwen1.5-MoE-A2.7B: 14.3B, 2.7B active
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_act="silu", rope_theta=1e6,
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False, router_aux_loss_coef=0.001,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=21), 14_315_784_192, 2_689_173_504),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(  # Qwen/Qwen3-30B-A3B: 30.5B, 3.3B active
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, hidden_act="silu", rope_theta=1e6, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        attention_bias=False, router_aux_loss_coef=0.001, use_sliding_window=False, sliding_window=None,
+        max_window_layers=48), 30_532_122_624, 3_353_032_704),
+}
+
+
+def _count(cfg) -> int:
+    """DecoderLM's parameter count, from abstract 1- and 2-layer models when every layer is alike (exact then:
+    nnx.eval_shape's cost grows with the square of the parameter count, ~10 s for a 48-layer model)."""
+    def count(c):
+        return count_params(nnx.eval_shape(lambda: DecoderLM(c, rngs=nnx.Rngs(0))))
+
+    if cfg.n_layers <= 2 or cfg.dense_layers or cfg.moe_every != 1 or cfg.layer_types is not None:
+        return count(cfg)
+    one, two = count(cfg.replace(n_layers=1)), count(cfg.replace(n_layers=2))
+    return one + (cfg.n_layers - 1) * (two - one)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_moe_preset_is_the_published_checkpoint(name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, published, total, active = PUBLISHED[name]
+    cfg = load_model_config(name)
+    got = config_from_hf({"model_type": model_type, **published})
+    skip = ("init_std", "param_dtype", "compute_dtype", "export_as")
+    assert {k: v for k, v in got.to_dict().items() if k not in skip} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    assert got.family == cfg.family == model_type
+    with torch.device("meta"):  # shapes only: a 47B model costs no memory
+        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **published))
+    theirs = sum(p.numel() for p in reference.parameters())
+    ours = _count(cfg)
+    assert ours == theirs == total
+    assert active_params(cfg, ours) == active
+
+
+def test_moe_tiny_code_has_the_default_models_active_parameters():
+    dense, moe = load_model_config("tiny_code"), load_model_config("moe_tiny_code")
+    dense_n, moe_n = _count(dense), _count(moe)
+    assert moe_n > 2 * dense_n  # more parameters in all...
+    assert abs(active_params(moe, moe_n) - dense_n) <= 0.01 * dense_n  # ...as many per token (routers aside)
