@@ -7,9 +7,10 @@ logical axis is the expert-parallel axis of jaxformer.sharding.
 
 Dropless (capacity_factor None, the default): the N*k (token, expert) assignments are sorted by expert
 and each projection is one `jax.lax.ragged_dot` over the E contiguous groups (MegaBlocks, Gale et al.
-2022). With a capacity factor each expert takes at most C = ceil(cf * N * k / E) assignments into a static
-[E, C, D] buffer (GShard, Lepikhin et al. 2020): top-1 choices first, then top-2..., earlier tokens first
-within each; the rest are dropped (their expert output is zero) and the dropped fraction is reported.
+2022; on CPU, tiles of one expert each: models/grouped.py). With a capacity factor each expert takes at
+most C = ceil(cf * N * k / E) assignments into a static [E, C, D] buffer (GShard, Lepikhin et al. 2020):
+top-1 choices first, then top-2..., earlier tokens first within each; the rest are dropped (their expert
+output is zero) and the dropped fraction is reported.
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.grouped import grouped_swiglu
 from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
-
-# ragged_dot of x [M, D] with w [E, O, D] (torch layout): contract D with w's last dim, groups on w's first
-_RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
-                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
 def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -71,14 +69,8 @@ class Experts(nnx.Module):
         return self.gate_proj[...].astype(c), self.up_proj[...].astype(c), self.down_proj[...].astype(c)
 
     def ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """Rows [M, D] in expert order, group_sizes [E] summing to M -> [M, D] (dropless)."""
-        wg, wu, wd = self._weights()
-
-        def dot(x, w):
-            return jax.lax.ragged_dot_general(x, w, group_sizes, _RAGGED)
-
-        h = self.act(dot(xs, wg)) * dot(xs, wu)  # [M, F]
-        return dot(h, wd)  # [M, D]
+        """Rows [M, D] in expert order, group_sizes [E] summing to M -> [M, D] (dropless; models/grouped.py)."""
+        return grouped_swiglu(xs, group_sizes, *self._weights(), self.act)
 
     def batched(self, xb: jax.Array) -> jax.Array:
         """A capacity buffer [E, C, D] -> [E, C, D] (each expert on its own C rows)."""

@@ -30,11 +30,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.grouped import grouped_swiglu
 from jaxformer.sharding import fitted_spec, logical_to_spec
-
-# ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
-_RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
-                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
 def expert_parallel_size() -> int:
@@ -46,15 +43,6 @@ def expert_parallel_size() -> int:
 def _axes(entry) -> tuple[str, ...]:
     """A PartitionSpec entry as a tuple of mesh axis names."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _experts_ragged(xs, group_sizes, wg, wu, wd, act):
-    """Rows [M, D] grouped by expert, group_sizes [G] -> [M, D]: SwiGLU of each row with its group's expert."""
-
-    def dot(x, w):
-        return jax.lax.ragged_dot_general(x, w, group_sizes, _RAGGED)
-
-    return dot(act(dot(xs, wg)) * dot(xs, wu), wd)
 
 
 def _experts_batched(xb, wg, wu, wd, act):
@@ -79,7 +67,7 @@ def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
     offsets = jnp.arange(C)
     local = jax.vmap(lambda c: jnp.searchsorted(c, offsets, side="right"))(jnp.cumsum(rcounts, 1)).reshape(-1)
     rorder = jnp.argsort(local, stable=True)  # [ep*C] rows grouped by local expert, padding last
-    out = _experts_ragged(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, act)  # [ep*C, D]
+    out = grouped_swiglu(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, act)  # [ep*C, D]
     back = jnp.zeros_like(out).at[rorder].set(out)
     ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [ep*C, D] in the send buffer's layout
     return ret[pos], jnp.zeros((), jnp.float32)
