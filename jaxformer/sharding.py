@@ -31,6 +31,9 @@ from jaxformer.config import MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # outermost to innermost (tensor: fastest links)
 
+# axes a multi-axis rule uses only where the mesh has them (> 1): without them a spec reads as before
+OPTIONAL_AXES = ("context",)
+
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
@@ -78,6 +81,9 @@ def fitted_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: di
     out = []
     for name, entry, dim in zip(axes, logical_to_spec(axes), shape):
         names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        if len(names) > 1 and any(n in names and mesh_shape.get(n, 1) == 1 for n in OPTIONAL_AXES):
+            names = tuple(n for n in names if n not in OPTIONAL_AXES or mesh_shape.get(n, 1) > 1)
+            entry = names[0] if len(names) == 1 else names
         size = int(np.prod([mesh_shape[n] for n in names])) if names else 1
         units = (counts or {}).get(name, dim)
         out.append(entry if names and units % size == 0 and dim % size == 0 else None)

@@ -74,3 +74,10 @@ def test_rules_split_sequence_not_batch_rows():
         P(("data", "fsdp", "expert"), "context", None)
     assert sharding.logical_to_spec(("batch", None)) == P(("data", "fsdp", "expert"), None)
     assert sharding.fitted_spec(("batch", "seq"), (4, 63), shape) == P(("data", "fsdp", "expert"), None)
+
+
+def test_parameters_split_over_context_only_where_it_exists():
+    """A ring's devices share the parameters (embed over fsdp x context); without context specs read as before."""
+    ring = {"data": 1, "fsdp": 2, "expert": 1, "context": 2, "tensor": 2}
+    assert sharding.fitted_spec(("heads", "embed"), (64, 32), ring) == P("tensor", ("fsdp", "context"))
+    assert sharding.fitted_spec(("heads", "embed"), (64, 32), {**ring, "context": 1}) == P("tensor", "fsdp")
