@@ -47,8 +47,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         cfg = load_model_config(args.src, args.overrides)
     n = count_params(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
-    print(json.dumps({"model": cfg.to_dict(), "family": cfg.family, "attention": attention_pattern(cfg),
-                      "heads": head_sharing(cfg), "params": n}, indent=2))
+    info = {"model": cfg.to_dict(), "family": cfg.family, "attention": attention_pattern(cfg),
+            "heads": head_sharing(cfg), "params": n}
+    if getattr(cfg, "n_experts", 0):  # a Mixture of Experts: what one token runs through
+        from jaxformer.models.moe import active_params
+
+        info["active_params"] = active_params(cfg, n)
+    print(json.dumps(info, indent=2))
 
 
 def attention_pattern(cfg) -> str:

@@ -9,6 +9,8 @@ as the default tiny_code model.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flax import nnx
 
@@ -72,8 +74,13 @@ def test_moe_preset_is_the_published_checkpoint(name):
     assert active_params(cfg, ours) == active
 
 
-def test_moe_tiny_code_has_the_default_models_active_parameters():
+def test_moe_tiny_code_has_the_default_models_active_parameters(capsys):
+    from jaxformer.cli import main
+
     dense, moe = load_model_config("tiny_code"), load_model_config("moe_tiny_code")
     dense_n, moe_n = _count(dense), _count(moe)
     assert moe_n > 2 * dense_n  # more parameters in all...
     assert abs(active_params(moe, moe_n) - dense_n) <= 0.01 * dense_n  # ...as many per token (routers aside)
+    main(["inspect", "moe_tiny_code"])
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["params"], info["active_params"]) == ("mixtral", moe_n, active_params(moe, moe_n))
