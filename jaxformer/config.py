@@ -399,6 +399,9 @@ class EncDecConfig(ModelConfig):
     eos_id: int = 2
 
     def __post_init__(self) -> None:
+        if self.n_experts:
+            raise ValueError("Mixture-of-Experts layers (n_experts > 0) are a decoder-only option; the "
+                             "encoder-decoder needs n_experts=0")
         if self.init_std is None and isinstance(self.d_model, int) and self.d_model > 0:
             object.__setattr__(self, "init_std", self.d_model ** -0.5)
         super().__post_init__()
