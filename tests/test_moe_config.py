@@ -36,3 +36,21 @@ def test_bad_moe_settings_are_named(fields, match):
 def test_encoder_decoder_refuses_experts():
     with pytest.raises(ValueError, match="decoder-only option"):
         EncDecConfig(n_experts=4)
+
+
+def test_expert_matrices_get_weight_decay_and_the_router_too():
+    import jax
+    from flax import nnx
+
+    from jaxformer.models import DecoderLM
+    from jaxformer.train.optim import decay_mask
+
+    cfg = ModelConfig.llama(n_layers=1, n_experts=4, shared_expert_d_ff=8, shared_expert_gate=True, router="qwen")
+    params = nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    mask = {".".join(str(k.key) for k in p if hasattr(k, "key")): m
+            for p, m in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    decayed = {k for k, m in mask.items() if m and ".mlp." in k}
+    assert decayed == {f"layers.0.mlp.{n}" for n in (
+        "experts.gate_proj", "experts.up_proj", "experts.down_proj", "gate.weight", "shared_expert_gate.weight",
+        "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")}
+    assert not mask["embed_tokens.weight"] and not mask["layers.0.input_layernorm.weight"]

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import load_model_config
-from jaxformer.interop.hf import config_from_hf
+from jaxformer.interop.hf import config_from_hf, config_to_hf
 from jaxformer.models import DecoderLM, count_params
 from jaxformer.models.moe import active_params
 
@@ -81,6 +81,7 @@ def test_moe_tiny_code_has_the_default_models_active_parameters(capsys):
     dense_n, moe_n = _count(dense), _count(moe)
     assert moe_n > 2 * dense_n  # more parameters in all...
     assert abs(active_params(moe, moe_n) - dense_n) <= 0.01 * dense_n  # ...as many per token (routers aside)
+    assert config_to_hf(moe)["model_type"] == "mixtral"  # Mixtral's layout; the z-loss weight is not architecture
     main(["inspect", "moe_tiny_code"])
     info = json.loads(capsys.readouterr().out)
     assert (info["family"], info["params"], info["active_params"]) == ("mixtral", moe_n, active_params(moe, moe_n))

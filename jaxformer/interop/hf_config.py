@@ -20,7 +20,7 @@ ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
                "gelu": "gelu", "relu": "relu"}
 ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
 # not written to (or read from) config.json as architecture: how a model was initialised, stored, labelled
-NOT_COMPARED = ("init_std", "param_dtype", "export_as")
+NOT_COMPARED = ("init_std", "param_dtype", "export_as", "router_z_loss_coef")  # + a training loss weight
 ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
 
 

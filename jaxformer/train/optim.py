@@ -31,11 +31,13 @@ def _path_names(path) -> list[str]:
 
 
 def decay_mask(params):
-    """True for matrices that get weight decay: every 2-D weight except embedding tables."""
+    """True for matrices that get weight decay: every 2-D weight except embedding tables, and the stacked
+    [E, out, in] expert matrices of a Mixture of Experts (`mlp.experts.{gate,up,down}_proj`)."""
     def decide(path, x):
         names = _path_names(path)
         is_embedding = any(n.startswith("embed_") for n in names)
-        return x.ndim >= 2 and names[-1] == "weight" and not is_embedding
+        is_matrix = names[-1] == "weight" or (len(names) > 1 and names[-2] == "experts")
+        return x.ndim >= 2 and is_matrix and not is_embedding
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
