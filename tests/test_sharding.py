@@ -23,7 +23,7 @@ from jaxformer.sharding import check_model_fits, resolve_mesh_shape
 from jaxformer.train.metrics import read_metrics
 from tests.conftest import tiny_run
 
-MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2", "1,4,2"]
+MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]  # pure data, pure fsdp, pure tensor, all three
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,7 +109,6 @@ def test_params_are_split_as_the_table_says(runs):
     assert shard["1,1,8"]["layers.1.self_attn.q_proj.weight"] == (8, 64)  # one head per device
     assert shard["1,1,8"]["layers.1.self_attn.k_proj.weight"] == (16, 64)  # 2 kv heads cannot split 8 ways
     assert shard["8,1,1"]["layers.0.mlp.up_proj.weight"] == (128, 64)  # pure data parallel: replicated
-    assert shard["1,4,2"]["layers.0.mlp.gate_proj.weight"] == (64, 16)
     for m in MESHES[1:]:  # every mesh with model parallelism splits the big matrices
         assert shard[m]["layers.0.mlp.up_proj.weight"] != (128, 64), m
 

@@ -35,7 +35,7 @@ def test_plan_train_on_two_a100s_with_fsdp(capsys, tmp_path):
     assert code == 0, err
     report = json.loads((tmp_path / "plan.json").read_text())
     n = report["params"]
-    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and report["arch"] == "sm_80"
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1} and report["arch"] == "sm_80"
     m = report["memory"]
     assert abs(m["params"] - n * 4 / 2) <= 0.01 * n * 4  # float32, half of every matrix per device
     assert abs(m["optimizer"] - 2 * m["params"]) <= 0.01 * m["params"]  # AdamW: mu and nu
