@@ -17,4 +17,4 @@ train: $(VENV)/.installed
 	$(VENV)/bin/jaxformer train --config tiny_code --resume
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -x -q -n 2
+	$(PY) -m pytest -x -q -n 2 --dist worksteal
