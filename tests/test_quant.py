@@ -99,6 +99,19 @@ def test_bad_specs_name_the_fix():
     assert QuantSpec.of(4).group_size == 64
 
 
+def test_save_hf_refuses_a_quantized_model_and_says_what_to_do(tmp_path):
+    from jaxformer.infer.quant import dequantized_model, quantize
+    from jaxformer.interop import save_hf
+
+    model = DecoderLM(ModelConfig.llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=64), rngs=nnx.Rngs(0))
+    quantized = quantize(model)
+    with pytest.raises(ValueError, match="save_quantized.*dequantized_model"):
+        save_hf(quantized, tmp_path / "q")
+    assert not (tmp_path / "q").exists()  # nothing half-written
+    save_hf(dequantized_model(quantized), tmp_path / "float")  # the float twin exports
+    assert (tmp_path / "float" / "config.json").exists()
+
+
 # ----------------------------------------------------------------------------- matmuls vs the dequantized reference
 
 @pytest.mark.parametrize("bits,rows", [(8, 1), (8, 3), (8, 12), (4, 1), (4, 5), (4, 12)])

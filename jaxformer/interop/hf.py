@@ -23,6 +23,7 @@ from jaxformer.interop import gemma, gpt2, llama, marian, moe, olmo2, phi3
 from jaxformer.interop.hf_config import Family, check_expressible
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.models import DecoderLM
+from jaxformer.models.quant_layers import is_quantized
 
 FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES, **olmo2.FAMILIES,
                                **moe.FAMILIES}
@@ -130,6 +131,10 @@ def save_hf(model: DecoderLM, path: str | Path, *, max_shard_bytes: int | None =
     """Write config.json + safetensors (sharded with an index past max_shard_bytes) for transformers."""
     from safetensors.numpy import save_file
 
+    if is_quantized(model):
+        raise ValueError("save_hf writes float checkpoints, and this model holds int8/int4 weights: keep it with "
+                         "jaxformer.infer.save_quantized(model, path) (what `jaxformer quantize` writes), or export its "
+                         "float twin with save_hf(jaxformer.infer.dequantized_model(model), path)")
     cfg = model.config
     hf_config = config_to_hf(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     weights = (marian.to_hf if isinstance(cfg, EncDecConfig) else family_of(cfg).to_hf)(to_numpy_state_dict(model), cfg)
