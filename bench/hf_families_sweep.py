@@ -1,11 +1,12 @@
 """Hugging Face import and export on configs no test has seen: random odd sizes and options per family.
 
 For each family, draws `--per-family` transformers configs (odd vocab, widths, head dims, layer counts,
-windows, soft-caps, RoPE scalings), builds the random-init model (1-D weights moved off their init),
+windows, soft-caps, RoPE scalings; for the MoE families expert counts, top-k, shared experts, sparse-layer
+patterns, norm_topk_prob), builds the random-init model (1-D weights moved off their init),
 loads it with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints
 max|logits diff| both ways on a 300-token prompt. The last line is one JSON object of the figures.
 
-    python bench/hf_families_sweep.py [--per-family 3] [--seed 0]
+    python bench/hf_families_sweep.py [--per-family 3] [--seed 0] [--families mixtral qwen3_moe ...]
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import transformers
 from jaxformer.interop import load_hf, save_hf
 
 T = 300
+# transformers' reference loops: its grouped_mm experts path wants 16-byte-aligned strides the odd sizes here lack
+EAGER = dict(attn_implementation="eager", experts_implementation="eager")
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+            "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
@@ -79,6 +84,22 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                 "short_factor": rng.uniform(1, 1.5, half).tolist(), "long_factor": rng.uniform(1, 8, half).tolist()}
         return "Phi3Config", {**cfg, "rope_parameters": rope, "original_max_position_embeddings": original,
                               "sliding_window": window if rng.integers(2) else None}
+    experts = int(rng.integers(3, 11))
+    moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
+    if family == "mixtral":
+        return "MixtralConfig", {**cfg, **moe, "num_local_experts": experts, "head_dim": head_dim,
+                                 "rope_theta": float(rng.choice([1e4, 1e6]))}
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step = int(rng.integers(1, 3))
+        qwen = {**cfg, **moe, "num_experts": experts, "moe_intermediate_size": int(rng.integers(16, 80)),
+                "decoder_sparse_step": step, "mlp_only_layers": [int(i) for i in range(n) if rng.random() < 0.25],
+                "norm_topk_prob": bool(rng.integers(2))}
+        if not any((i + 1) % step == 0 and i not in qwen["mlp_only_layers"] for i in range(n)):
+            qwen["mlp_only_layers"] = []  # at least one sparse layer
+        if family == "qwen2_moe":
+            return "Qwen2MoeConfig", {**qwen, "shared_expert_intermediate_size": int(rng.integers(16, 96)),
+                                      "qkv_bias": bool(rng.integers(2))}
+        return "Qwen3MoeConfig", qwen
     return "Olmo2Config", cfg  # olmo2
 
 
@@ -91,17 +112,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-family", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    families = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
+    families = args.families
     results = {}
     for family in families:
         worst = [0.0, 0.0]
         for _ in range(args.per_family):
             cls, kw = draw(family, rng)
             torch.manual_seed(int(rng.integers(1 << 30)))
-            hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw),
-                                                               attn_implementation="eager").eval()
+            hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw), **EAGER).eval()
             with torch.no_grad():
                 for p in hf.parameters():
                     if p.ndim == 1:
@@ -113,8 +134,7 @@ def main() -> None:
                 model = load_hf(Path(tmp) / "in")
                 ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
                 save_hf(model, Path(tmp) / "out")
-                back = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "out",
-                                                                         attn_implementation="eager").eval()
+                back = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", **EAGER).eval()
                 again = logits_hf(back, tokens)
             d_in, d_out = float(np.abs(ours - ref).max()), float(np.abs(again - ours).max())
             worst = [max(worst[0], d_in), max(worst[1], d_out)]
