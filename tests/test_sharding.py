@@ -114,10 +114,10 @@ def test_params_are_split_as_the_table_says(runs):
 
 
 def test_checkpoint_restores_onto_other_meshes(runs, config, tmp_path):
-    """Saved under data=1 x fsdp=4 x tensor=2; restored under tensor=2 x data=4 and on one device."""
+    """Saved under data=2 x fsdp=2 x tensor=2; restored under tensor=2 x data=4 and on one device."""
     import shutil
 
-    saved = runs / "eight" / "d1f4t2"
+    saved = runs / "eight" / "d2f2t2"
     for name, devices, mesh in (("tp2dp4", 8, ["--mesh.data=4", "--mesh.fsdp=1", "--mesh.tensor=2"]),
                                 ("single", 1, ["--mesh.data=1", "--mesh.fsdp=1", "--mesh.tensor=1"])):
         run = tmp_path / name
