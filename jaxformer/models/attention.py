@@ -185,39 +185,6 @@ def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Arr
     return write(k_cache, k), write(v_cache, v)
 
 
-def attend_past_and_new(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
-                        start: jax.Array, *, scale: float | None = None, window: int | None = None,
-                        softcap: float | None = None) -> jax.Array:
-    """Queries [B,T,N,H] at positions start[b]+t over the cache's slots [0, start[b]) and the new k/v [B,T,K,H].
-
-    The same attention as writing k/v into the cache and attending to it ("bksh" caches), but the cache is only
-    read, never the freshly written copy: XLA then updates the donated cache in place and reads it where it lies
-    instead of copying it for the write and again into the dot's preferred layout (4 copies of each layer's
-    keys and values per decode step before). One softmax over both parts.
-    """
-    B, T, N, H = q.shape
-    scale = H ** -0.5 if scale is None else scale
-    k_cache, v_cache = (c.dequantize(q.dtype) if isinstance(c, QuantKV) else c for c in (k_cache, v_cache))
-    K, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by the kv head they share
-    past = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32)  # [B, K, G, T, S]
-    new = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(qg.dtype), preferred_element_type=jnp.float32)  # [.., T, T]
-    scores = jnp.concatenate([past, new], axis=-1) * scale  # [B, K, G, T, S + T]
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    q_pos = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
-    kv_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(S), (B, S)), q_pos], axis=1)  # [B, S + T]
-    visible = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (jnp.arange(S + T) >= S)[None, None, :]  # new: causal
-    visible |= (jnp.arange(S + T) < S)[None, None, :] & (kv_pos < start[:, None])[:, None, :]  # past: written slots
-    if window is not None:
-        visible &= kv_pos[:, None, :] > q_pos[:, :, None] - window
-    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = (jnp.einsum("bkgts,bksh->btkgh", probs[..., :S], v_cache)
-           + jnp.einsum("bkgts,bskh->btkgh", probs[..., S:], v.astype(v_cache.dtype)))  # [B, T, K, G, H]
-    return out.reshape(B, T, N, H)
-
-
 class Attention(nnx.Module):
     """Multi-head attention with grouped kv heads: q/k/v/o projections, optional q/k norms and RoPE.
 
@@ -287,15 +254,8 @@ class Attention(nnx.Module):
         kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap)
         if cache is not None:
             k_cache, v_cache, start = cache
-            if cache_layout(self.impl) == "bksh":
-                out = attend_past_and_new(q, k_cache, v_cache, k, v, start, scale=self.scale, window=self.window,
-                                          softcap=self.softcap)  # [B, T, N, H]
-                # the cache's reads first: the write below then updates the donated buffer in place
-                out, k_cache, v_cache = jax.lax.optimization_barrier((out, k_cache, v_cache))
-                k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
-            else:
-                k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
-                out = attend_cached(q, k_cache, v_cache, start + T, **kw)  # [B, T, N, H]
+            k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
+            out = attend_cached(q, k_cache, v_cache, start + T, **kw)  # [B, T, N, H]
             return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_cache, v_cache)
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=self.causal, segment_ids=seg, **kw)  # [B, T, N, H]
