@@ -49,10 +49,41 @@ def _tiled(xs, group_sizes, wg, wu, wd, act):
         jnp.minimum(group, G - 1)], n_tiles * m)  # [M] row in the tiled layout; n_tiles * m: none
     xt = jnp.zeros((n_tiles * m, D), xs.dtype).at[dest].set(xs, mode="drop").reshape(n_tiles, m, D)
     tile_group = jnp.minimum(jnp.searchsorted(pends, jnp.arange(n_tiles) * m, side="right"), G - 1)  # [n_tiles]
-    wg_t, wu_t, wd_t = wg[tile_group], wu[tile_group], wd[tile_group]  # [n_tiles, F, D], [n_tiles, D, F]
-    h = act(jnp.einsum("tmd,tfd->tmf", xt, wg_t)) * jnp.einsum("tmd,tfd->tmf", xt, wu_t)  # [n_tiles, m, F]
-    y = jnp.einsum("tmf,tdf->tmd", h, wd_t).reshape(n_tiles * m, D)
+    y = batched_swiglu(xt, wg[tile_group], wu[tile_group], wd[tile_group], act).reshape(n_tiles * m, D)
     return y.at[dest].get(mode="fill", fill_value=0)  # [M, D]; rows past every group: 0
+
+
+def batched_swiglu(xb: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, act: Callable) -> jax.Array:
+    """Buffers xb [G, C, D], gate/up [G, F, D], down [G, D, F] -> [G, C, D]: buffer g through expert g."""
+    h = act(jnp.einsum("gcd,gfd->gcf", xb, wg)) * jnp.einsum("gcd,gfd->gcf", xb, wu)  # [G, C, F]
+    return jnp.einsum("gcf,gdf->gcd", h, wd)
+
+
+def sort_by_expert(idx: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k choices idx [N, k] -> (order, sorted_expert, counts) of the k*N assignments.
+
+    Assignments are slot-major (a = slot * N + token: all top-1 choices, then all top-2...); `order` [k*N] sorts
+    them stably by expert (row a' of the sorted rows is token order[a'] % N), sorted_expert [k*N] is each
+    sorted row's expert and counts [E] the assignments per expert."""
+    expert = idx.T.reshape(-1)  # [k*N]
+    order = jnp.argsort(expert, stable=True)
+    return order, expert[order], jnp.bincount(expert, length=n_experts).astype(jnp.int32)
+
+
+def capacity_slots(sorted_expert: jax.Array, counts: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
+    """Expert-sorted assignments -> (keep [A], slot [A]): the first C of each expert's rows keep their row
+    expert * C + rank of an [E * C] buffer; the rest are dropped (slot E * C, out of bounds)."""
+    E = counts.shape[0]
+    rank = jnp.arange(sorted_expert.shape[0]) - (jnp.cumsum(counts) - counts)[sorted_expert]  # within its expert
+    keep = rank < C
+    return keep, jnp.where(keep, sorted_expert * C + rank, E * C)
+
+
+def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """Expert outputs ys [k*N, D] in sorted order, router weights [N, k] -> [N, D]: each token's weighted sum."""
+    N, k = weights.shape
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, N, ys.shape[-1])  # back to (slot, token) order
+    return jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))
 
 
 def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.grouped import grouped_swiglu
+from jaxformer.models.grouped import batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert
 from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
@@ -74,9 +74,7 @@ class Experts(nnx.Module):
 
     def batched(self, xb: jax.Array) -> jax.Array:
         """A capacity buffer [E, C, D] -> [E, C, D] (each expert on its own C rows)."""
-        wg, wu, wd = self._weights()
-        h = self.act(jnp.einsum("ecd,efd->ecf", xb, wg)) * jnp.einsum("ecd,efd->ecf", xb, wu)  # [E, C, F]
-        return jnp.einsum("ecf,edf->ecd", h, wd)
+        return batched_swiglu(xb, *self._weights(), self.act)
 
 
 class MoE(nnx.Module):
@@ -98,34 +96,26 @@ class MoE(nnx.Module):
         "dropped" fraction of assignments dropped}: what the training losses and metrics read."""
         cfg = self.config
         B, T, D = x.shape
-        E, k = cfg.n_experts, cfg.n_experts_per_token
+        E = cfg.n_experts
         xf = x.reshape(B * T, D)  # [N, D]
         N = xf.shape[0]
         logits = self.gate(xf)  # [N, E]
         if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
             return self._finish(xf, *dispatch(self.experts, x, logits, cfg, route, capacity), logits, x, stats)
         weights, idx = route(logits, cfg)  # [N, k] each
-        # assignments slot-major (all top-1 choices, then all top-2...), stably sorted by expert
-        expert = idx.T.reshape(-1)  # [k*N]: assignment a = slot * N + token
-        order = jnp.argsort(expert, stable=True)  # [k*N]
+        order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
         xs = xf[order % N]  # [k*N, D] rows grouped by expert
-        group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)  # [E]
         if cfg.capacity_factor is None:
             ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
             dropped = jnp.zeros((), jnp.float32)
         else:
             C = capacity(cfg, N)
-            starts = jnp.cumsum(group_sizes) - group_sizes  # [E]
-            sorted_expert = expert[order]  # [k*N]
-            rank = jnp.arange(k * N) - starts[sorted_expert]  # position within its expert's group
-            keep = rank < C
-            slot = jnp.where(keep, sorted_expert * C + rank, E * C)  # E * C: out of bounds, dropped
+            keep, slot = capacity_slots(sorted_expert, group_sizes, C)  # [k*N] each
             buf = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")
             out = self.experts.batched(buf.reshape(E, C, D)).reshape(E * C, D)
             ys = jnp.where(keep[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)  # [k*N, D]
             dropped = 1.0 - keep.mean(dtype=jnp.float32)
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, N, D)  # back to (slot, token) order
-        y = jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))  # [N, D]
+        y = combine(ys, order, weights)  # [N, D]
         return self._finish(xf, y, dropped, group_sizes, logits, x, stats)
 
     def _finish(self, xf, y, dropped, load, logits, x, stats):

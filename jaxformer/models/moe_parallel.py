@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.grouped import grouped_swiglu
+from jaxformer.models.grouped import batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert
 from jaxformer.sharding import fitted_spec, logical_to_spec
 
 
@@ -43,12 +43,6 @@ def expert_parallel_size() -> int:
 def _axes(entry) -> tuple[str, ...]:
     """A PartitionSpec entry as a tuple of mesh axis names."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _experts_batched(xb, wg, wu, wd, act):
-    """Per-expert buffers [G, C, D] -> [G, C, D]."""
-    h = act(jnp.einsum("gcd,gfd->gcf", xb, wg)) * jnp.einsum("gcd,gfd->gcf", xb, wu)  # [G, C, F]
-    return jnp.einsum("gcf,gdf->gcd", h, wd)
 
 
 def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
@@ -75,17 +69,14 @@ def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
 
 def _capacity(xs, sorted_expert, counts, ws, act, ep: int, C: int):
     """Sorted rows [A, D] -> outputs [A, D] (zero where dropped) and the dropped fraction, C rows per expert."""
-    A, D = xs.shape
+    D = xs.shape[1]
     E = counts.shape[0]
     El = E // ep
-    starts = jnp.cumsum(counts) - counts  # [E]
-    rank = jnp.arange(A) - starts[sorted_expert]  # position within its expert's group
-    keep = rank < C
-    slot = jnp.where(keep, sorted_expert * C + rank, E * C)  # E * C: out of bounds, dropped
+    keep, slot = capacity_slots(sorted_expert, counts, C)  # [A] each
     send = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")  # [ep * El * C, D]
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep(source) * El * C, D]
     xb = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)  # [El, ep*C, D]
-    out = _experts_batched(xb, *ws, act)
+    out = batched_swiglu(xb, *ws, act)
     back = out.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(E * C, D)
     ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [E*C, D] in the send buffer's layout
     ys = jnp.where(keep[:, None], ret.at[slot].get(mode="fill", fill_value=0), 0)
@@ -131,16 +122,13 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
         n = x.shape[0] * x.shape[1]
         xf = x.reshape(n, D)
         weights, idx = route(logits.reshape(n, E), cfg)  # [n, k] each: this device's own tokens
-        expert = idx.T.reshape(-1)  # [k*n]: assignment a = slot * n + token, as moe.py
-        order = jnp.argsort(expert, stable=True)
-        counts = jnp.bincount(expert, length=E).astype(jnp.int32)  # [E]
-        xs, sorted_expert = xf[order % n], expert[order]  # [k*n, D] rows grouped by expert
+        order, sorted_expert, counts = sort_by_expert(idx, E)  # as moe.py
+        xs = xf[order % n]  # [k*n, D] rows grouped by expert
         if cfg.capacity_factor is None:
             ys, dropped = _dropless(xs, sorted_expert, counts, (wg, wu, wd), act, ep, k)
         else:
             ys, dropped = _capacity(xs, sorted_expert, counts, (wg, wu, wd), act, ep, capacity(cfg, n))
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, n, D)  # back to (slot, token) order
-        y = jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))  # [n, D]
+        y = combine(ys, order, weights)  # [n, D]
         if mlp_axes:  # row-parallel down projection: partial sums over the "mlp" shards
             y = jax.lax.psum(y, mlp_axes)
         return y.reshape(x.shape), jax.lax.pmean(dropped, token_axes), jax.lax.psum(counts, token_axes)
