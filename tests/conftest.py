@@ -67,3 +67,17 @@ def tiny_run(run_dir: Path, shards_dir: Path, *, model: dict | None = None, data
              eval_batches=2, ckpt_every=10, keep_last=2, sample_tokens=0, peak_tflops=1.0, async_checkpoint=True)
     return {"model": ModelConfig.llama(**{**m, **(model or {})}), "data": DataConfig(**{**d, **(data or {})}),
             "train": TrainConfig(**{**t, **train})}
+
+
+def assert_importer_gives_preset(name: str, model_type: str, published: dict) -> None:
+    """jaxformer's importer reads a checkpoint's published config.json fields as the preset `name` (training-only
+    and dtype fields aside), with the same family."""
+    from jaxformer.config import load_model_config
+    from jaxformer.interop.hf import config_from_hf
+
+    cfg = load_model_config(name)
+    got = config_from_hf({"model_type": model_type, **published})
+    skip = ("init_std", "param_dtype", "compute_dtype", "export_as")
+    assert {k: v for k, v in got.to_dict().items() if k not in skip} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    assert got.family == cfg.family == model_type

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig, load_model_config
 from jaxformer.models import DecoderLM, count_params
+from tests.conftest import assert_importer_gives_preset
 
 LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 GEMMA2_TYPES = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(26)]  # layer 0 slides
@@ -153,15 +154,8 @@ def test_preset_parameter_count_equals_transformers(name):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_importer_reads_the_published_config_as_the_preset(name):
-    from jaxformer.interop.hf import config_from_hf
-
     model_type, published, _ = PUBLISHED[name]
-    cfg = load_model_config(name)
-    got = config_from_hf({"model_type": model_type, **published})
-    skip = ("init_std", "param_dtype", "compute_dtype", "export_as")
-    assert {k: v for k, v in got.to_dict().items() if k not in skip} == \
-        {k: v for k, v in cfg.to_dict().items() if k not in skip}
-    assert got.family == cfg.family == model_type
+    assert_importer_gives_preset(name, model_type, published)
 
 
 def test_inspect_prints_family_attention_pattern_and_count(capsys):

@@ -57,8 +57,7 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | 
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [L, N, E]
     _, idx = jax.lax.top_k(probs, top_k)  # [L, N, k]
     counts = jax.nn.one_hot(idx, E, dtype=jnp.float32).sum(-2)  # [L, N, E]
-    m = jnp.ones((N,), jnp.float32) if mask is None else mask.reshape(N).astype(jnp.float32)
-    rows = L * jnp.maximum(m.sum(), 1.0)
+    m, rows = _kept_tokens(mask, L, N)
     f = jnp.einsum("lne,n->e", counts, m) / rows  # [E]
     p = jnp.einsum("lne,n->e", probs, m) / rows  # [E]
     return E * jnp.sum(f * p)
@@ -68,5 +67,11 @@ def router_z_loss(router_logits: jax.Array, mask: jax.Array | None = None) -> ja
     """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean over layers and kept tokens of logsumexp(logits)^2."""
     L, N, _ = router_logits.shape
     z = jnp.square(jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1))  # [L, N]
+    m, rows = _kept_tokens(mask, L, N)
+    return jnp.sum(z * m[None]) / rows
+
+
+def _kept_tokens(mask: jax.Array | None, L: int, N: int) -> tuple[jax.Array, jax.Array]:
+    """(mask [N] float32, all ones without one; L x the kept tokens (at least L)): the router losses' weights."""
     m = jnp.ones((N,), jnp.float32) if mask is None else mask.reshape(N).astype(jnp.float32)
-    return jnp.sum(z * m[None]) / (L * jnp.maximum(m.sum(), 1.0))
+    return m, L * jnp.maximum(m.sum(), 1.0)
