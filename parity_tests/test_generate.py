@@ -14,13 +14,13 @@ import torch
 from flax import nnx
 
 import jaxformer
-from parity_tests.conftest import HF_ABS_TOL, quiet_transformers, randomize_torch
+from parity_tests.conftest import hf_tol, quiet_transformers, randomize_torch
 
 quiet_transformers()
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 PROMPT, NEW = 12, 32
-MIN_MARGIN = 1e-2  # top-1 minus top-2 logit at every step: 100x the 1e-4 HF logits tolerance
+MIN_MARGIN = 1e-2  # top-1 minus top-2 logit at every step: 18x the logits bound (5.8e-4 at max|logit| 11.6)
 
 
 def hf_model(family: str, seed: int):
@@ -77,5 +77,6 @@ def test_greedy_matches_hf_generate(family, tmp_path):
     assert margin >= MIN_MARGIN, f"near-tie in the reference (margin {margin:.2e}): pick another seed"
     assert len(set(hf_tokens[0, PROMPT:].tolist())) > 3, "degenerate continuation: the test would be weak"
     np.testing.assert_array_equal(tokens, hf_tokens)
-    # the per-step distributions agree too (HF decodes with its KV cache; we recompute everything)
-    assert np.abs(steps - hf_steps).max() <= HF_ABS_TOL
+    # the per-step logits agree too (HF decodes with its KV cache; we recompute everything). std-0.5 weights give
+    # logits up to ~11; HF's cached steps are 5e-5 off its own float64 run there, so the bound is relative
+    assert np.abs(steps - hf_steps).max() <= hf_tol(np.abs(hf_steps).max())

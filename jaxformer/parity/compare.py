@@ -4,8 +4,8 @@ top-1 agreement, and per-parameter gradient errors. Plain numpy in float64; `ref
 A tensor agrees when max|diff| <= atol + rtol * max|ref| (bf16: or ||diff|| <= norm_rtol * ||ref||); a gradient
 when ||g - g_ref|| <= grad_rtol * ||g_ref||. docs/parity.md gives the measurements behind these:
 
-    float32 vs torch_ref       rtol 1e-5, atol 1e-5             grads 1e-4   (parity_tests' bounds)
-    float32 vs transformers    rtol 1e-5, atol 1e-4             grads 1e-4   (parity_tests: logits within 1e-4)
+    float32 vs torch_ref       rtol 5e-5, atol 1e-5             grads 1e-4   (parity_tests' bounds)
+    float32 vs transformers    rtol 5e-5, atol 1e-4             grads 1e-4   (parity_tests' bounds)
     bfloat16 vs either         ||diff|| <= 5e-2 ||ref||         grads 1.5e-1 (8 mantissa bits, rounded per op)
 """
 
@@ -38,8 +38,9 @@ class Tolerance:
         return " or ".join(parts) + (f"; gradients ||diff|| <= {self.grad_rtol:g} x ||ref||" if grads else "")
 
 
-FLOAT32 = Tolerance(rtol=1e-5, atol=1e-5, grad_rtol=1e-4)
-FLOAT32_HF = Tolerance(rtol=1e-5, atol=1e-4, grad_rtol=1e-4)
+# float32 rounding alone puts each side ~4.5e-6 x max|ref| from the exact result on a Gemma model (docs/testing.md)
+FLOAT32 = Tolerance(rtol=5e-5, atol=1e-5, grad_rtol=1e-4)
+FLOAT32_HF = Tolerance(rtol=5e-5, atol=1e-4, grad_rtol=1e-4)
 BFLOAT16 = Tolerance(rtol=0.0, atol=0.0, grad_rtol=1.5e-1, norm_rtol=5e-2)
 
 
