@@ -96,7 +96,7 @@ def test_ragged_batch_equals_each_sequence_alone(model):
     for p, s in zip(prompts, seqs):
         tokens, logprobs = uncached_greedy(model, p, 12, with_logprobs=True)
         assert s.tokens == tokens and s.finish_reason == "length"
-        np.testing.assert_allclose(s.logprobs, logprobs, atol=1e-5)
+        _close(s.logprobs, logprobs, float(np.abs(logprobs).max()))  # logprobs reach -3.3: relative to that
 
 
 def test_prefill_compiles_once_per_bucket(llama):
@@ -150,6 +150,8 @@ def _draws(logits, n, **kw):
 
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+# frequencies of 20,000 draws: a probability near 0.5 has standard deviation 0.0035, so 0.015 is 4.2 of them; the
+# keys are fixed, so a run draws the same samples on every machine
 
 
 def _softmax(x):
@@ -197,7 +199,8 @@ def test_penalties_match_numpy():
     ref = ref - freq[:, None] * counts - pres[:, None] * (counts > 0)
     got = apply_penalties(jnp.asarray(logits), jnp.asarray(counts), jnp.asarray(seen), *(jnp.asarray(x, jnp.float32)
                                                                                          for x in (rep, freq, pres)))
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
+    # elementwise relative to the largest logit: the subtractions make some entries near zero (measured 1.9e-8)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_engine_penalties_equal_a_numpy_reference_loop(llama):

@@ -122,8 +122,11 @@ def test_bf16_compute_close_to_fp32(family):
     tokens = _tokens(ref_model.config)
     ref, out = _forward(ref_model, tokens), _forward(model16, tokens)
     assert out.dtype == jnp.float32  # logits come back in float32 whatever the compute dtype
-    err = _rel_err(out, ref)
-    assert 0 < err <= 1e-2, err  # > 0: bf16 really was used
+    err = _rel_err(out, ref)  # ||out - ref|| / ||ref||: a norm of the whole tensor, so no cancellation
+    # > 0: bf16 really was used. bf16 rounds each activation to 2^-8 ~ 3.9e-3 of itself, and two layers compound
+    # such roundings: measured 7.1e-3 (gpt2) and 6.8e-3 (llama); 3e-2 keeps 4x over that, and a float32 step lost
+    # to bf16 by mistake (softmax, norms, the residual) would show as 1e-1 or more
+    assert 0 < err <= 3e-2, err
 
 
 def test_jit_matches_eager():
@@ -181,6 +184,6 @@ def test_scan_over_mixed_layer_types_matches_the_unrolled_model(remat):
         loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, tokens)
         runs.append((float(loss), {k: np.asarray(v) for k, v in
                                    jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))}))
-    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
-    for k, g in runs[0][1].items():
-        np.testing.assert_allclose(runs[1][1][k], g, rtol=1e-4, atol=1e-6 * np.abs(g).max())
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)  # a mean of positive terms: no cancellation
+    for k, g in runs[0][1].items():  # the gradient rule (docs/testing.md); measured 9.5e-7
+        assert np.linalg.norm(runs[1][1][k] - g) <= 1e-4 * np.linalg.norm(g), k

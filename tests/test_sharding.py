@@ -55,6 +55,16 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-5) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b))
 
 
+def _assert_trained_alike(got: dict[str, np.ndarray], want: dict[str, np.ndarray], lr: float, skip=()) -> None:
+    """Weights trained on two meshes: AdamW moves a weight by up to lr a step, so a sharding bug shows as ~lr, while
+    the float order of the reductions moved them by 2.9e-7 at most (lr 3e-3, 5 steps): the bound is lr / 1000."""
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if not name.endswith(skip):
+            diff = float(np.abs(got[name] - want[name]).max())
+            assert diff <= 1e-3 * lr, f"{name}: max|diff| {diff:.2e} > lr / 1000 = {1e-3 * lr:.1e}"
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, shards_dir) -> Path:
     d = tmp_path_factory.mktemp("sharding")
@@ -78,13 +88,11 @@ def runs(config, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-def test_mesh_matches_one_device(runs, mesh):
+def test_mesh_matches_one_device(runs, config, mesh):
     d, f, t = mesh.split(",")
     base, run = runs / "one" / "d1f1t1", runs / "eight" / f"d{d}f{f}t{t}"
     assert _close(_losses(run), _losses(base))
-    want, got = _weights(base), _weights(run)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    _assert_trained_alike(_weights(run), _weights(base), lr=yaml.safe_load(config.read_text())["train"]["lr"])
 
 
 def test_params_are_split_as_the_table_says(runs):
@@ -173,11 +181,10 @@ def test_encoder_decoder_on_a_mesh_matches_one_device(tmp_path):
     assert _close(_losses(tmp_path / "mesh"), _losses(tmp_path / "one"))
     want, got = _weights(tmp_path / "one"), _weights(tmp_path / "mesh")
     assert any(k.startswith("pointer.") for k in want)
-    for name in want:
-        if name.endswith("k_proj.bias"):
-            continue  # its gradient is exactly zero in math (softmax ignores a per-query constant); AdamW turns
-            # the float noise there into +-lr steps, which differ with the reduction order of each mesh
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # k_proj.bias: its gradient is exactly zero in math (softmax ignores a per-query constant); AdamW turns the
+    # float noise there into +-lr steps, which differ with the reduction order of each mesh
+    lr = yaml.safe_load((ROOT / "configs" / "seq2seq_tiny.yaml").read_text())["train"]["lr"]
+    _assert_trained_alike(got, want, lr, skip=("k_proj.bias",))
 
 
 FAMILY_FIELDS = dict(  # Gemma 2/3, Qwen2 and OLMo 2 fields in one model: every new parameter kind on the mesh
@@ -205,8 +212,10 @@ def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
     assert sorted(mesh) == sorted(one) and "layers.0.self_attn.q_norm.weight" in one
     for name, g in one.items():  # k_proj.bias too: k is normed and rotated after it, so its gradient is not zero
         assert np.abs(g).max() > 1e-6, name
-        rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)  # q/k norm weights: ~6e-6, their sums cancel
-        assert rel <= 1e-5, f"{name}: relative gradient error {rel:.1e}"
+        # the project's gradient bound (docs/testing.md); q/k norm weights reach 4.8e-6: each entry is a sum over
+        # every token and head that cancels, so its relative error is far above its terms' rounding
+        rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)
+        assert rel <= 1e-4, f"{name}: relative gradient error {rel:.1e}"
     spec = json.loads((tmp_path / "out" / "report.json").read_text())["2,2,2"]
     for norm in ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm",
                  "pre_feedforward_layernorm", "post_feedforward_layernorm"):

@@ -56,7 +56,7 @@ def test_decoder_lm_pallas_matches_xla(monkeypatch, name):
 
     scale = float(jnp.abs(logits_x).max())
     np.testing.assert_allclose(np.asarray(logits_p), np.asarray(logits_x), atol=1e-5 * max(scale, 1.0))
-    np.testing.assert_allclose(float(loss_p), float(loss_x), rtol=1e-6)
+    np.testing.assert_allclose(float(loss_p), float(loss_x), rtol=1e-5)  # mean cross-entropy: positive terms
     for (path, gx), (_, gp) in zip(jax.tree_util.tree_leaves_with_path(grads_x),
                                    jax.tree_util.tree_leaves_with_path(grads_p)):
         gx, gp = np.asarray(gx), np.asarray(gp)
