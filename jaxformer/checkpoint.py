@@ -108,6 +108,13 @@ class Checkpointer:
         if steps:
             self.manager.reload()
 
+    def delete_from(self, step: int) -> None:
+        """Delete the checkpoints at `step` and after (a loss-spike rollback discarded what they hold)."""
+        self.wait()
+        for s in self.steps():
+            if s >= step:
+                self.manager.delete(s)
+
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
         self.manager.wait_until_finished()

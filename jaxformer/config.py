@@ -525,11 +525,20 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int = 40
     parity_every: int = 0  # every N steps, logits max|diff| and KL vs torch_ref on a fixed batch (0: off)
+    spike_threshold: float = 0.0  # skip a step whose loss or grad norm passes this x the recent median (0: off)
+    spike_patience: int = 3  # consecutive skipped steps that roll the run back to a checkpoint before them
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
                      "ckpt_every", "keep_last"):
             _positive(name, getattr(self, name))
+        _number("spike_threshold", self.spike_threshold)
+        if self.spike_threshold != 0 and not self.spike_threshold > 1:
+            raise ValueError(f"spike_threshold must be 0 (off) or > 1 (a spike is a loss or gradient norm that many "
+                             f"times the recent median, e.g. 3), got {self.spike_threshold}")
+        if not isinstance(self.spike_patience, int) or isinstance(self.spike_patience, bool) or self.spike_patience < 1:
+            raise ValueError(f"spike_patience must be an integer >= 1 (the consecutive spikes that roll the run back "
+                             f"to a checkpoint), got {self.spike_patience!r}")
         if not isinstance(self.parity_every, int) or isinstance(self.parity_every, bool) or self.parity_every < 0:
             raise ValueError(f"parity_every must be a step count >= 0 (0 turns the torch_ref check off), "
                              f"got {self.parity_every!r}")

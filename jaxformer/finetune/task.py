@@ -105,8 +105,8 @@ class FineTuning:
         eval_graphdef = nnx.graphdef(set_dropout(nnx.merge(self.graphdef, state["params"], *self.frozen), False))
         eval_fn = jax.jit(make_eval_step(lm_loss(eval_graphdef, packed=True)))
 
-        def step(p, o, batch, n):
-            return train_fn(p, o, batch, (fold(keys, np.int32(n)), rest))
+        def step(p, o, batch, n, limits):
+            return train_fn(p, o, batch, (fold(keys, np.int32(n)), rest), limits)
 
         def evaluate(p):
             batches = sft.eval_batches(self.val_rows, tcfg.batch_size, process_index=jax.process_index(),

@@ -71,8 +71,8 @@ class Seq2SeqTraining:
         loss = seq2seq_loss(self.graphdef, label_smoothing=scfg.label_smoothing)
         update = make_train_step(loss, tx, grad_accum=tcfg.grad_accum)
 
-        def step(params, opt_state, batch, rng, step):  # dropout keys: fold_in(run key, step)
-            return update(params, opt_state, batch, jax.random.fold_in(jax.random.wrap_key_data(rng), step))
+        def step(params, opt_state, batch, rng, step, limits):  # dropout keys: fold_in(run key, step)
+            return update(params, opt_state, batch, jax.random.fold_in(jax.random.wrap_key_data(rng), step), limits)
 
         step_fn = jax.jit(step, out_shardings=(shardings["params"], shardings["opt_state"], None),
                           donate_argnums=(0, 1))
@@ -83,7 +83,7 @@ class Seq2SeqTraining:
                       flops_per_token=flops_per_target_token(mcfg, train_pairs),
                       meta={"tokenizer_sha256": self.tok.sha256()})
         # the run's key as checkpointed: after a resume, the restored state's
-        setup.step = lambda p, o, batch, n: step_fn(p, o, batch, setup.state["rng"], n)
+        setup.step = lambda p, o, batch, n, limits: step_fn(p, o, batch, setup.state["rng"], n, limits)
         return setup
 
     def model(self, params: Any) -> nnx.Module:

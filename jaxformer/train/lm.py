@@ -82,7 +82,7 @@ class Pretraining:
         train_fn = jax.jit(make_train_step(loss, tx, grad_accum=tcfg.grad_accum),
                            out_shardings=(shardings["params"], shardings["opt_state"], None), donate_argnums=(0, 1))
         eval_fn = jax.jit(make_eval_step(loss))
-        return Setup(state=state, iterator=it, step=lambda p, o, batch, step: train_fn(p, o, batch),
+        return Setup(state=state, iterator=it, step=lambda p, o, batch, step, limits: train_fn(p, o, batch, (), limits),
                      evaluate=lambda p: evaluate_lm(eval_fn, p, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches,
                                                     mesh),
                      flops_per_token=train_flops_per_token(mcfg, dcfg.seq_len),

@@ -25,8 +25,11 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # steps after the checkpoint will be recomputed: drop their old records
-            kept = [r for r in _records(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            records = _records(self.path)
+            # in file order: a loss-spike rollback numbers steps again from its checkpoint, so the records
+            # logged before the checkpoint end with the last one at or before its step
+            last = max((i for i, r in enumerate(records) if r.get("step", 0) <= resume_step), default=-1)
+            self._write(records[:last + 1])
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
@@ -40,6 +43,14 @@ class MetricsLogger:
         for k, v in record.items():
             if k not in ("step", "kind") and isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def rewind(self, step: int, keep: tuple[str, ...] = ("spike", "rollback")) -> None:
+        """Drop the records of steps after `step` (a rollback discarded them), except those of the kinds in `keep`."""
+        if self.enabled:
+            self._write([r for r in _records(self.path) if r.get("step", 0) <= step or r.get("kind") in keep])
+
+    def _write(self, records: list[dict]) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -3,9 +3,10 @@
 The driver owns what every run does the same way: the device mesh and its checks, the checkpoint
 manager and its --resume guard, the resume check, restoring the train state and the data iterator,
 the step loop (logging to metrics.jsonl / TensorBoard, the progress bar, the evaluation cadence,
-checkpoints, the NaN guard, SIGINT/SIGTERM stops), lead-process printing, and the report of a run
-that had already finished. A task (the Task protocol below) supplies its data, its train state, its
-step and evaluation, and what it writes at the end.
+checkpoints, the NaN guard or, with train.spike_threshold, loss-spike skips and rollbacks (train/spikes.py),
+SIGINT/SIGTERM stops), lead-process printing, and the report of a run that had already finished. A task
+(the Task protocol below) supplies its data, its train state, its step and evaluation, and what it writes
+at the end.
 
     task.setup(mesh)        -> Setup: state, data iterator, step, evaluate, meta   (inside the mesh)
     (a finished run re-run with --resume: its recorded evaluation and outputs are printed, nothing more)
@@ -36,6 +37,7 @@ from jaxformer.sharding import batch_rows, global_batch, make_mesh
 from jaxformer.train.flops import peak_tflops
 from jaxformer.train.metrics import MetricsLogger, moe_scalars
 from jaxformer.train.optim import make_schedule
+from jaxformer.train.spikes import MAX_ROLLBACKS, LossSpikeError, SpikeGuard
 from jaxformer.train.state import gather_to_host
 
 
@@ -55,7 +57,10 @@ class Setup:
 
     state: dict[str, Any]  # params, opt_state, rng (key data): what checkpoints hold
     iterator: Any  # batches (dicts of numpy arrays) with get_state() / set_state() for exact resume
-    step: Callable  # (params, opt_state, batch laid out on the mesh, step number) -> (params, opt_state, metrics)
+    # (params, opt_state, batch laid out on the mesh, step number, limits) -> (params, opt_state, metrics); limits
+    # are None (train.spike_threshold 0: the plain update) or float32 [max loss, max grad norm], passed to
+    # make_train_step's step: over either, or non-finite, params and opt_state come back unchanged, skipped = 1
+    step: Callable
     evaluate: Callable[[Any], dict]  # params -> {"val_loss": ..., ...}
     flops_per_token: float  # training FLOPs per counted token (MFU)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # more checkpoint meta (tokenizer hash, ...)
@@ -118,7 +123,8 @@ def run(task: Task, cfgs: dict[str, Any], *, resume: bool = False, progress: boo
         meta_base = {"config": run_config_dict(cfgs), **setup.meta, **setup.must_match}
         parity = parity_check(task, setup, mesh) if tcfg.parity_every else None
         params, result = run_steps(setup, mesh=mesh, tcfg=tcfg, start=start, ckpt=ckpt, logger=logger,
-                                   meta_base=meta_base, progress=progress, result=result, parity=parity)
+                                   meta_base=meta_base, progress=progress, result=result, parity=parity,
+                                   spikes=meta.get("spikes"))
         if result.pop("stopped"):
             return result
         model = task.model(params)  # every process joins the gather
@@ -255,10 +261,11 @@ class GracefulStop:
 
 
 def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: Checkpointer, logger: MetricsLogger,
-              meta_base: dict, progress: bool, result: dict,
-              parity: Callable[[Any], dict] | None = None) -> tuple[Any, dict]:
-    """Optimizer steps start+1 .. tcfg.steps with logging, evaluation, the parity check, checkpoints and graceful
-    stops.
+              meta_base: dict, progress: bool, result: dict, parity: Callable[[Any], dict] | None = None,
+              spikes: dict | None = None) -> tuple[Any, dict]:
+    """Optimizer steps start+1 .. tcfg.steps with logging, evaluation, the parity check, checkpoints, graceful
+    stops and, with tcfg.spike_threshold, loss-spike skips and rollbacks (`spikes`: the restored checkpoint's state
+    of them).
 
     Returns (params, {**result, "step", "loss", eval metrics..., "stopped": signal name or None}); closes
     `ckpt` and `logger`.
@@ -270,29 +277,50 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not (progress and lead), dynamic_ncols=True)
     state, it = setup.state, setup.iterator
     params, opt_state = state["params"], state["opt_state"]
+    abstract = abstract_like(state)  # before the first step donates these buffers: what a rollback restores into
+    guard = SpikeGuard(tcfg.spike_threshold, tcfg.spike_patience, spikes) if tcfg.spike_threshold else None
     last_good, last_eval = start, {k: v for k, v in result.items() if k.startswith("val_") and k != "val_loss_before"}
     loss = result.get("loss", float("nan"))
     t_log, tokens_since = time.perf_counter(), 0.0
+    step = start
     try:
-        for step in range(start + 1, tcfg.steps + 1):
-            params, opt_state, metrics = setup.step(params, opt_state, global_batch(next(it), mesh), step)
+        while step < tcfg.steps:
+            step += 1
+            limits = guard.limits() if guard else None
+            params, opt_state, metrics = setup.step(params, opt_state, global_batch(next(it), mesh), step, limits)
             m = jax.device_get(metrics)
-            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN grads would poison the params
-                bad = loss if not math.isfinite(loss) else f"finite ({loss:.4f}) but the gradient norm is {grad_norm}"
-                raise NonFiniteLossError(
-                    f"loss became {bad} at step {step}; stopping. The last good checkpoint (step {last_good}) is "
-                    f"kept in {ckpt.directory}; lower --train.lr, raise warmup, or check the data")
+            step_loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if guard is None:
+                check_finite(step_loss, grad_norm, step, last_good, ckpt)
             tokens_since += float(m["tokens"])
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                dt = time.perf_counter() - t_log
-                tps = tokens_since / dt
-                logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
-                                           "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak,
-                                           **moe_scalars(m)})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                t_log, tokens_since = time.perf_counter(), 0.0
+            if guard is not None and m["skipped"]:
+                logger.log(step, "spike", guard.spike(step, step_loss, grad_norm, limits))
+                if guard.must_roll_back():
+                    to, state, meta = roll_back(ckpt, abstract, guard, step, it=it, logger=logger, meta_base=meta_base,
+                                                eval_every=tcfg.eval_every)
+                    setup.state, params, opt_state = state, state["params"], state["opt_state"]
+                    loss, last_eval = meta["loss"], {k: v for k, v in recorded(meta).items() if k != "loss"}
+                    step = last_good = to
+                    t_log, tokens_since = time.perf_counter(), 0.0  # restoring is not training throughput
+                    bar.n = step
+                    bar.refresh()
+                    if not stop.requested:
+                        continue
+                    say(f"{stop.requested}: saved a checkpoint at step {step}; resume with --resume")
+                    break
+            else:
+                loss = step_loss
+                if guard is not None:
+                    guard.accept(step, loss, grad_norm)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    dt = time.perf_counter() - t_log
+                    tps = tokens_since / dt
+                    logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
+                                               "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak,
+                                               **moe_scalars(m)})
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                    t_log, tokens_since = time.perf_counter(), 0.0
             val_loss = None
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
                 last_eval = setup.evaluate(params)
@@ -303,8 +331,9 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
                 logger.log(step, "parity", parity(params))
                 t_log = time.perf_counter()
             if step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested:
+                spike_meta = {"spikes": guard.state()} if guard else {}
                 ckpt.save(step, {"params": params, "opt_state": opt_state, "rng": state["rng"]}, it.get_state(),
-                          {**meta_base, "step": step, "loss": loss, **last_eval}, val_loss)
+                          {**meta_base, "step": step, "loss": loss, **last_eval, **spike_meta}, val_loss)
                 last_good = step
             if stop.requested:
                 say(f"\n{stop.requested}: saved a checkpoint at step {step}; resume with --resume")
@@ -315,6 +344,45 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
         ckpt.close()
         logger.close()
     return params, {**result, "step": last_good, "loss": loss, **last_eval, "stopped": stop.requested}
+
+
+def check_finite(loss: float, grad_norm: float, step: int, last_good: int, ckpt: Checkpointer) -> None:
+    """Without spike detection a NaN / Inf loss or gradient norm stops the run (NaN grads would poison the params)."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = loss if not math.isfinite(loss) else f"finite ({loss:.4f}) but the gradient norm is {grad_norm}"
+        raise NonFiniteLossError(
+            f"loss became {bad} at step {step}; stopping. The last good checkpoint (step {last_good}) is "
+            f"kept in {ckpt.directory}; lower --train.lr, raise warmup, or check the data")
+
+
+def roll_back(ckpt: Checkpointer, abstract: Any, guard: SpikeGuard, step: int, *, it: Any, logger: MetricsLogger,
+              meta_base: dict, eval_every: int) -> tuple[int, dict, dict]:
+    """(step, state, meta) of the newest checkpoint before the guard's streak of spikes, restored: its params, optimizer
+    state and spike window, not its data position (the batches since are skipped). It is saved again with the
+    iterator's position, the checkpoints after it are deleted and metrics.jsonl drops their steps' train and eval
+    records. LossSpikeError when there is no such checkpoint, or after MAX_ROLLBACKS."""
+    first = guard.streak[0]
+    what = (f"{len(guard.streak)} consecutive loss spikes at steps {first}..{step} (loss or gradient norm over "
+            f"{guard.threshold} x the recent median, or not finite; metrics.jsonl's spike records hold the values)")
+    fixes = "lower --train.lr, raise --train.warmup_steps, or check the data those steps read"
+    if guard.rollbacks >= MAX_ROLLBACKS:
+        raise LossSpikeError(f"{what}, after {guard.rollbacks} rollbacks in this run: the spikes keep coming back; "
+                             f"stopping. {fixes}")
+    ckpt.wait()  # pending saves listed
+    before = [s for s in ckpt.steps() if s < first]
+    if not before:
+        raise LossSpikeError(f"{what}, and no checkpoint before step {first} to roll back to (checkpoints: "
+                             f"{ckpt.steps()} in {ckpt.directory}); stopping. Checkpoint more often "
+                             f"(--train.ckpt_every) or {fixes}")
+    to, state, _, meta = ckpt.restore(abstract, step=before[-1])
+    guard.rolled_back(meta.get("spikes"))
+    ckpt.delete_from(to)  # a resume must never find the discarded steps, nor `to` with its old data position
+    val_loss = meta.get("val_loss") if to % eval_every == 0 else None  # as it was saved (BestN's metric)
+    ckpt.save(to, state, it.get_state(), {**meta, **meta_base, "spikes": guard.state()}, val_loss)
+    logger.rewind(to)
+    logger.log(to, "rollback", {"from_step": step, "to_step": to, "skipped_batches": step - to})
+    say(f"\nloss spikes at steps {first}..{step}: rolled back to step {to}, skipping the {step - to} batches since")
+    return to, state, meta
 
 
 def parity_check(task: Task, setup: Setup, mesh: Mesh) -> Callable[[Any], dict]:

@@ -10,6 +10,12 @@ key) and `micro` the micro-batch index (None without accumulation). Sums, not me
 of b/k rows then give exactly the update of one batch of b rows. A loss may report a third element, a
 dict of extra metrics (Mixture-of-Experts aux losses, per-expert load), averaged over micro-batches.
 
+Spike skipping (train.spike_threshold): called with `limits` (float32 [2]: the largest loss and
+gradient norm to accept, traced, so new limits never recompile), the step returns params and
+optimizer state unchanged, bitwise, when its loss or gradient norm is over its limit or not finite,
+and reports metrics["skipped"] = 1.0. Called without (None), it is the plain update, compiled as if
+the option did not exist.
+
 `lm_loss` is the language-model loss (pretraining, fine-tuning). `params` are what the optimizer
 updates; fine-tuning passes the rest of the model (a frozen base, LoRA dropout keys) as `frozen`, a
 tuple of nnx States merged with params for the forward pass: no gradient, optimizer state or
@@ -34,14 +40,15 @@ LossFn = Callable[[Any, Batch, Any, Any], tuple[jax.Array, tuple[jax.Array, jax.
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1) -> Callable:
-    """step(params, opt_state, batch, extra=()) -> (params, opt_state, metrics), one optimizer update per call.
+    """step(params, opt_state, batch, extra=(), limits=None) -> (params, opt_state, metrics), one optimizer update
+    per call (skipped when `limits` are given and the step is over them: see the module doc).
 
     The batch [B, ...] is split into grad_accum micro-batches [B/A, ...] scanned in sequence; their
     summed gradients are divided once by the total token count, so k x (b/k) equals b.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # gradients for params only, never for `extra`
 
-    def step(params, opt_state, batch: Batch, extra: Any = ()):
+    def step(params, opt_state, batch: Batch, extra: Any = (), limits: jax.Array | None = None):
         if grad_accum == 1:
             (_, aux), grads = grad_fn(params, batch, extra, None)
             reported, n, more = aux if len(aux) == 3 else (*aux, {})
@@ -62,12 +69,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
             more = jax.tree.map(lambda v: v.mean(0), more)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)  # bf16 params keep bf16 moments
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         metrics = {"loss": reported / denom, "grad_norm": optax.global_norm(grads), "tokens": n, **more}
-        return params, opt_state, metrics
+        if limits is None:
+            return new_params, new_opt_state, metrics
+        return skip_if_over(limits, (params, opt_state), (new_params, new_opt_state), metrics)
 
     return step
+
+
+def skip_if_over(limits: jax.Array, old: Any, new: Any, metrics: dict) -> tuple:
+    """(*old, metrics + skipped=1.0) when the loss or gradient norm is non-finite or over limits [max loss, max grad
+    norm], else (*new, metrics + skipped=0.0); selected elementwise, so the kept arrays are bitwise the old ones."""
+    loss, norm = metrics["loss"], metrics["grad_norm"]
+    ok = jnp.isfinite(loss) & jnp.isfinite(norm) & (loss <= limits[0]) & (norm <= limits[1])
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return *kept, {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable:
