@@ -1,5 +1,10 @@
-"""jaxformer: transformer LLMs in JAX/Flax NNX with a PyTorch parity mirror."""
+"""jaxformer: transformer LLMs in JAX/Flax NNX with a PyTorch parity mirror.
 
+The names below load on first use (PEP 562), so `import jaxformer.data...` (prepare workers, the tokenizer and
+data commands) does not pay for importing JAX and Flax.
+"""
+
+import importlib as _importlib
 import os as _os
 
 # Without an NVIDIA driver a CUDA plugin (the gpu-compile extra, or jax[cuda12] on a CPU box) can only fail to
@@ -8,13 +13,27 @@ import os as _os
 if not _os.path.exists("/proc/driver/nvidia/version"):
     _os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxformer.config import ModelConfig, load_config, load_model_config
-from jaxformer.interop import (CheckpointMismatchError, UnsupportedCheckpointError, from_torch_state_dict, load,
-                               load_hf, save, save_hf, to_torch, to_torch_state_dict)
-from jaxformer.models import DecoderLM, EncoderDecoder, count_params
-
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointMismatchError", "DecoderLM", "EncoderDecoder", "ModelConfig", "UnsupportedCheckpointError",
-           "count_params", "from_torch_state_dict", "load", "load_config", "load_hf", "load_model_config", "save",
-           "save_hf", "to_torch", "to_torch_state_dict"]
+_EXPORTS = {
+    "ModelConfig": "jaxformer.config", "load_config": "jaxformer.config", "load_model_config": "jaxformer.config",
+    "CheckpointMismatchError": "jaxformer.interop", "UnsupportedCheckpointError": "jaxformer.interop",
+    "from_torch_state_dict": "jaxformer.interop", "load": "jaxformer.interop", "load_hf": "jaxformer.interop",
+    "save": "jaxformer.interop", "save_hf": "jaxformer.interop", "to_torch": "jaxformer.interop",
+    "to_torch_state_dict": "jaxformer.interop",
+    "DecoderLM": "jaxformer.models", "EncoderDecoder": "jaxformer.models", "count_params": "jaxformer.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxformer' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
