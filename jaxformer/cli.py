@@ -79,18 +79,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from jaxformer.data.shards import iter_sources_text
     from jaxformer.data.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(iter_sources_text(args.input, args.jsonl_field), args.vocab_size)
+    tok = train_tokenizer(iter_sources_text(args.input, args.field), args.vocab_size)
     path = tok.save(args.out)
     print(f"wrote {path} ({tok.vocab_size} tokens)")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from jaxformer.data.shards import prepare
+    from jaxformer.data.prepare import prepare
 
-    m = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, jsonl_field=args.jsonl_field)
+    m = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, jsonl_field=args.field,
+                workers=args.workers, tasks=args.tasks, task=args.task, dedup=args.dedup,
+                skip_bad_files=args.skip_bad_files)
     report = {s: {k: v for k, v in info.items() if k != "shards"} for s, info in m["splits"].items()}
-    print(json.dumps({"splits": report, "corpus": m["corpus"], "dtype": m["dtype"], "seconds": m["seconds"]},
-                     indent=2))
+    print(json.dumps({"splits": report, "corpus": m["corpus"], "dedup": m["dedup"], "task": m["task"],
+                      "dtype": m["dtype"], "seconds": m["seconds"]}, indent=2))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -314,18 +316,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     tt = tk.add_parser("train", help="train a byte-level BPE tokenizer")
-    tt.add_argument("--input", nargs="+", default=["stdlib"], help="files, directories, JSONL, or 'stdlib'")
+    tt.add_argument("--input", nargs="+", default=["stdlib"], help="files and directories (any prepare format), or 'stdlib'")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--jsonl-field", default="text")
+    tt.add_argument("--field", "--jsonl-field", default="text", help="the text field of JSONL / parquet / Arrow")
     tt.add_argument("--out", required=True, help="output directory for tokenizer.json")
     tt.set_defaults(func=cmd_tokenizer_train)
 
-    pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token shards")
-    pr.add_argument("--input", nargs="+", default=["stdlib"], help="files, directories, JSONL, or 'stdlib'")
+    pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token shards",
+                        description="Formats by suffix: text; JSON lines (.jsonl, and .json when compressed); "
+                                    ".parquet; .arrow and `save_to_disk` directories; Common Crawl .warc/.wet; "
+                                    "MediaWiki .xml dumps; each plain or .gz/.bz2/.xz/.zst (docs/data.md).")
+    pr.add_argument("--input", nargs="+", default=["stdlib"], help="files and directories, or 'stdlib'")
     pr.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
     pr.add_argument("--out", required=True)
     pr.add_argument("--val-fraction", type=float, default=0.02)
-    pr.add_argument("--jsonl-field", default="text")
+    pr.add_argument("--field", "--jsonl-field", default="text", help="the text field of JSONL / parquet / Arrow")
+    pr.add_argument("--workers", type=int, default=1, help="processes on this machine (one file each at a time)")
+    pr.add_argument("--tasks", type=int, default=None,
+                    help="split the files over N tasks (machines); default SLURM_ARRAY_TASK_COUNT, else 1")
+    pr.add_argument("--task", type=int, default=None, help="this task's index; default from SLURM_ARRAY_TASK_ID")
+    pr.add_argument("--dedup", choices=["none", "exact", "minhash"], default="none",
+                    help="drop duplicate documents within this task: exact (normalised text) or minhash (near)")
+    pr.add_argument("--skip-bad-files", action="store_true",
+                    help="skip files that cannot be read, recording why in the manifest, instead of stopping")
     pr.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train a model (builds tokenizer and shards on first use)")

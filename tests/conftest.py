@@ -51,7 +51,7 @@ def tokenizer(corpus_dir):
 
 @pytest.fixture(scope="session")
 def shards_dir(corpus_dir, tokenizer, tmp_path_factory) -> Path:
-    from jaxformer.data.shards import prepare
+    from jaxformer.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards")
     prepare([corpus_dir], tokenizer, out, val_fraction=0.25, progress=False)

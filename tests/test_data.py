@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxformer.data import corpus
+from jaxformer.data import corpus, formats
 from jaxformer.data.corpus import CorpusStats, iter_documents
-from jaxformer.data.shards import open_split, prepare, read_manifest, split_of, token_dtype
+from jaxformer.data.prepare import prepare
+from jaxformer.data.shards import open_split, read_manifest, split_of, token_dtype
 from jaxformer.data.tokenizer import BOS, CHAT_TOKENS, EOS, PAD, load_tokenizer, train_tokenizer
 
 
@@ -60,7 +61,7 @@ def test_corpus_skips_and_counts_bad_inputs(corpus_dir, jsonl_file):
     stats = CorpusStats()
     docs = list(iter_documents([jsonl_file], jsonl_field="body", stats=stats))
     assert [d.text for d in docs] == [f"def f{i}(x):\n    return x * {i}\n" for i in range(20)]
-    assert stats.skipped_bad_json == 2 and stats.skipped_empty == 1
+    assert stats.skipped_bad_record == 2 and stats.skipped_empty == 1
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -112,7 +113,7 @@ def test_shard_rollover_and_large_files_stream_in_pieces(tmp_path, tokenizer, mo
     big.write_text("".join(lines))
     for i in range(6):
         (tmp_path / "src" / f"small{i}.py").write_text(f"def g{i}():\n    return {i}\n")
-    monkeypatch.setattr(corpus, "PIECE_BYTES", 4096)  # big.py arrives in ~20 pieces
+    monkeypatch.setattr(formats, "PIECE_CHARS", 4096)  # big.py arrives in ~20 pieces
     out = tmp_path / "shards"
     m = prepare([tmp_path / "src"], tokenizer, out, val_fraction=0.01, max_shard_tokens=3000, batch_bytes=5000,
                 progress=False)
@@ -129,7 +130,7 @@ def test_shard_rollover_and_large_files_stream_in_pieces(tmp_path, tokenizer, mo
 
 def test_prepare_reports_json(tmp_path, tokenizer, jsonl_file):
     m = prepare([jsonl_file], tokenizer, tmp_path, jsonl_field="body", val_fraction=0.2, progress=False)
-    assert m["corpus"]["documents"] == 20 and m["corpus"]["skipped_bad_json"] == 2
+    assert m["corpus"]["documents"] == 20 and m["corpus"]["skipped_bad_record"] == 2
     assert json.loads((tmp_path / "manifest.json").read_text()) == m
 
 

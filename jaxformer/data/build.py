@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 from jaxformer.config import DataConfig
-from jaxformer.data.shards import MANIFEST, iter_sources_text, prepare, read_manifest
+from jaxformer.data.corpus import CorpusStats
+from jaxformer.data.prepare import prepare
+from jaxformer.data.shards import has_dataset, iter_sources_text, read_manifest
 from jaxformer.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -15,7 +17,8 @@ log = logging.getLogger(__name__)
 def ensure_data(cfg: DataConfig, vocab_size: int, *, progress: bool = True) -> tuple[Path, Tokenizer]:
     """Return (data_dir, tokenizer), training the tokenizer and writing shards only when missing."""
     data_dir = Path(cfg.data_dir)
-    if (data_dir / MANIFEST).exists():
+    if has_dataset(data_dir):
+        read_manifest(data_dir)  # a split prepare with tasks still missing says so here
         tok = load_tokenizer(data_dir)
         if cfg.tokenizer and load_tokenizer(cfg.tokenizer).sha256() != read_manifest(data_dir)["tokenizer_sha256"]:
             raise ValueError(f"{data_dir} holds shards made with another tokenizer than {cfg.tokenizer}; "
@@ -29,8 +32,6 @@ def ensure_data(cfg: DataConfig, vocab_size: int, *, progress: bool = True) -> t
     print(f"tokenizing {list(cfg.sources)} into {data_dir} ...", flush=True)
     manifest = prepare(cfg.sources, tok, data_dir, val_fraction=cfg.val_fraction, jsonl_field=cfg.jsonl_field,
                        progress=progress)
-    c = manifest["corpus"]
     print(f"prepared {manifest['splits']['train']['n_tokens']:,} train / {manifest['splits']['val']['n_tokens']:,} "
-          f"val tokens from {c['documents']:,} documents ({c['skipped_empty']} empty, "
-          f"{c['skipped_undecodable']} undecodable, {c['skipped_bad_json']} bad JSON skipped)", flush=True)
+          f"val tokens from {CorpusStats(**manifest['corpus']).describe()}", flush=True)
     return data_dir, load_tokenizer(data_dir)

@@ -1,13 +1,15 @@
-"""Corpus -> token shards on disk (`jaxformer prepare`), and the reader the input pipeline uses.
+"""Token shards on disk: their layout, the writer `jaxformer prepare` uses (data/prepare.py), and the readers the
+input pipeline uses.
 
 Layout of an output directory:
-  manifest.json              tokenizer hash, dtype, per-split shard list and counts, skipped inputs
+  manifest.json              tokenizer hash, dtype, per-split shard list and counts, what reading met; a prepare
+                             split over N tasks writes manifest-task{I:05d}-of-{N:05d}.json per task instead, and
+                             the readers here join them (all N must be there) into one dataset
   tokenizer.json (+ config)  the tokenizer the shards were made with
-  {split}_{i:05d}.bin        raw token ids (uint16 when the vocab fits, else uint32); every document
-                             is followed by EOS
-  {split}_{i:05d}.docs.npy   int64 start offset of each document within the shard
+  {split}_[task{I:05d}_]{k:05d}.bin       raw token ids (uint16 when the vocab fits, else uint32); every
+                             document is followed by EOS
+  {split}_[task{I:05d}_]{k:05d}.docs.npy  int64 start offset of each document within the shard
 The split is by document (a hash of its id), so no document straddles train and val.
-Tokenization streams in batches of about `batch_bytes`: memory is bounded whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
+import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from jaxformer.data.corpus import CorpusStats, Document, iter_documents, list_files
-from jaxformer.data.tokenizer import Tokenizer, load_tokenizer
+from jaxformer.data.corpus import CorpusStats, check_not_empty, iter_documents
 
 MANIFEST = "manifest.json"
+TASK_MANIFEST = re.compile(r"manifest-task(\d{5})-of-(\d{5})\.json")
 SPLITS = ("train", "val")
 
 
@@ -39,11 +42,15 @@ def split_of(doc_id: str, val_fraction: float) -> str:
     return "val" if (h % 1_000_000) < val_fraction * 1_000_000 else "train"
 
 
-class _ShardWriter:
-    """Appends documents' tokens to {split}_{i}.bin, rolling to a new shard past max_tokens."""
+def task_manifest_name(task: int, tasks: int) -> str:
+    return f"manifest-task{task:05d}-of-{tasks:05d}.json"
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, max_tokens: int):
-        self.out, self.split, self.dtype, self.max_tokens = out, split, dtype, max_tokens
+
+class ShardWriter:
+    """Appends documents' tokens to {split}_{prefix}{k}.bin, rolling to a new shard past max_tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, max_tokens: int, prefix: str = ""):
+        self.out, self.split, self.dtype, self.max_tokens, self.prefix = out, split, dtype, max_tokens, prefix
         self.shards: list[dict] = []
         self.n_bytes = 0
         self._file = None
@@ -62,7 +69,7 @@ class _ShardWriter:
 
     def _roll(self) -> None:
         self._close_shard()
-        name = f"{self.split}_{len(self.shards):05d}"
+        name = f"{self.split}_{self.prefix}{len(self.shards):05d}"
         self._file = open(self.out / f"{name}.bin", "wb")
         self.shards.append({"tokens": f"{name}.bin", "docs": f"{name}.docs.npy"})
         self._starts, self._pos = [], 0
@@ -81,67 +88,34 @@ class _ShardWriter:
                 "n_docs": sum(s["n_docs"] for s in self.shards), "n_bytes": self.n_bytes}
 
 
-def prepare(sources: Sequence[str | Path] | str, tokenizer: Tokenizer | str | Path, out_dir: str | Path, *,
-            val_fraction: float = 0.01, jsonl_field: str = "text", batch_bytes: int = 4 << 20,
-            max_shard_tokens: int = 1 << 28, progress: bool = True) -> dict:
-    """Tokenize documents into train/val shards under out_dir; returns (and writes) the manifest."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if tok.eos_id is None:
-        raise ValueError("the tokenizer has no end-of-sequence token, which shards put after every document; "
-                         "train one with `jaxformer tokenizer train` or use a tokenizer with an eos_token")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.bin")) + list(out.glob("*.docs.npy")) + [out / MANIFEST]:
-        stale.unlink(missing_ok=True)
-    dtype = token_dtype(tok.vocab_size)
-    writers = {s: _ShardWriter(out, s, dtype, max_shard_tokens) for s in SPLITS}
-    stats = CorpusStats()
-    total = sum(f.stat().st_size for f in list_files(sources))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)
-    t0 = time.perf_counter()
-    batch: list[Document] = []
-    size, open_doc = 0, {}
-    for doc in iter_documents(sources, jsonl_field=jsonl_field, stats=stats):
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= batch_bytes:
-            _flush(batch, tok, writers, val_fraction, bar, open_doc)
-            batch, size = [], 0
-    _flush(batch, tok, writers, val_fraction, bar, open_doc)
-    bar.close()
-    manifest = {
-        "format": "jaxformer-shards", "version": 1, "tokenizer": "tokenizer.json",
-        "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
-        "eos_id": tok.eos_id, "val_fraction": val_fraction,
-        "splits": {s: w.close() for s, w in writers.items()},
-        "corpus": stats.to_dict(), "sources": [str(s) for s in ([sources] if isinstance(sources, (str, Path)) else sources)],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    tok.save(out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+def remove_outputs(out: Path, task: int, tasks: int) -> None:
+    """Delete what an earlier prepare of this task left (one task: everything; task I of N: its own files)."""
+    if tasks == 1:
+        stale = [*out.glob("*.bin"), *out.glob("*.docs.npy"), out / MANIFEST, *out.glob("manifest-task*.json")]
+    else:
+        if (out / MANIFEST).exists():
+            raise ValueError(f"{out} holds a dataset prepared in one task ({MANIFEST}); write the tasks of a split "
+                             "prepare into a new directory")
+        others = [m for m in out.glob("manifest-task*.json") if not m.name.endswith(f"-of-{tasks:05d}.json")]
+        if others:
+            raise ValueError(f"{out} holds tasks of a prepare split {len(others)} other ways ({others[0].name}); "
+                             f"use the same --tasks, or a new directory")
+        tag = f"task{task:05d}_"
+        stale = [*out.glob(f"*_{tag}*.bin"), *out.glob(f"*_{tag}*.docs.npy"), out / task_manifest_name(task, tasks)]
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
-def _flush(batch: list[Document], tok: Tokenizer, writers: dict, val_fraction: float, bar, open_doc: dict) -> None:
-    """Encode a batch in parallel and append it; `open_doc` remembers a document whose pieces continue
-    (corpus.iter_documents yields a document's pieces in order, one after another)."""
-    if not batch:
-        return
-    for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
-        w = writers[split_of(doc.doc_id, val_fraction)]
-        if open_doc.get("id") != doc.doc_id:  # first piece of a document
-            w.begin_document()
-        w.write(ids)
-        nb = len(doc.text.encode("utf-8"))
-        w.n_bytes += nb
-        if doc.final:
-            w.write([tok.eos_id])
-            open_doc.clear()
-        else:
-            open_doc["id"] = doc.doc_id
-        bar.update(nb)
+def save_manifest(out: Path, manifest: dict, tok, name: str) -> None:
+    """The tokenizer files, then the manifest (last: a manifest means the shards are complete). Each file is
+    written beside its destination and renamed into place, so tasks writing the same tokenizer never tear it."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
+        tok.save(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    tmp_manifest = out / f".{name}.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp_manifest, out / name)
 
 
 @dataclasses.dataclass
@@ -158,10 +132,52 @@ class SplitTokens:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.exists():
+    """The dataset's manifest: manifest.json, or the join of a split prepare's task manifests (all of them)."""
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST).exists():
+        return json.loads((data_dir / MANIFEST).read_text())
+    parts = sorted(p for p in data_dir.glob("manifest-task*.json") if TASK_MANIFEST.fullmatch(p.name))
+    if not parts:
         raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: run `jaxformer prepare` to make token shards first")
-    return json.loads(path.read_text())
+    return join_task_manifests(data_dir, [json.loads(p.read_text()) for p in parts])
+
+
+def join_task_manifests(data_dir: Path, parts: list[dict]) -> dict:
+    """One manifest from every task's: shards in task order, counts summed, each task's record kept."""
+    count = parts[0]["task"]["count"]
+    have = {p["task"]["index"] for p in parts}
+    missing = sorted(set(range(count)) - have)
+    if missing:
+        raise FileNotFoundError(f"{data_dir} holds {len(have)} of the {count} tasks of a split prepare; tasks "
+                                f"{missing[:10]} have not finished (no manifest-task*.json): run them "
+                                f"(jaxformer prepare ... --tasks {count} --task I) before training")
+    parts = sorted(parts, key=lambda p: p["task"]["index"])
+    for key in ("tokenizer_sha256", "dtype", "vocab_size", "eos_id", "val_fraction"):
+        values = {json.dumps(p[key]) for p in parts}
+        if len(values) > 1:
+            raise ValueError(f"the tasks in {data_dir} disagree on {key} ({sorted(values)}): prepare every task with "
+                             "the same tokenizer and --val-fraction")
+    joined = {k: parts[0][k] for k in ("format", "version", "tokenizer", "tokenizer_sha256", "vocab_size", "dtype",
+                                       "eos_id", "val_fraction", "sources")}
+    joined["splits"] = {s: {"shards": [sh for p in parts for sh in p["splits"][s]["shards"]],
+                            **{k: sum(p["splits"][s][k] for p in parts) for k in ("n_tokens", "n_docs", "n_bytes")}}
+                        for s in SPLITS}
+    corpus = {}
+    for p in parts:
+        for k, v in p["corpus"].items():
+            corpus[k] = corpus.get(k, [] if isinstance(v, list) else 0) + v
+    joined["corpus"] = corpus
+    if not corpus["documents"]:
+        raise ValueError(f"the {count} tasks in {data_dir} kept no document at all: nothing to train on")
+    joined["tasks"] = [{"task": p["task"], "dedup": p.get("dedup"), "documents": p["corpus"]["documents"],
+                        "seconds": p["seconds"]} for p in parts]
+    return joined
+
+
+def has_dataset(data_dir: str | Path) -> bool:
+    """True when data_dir holds a finished dataset (manifest.json, or task manifests, complete or not)."""
+    data_dir = Path(data_dir)
+    return (data_dir / MANIFEST).exists() or any(data_dir.glob("manifest-task*.json"))
 
 
 def open_split(data_dir: str | Path, split: str) -> SplitTokens:
@@ -181,7 +197,9 @@ def open_split(data_dir: str | Path, split: str) -> SplitTokens:
     return SplitTokens(shards, starts, info["n_bytes"])
 
 
-def iter_sources_text(sources, jsonl_field: str = "text") -> Iterable[str]:
-    """Texts only, for tokenizer training."""
-    for doc in iter_documents(sources, jsonl_field=jsonl_field):
+def iter_sources_text(sources, jsonl_field: str = "text", *, skip_bad_files: bool = False) -> Iterable[str]:
+    """Texts only, for tokenizer training; an EmptyCorpusError at the end when there was none."""
+    stats = CorpusStats()
+    for doc in iter_documents(sources, jsonl_field=jsonl_field, stats=stats, skip_bad_files=skip_bad_files):
         yield doc.text
+    check_not_empty(stats, sources)
