@@ -476,8 +476,16 @@ class DataConfig:
     seq_len: int = 256
     packed: bool = True  # segment ids + per-document positions; False = plain fixed windows
     seed: int = 0
+    # "DIR:WEIGHT,DIR:WEIGHT,...": train on several prepared directories, windows drawn by weight (sources and
+    # data_dir are then unused); YAML may give a mapping {DIR: WEIGHT}
+    mixture: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.mixture, Mapping):
+            object.__setattr__(self, "mixture", ",".join(f"{d}:{w}" for d, w in self.mixture.items()))
+        if self.mixture is not None:
+            for d, _ in self.mixture_weights():
+                require_local("data.mixture", d)
         if isinstance(self.sources, (str, list)):
             object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if not self.sources:
@@ -489,6 +497,26 @@ class DataConfig:
             require_local(f"data.{name}", getattr(self, name))
         for source in self.sources:
             require_local("data.sources", source)
+
+    def mixture_weights(self) -> list[tuple[str, float]]:
+        """[(directory, weight)] of data.mixture, weights summing to 1; [] without a mixture."""
+        if self.mixture is None:
+            return []
+        pairs = []
+        for item in str(self.mixture).split(","):
+            d, sep, w = item.strip().rpartition(":")
+            try:
+                weight = float(w)
+            except ValueError:
+                weight = -1.0
+            if not sep or not d or not weight > 0:
+                raise ValueError(f"data.mixture entry {item!r} must be DIR:WEIGHT with a weight > 0, e.g. "
+                                 "--data.mixture=data/web:0.7,data/code:0.3")
+            pairs.append((d, weight))
+        if len({d for d, _ in pairs}) < len(pairs):
+            raise ValueError(f"data.mixture names a directory twice: {self.mixture!r}")
+        total = sum(w for _, w in pairs)
+        return [(d, w / total) for d, w in pairs]
 
 
 SCHEDULES = ("cosine", "linear", "constant")

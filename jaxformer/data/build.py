@@ -35,3 +35,25 @@ def ensure_data(cfg: DataConfig, vocab_size: int, *, progress: bool = True) -> t
     print(f"prepared {manifest['splits']['train']['n_tokens']:,} train / {manifest['splits']['val']['n_tokens']:,} "
           f"val tokens from {CorpusStats(**manifest['corpus']).describe()}", flush=True)
     return data_dir, load_tokenizer(data_dir)
+
+
+def open_mixture(cfg: DataConfig) -> tuple[list[tuple[str, Path, float]], Tokenizer]:
+    """([(name, directory, weight)], the shared tokenizer) of data.mixture; every directory must hold a prepared
+    dataset made with the same tokenizer."""
+    sources, seen = [], {}
+    for d, weight in cfg.mixture_weights():
+        path = Path(d)
+        if not has_dataset(path):
+            raise FileNotFoundError(f"data.mixture source {d} holds no prepared dataset: make it with `jaxformer "
+                                    f"prepare --input ... --tokenizer TOK --out {d}` (the same TOK for every source)")
+        name = path.name or "data"
+        seen[name] = seen.get(name, 0) + 1
+        sources.append((name if seen[name] == 1 else f"{name}{seen[name]}", path, weight))
+    hashes = {str(p): read_manifest(p)["tokenizer_sha256"] for _, p, _ in sources}
+    if len(set(hashes.values())) > 1:
+        first = sources[0][1]
+        other = next(p for p, h in hashes.items() if h != hashes[str(first)])
+        raise ValueError(f"data.mixture: {other} was prepared with another tokenizer than {first}; prepare every "
+                         "source with the same --tokenizer")
+    return sources, load_tokenizer(sources[0][1])
+

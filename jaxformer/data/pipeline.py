@@ -9,6 +9,7 @@ would predict the next document's first token from the previous one's EOS.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator
 
 import grain
@@ -98,6 +99,57 @@ def batch_rows(ds: grain.MapDataset, batch_size: int, *, shuffle: bool, seed: in
     return ds.batch(batch_size // process_count, drop_remainder=True)
 
 
+class MixturePattern:
+    """Which source each row of a mixture comes from: a seeded shuffle of one period of PERIOD rows holding
+    round(w_k * PERIOD) rows of source k (largest remainders), repeated. Any row's (source, row within that
+    source) is O(1), so the mixture is a grain MapDataset with exact resume, and every process can count what
+    each source has contributed after n rows without reading them."""
+
+    PERIOD = 10_000  # weights are kept to 1 / PERIOD
+
+    def __init__(self, weights: list[float], seed: int):
+        w = np.asarray(weights, np.float64) / np.sum(weights)
+        quota = np.floor(w * self.PERIOD).astype(np.int64)
+        quota[np.argsort(-(w * self.PERIOD - quota), kind="stable")[:self.PERIOD - quota.sum()]] += 1
+        if (quota == 0).any():
+            raise ValueError(f"mixture weights {list(weights)} give a source less than 1 / {self.PERIOD} of the rows")
+        self.quota = quota  # [K] rows per period
+        self.source = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(w)), quota))  # [PERIOD]
+        self.rank = np.zeros(self.PERIOD, np.int64)  # position of each row among its source's rows in the period
+        for k in range(len(w)):
+            self.rank[self.source == k] = np.arange(quota[k])
+        self.before = np.zeros((len(w), self.PERIOD + 1), np.int64)  # [K, r]: rows of source k among the first r
+        self.before[:, 1:] = np.cumsum(self.source[None, :] == np.arange(len(w))[:, None], axis=1)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        period, r = divmod(index, self.PERIOD)
+        k = int(self.source[r])
+        return k, int(period * self.quota[k] + self.rank[r])
+
+    def rows(self, n: int) -> np.ndarray:
+        """[K] rows each source has given among the mixture's first n rows."""
+        period, r = divmod(n, self.PERIOD)
+        return period * self.quota + self.before[:, r]
+
+
+def make_mixture_dataset(splits: list[SplitTokens], weights: list[float], *, seq_len: int, batch_size: int,
+                         packed: bool = True, seed: int = 0, process_index: int = 0,
+                         process_count: int = 1) -> tuple[grain.MapDataset, MixturePattern]:
+    """Windows of several sources, each shuffled (its own seed, a new order each epoch) and repeated, interleaved
+    by MixturePattern, then this process's rows, batched; and the pattern (to count rows per source)."""
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the process count {process_count}")
+    sources = [grain.MapDataset.source(WindowSource(s, seq_len, packed=packed)).shuffle(seed=seed + 1000 * k)
+               .repeat(None) for k, s in enumerate(splits)]
+    pattern = MixturePattern(weights, seed)
+    ds = grain.MapDataset.select_from_datasets(sources, pattern)
+    return batch_rows(ds, batch_size, shuffle=False, seed=seed, repeat=False, process_index=process_index,
+                      process_count=process_count), pattern
+
+
 class DataIterator:
     """An iterator over batches whose position can be saved in and restored from a checkpoint."""
 
@@ -115,3 +167,19 @@ class DataIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._it.set_state(state)
+
+
+class MixtureIterator(DataIterator):
+    """A mixture's batches; scalars() counts the tokens each source has given so far (from the position, so
+    resumes and rollbacks count what was really read)."""
+
+    def __init__(self, ds: grain.MapDataset, pattern: MixturePattern, names: list[str], batch_size: int,
+                 seq_len: int):
+        super().__init__(ds)
+        self.pattern, self.names, self.batch_size, self.seq_len = pattern, names, batch_size, seq_len
+
+    def scalars(self) -> dict[str, int]:
+        """{"tokens/<source>": tokens so far} (global batches: every process counts the same)."""
+        rows = self.pattern.rows(int(self.get_state()["next_index"]) * self.batch_size)
+        return {f"tokens/{name}": int(r) * self.seq_len for name, r in zip(self.names, rows)}
+

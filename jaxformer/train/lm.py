@@ -22,8 +22,8 @@ from jax.sharding import Mesh
 
 from jaxformer.checkpoint import read_run_config
 from jaxformer.config import DataConfig, EncDecConfig, MeshConfig, ModelConfig, TrainConfig
-from jaxformer.data.build import ensure_data
-from jaxformer.data.pipeline import DataIterator, make_dataset
+from jaxformer.data.build import ensure_data, open_mixture
+from jaxformer.data.pipeline import DataIterator, MixtureIterator, make_dataset, make_mixture_dataset
 from jaxformer.data.shards import SplitTokens, open_split
 from jaxformer.data.tokenizer import Tokenizer, copy_tokenizer_files
 from jaxformer.infer import Engine, SamplingParams, generate
@@ -68,14 +68,18 @@ class Pretraining:
     def setup(self, mesh: Mesh) -> Setup:
         mcfg, dcfg, tcfg = self.model_config, self.cfgs["data"], self.cfgs["train"]
         lead = jax.process_index() == 0
-        self.data_dir, self.tok = ensure_data(dcfg, mcfg.vocab_size, progress=self.progress and lead)
+        if dcfg.mixture:
+            sources, self.tok = open_mixture(dcfg)
+            self.data_dir = sources[0][1]  # its tokenizer files go with the model
+        else:
+            self.data_dir, self.tok = ensure_data(dcfg, mcfg.vocab_size, progress=self.progress and lead)
+            sources = [("data", self.data_dir, 1.0)]
         if self.tok.vocab_size > mcfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} tokens but model.vocab_size={mcfg.vocab_size}; "
                              f"set --model.vocab_size={self.tok.vocab_size} or more")
-        train_split, val_split = open_split(self.data_dir, "train"), open_split(self.data_dir, "val")
-        it = DataIterator(make_dataset(train_split, seq_len=dcfg.seq_len, batch_size=tcfg.batch_size,
-                                       packed=dcfg.packed, seed=dcfg.seed, process_index=jax.process_index(),
-                                       process_count=jax.process_count()))
+        val_splits = {name: (open_split(d, "val"), w) for name, d, w in sources}
+        it = train_iterator(sources, dcfg, tcfg.batch_size)
+        val_split = next(iter(val_splits.values()))[0]
         tx = make_optimizer(tcfg)
         self.graphdef, state, shardings = init_train_state(mcfg, tx, mesh, tcfg.seed)
         loss = lm_loss(self.graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss)
@@ -83,8 +87,8 @@ class Pretraining:
                            out_shardings=(shardings["params"], shardings["opt_state"], None), donate_argnums=(0, 1))
         eval_fn = jax.jit(make_eval_step(loss))
         return Setup(state=state, iterator=it, step=lambda p, o, batch, step, limits: train_fn(p, o, batch, (), limits),
-                     evaluate=lambda p: evaluate_lm(eval_fn, p, val_split, dcfg, tcfg.batch_size, tcfg.eval_batches,
-                                                    mesh),
+                     evaluate=lambda p: evaluate_sources(eval_fn, p, val_splits, dcfg, tcfg.batch_size,
+                                                         tcfg.eval_batches, mesh),
                      flops_per_token=train_flops_per_token(mcfg, dcfg.seq_len),
                      meta={"tokenizer_sha256": self.tok.sha256()},
                      parity_batch=held_out_batch(val_split, dcfg, mesh) if tcfg.parity_every else None)
@@ -110,6 +114,35 @@ def draw_sample(model: nnx.Module, tok: Tokenizer, tcfg: TrainConfig) -> str:
                             top_k=tcfg.sample_top_k, seed=tcfg.seed)
     [seq] = generate(Engine(model, max_batch=1), [prompt], params, tokenizer=tok, stop_ids=tok.eos_ids)
     return seq.text
+
+
+def train_iterator(sources: list[tuple[str, Path, float]], data: DataConfig, batch_size: int) -> DataIterator:
+    """This process's batches of the training windows: one prepared directory, or a weighted mixture of several."""
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    splits = [open_split(d, "train") for _, d, _ in sources]
+    if not data.mixture:
+        return DataIterator(make_dataset(splits[0], seq_len=data.seq_len, batch_size=batch_size, packed=data.packed,
+                                         seed=data.seed, **where))
+    ds, pattern = make_mixture_dataset(splits, [w for _, _, w in sources], seq_len=data.seq_len,
+                                       batch_size=batch_size, packed=data.packed, seed=data.seed, **where)
+    return MixtureIterator(ds, pattern, [name for name, _, _ in sources], batch_size, data.seq_len)
+
+
+def evaluate_sources(eval_fn, params, splits: dict[str, tuple[SplitTokens, float]], data: DataConfig,
+                     batch_size: int, max_batches: int, mesh: Mesh) -> dict:
+    """evaluate_lm on one validation split; for a mixture, on each source's (its share of the batches, at least
+    one) with val_loss/<source>, val_bpb/<source>, and val_loss, val_bpb as their means under the weights."""
+    if len(splits) == 1 and not data.mixture:
+        return evaluate_lm(eval_fn, params, next(iter(splits.values()))[0], data, batch_size, max_batches, mesh)
+    out: dict[str, float] = {"val_loss": 0.0, "val_bpb": 0.0, "val_tokens": 0.0}
+    for name, (split, weight) in splits.items():
+        one = evaluate_lm(eval_fn, params, split, data, batch_size, max(1, max_batches // len(splits)), mesh)
+        out.update({f"val_loss/{name}": one["val_loss"], f"val_bpb/{name}": one["val_bpb"]})
+        out["val_loss"] += weight * one["val_loss"]
+        out["val_bpb"] += weight * one["val_bpb"]
+        out["val_tokens"] += one["val_tokens"]
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    return out
 
 
 def evaluate_lm(eval_fn, params, split: SplitTokens, data: DataConfig, batch_size: int, max_batches: int,
@@ -140,16 +173,19 @@ def evaluate_checkpoint(model: nnx.Module, src: str | Path, *, data_dir: str | N
                         seq_len: int | None = None, batch_size: int = 16, batches: int = 50) -> dict:
     """`jaxformer eval` for a language model: held-out loss, perplexity and bits/byte on one device.
 
-    The data settings are the run's (when `src` is a run directory), with data_dir / seq_len overridden.
+    The data settings are the run's (when `src` is a run directory), with data_dir / seq_len overridden; a run
+    trained on a mixture is evaluated on each of its sources (unless data_dir names one directory).
     """
     run_cfg = read_run_config(src) or {}
     data = DataConfig(**run_cfg["data"]) if "data" in run_cfg else DataConfig()
     if data_dir:
-        data = dataclasses.replace(data, data_dir=data_dir)
+        data = dataclasses.replace(data, data_dir=data_dir, mixture=None)
     data = dataclasses.replace(data, seq_len=min(seq_len or data.seq_len, model.config.max_seq_len))
+    sources = open_mixture(data)[0] if data.mixture else [("data", Path(data.data_dir), 1.0)]
     graphdef, params = nnx.split(model)
     eval_fn = jax.jit(make_eval_step(lm_loss(graphdef, packed=data.packed)))
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        out = evaluate_lm(eval_fn, params, open_split(data.data_dir, split), data, batch_size, batches, mesh)
-    return {"split": split, "data_dir": data.data_dir, **out}
+        out = evaluate_sources(eval_fn, params, {n: (open_split(d, split), w) for n, d, w in sources}, data,
+                               batch_size, batches, mesh)
+    return {"split": split, "data_dir": data.mixture or data.data_dir, **out}

@@ -56,7 +56,8 @@ class Setup:
     """What a task hands the driver once its data and train state exist on the mesh."""
 
     state: dict[str, Any]  # params, opt_state, rng (key data): what checkpoints hold
-    iterator: Any  # batches (dicts of numpy arrays) with get_state() / set_state() for exact resume
+    iterator: Any  # batches (dicts of numpy arrays) with get_state() / set_state() for exact resume (and optionally
+    # scalars() -> {name: number} logged with each train record: a mixture's tokens per source)
     # (params, opt_state, batch laid out on the mesh, step number, limits) -> (params, opt_state, metrics); limits
     # are None (train.spike_threshold 0: the plain update) or float32 [max loss, max grad norm], passed to
     # make_train_step's step: over either, or non-finite, params and opt_state come back unchanged, skipped = 1
@@ -318,7 +319,7 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
                     tps = tokens_since / dt
                     logger.log(step, "train", {"loss": loss, "grad_norm": grad_norm, "lr": float(schedule(step - 1)),
                                                "tokens_per_s": tps, "mfu": tps * setup.flops_per_token / peak,
-                                               **moe_scalars(m)})
+                                               **moe_scalars(m), **data_scalars(it)})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                     t_log, tokens_since = time.perf_counter(), 0.0
             val_loss = None
@@ -344,6 +345,11 @@ def run_steps(setup: Setup, *, mesh: Mesh, tcfg: TrainConfig, start: int, ckpt: 
         ckpt.close()
         logger.close()
     return params, {**result, "step": last_good, "loss": loss, **last_eval, "stopped": stop.requested}
+
+
+def data_scalars(iterator: Any) -> dict:
+    """What the data iterator reports beside the loss (a mixture: tokens read per source); {} for most."""
+    return iterator.scalars() if hasattr(iterator, "scalars") else {}
 
 
 def check_finite(loss: float, grad_norm: float, step: int, last_good: int, ckpt: Checkpointer) -> None:
