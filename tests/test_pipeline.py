@@ -55,7 +55,8 @@ def test_packed_batch_equals_documents_run_alone(shards_dir, tokenizer):
     for seg in np.unique(ex["segment_ids"]):
         idx = np.flatnonzero(ex["segment_ids"] == seg)
         alone = model(jnp.asarray(ex["inputs"][idx])[None])[0]
-        np.testing.assert_allclose(packed[idx], alone, atol=1e-5, rtol=1e-5)
+        scale = float(np.abs(alone).max())  # logits up to ~6: elementwise against that (measured 5.4e-7 x it)
+        np.testing.assert_allclose(packed[idx], alone, rtol=0, atol=1e-5 * max(1.0, scale))
 
 
 def _take(it, n):
