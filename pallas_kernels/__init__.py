@@ -3,6 +3,8 @@
 Kernels:
   flash_attention   FlashAttention-2 forward + backward (causal, segment ids, GQA/MQA, any length).
   decode_attention  flash-decoding: a few new queries against a KV cache with per-sequence lengths.
+  paged_attention   paged_decode_attention: the same over a paged KV cache (a page pool shared by all
+                    sequences, one page table per sequence; vLLM's PagedAttention layout).
 
 For GPUs that are not here (docs/gpu.md):
   targets           GPU targets as data (H100, H200, A100): compile-only devices, compiling_for, cubins.

@@ -102,6 +102,49 @@ def _band(length, row_tile, split, st: _Static):
     return clamp_band(lo, clear_lo, floor_blocks(p_first + 1, bk), hi)
 
 
+def _tile_step(carry, q, k, v, kv_start, q_pos, length, st: _Static, masked: bool):
+    """One online-softmax step of the query rows over one cache tile (shared with paged_attention).
+
+    carry (acc [M, H], m [M], l [M]) float32 in log2 units; q [M, H]; k, v [bk, H] holding cache positions
+    kv_start .. kv_start + bk - 1; q_pos [M] the rows' positions. masked=False: every row sees the whole tile.
+    """
+    acc, m, l = carry
+    qk = _dot(q, k, trans_b=True)  # [M, bk]
+    if st.softcap is None:
+        s = qk * (st.sm_scale * LOG2_E)  # log2 units: exp2 is the native instruction
+    else:
+        s = jnp.tanh(qk * (st.sm_scale / st.softcap)) * (st.softcap * LOG2_E)
+    if masked:
+        kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0)
+        live = kv_pos < length
+        visible = (kv_pos[None, :] <= q_pos[:, None]) & live[None, :]
+        if st.window is not None:
+            visible = visible & (kv_pos[None, :] > q_pos[:, None] - st.window)
+        s = jnp.where(visible, s, -jnp.inf)
+        v = jnp.where(live[:, None], v, 0)  # stale cache rows may hold anything, even NaN
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = alpha * l + p.sum(axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+
+def _init_carry(q):
+    """(acc, m, l) before the first tile; m starts at -1e30, not -inf, so fully masked tiles stay NaN-free."""
+    M = q.shape[0]
+    return jnp.zeros(q.shape, jnp.float32), jnp.full((M,), -1e30, jnp.float32), jnp.zeros((M,), jnp.float32)
+
+
+def _write_partial(carry, o_ref, lse_ref):
+    """The split's normalised output and log2-sum-exp (-inf, weight 0 in the combine, when it saw no key)."""
+    acc, m, l = carry
+    seen = l > 0.0
+    l = jnp.where(seen, l, 1.0)
+    o_ref[...] = acc / l[:, None]
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l), -jnp.inf)
+
+
 def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
     # length_ref []; q_ref [bm, H]; k_ref, v_ref [S, H]; o_ref [bm, H] float32; lse_ref [bm] float32
     M, bk = st.block_m, st.block_k
@@ -112,36 +155,11 @@ def _split_kernel(length_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Stati
     q_pos = length - st.n_new + idiv(rows, st.group)  # row r holds token r // G
 
     def step(tile, carry, masked: bool):
-        acc, m, l = carry  # [M, H], [M], [M]
         kv = pl.ds(tile * bk, bk)
-        k, v = k_ref[kv, :], v_ref[kv, :]  # [bk, H]
-        qk = _dot(q, k, trans_b=True)  # [M, bk]
-        if st.softcap is None:
-            s = qk * (st.sm_scale * LOG2_E)  # log2 units: exp2 is the native instruction
-        else:
-            s = jnp.tanh(qk * (st.sm_scale / st.softcap)) * (st.softcap * LOG2_E)
-        if masked:
-            kv_pos = tile * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            live = kv_pos < length
-            visible = (kv_pos[None, :] <= q_pos[:, None]) & live[None, :]
-            if st.window is not None:
-                visible = visible & (kv_pos[None, :] > q_pos[:, None] - st.window)
-            s = jnp.where(visible, s, -jnp.inf)
-            v = jnp.where(live[:, None], v, 0)  # stale cache rows may hold anything, even NaN
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = alpha * l + p.sum(axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return _tile_step(carry, q, k_ref[kv, :], v_ref[kv, :], tile * bk, q_pos, length, st, masked)
 
-    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((M,), -1e30, jnp.float32), jnp.zeros((M,), jnp.float32))
-    acc, m, l = band_loop(_band(length, row_tile, split, st), step, carry)
-
-    seen = l > 0.0
-    l = jnp.where(seen, l, 1.0)
-    o_ref[...] = acc / l[:, None]
-    lse_ref[...] = jnp.where(seen, m + jnp.log2(l), -jnp.inf)  # -inf: this split gets no weight
+    carry = band_loop(_band(length, row_tile, split, st), step, _init_carry(q))
+    _write_partial(carry, o_ref, lse_ref)
 
 
 def _split_call(q_rows, k_cache, v_cache, lengths, st: _Static, blocks: BlockSizes, interpret: bool):

@@ -221,15 +221,17 @@ def check_flash_fits(blocks, head_dim: int, dtype, target: GpuTarget | None = No
                 f"target's defaults ({flash_defaults(head_dim, dtype, target)})")
 
 
-def check_decode_fits(blocks, block_m: int, head_dim: int, dtype, target: GpuTarget | None = None) -> None:
-    """Raise BlockSizesDoNotFit when the decode kernel's tiles certainly overflow the target's shared memory."""
+def check_decode_fits(blocks, block_m: int, head_dim: int, dtype, target: GpuTarget | None = None,
+                      kernel: str = "decode_attention") -> None:
+    """Raise BlockSizesDoNotFit when the decode kernel's tiles certainly overflow the target's shared memory
+    (also paged_decode_attention's, whose cache tile is its page or a slice of it: `kernel` names the caller)."""
     limit, where = _limit_and_name(target or current_target())
     if limit is None:
         return
     floor = decode_floor(blocks.block_k, block_m, head_dim, _itemsize(dtype), blocks.num_stages)
     if floor > limit:
         raise BlockSizesDoNotFit(
-            f"decode_attention with {blocks} ({block_m} query rows per program, head_dim {head_dim}) needs at "
+            f"{kernel} with {blocks} ({block_m} query rows per program, head_dim {head_dim}) needs at "
             f"least {floor} bytes of shared memory per block, more than the {limit} of {where}: use a smaller "
             f"block_k or num_stages, or block_sizes=None ({decode_defaults(head_dim, dtype, target)})")
 
