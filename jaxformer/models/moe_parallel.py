@@ -104,10 +104,8 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
         return P(*(e[0] if len(e) == 1 else e or None for e in entries))
 
     tok = spec(("batch", "seq", None), x.shape)
-    if "expert" not in _axes(tok[0]):
-        rows = int(np.prod([shape[a] for a in _axes(logical_to_spec(("batch",))[0])]))
-        raise ValueError(f"expert parallelism splits the batch over the mesh's batch axes ({rows} ways), but the "
-                         f"batch has {B} rows; use a batch size divisible by {rows}")
+    if "expert" not in _axes(tok[0]):  # too few rows to split (serving: one prompt, a few decode rows)
+        return _token_split(experts, x, logits, cfg, route, capacity, shape)
     c = experts.compute_dtype
     wg, wu, wd = (experts.gate_proj[...].astype(c), experts.up_proj[...].astype(c), experts.down_proj[...].astype(c))
     up_spec = spec(("expert", "mlp", "embed"), wg.shape)  # as jaxformer.sharding lays them out
@@ -136,3 +134,18 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
     y, dropped, load = jax.shard_map(body, in_specs=(tok, tok, up_spec, up_spec, down_spec), out_specs=(tok, P(), P())
                                      )(x, logits.reshape(B, T, E), wg, wu, wd)
     return y.reshape(B * T, D), dropped, load
+
+
+def _token_split(experts, x, logits, cfg, route, capacity, shape):
+    """dispatch over tokens instead of rows: x [B, T, D] as B*T one-token rows, zero-padded to a multiple of the
+    batch axes' size (padding last: it never takes a real token's capacity slot), the padding's outputs dropped.
+    The dropped fraction and the load then count the padding too (inference reads neither)."""
+    B, T, D = x.shape
+    rows = int(np.prod([shape[a] for a in _axes(logical_to_spec(("batch",))[0])]))
+    n = B * T
+    pad = -n % rows
+    xt = jnp.pad(x.reshape(n, 1, D), ((0, pad), (0, 0), (0, 0)))
+    lt = jnp.pad(logits.reshape(n, -1), ((0, pad), (0, 0)))
+    y, dropped, load = dispatch(experts, xt, lt, cfg, route, capacity)
+    return y[:n], dropped, load
+
