@@ -170,7 +170,7 @@ def _sampling_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from jaxformer.infer import Engine, generate, load_model, load_tokenizer_for
+    from jaxformer.infer import generate, load_model, load_tokenizer_for
 
     tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, quantize_to=args.quantize)
@@ -183,13 +183,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("the prompt is empty")
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
-    engine = Engine(model, max_batch=1, kv_dtype=args.kv_cache)
+    engine = _make_engine(args, model, max_batch=1)
     if not args.chat:
         sys.stdout.write(text)
     sys.stdout.flush()
     start = time.perf_counter()
+    drafter = _make_drafter(args, engine)
     [seq] = generate(engine, [ids], _sampling_params(args), tokenizer=tok, stop_ids=stop_ids,
-                     on_text=lambda _, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+                     on_text=lambda _, delta: (sys.stdout.write(delta), sys.stdout.flush()),
+                     **({"drafter": drafter} if drafter is not None else {}))
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(seq.tokens)} tokens in {seconds:.2f}s (first call includes compilation), "
@@ -200,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import logging
     import os
 
-    from jaxformer.infer import Engine, load_model, load_tokenizer_for
+    from jaxformer.infer import load_model, load_tokenizer_for
     from jaxformer.serve import create_app, serve
 
     logging.basicConfig(level=logging.INFO)
@@ -210,9 +212,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load_model(args.ckpt, quantize_to=args.quantize)
     name = args.model_name or Path(args.ckpt).resolve().name
-    engine = Engine(model, max_batch=args.max_batch, kv_dtype=args.kv_cache) if args.kv_cache else None
+    engine = _make_engine(args, model, max_batch=args.max_batch)
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes, engine=engine)
+                     drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes, engine=engine,
+                     prefill_chunk=args.prefill_chunk, drafter=_make_drafter(args, engine))
     serve(app, args.host, args.port)
 
 
@@ -292,7 +295,84 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["int8", "int4"],
                    help="quantize the weights on load (int4: groups of 64); a quantized directory needs no flag")
     g.add_argument("--kv-cache", choices=["int8"], help="store the KV cache as int8 with a scale per position and "
-                   "kv head (about 3.8x less cache memory; `jaxformer quantize` reports its perplexity cost)")
+                   "kv head (about 3.8x less cache memory; `jaxformer quantize` reports its perplexity cost); "
+                   "dense engine only")
+    g.add_argument("--engine", choices=["paged", "dense"], default="paged",
+                   help="paged: a pool of KV pages shared through page tables, prefix caching, chunked prefill "
+                        "(default); dense: a [batch, max_len] cache per slot")
+    g.add_argument("--page-size", type=int, default=16, help="paged engine: tokens per KV page")
+    g.add_argument("--kv-memory", help="paged engine: bytes of KV pages, e.g. 8GiB or 512MiB (default: as many "
+                                       "tokens as a dense cache of the same batch)")
+    g.add_argument("--no-prefix-cache", action="store_true", help="paged engine: never share prompt pages")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="paged engine: prompt tokens prefilled per step between decode steps")
+    g.add_argument("--speculate", help="speculative decoding (paged engine): 'ngram' drafts by prompt lookup; a "
+                                       "checkpoint directory drafts with that smaller model (same tokenizer)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="--speculate: tokens drafted per step")
+    g.add_argument("--mesh.tensor", dest="mesh_tensor", type=int, default=1,
+                   help="split the model over N devices (tensor parallel: heads, MLP, vocab; the KV pages' heads)")
+    g.add_argument("--mesh.expert", dest="mesh_expert", type=int, default=1,
+                   help="Mixture-of-Experts: split the experts over N devices")
+
+
+def _bytes(text: str | None) -> int | None:
+    """'8GiB', '512MiB', '2GB', '1000000' -> bytes."""
+    if text is None:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1}
+    t = text.strip().lower()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--kv-memory={text!r}: give bytes with a unit, e.g. 8GiB, 512MiB or 2GB")
+
+
+def _make_drafter(args: argparse.Namespace, engine):
+    """--speculate: None, prompt lookup, or a draft model loaded from a checkpoint."""
+    if not args.speculate:
+        return None
+    from jaxformer.infer.paged_engine import PagedEngine
+
+    if not isinstance(engine, PagedEngine):
+        raise ValueError("--speculate needs the paged engine (drop --engine dense / --kv-cache)")
+    if args.speculate == "ngram":
+        from jaxformer.infer.speculative import NgramDrafter
+
+        return NgramDrafter(args.draft_tokens)
+    from jaxformer.infer import load_model
+    from jaxformer.infer.draft_model import ModelDrafter
+
+    if not Path(args.speculate).exists():
+        raise ValueError(f"--speculate {args.speculate!r}: give 'ngram' or a draft model's checkpoint directory")
+    return ModelDrafter(load_model(args.speculate), engine, args.draft_tokens)
+
+
+def _make_engine(args: argparse.Namespace, model, max_batch: int):
+    """The engine the generation flags ask for: paged (on a mesh when --mesh.* > 1) or dense."""
+    from jaxformer.infer import Engine
+    from jaxformer.infer.paged_engine import PagedEngine
+
+    if args.engine == "dense" or args.kv_cache:
+        if args.mesh_tensor * args.mesh_expert > 1:
+            raise ValueError("--mesh.tensor / --mesh.expert need the paged engine (drop --engine dense / --kv-cache)")
+        return Engine(model, max_batch=max_batch, kv_dtype=args.kv_cache)
+    mesh = None
+    if args.mesh_tensor * args.mesh_expert > 1:
+        import jax
+
+        from jaxformer import sharding
+        from jaxformer.config import MeshConfig
+
+        n = args.mesh_tensor * args.mesh_expert
+        if n > jax.device_count():
+            raise ValueError(f"--mesh.tensor x --mesh.expert = {n} devices, but {jax.device_count()} are here")
+        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=args.mesh_tensor, expert=args.mesh_expert),
+                                  model.config, devices=jax.devices()[:n])
+    return PagedEngine(model, max_batch=max_batch, page_size=args.page_size, kv_memory=_bytes(args.kv_memory),
+                       prefix_cache=not args.no_prefix_cache, mesh=mesh)
 
 DISTRIBUTED_HELP = ("join a multi-host run that JAX detects by itself (Cloud TPU pod slice, GKE, Open MPI); "
                     "SLURM and JAX_COORDINATOR_ADDRESS runs are joined without it")

@@ -31,6 +31,7 @@ from flax import nnx
 
 from jaxformer.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, apply_penalties, sample_rows
 from jaxformer.models.cache import KVCache
+from jaxformer.models.paged_cache import SCRATCH_PAGE, PagedKVCache
 
 
 @jax.tree_util.register_dataclass
@@ -79,7 +80,7 @@ class StepOut(NamedTuple):
     top_logprobs: np.ndarray
 
 
-def _host(out, batch: int) -> StepOut:
+def host_out(out, batch: int) -> StepOut:
     """One transfer for a step's outputs; without logprobs only the tokens come back."""
     if len(out) == 1:
         return StepOut(np.asarray(jax.device_get(out[0])), np.zeros((batch,), np.float32),
@@ -203,7 +204,7 @@ class Engine:
         seed = secrets.randbits(32) if params.seed is None else params.seed % 2**32
         self.slots, out = self._prefill(self._leaves, self.slots, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(n),
                                         jnp.uint32(seed), RowSettings.of(params), n_top=n_top)
-        return _host(out, 1)
+        return host_out(out, 1)
 
     def decode(self, active: Sequence[bool] | np.ndarray, n_top: int | None = None) -> StepOut:
         """One token for every active slot (inactive rows are computed and ignored); arrays of length B."""
@@ -213,7 +214,7 @@ class Engine:
         if self._active is None or not np.array_equal(self._active[0], active):
             self._active = (active, jnp.asarray(active))  # most steps reuse the previous mask
         self.slots, out = self._decode(self._leaves, self.slots, self._active[1], n_top=n_top)
-        return _host(out, self.max_batch)
+        return host_out(out, self.max_batch)
 
     def decode_hlo(self, n_top: int | None = None) -> str:
         """The decode step as XLA optimized it (HLO text): what runs per token, fusions and all."""
@@ -273,6 +274,11 @@ def _reencode(model, history, rows, n: int, cache: KVCache) -> KVCache:
     prepare_inputs_for_generation), and so does this, once per row, at that step.
     """
     B, S = history.shape
+    if isinstance(cache, PagedKVCache):  # rewritten in place: the other rows' writes go to the scratch page
+        view = cache.replace(page_table=jnp.where(rows[:, None], cache.page_table, SCRATCH_PAGE),
+                             lengths=jnp.zeros_like(cache.lengths))
+        written = model.extend(history[:, :n + 1], view).cache
+        return cache.replace(k=written.k, v=written.v)
     fresh = model.extend(history[:, :n + 1], KVCache.init(model.config, B, S, cache.dtype)).cache
     pick = lambda new, old: jax.tree.map(  # noqa: E731
         lambda a, b: jnp.where(rows.reshape((B,) + (1,) * (a.ndim - 1)), a, b), new, old)

@@ -40,6 +40,9 @@ class Sequence:
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.finish_reason: str | None = None
+        self.seed: int | None = None  # the sampling seed once admitted (a paged engine keeps it across preemptions)
+        self.cached_tokens: int | None = None  # prompt tokens a paged engine found in its prefix cache
+        self.preemptions = 0  # times a paged engine put it back in the queue to free pages
         self.text = ""  # released text (the full text once finished)
         self._pending = ""  # decoded but not yet released (may be the start of a stop string)
 
@@ -49,15 +52,27 @@ class Sequence:
 
     def append(self, out: StepOut, row: int) -> str:
         """Take row `row` of a step's output; returns the newly released text ("" without a tokenizer)."""
-        token = int(out.tokens[row])
+        return self.extend(out.tokens[row:row + 1], out.logprobs[row:row + 1], out.top_ids[row:row + 1],
+                           out.top_logprobs[row:row + 1])
+
+    def extend(self, tokens, logprobs, top_ids, top_logprobs) -> str:
+        """Take several tokens in order (a speculative step's), up to where the sequence ends; returns the newly
+        released text."""
+        delta = ""
+        for j in range(len(tokens)):
+            if self.done:
+                break
+            delta += self._take(int(tokens[j]), logprobs[j], top_ids[j], top_logprobs[j])
+        return delta
+
+    def _take(self, token: int, logprob, top_ids, top_logprobs) -> str:
         if token in self.stop_ids:
             return self.finish("stop")
         self.tokens.append(token)
         if self.params.logprobs is not None:
-            self.logprobs.append(float(out.logprobs[row]))
+            self.logprobs.append(float(logprob))
             n = self.params.logprobs
-            self.top_logprobs.append([(int(i), float(lp)) for i, lp in
-                                      zip(out.top_ids[row, :n], out.top_logprobs[row, :n])])
+            self.top_logprobs.append([(int(i), float(lp)) for i, lp in zip(top_ids[:n], top_logprobs[:n])])
         delta = self._release() if self.tokenizer is not None else ""
         if not self.done and len(self.tokens) >= self.limit:
             delta += self.finish("length")
@@ -132,10 +147,19 @@ class Batcher:
         self.slots = [None if s is not None and s.done else s for s in self.slots]
 
 
+def batcher_for(engine, **kwargs):
+    """The batcher an engine needs: Batcher over a dense Engine's slots, PagedBatcher over a PagedEngine's pages."""
+    from jaxformer.infer.paged_batcher import PagedBatcher  # imports this module (Sequence)
+    from jaxformer.infer.paged_engine import PagedEngine
+
+    return PagedBatcher(engine, **kwargs) if isinstance(engine, PagedEngine) else Batcher(engine)
+
+
 def generate(engine: Engine, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams], *,
              tokenizer: Tokenizer | None = None, stop_ids: Iterable[int] = (),
-             on_text: Callable[[int, str], None] | None = None) -> list[Sequence]:
-    """Generate for every prompt (continuous batching over the engine's slots); finished Sequences in order."""
+             on_text: Callable[[int, str], None] | None = None, **batcher_kw) -> list[Sequence]:
+    """Generate for every prompt (continuous batching over the engine's slots); finished Sequences in order.
+    A PagedEngine's batcher takes `chunk` (prefill tokens per step) and `drafter` (speculative decoding)."""
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
@@ -143,7 +167,7 @@ def generate(engine: Engine, prompts: Seq[Seq[int]], params: SamplingParams | Se
     seqs = [Sequence(p, sp, max_len=engine.max_len, tokenizer=tokenizer, stop_ids=stop_ids)
             for p, sp in zip(prompts, params)]
     index = {id(s): i for i, s in enumerate(seqs)}
-    waiting, batcher = collections.deque(seqs), Batcher(engine)
+    waiting, batcher = collections.deque(seqs), batcher_for(engine, **batcher_kw)
 
     def emit(seq: Sequence, delta: str) -> None:
         if on_text is not None and delta:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,21 @@ from jaxformer.models.layers import Linear, apply_rope, make_norm
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k_cache, v_cache, start [B] int32), see cache_layout
+
+
+class PagedLayer(NamedTuple):
+    """One layer's view of a paged cache (models/paged_cache.py): the shared page pools [num_pages, P, K, H],
+    each sequence's page table [B, max_pages] and its tokens already cached [B]."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    page_table: jax.Array
+    start: jax.Array
 DECODE_KERNEL_MAX_QUERIES = 16  # cached calls with more new tokens (prefill) use the xla path
 NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN
 
@@ -185,6 +197,52 @@ def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Arr
     return write(k_cache, k), write(v_cache, v)
 
 
+def write_paged(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, page_table: jax.Array,
+                start: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """New k/v [B,T,K,H] written at positions start[b]+t, i.e. page page_table[b, pos // P], slot pos % P.
+    Unused table entries point at page 0, scratch that nothing reads, and so do positions past the table."""
+    B, T = k.shape[:2]
+    P, max_pages = k_pages.shape[1], page_table.shape[1]
+    pos = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    page = jnp.take_along_axis(page_table, jnp.minimum(pos // P, max_pages - 1), axis=1)  # [B, T]
+    page = jnp.where(pos < max_pages * P, page, 0)  # past the table (bucket padding): the scratch page
+    at = (page, pos % P)
+    return (k_pages.at[at].set(k.astype(k_pages.dtype), mode="drop"),
+            v_pages.at[at].set(v.astype(v_pages.dtype), mode="drop"))
+
+
+def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths):
+    """A decode kernel on each device's own kv heads: under a mesh whose "tensor" axis splits the heads (queries
+    [B,T,N,H] and pools [P,S,K,H] alike, so each device keeps whole GQA groups), one kernel per shard; a Pallas
+    call has no partitioning rule of its own."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tp = 1 if mesh.empty else dict(mesh.shape).get("tensor", 1)
+    if tp == 1 or k_pages.shape[2] % tp:
+        return kernel(q, k_pages, v_pages, page_table, lengths)
+    heads = jax.sharding.PartitionSpec(None, None, "tensor", None)
+    whole = jax.sharding.PartitionSpec()
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, whole, whole), out_specs=heads,
+                         check_vma=False)(q, k_pages, v_pages, page_table, lengths)
+
+
+def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,
+                 impl: str = "xla", scale: float | None = None, window: int | None = None,
+                 softcap: float | None = None) -> jax.Array:
+    """attend_cached over a paged cache: queries [B,T,N,H] at positions lengths[b]-T+t attend causally to the
+    positions [0, lengths[b]) their page tables hold. impl "pallas" with few queries runs the paged decode kernel;
+    otherwise each sequence's pages are gathered into a contiguous [B, S, K, H] cache for the xla path."""
+    B, T, N, H = q.shape
+    scale = H ** -0.5 if scale is None else scale
+    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES:
+        extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+        kernel = functools.partial(paged_decode_attention, sm_scale=scale, **extra)
+        return per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths)
+    _, P, K, _ = k_pages.shape
+    S = page_table.shape[1] * P
+    k, v = (pages[page_table].reshape(B, S, K, H) for pages in (k_pages, v_pages))  # [B, S, K, H]
+    return xla_attention(q, k, v, _cache_mask(lengths, T, S, window), scale, softcap)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped kv heads: q/k/v/o projections, optional q/k norms and RoPE.
 
@@ -252,6 +310,10 @@ class Attention(nnx.Module):
         else:
             k, v = kv  # [B, S, K, H]
         kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap)
+        if isinstance(cache, PagedLayer):
+            k_pages, v_pages = write_paged(cache.k_pages, cache.v_pages, k, v, cache.page_table, cache.start)
+            out = attend_paged(q, k_pages, v_pages, cache.page_table, cache.start + T, **kw)  # [B, T, N, H]
+            return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_pages, v_pages)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)

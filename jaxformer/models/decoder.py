@@ -7,11 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import Attention
+from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, record, rope_cos_sin,
                                      sinusoidal_positions)
 from jaxformer.models.moe import MoE
+from jaxformer.models.paged_cache import PagedKVCache
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
@@ -102,8 +103,10 @@ class DecoderLM(nnx.Module):
         x = self._blocks(x, ropes, segment_ids, capture, moe_stats)
         return self._logits(x, capture)
 
-    def extend(self, tokens: jax.Array, cache: KVCache, positions: jax.Array | None = None) -> CachedLogits:
-        """Continue each cached sequence b with tokens [B, T] after its cache.lengths[b] tokens.
+    def extend(self, tokens: jax.Array, cache: KVCache | PagedKVCache, positions: jax.Array | None = None
+               ) -> CachedLogits:
+        """Continue each cached sequence b with tokens [B, T] after its cache.lengths[b] tokens (a KVCache, or a
+        PagedKVCache whose page tables hold the pages those positions go to).
 
         Positions default to lengths[b] + t. Returns the logits [B, T, V] and the cache with the new
         keys/values written and lengths advanced by T.
@@ -138,11 +141,15 @@ class DecoderLM(nnx.Module):
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
-    def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache) -> tuple[jax.Array, KVCache]:
         """All blocks over new tokens, each writing its keys/values into its layer of the cache."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, rope_for(layer, ropes), None, (cache.k[i], cache.v[i], cache.lengths))
+            if isinstance(cache, PagedKVCache):
+                layer_cache = PagedLayer(cache.k[i], cache.v[i], cache.page_table, cache.lengths)
+            else:
+                layer_cache = (cache.k[i], cache.v[i], cache.lengths)
+            x, (k, v) = layer(x, rope_for(layer, ropes), None, layer_cache)
             x = constrain(x, ACT)
             ks.append(k)
             vs.append(v)

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxformer.data.tokenizer import Tokenizer
-from jaxformer.infer.engine import Engine
+from jaxformer.infer.paged_batcher import DEFAULT_CHUNK
+from jaxformer.infer.paged_engine import PagedEngine
 from jaxformer.infer.generate import Sequence
 from jaxformer.serve.protocol import APIError, GenRequest, ServerInfo, parse_chat, parse_completion
 from jaxformer.serve.scheduler import Event, Scheduler, Ticket
@@ -37,10 +38,13 @@ MAX_BODY_BYTES = 1 << 20  # request bodies above this get 413 before any parsing
 
 def create_app(model, tokenizer: Tokenizer | None, *, model_name: str = "jaxformer", api_key: str | None = None,
                max_batch: int = 8, max_queue: int = 64, max_len: int | None = None, drain_timeout: float = 30.0,
-               engine: Engine | None = None, warmup: bool = True, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving `model` (its scheduler starts and stops with the app's lifespan)."""
-    engine = engine or Engine(model, max_batch=max_batch, max_len=max_len)
-    scheduler = Scheduler(engine, max_queue=max_queue, drain_timeout=drain_timeout)
+               engine=None, warmup: bool = True, max_body_bytes: int = MAX_BODY_BYTES,
+               prefill_chunk: int = DEFAULT_CHUNK, drafter=None) -> FastAPI:
+    """The FastAPI app serving `model` (its scheduler starts and stops with the app's lifespan); the engine is a
+    PagedEngine unless one is given (infer.Engine or PagedEngine); `drafter` turns on speculative decoding."""
+    engine = engine or PagedEngine(model, max_batch=max_batch, max_len=max_len)
+    scheduler = Scheduler(engine, max_queue=max_queue, drain_timeout=drain_timeout, prefill_chunk=prefill_chunk,
+                          drafter=drafter)
     info = ServerInfo(model_name, engine.max_len, engine.config.vocab_size, tokenizer)
     created = int(time.time())
 
@@ -125,7 +129,7 @@ def create_app(model, tokenizer: Tokenizer | None, *, model_name: str = "jaxform
                 except ValueError as e:  # validation should have caught it; still the client's input
                     raise APIError(400, str(e)) from None
         ticket = scheduler.submit(seqs, asyncio.get_running_loop())
-        answer = Answer(req, tokenizer, model_name, len(seqs))
+        answer = Answer(req, tokenizer, model_name, len(seqs), seqs)
         if req.stream:
             return StreamingResponse(stream(ticket, answer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -212,8 +216,9 @@ def sse(obj: dict) -> str:
 class Answer:
     """Accumulates a request's events into OpenAI response objects (whole, or chunk by chunk)."""
 
-    def __init__(self, req: GenRequest, tokenizer: Tokenizer | None, model: str, n_choices: int):
-        self.req, self.tok, self.model = req, tokenizer, model
+    def __init__(self, req: GenRequest, tokenizer: Tokenizer | None, model: str, n_choices: int,
+                 seqs: list | None = None):
+        self.req, self.tok, self.model, self.seqs = req, tokenizer, model, seqs or []
         self.chat = req.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -282,7 +287,9 @@ class Answer:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.req.prompts)
         completion = sum(len(t) for t in self.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(s.cached_tokens or 0 for s in self.seqs[::self.req.n])  # each prompt's first choice
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def usage_chunk(self) -> dict:
         return {**self._chunk([]), "usage": self.usage()}

@@ -17,8 +17,7 @@ import threading
 import time
 from typing import Sequence as Seq
 
-from jaxformer.infer.engine import Engine
-from jaxformer.infer.generate import Batcher, Sequence
+from jaxformer.infer.generate import Sequence, batcher_for
 from jaxformer.serve.protocol import APIError
 
 log = logging.getLogger("jaxformer.serve")
@@ -55,10 +54,16 @@ class Ticket:
 
 
 class Scheduler:
-    """Continuous batching over an Engine's slots, driven by a background thread."""
+    """Continuous batching over an engine (a dense Engine's slots or a PagedEngine's pages), driven by a background
+    thread."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 64, drain_timeout: float = 30.0):
-        self.engine, self.batcher = engine, Batcher(engine)
+    def __init__(self, engine, *, max_queue: int = 64, drain_timeout: float = 30.0, prefill_chunk: int | None = None,
+                 drafter=None):
+        paged = hasattr(engine, "pool")
+        if drafter is not None and not paged:
+            raise ValueError("speculative decoding needs the paged engine")
+        self._batcher_kw = {k: v for k, v in (("chunk", prefill_chunk), ("drafter", drafter)) if v is not None and paged}
+        self.engine, self.batcher = engine, batcher_for(engine, **self._batcher_kw)
         self.max_queue, self.drain_timeout = max_queue, drain_timeout
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -116,8 +121,10 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self._cv:
+            pool = self.engine.pool.stats() if hasattr(self.engine, "pool") else {}
             return {"slots": self.engine.max_batch, "active": len(self.batcher.active), "waiting": len(self._waiting),
-                    "max_queue": self.max_queue, "paused": self._paused, "stopping": self._stopping, **self.stats}
+                    "max_queue": self.max_queue, "paused": self._paused, "stopping": self._stopping,
+                    **(self.batcher.stats() if hasattr(self.batcher, "stats") else {}), **pool, **self.stats}
 
     def begin_shutdown(self, drain_timeout: float | None = None) -> None:
         """Refuse new requests and end waiting ones (503); running ones finish, or are cut at the deadline."""
@@ -172,7 +179,7 @@ class Scheduler:
                 log.exception("generation failed")
                 for seq in set(self.batcher.active) | set(admit):
                     self._fail(seq, APIError(500, "internal error during generation", code="internal_error"))
-                self.batcher = Batcher(self.engine)
+                self.batcher = batcher_for(self.engine, **self._batcher_kw)
                 self.engine.reset()
 
     def _apply_cancels(self) -> None:
