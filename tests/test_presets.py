@@ -34,6 +34,11 @@ PUBLISHED = {
         num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
         rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, tie_word_embeddings=False,
         attention_bias=False, mlp_bias=False), 8_030_261_248),
+    "llama3.1-70b": ("llama", dict(  # meta-llama/Llama-3.1-70B (the serving plan's model: docs/serving.md)
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False), 70_553_706_496),
     "qwen2.5-0.5b": ("qwen2", dict(  # Qwen/Qwen2.5-0.5B
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",

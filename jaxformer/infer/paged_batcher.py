@@ -5,7 +5,8 @@ server's scheduler drive either. Each step():
 
   1. admit   sequences waiting here (preempted ones first) take free rows while the pool has their pages;
              full prompt pages seen before are shared, not computed (their count is the sequence's
-             cached_tokens). One that does not fit waits: admission stays in arrival order.
+             cached_tokens). One that does not fit waits, and so does one whose prompt prefix another row is
+             prefilling right now (it shares those pages once they are done): admission stays in arrival order.
   2. prefill at most `chunk` prompt tokens in all, oldest row first, so a long prompt is prefilled over
              several steps while the running sequences keep decoding; a row whose prompt is done samples its
              first token.
@@ -41,6 +42,7 @@ class PagedBatcher:
                              "once it passes the original context); serve this model without --speculate")
         self.engine, self.chunk, self.drafter = engine, chunk, drafter
         self.drafted = self.accepted = 0  # draft tokens proposed / kept by the target
+        self.verify_steps = 0  # target calls that checked drafts
         self.rows: list[Sequence | None] = [None] * engine.max_batch
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.admitted: list[int] = []  # rows in admission order (the last is the first preempted)
@@ -84,11 +86,12 @@ class PagedBatcher:
             active = np.zeros(self.engine.max_batch, bool)
             active[running] = True
             n_top = logprobs_mode([self.rows[r].params.logprobs for r in running])
-            if self.drafter is None:
+            drafted = self._drafts(running) if self.drafter is not None else None
+            if drafted is None:  # no drafter, or no row has a draft this step: the plain (cheaper) decode step
                 out = self.engine.decode(active, n_top=n_top)
                 events += [(self.rows[r], self.rows[r].append(out, r)) for r in running]
             else:
-                events += self._verify(running, active, n_top)
+                events += self._verify(running, active, drafted, n_top)
         self._free_finished()
         return events
 
@@ -104,20 +107,29 @@ class PagedBatcher:
         return max(0, min(self.drafter.k, seq.limit - len(seq.tokens) - 1,
                           self.engine.max_len - 2 - self.engine.length(row)))
 
-    def _verify(self, running: list[int], active: np.ndarray, n_top):
+    def _drafts(self, running: list[int]):
+        """(rows, drafts, counts, q) from the drafter, or None when no row got a draft."""
         rows = {r: (self.rows[r].prompt + self.rows[r].tokens, self._room(r)) for r in running}
         table, n_draft, q = self.drafter.draft({r: v for r, v in rows.items() if v[1] > 0}, self.engine.max_batch)
+        if not n_draft.any():
+            self.drafter.verified(rows, np.ones(self.engine.max_batch, np.int64))  # a plain step keeps one token
+            return None
+        return rows, table, n_draft, q
+
+    def _verify(self, running: list[int], active: np.ndarray, drafted, n_top):
+        rows, table, n_draft, q = drafted
         tokens, n_emit, logprobs, top_ids, top_lps = self.engine.verify(active, table, n_draft, q, n_top=n_top)
         self.drafter.verified(rows, n_emit)
         self.drafted += int(n_draft.sum())
         self.accepted += int(sum(n_emit[r] - 1 for r in running))
+        self.verify_steps += 1
         return [(self.rows[r], self.rows[r].extend(tokens[r, :n_emit[r]], logprobs[r], top_ids[r], top_lps[r]))
                 for r in running]
 
     def stats(self) -> dict:
         out = {"preemptions": self.preemptions}
         if self.drafter is not None:
-            out.update(spec_drafted=self.drafted, spec_accepted=self.accepted,
+            out.update(spec_drafted=self.drafted, spec_accepted=self.accepted, spec_verify_steps=self.verify_steps,
                        spec_acceptance=self.accepted / self.drafted if self.drafted else 0.0)
         return out
 
@@ -126,6 +138,8 @@ class PagedBatcher:
     def _admit(self) -> None:
         while self.waiting and None in self.rows:
             seq, row = self.waiting[0], self.rows.index(None)
+            if self.engine.prefix_in_flight(seq.prompt):
+                return  # its prefix is being computed by another row: wait and share it (arrival order kept)
             hit = self.engine.admit(row, seq.prompt + seq.tokens, len(seq.prompt), seq.params, seq.seed)
             if hit is None:
                 return  # not enough free pages: wait for running sequences to finish (arrival order kept)

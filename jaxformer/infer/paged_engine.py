@@ -191,6 +191,21 @@ class PagedEngine:
         self._set_table(row)
         return self.rows[row].hit
 
+    def prefix_in_flight(self, tokens: Sequence[int]) -> bool:
+        """True when some full page of this prompt's prefix is being prefilled by a row right now, and not cached
+        yet: admitted after it, the prompt would share those pages instead of computing them again."""
+        if not self.prefix_cache:
+            return False
+        hashes = page_hashes(tokens, self.page_size)
+        computing = {h for r in self.rows if r is not None and r.cached < len(r.tokens)
+                     for h in r.hashes[r.registered:]}
+        for h in hashes:
+            if h in computing:
+                return True
+            if h not in self.pool.cached:
+                return False
+        return False
+
     def grow(self, rows: Sequence[int], extra: Sequence[int] | None = None) -> bool:
         """Give every listed row the pages its next 1 + extra[i] tokens need (and free pages a sliding window left);
         False when the pool has too few (nothing is taken then)."""

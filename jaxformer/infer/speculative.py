@@ -37,12 +37,15 @@ def target_probs(logits: jax.Array, s: RowSettings) -> jax.Array:
     """The distribution rows sample from: softmax of temperature-scaled, top-k / top-p filtered logits [B, T, V]
     (one-hot argmax for greedy rows)."""
     B, T, V = logits.shape
-    t = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None, None]
-    flat = (logits / t).reshape(B * T, V)
-    filtered = filter_top_k_top_p(flat, jnp.repeat(s.top_k, T), jnp.repeat(s.top_p, T)).reshape(B, T, V)
-    sampled = jax.nn.softmax(filtered, axis=-1)
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=sampled.dtype)
-    return jnp.where((s.temperature > 0)[:, None, None], sampled, greedy)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+
+    def sampled():  # the sort of top-k / top-p only when some row samples
+        t = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None, None]
+        flat = (logits / t).reshape(B * T, V)
+        filtered = filter_top_k_top_p(flat, jnp.repeat(s.top_k, T), jnp.repeat(s.top_p, T)).reshape(B, T, V)
+        return jnp.where((s.temperature > 0)[:, None, None], jax.nn.softmax(filtered, axis=-1), greedy)
+
+    return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
 
 
 def verify_step(model, slots: Slots, drafts: jax.Array, n_draft: jax.Array, q: jax.Array | None, active, *,
@@ -62,24 +65,34 @@ def verify_step(model, slots: Slots, drafts: jax.Array, n_draft: jax.Array, q: j
     generated = lengths + 1 - slots.prompt_len  # tokens this row generated, the one being fed included
     plain = choose(logits[:, 0], slots.history, lengths + 1, slots.prompt_len, s, slots.keys, None)[0]  # [B]
 
-    keys = jax.vmap(jax.random.fold_in)(slots.keys, generated)
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (K,)))(keys)  # [B, K]
-    p = target_probs(logits, s)  # [B, K+1, V]
-    V = p.shape[-1]
-    q = jax.nn.one_hot(drafts, V, dtype=p.dtype) if q is None else q.astype(p.dtype)  # [B, K, V]
-    q = q * (jnp.arange(K)[None, :, None] < n_draft[:, None, None])  # no draft there: the residual is p
-    p_d = jnp.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]  # [B, K]
-    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    kept = (u * q_d <= p_d) & (p_d > 0) & (jnp.arange(K)[None] < n_draft[:, None])  # [B, K]
-    accepted = jnp.sum(jnp.cumprod(kept.astype(jnp.int32), axis=1), axis=1)  # [B] leading kept drafts
-    at = accepted[:, None, None]
-    p_a = jnp.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
-    q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # q past the last draft: 0 (p itself)
-    residual = jnp.maximum(p_a - jnp.take_along_axis(q_pad, at, axis=1)[:, 0], 0.0)
-    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)  # p == q there: any draw of p
-    drawn = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, 2), jnp.log(r)))(keys, residual)
-    greedy = jnp.argmax(jnp.take_along_axis(logits, at, axis=1)[:, 0], axis=-1).astype(jnp.int32)
-    drawn = jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+    in_draft = jnp.arange(K)[None] < n_draft[:, None]  # [B, K]
+
+    def greedy_only():  # every row greedy: keep drafts while they are the target's argmax, then its argmax
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        accepted = jnp.sum(jnp.cumprod((drafts == target[:, :K]) & in_draft, axis=1), axis=1)
+        return accepted, jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+
+    def sampled():
+        keys = jax.vmap(jax.random.fold_in)(slots.keys, generated)
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (K,)))(keys)  # [B, K]
+        p = target_probs(logits, s)  # [B, K+1, V]
+        V = p.shape[-1]
+        q_ = jax.nn.one_hot(drafts, V, dtype=p.dtype) if q is None else q.astype(p.dtype)  # [B, K, V]
+        q_ = q_ * in_draft[..., None]  # no draft there: the residual is p
+        p_d = jnp.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]  # [B, K]
+        q_d = jnp.take_along_axis(q_, drafts[..., None], axis=-1)[..., 0]
+        kept = (u * q_d <= p_d) & (p_d > 0) & in_draft
+        accepted = jnp.sum(jnp.cumprod(kept.astype(jnp.int32), axis=1), axis=1)  # [B] leading kept drafts
+        at = accepted[:, None, None]
+        p_a = jnp.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
+        q_pad = jnp.concatenate([q_, jnp.zeros_like(q_[:, :1])], axis=1)  # past the last draft: 0 (p itself)
+        residual = jnp.maximum(p_a - jnp.take_along_axis(q_pad, at, axis=1)[:, 0], 0.0)
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_a)  # p == q there: any draw of p
+        drawn = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, 2), jnp.log(r)))(keys, residual)
+        greedy = jnp.argmax(jnp.take_along_axis(logits, at, axis=1)[:, 0], axis=-1).astype(jnp.int32)
+        return accepted, jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    accepted, drawn = jax.lax.cond(jnp.any(s.temperature > 0), sampled, greedy_only)
     final = jnp.where(n_draft > 0, drawn, plain)  # [B]
 
     idx = jnp.arange(K + 1)[None]
