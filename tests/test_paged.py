@@ -98,8 +98,8 @@ def test_paged_engine_reproduces_the_dense_engine(model):
         assert p.tokens == d.tokens and p.finish_reason == d.finish_reason
         scale = max(1.0, np.abs(d.logprobs).max())
         assert np.abs(np.subtract(p.logprobs, d.logprobs)).max() <= 1e-5 * scale
-    # the first four were admitted together; the last two found the system prompt's 5 full pages cached
-    assert [p.cached_tokens for p in paged] == [0, 0, 0, 0, 20, 20]
+    # the first computes the system prompt's 5 full pages; the others wait for them, then share them
+    assert [p.cached_tokens for p in paged] == [0, 20, 20, 20, 20, 20]
     assert engine.pool.used == 0 and len(engine.pool.idle) >= 5
 
 
@@ -133,6 +133,28 @@ def test_sliding_layers_free_the_pages_their_window_left():
         peak.append(engine.pool.used)
     assert seq.tokens == dense[0].tokens and len(seq.tokens) == 90
     assert max(peak) <= 4  # a 6-token window spans at most 3 pages of 4, plus the one being filled
+
+
+def test_pool_takes_nine_tenths_of_free_accelerator_memory(monkeypatch):
+    """On an accelerator the pool is 90% of the memory the weights left free, times the tensor ways."""
+    from jaxformer.infer import paged_engine
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    class Mesh:
+        def __init__(self, device, tensor):
+            self.devices, self.shape = np.array([device]), {"data": 1, "tensor": tensor}
+
+    gpu = Device({"bytes_limit": 80 * 2**30, "bytes_in_use": 16 * 2**30})
+    assert paged_engine.free_device_memory(Mesh(gpu, 1)) == int(0.9 * 64 * 2**30)
+    assert paged_engine.free_device_memory(Mesh(gpu, 4)) == int(0.9 * 64 * 2**30 * 4)
+    assert paged_engine.free_device_memory(Mesh(Device(None), 1)) is None  # CPU: the dense engine's tokens
+    assert paged_engine.free_device_memory(Mesh(Device({"bytes_in_use": 5}), 1)) is None
 
 
 def test_engine_errors_name_the_fix(model):

@@ -78,9 +78,13 @@ class PagedEngine:
                              ">= 16 tokens; choose --page-size 16, 32, 64 or 128")
         self.page_size = int(page_size)
         self.max_pages = -(-self.max_len // self.page_size)
+        self.graphdef, state = nnx.split(model)
+        leaves, self.state_def = jax.tree.flatten(state)
+        self._leaves = self._place(state, leaves)  # first: the free memory the pool may take is what they leave
         page_bytes = 2 * cfg.n_layers * self.page_size * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(
             cfg.compute_dtype).itemsize
-        if num_pages is None:  # --kv-memory, else as many tokens as the dense engine reserves
+        if num_pages is None:  # --kv-memory, else what the accelerator has free, else the dense engine's tokens
+            kv_memory = kv_memory or free_device_memory(mesh)
             num_pages = kv_memory // page_bytes if kv_memory else self.max_batch * self.max_pages
             num_pages += 1  # the scratch page
         if num_pages - 1 < self.max_pages:
@@ -93,11 +97,7 @@ class PagedEngine:
         self.sliding_only = all(cfg.layer_window(i) is not None for i in range(cfg.n_layers))
         self.pool = PagePool(int(num_pages), self.page_size)
         self.buckets = prompt_buckets(self.max_len, smallest_bucket)
-        self.graphdef, state = nnx.split(model)
-        leaves, state_def = jax.tree.flatten(state)
-        self._leaves = self._place(state, leaves)
-        self.state_def = state_def
-        self._prefill, self._decode, self._verify = compiled_paged_steps(self.graphdef, state_def)
+        self._prefill, self._decode, self._verify = compiled_paged_steps(self.graphdef, self.state_def)
         self.rows: list[Row | None] = [None] * self.max_batch
         self._lengths = np.zeros(self.max_batch, np.int64)  # tokens in each row's cache
         self._table = np.full((self.max_batch, self.max_pages), SCRATCH_PAGE, np.int32)
@@ -352,6 +352,20 @@ class PagedEngine:
     def lengths(self) -> np.ndarray:
         """Tokens in the cache per row."""
         return np.asarray(jax.device_get(self.slots.cache.lengths))
+
+
+FREE_MEMORY_FRACTION = 0.9  # of what the accelerator has free once the weights are placed, for KV pages
+
+
+def free_device_memory(mesh: Mesh | None) -> int | None:
+    """Bytes of KV pages the devices can hold (all of them together: the pools split over "tensor"): 90% of the
+    first device's free memory times the tensor ways; None where the runtime reports no memory (CPU)."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    ways = dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+    return int(FREE_MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * ways)
 
 
 @functools.lru_cache(maxsize=32)
