@@ -43,8 +43,8 @@ def jax_runner(module: nnx.Module, x: np.ndarray, gy: np.ndarray):
 def hf_block(moe: MoE, cfg: ModelConfig) -> MixtralSparseMoeBlock:
     """transformers' Mixtral block holding the jaxformer block's weights (fused gate_up_proj [E, 2F, D])."""
     hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=cfg.d_model, intermediate_size=cfg.expert_d_ff,
-                                             num_local_experts=cfg.n_experts,
-                                             num_experts_per_tok=cfg.n_experts_per_token, router_jitter_noise=0.0))
+                                             num_local_experts=cfg.moe.n_experts,
+                                             num_experts_per_tok=cfg.moe.n_experts_per_token, router_jitter_noise=0.0))
     t = lambda a: torch.from_numpy(np.asarray(a).copy())  # noqa: E731
     with torch.no_grad():
         hf.gate.weight.copy_(t(moe.gate.weight[...]))

@@ -49,7 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     n = count_params(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
     info = {"model": cfg.to_dict(), "family": cfg.family, "attention": attention_pattern(cfg),
             "heads": head_sharing(cfg), "params": n}
-    if getattr(cfg, "n_experts", 0):  # a Mixture of Experts: what one token runs through
+    if cfg.moe.n_experts:  # a Mixture of Experts: what one token runs through
         from jaxformer.models.moe import active_params
 
         info["active_params"] = active_params(cfg, n)
@@ -61,12 +61,12 @@ def attention_pattern(cfg) -> str:
     types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
     n_sliding = types.count("sliding_attention")
     if n_sliding in (0, len(types)):
-        return "all full" if n_sliding == 0 else f"all sliding (window {cfg.sliding_window})"
+        return "all full" if n_sliding == 0 else f"all sliding (window {cfg.attention.sliding_window})"
     period = next(p for p in range(1, len(types) + 1) if all(t == types[i % p] for i, t in enumerate(types)))
     if period < len(types):  # a repeating pattern (Gemma 2: 1 : 1, Gemma 3: 5 : 1); the last may be cut short
         s = types[:period].count("sliding_attention")
-        return f"{s} sliding (window {cfg.sliding_window}) : {period - s} full"
-    return f"{n_sliding} sliding (window {cfg.sliding_window}), {len(types) - n_sliding} full"
+        return f"{s} sliding (window {cfg.attention.sliding_window}) : {period - s} full"
+    return f"{n_sliding} sliding (window {cfg.attention.sliding_window}), {len(types) - n_sliding} full"
 
 
 def head_sharing(cfg) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -91,13 +92,168 @@ class RopeScaling:
             raise ValueError("rope_scaling type 'longrope' needs short_factor and long_factor (head_dim / 2 each)")
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding (Su et al. 2021): the base, a base of its own for sliding layers, a scaling."""
+
+    theta: float = 10000.0
+    local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: theta
+    scaling: RopeScaling | None = None  # frequency scaling (Llama 3.1 llama3, yarn, Phi-3 longrope...)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scaling, Mapping):
+            object.__setattr__(self, "scaling", build_section(RopeScaling, self.scaling, "model.rope.scaling"))
+        if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
+            raise ValueError(f"rope.scaling must be a mapping of RopeScaling fields or null, got {self.scaling!r}")
+        _number("rope.theta", self.theta)
+        if self.theta <= 0:
+            raise ValueError(f"rope.theta must be > 0, got {self.theta}")
+        if self.local_theta is not None:
+            _number("rope.local_theta", self.local_theta)
+            if self.local_theta <= 0:
+                raise ValueError(f"rope.local_theta must be > 0 (or null), got {self.local_theta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """What softmax attention adds to q k^T / sqrt(d) v: biases, q/k norms, a window, another scale, a soft-cap."""
+
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); ModelConfig.use_bias puts them on every projection
+    qk_norm: str = "none"  # RMSNorm of q and k: per head (Qwen3, Gemma 3) | over the whole projection (OLMo 2)
+    sliding_window: int | None = None  # keys within the last W positions (self included) on sliding layers
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 (Gemma); None: head_dim
+    logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+
+    def __post_init__(self) -> None:
+        _flag("attention.qkv_bias", self.qkv_bias)
+        _choice("attention.qk_norm", self.qk_norm, QK_NORMS)
+        if self.sliding_window is not None:
+            _positive("attention.sliding_window", self.sliding_window)
+        for name in ("query_pre_attn_scalar", "logit_softcap"):
+            v = getattr(self, name)
+            if v is not None:
+                _number(f"attention.{name}", v)
+                if v <= 0:
+                    raise ValueError(f"attention.{name} must be > 0 (or null), got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of Experts in the MLP slot (jaxformer/models/moe.py); n_experts = 0: a dense model."""
+
+    n_experts: int = 0  # E routed SwiGLU experts in each sparse layer's MLP slot
+    n_experts_per_token: int = 2  # top-k experts per token
+    d_ff: int | None = None  # each routed expert's hidden size; None: the model's d_ff
+    shared_d_ff: int = 0  # a dense SwiGLU every token also takes (Qwen2-MoE); 0: none
+    shared_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w [1, D] (Qwen2-MoE)
+    router: str = "mixtral"  # mixtral: softmax over the top-k logits | qwen: softmax over all E, then top-k
+    norm_topk_prob: bool = True  # qwen router: renormalise the top-k probabilities to sum 1 (mixtral always does)
+    every: int = 1  # layer i is sparse when (i + 1) % every == 0 (Qwen's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # layers kept dense whatever `every` says (Qwen's mlp_only_layers)
+    aux_loss_coef: float = 0.001  # training loss + coef * load-balancing loss (Switch Transformer eq. 4)
+    z_loss_coef: float = 0.0  # training loss + coef * router z-loss (ST-MoE eq. 5)
+    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) of N tokens
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise ValueError(f"moe.n_experts must be an integer >= 0 (0: a dense model), got {self.n_experts!r}")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.n_experts == 0:
+            set_ = [f"moe.{k}" for k, v in (("d_ff", self.d_ff), ("shared_d_ff", self.shared_d_ff),
+                                            ("capacity_factor", self.capacity_factor)) if v not in (None, 0)]
+            if set_:
+                raise ValueError(f"{set_} are Mixture-of-Experts settings but moe.n_experts=0 (a dense model); set "
+                                 "moe.n_experts or remove them")
+            return
+        _positive("moe.n_experts_per_token", self.n_experts_per_token)
+        if self.n_experts_per_token > self.n_experts:
+            raise ValueError(f"moe.n_experts_per_token={self.n_experts_per_token} exceeds moe.n_experts="
+                             f"{self.n_experts}; each token takes at most every expert")
+        if self.d_ff is not None:
+            _positive("moe.d_ff", self.d_ff)
+        if not isinstance(self.shared_d_ff, int) or self.shared_d_ff < 0:
+            raise ValueError(f"moe.shared_d_ff must be an integer >= 0 (0: none), got {self.shared_d_ff!r}")
+        for name in ("shared_gate", "norm_topk_prob"):
+            _flag(f"moe.{name}", getattr(self, name))
+        if self.shared_gate and not self.shared_d_ff:
+            raise ValueError("moe.shared_gate=true needs a shared expert: set moe.shared_d_ff > 0")
+        _choice("moe.router", self.router, ROUTERS)
+        if self.router == "mixtral" and not self.norm_topk_prob:
+            raise ValueError("moe.router='mixtral' always normalises over the top-k experts; for unnormalised top-k "
+                             "probabilities use router='qwen' with norm_topk_prob=false")
+        _positive("moe.every", self.every)
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            _number(f"moe.{name}", getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+        if self.capacity_factor is not None:
+            _number("moe.capacity_factor", self.capacity_factor)
+            if self.capacity_factor <= 0:
+                raise ValueError(f"moe.capacity_factor must be > 0 (or null for dropless routing), got "
+                                 f"{self.capacity_factor}")
+
+
+# The model's sub-configs: ModelConfig field -> its class. Their fields are reached as model.<sub>.<field>.
+SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig}
+# Flat names of earlier versions (run directories, exported models, configs written before sub-configs) and
+# their place now; every entry point (constructor, files, --model.X overrides) still takes them.
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    "rope_theta": ("rope", "theta"), "rope_local_theta": ("rope", "local_theta"), "rope_scaling": ("rope", "scaling"),
+    "qkv_bias": ("attention", "qkv_bias"), "qk_norm": ("attention", "qk_norm"),
+    "sliding_window": ("attention", "sliding_window"),
+    "query_pre_attn_scalar": ("attention", "query_pre_attn_scalar"),
+    "attn_logit_softcap": ("attention", "logit_softcap"),
+    "n_experts": ("moe", "n_experts"), "n_experts_per_token": ("moe", "n_experts_per_token"),
+    "moe_d_ff": ("moe", "d_ff"), "shared_expert_d_ff": ("moe", "shared_d_ff"),
+    "shared_expert_gate": ("moe", "shared_gate"), "router": ("moe", "router"),
+    "norm_topk_prob": ("moe", "norm_topk_prob"), "moe_every": ("moe", "every"), "dense_layers": ("moe", "dense_layers"),
+    "router_aux_loss_coef": ("moe", "aux_loss_coef"), "router_z_loss_coef": ("moe", "z_loss_coef"),
+    "capacity_factor": ("moe", "capacity_factor"),
+}
+
+
+def nest_flat_names(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Model fields with FLAT_NAMES moved into their sub-configs (merged over a sub-config given beside them)."""
+    out = {k: v for k, v in kwargs.items() if k not in FLAT_NAMES}
+    moved: dict[str, dict[str, Any]] = {}
+    for flat, (sub, name) in FLAT_NAMES.items():
+        if flat in kwargs:
+            moved.setdefault(sub, {})[name] = kwargs[flat]
+    for sub, fields in moved.items():
+        given = out.get(sub)
+        if given is None:
+            out[sub] = fields
+        elif isinstance(given, Mapping):
+            out[sub] = {**given, **fields}
+        else:
+            out[sub] = dataclasses.replace(given, **fields)
+    return out
+
+
+def accepts_flat_names(cls: type) -> type:
+    """Let cls(...) (and dataclasses.replace, which calls it) take FLAT_NAMES beside the sub-configs."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, **kwargs: Any) -> None:
+        init(self, **nest_flat_names(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
 # How a model runs, not what it is: these may change between a checkpoint and its resume or load.
 EXECUTION_FIELDS = ("attention_impl", "compute_dtype", "remat", "scan_layers")
 
 
+@accepts_flat_names
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only LM shape and components; GPT-2 and Llama are two settings of these fields."""
+    """Decoder-only LM shape and components; GPT-2 and Llama are two settings of these fields.
+
+    The core shape is flat; RoPE, attention variants and Mixture of Experts are sub-configs (model.rope.theta,
+    model.attention.sliding_window, model.moe.n_experts), given as their dataclass or a mapping.
+    """
 
     vocab_size: int = 256
     d_model: int = 64
@@ -108,7 +264,6 @@ class ModelConfig:
     d_ff: int = 256
     max_seq_len: int = 256
     position: str = "rope"  # learned (GPT-2) | rope (Llama) | sinusoidal | none
-    rope_theta: float = 10000.0
     norm: str = "rmsnorm"  # layernorm (with bias) | rmsnorm
     norm_eps: float = 1e-5
     activation: str = "silu"
@@ -122,35 +277,24 @@ class ModelConfig:
     remat: str = "none"  # activation checkpointing per block: none | full | save_dots
     scan_layers: bool = False  # lax.scan over blocks: one compiled body however deep the model
     # --- the open families (docs/models.md): each field is read in one place of models/ and torch_ref/
-    rope_scaling: RopeScaling | None = None  # RoPE frequency scaling (Llama 3.1 llama3, yarn, Phi-3 longrope...)
-    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: rope_theta
-    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); use_bias puts them on every projection
-    qk_norm: str = "none"  # RMSNorm of q and k: per head (Qwen3, Gemma 3) | over the whole projection (OLMo 2)
-    sliding_window: int | None = None  # keys within the last W positions (self included) on sliding layers
     layer_types: tuple[str, ...] | None = None  # per layer full_attention | sliding_attention; None: all full,
-    #   or all sliding when sliding_window is set (Mistral)
+    #   or all sliding when attention.sliding_window is set (Mistral)
     norm_placement: str = "pre"  # pre (Llama) | sandwich (Gemma 2/3: norms before and after) | post (OLMo 2)
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma); weights start at 0
     scale_embedding: bool = False  # token embeddings times sqrt(d_model) (Gemma; the Transformer paper)
-    query_pre_attn_scalar: float | None = None  # attention scores scaled by this ** -0.5 (Gemma); None: head_dim
-    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     export_as: str | None = None  # the Hugging Face model_type to export to (set on import); None: inferred
-    # --- Mixture of Experts (docs/models.md, jaxformer/models/moe.py); n_experts = 0: a dense model
-    n_experts: int = 0  # E routed SwiGLU experts in each sparse layer's MLP slot
-    n_experts_per_token: int = 2  # top-k experts per token
-    moe_d_ff: int | None = None  # each routed expert's hidden size; None: d_ff
-    shared_expert_d_ff: int = 0  # a dense SwiGLU every token also takes (Qwen2-MoE); 0: none
-    shared_expert_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w [1, D] (Qwen2-MoE)
-    router: str = "mixtral"  # mixtral: softmax over the top-k logits | qwen: softmax over all E, then top-k
-    norm_topk_prob: bool = True  # qwen router: renormalise the top-k probabilities to sum 1 (mixtral always does)
-    moe_every: int = 1  # layer i is sparse when (i + 1) % moe_every == 0 (Qwen's decoder_sparse_step)
-    dense_layers: tuple[int, ...] = ()  # layers kept dense whatever moe_every says (Qwen's mlp_only_layers)
-    router_aux_loss_coef: float = 0.001  # training loss + coef * load-balancing loss (Switch Transformer eq. 4)
-    router_z_loss_coef: float = 0.0  # training loss + coef * router z-loss (ST-MoE eq. 5)
-    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) of N tokens
+    rope: RopeConfig = RopeConfig()
+    attention: AttentionConfig = AttentionConfig()
+    moe: MoEConfig = MoEConfig()
 
     def __post_init__(self) -> None:
+        for sub, cls in SUBCONFIGS.items():
+            value = getattr(self, sub)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, sub, build_section(cls, value, f"model.{sub}"))
+            elif not isinstance(value, cls):
+                raise ValueError(f"model.{sub} must be a mapping of {cls.__name__} fields, got {value!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _positive(name, getattr(self, name))
         if self.n_kv_heads is None:
@@ -176,14 +320,12 @@ class ModelConfig:
         _choice("remat", self.remat, REMAT_POLICIES)
         _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("compute_dtype", self.compute_dtype, DTYPES)
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("norm_eps", "init_std"):
             _number(name, getattr(self, name))
         for name in ("gated_mlp", "use_bias", "tie_embeddings", "scan_layers"):
             _flag(name, getattr(self, name))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got head_dim={self.head_dim}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not 0 < self.norm_eps < 1:
             raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         if self.init_std <= 0:
@@ -191,84 +333,47 @@ class ModelConfig:
         self._check_family_fields()
         self._check_moe_fields()
 
+    def _set(self, sub: str, **changes: Any) -> None:
+        """Replace fields of a frozen sub-config during validation (one spelling per architecture)."""
+        object.__setattr__(self, sub, dataclasses.replace(getattr(self, sub), **changes))
+
     def _check_moe_fields(self) -> None:
-        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
-            raise ValueError(f"n_experts must be an integer >= 0 (0: a dense model), got {self.n_experts!r}")
-        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
-        if self.n_experts == 0:
-            set_ = [k for k, v in (("moe_d_ff", self.moe_d_ff), ("shared_expert_d_ff", self.shared_expert_d_ff),
-                                   ("capacity_factor", self.capacity_factor)) if v not in (None, 0)]
-            if set_:
-                raise ValueError(f"{set_} are Mixture-of-Experts settings but n_experts=0 (a dense model); set "
-                                 "n_experts or remove them")
+        moe = self.moe
+        if moe.n_experts == 0:
             return
-        _positive("n_experts_per_token", self.n_experts_per_token)
-        if self.n_experts_per_token > self.n_experts:
-            raise ValueError(f"n_experts_per_token={self.n_experts_per_token} exceeds n_experts={self.n_experts}; "
-                             "each token takes at most every expert")
-        if self.moe_d_ff is not None:
-            _positive("moe_d_ff", self.moe_d_ff)
-            if self.moe_d_ff == self.d_ff:
-                object.__setattr__(self, "moe_d_ff", None)  # one spelling: None is d_ff
-        if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
-            raise ValueError(f"shared_expert_d_ff must be an integer >= 0 (0: none), got {self.shared_expert_d_ff!r}")
-        for name in ("shared_expert_gate", "norm_topk_prob"):
-            _flag(name, getattr(self, name))
-        if self.shared_expert_gate and not self.shared_expert_d_ff:
-            raise ValueError("shared_expert_gate=true needs a shared expert: set shared_expert_d_ff > 0")
-        _choice("router", self.router, ROUTERS)
-        if self.router == "mixtral" and not self.norm_topk_prob:
-            raise ValueError("router='mixtral' always normalises over the top-k experts; for unnormalised top-k "
-                             "probabilities use router='qwen' with norm_topk_prob=false")
-        _positive("moe_every", self.moe_every)
-        bad = [i for i in self.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if moe.d_ff == self.d_ff:
+            self._set("moe", d_ff=None)  # one spelling: None is d_ff
+        bad = [i for i in moe.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
         if bad:
-            raise ValueError(f"dense_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            _number(name, getattr(self, name))
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.capacity_factor is not None:
-            _number("capacity_factor", self.capacity_factor)
-            if self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor must be > 0 (or null for dropless routing), got "
-                                 f"{self.capacity_factor}")
+            raise ValueError(f"moe.dense_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
         if not self.gated_mlp or self.use_bias:
             raise ValueError("Mixture-of-Experts layers are SwiGLU experts without biases: set gated_mlp=true and "
                              "use_bias=false")
         if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
-            raise ValueError(f"n_experts={self.n_experts} but no layer is sparse (moe_every={self.moe_every}, "
-                             f"dense_layers={list(self.dense_layers)}); make at least one layer sparse")
+            raise ValueError(f"moe.n_experts={moe.n_experts} but no layer is sparse (moe.every={moe.every}, "
+                             f"moe.dense_layers={list(moe.dense_layers)}); make at least one layer sparse")
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether block i's MLP slot is a Mixture of Experts (the one place that reads moe_every / dense_layers)."""
-        return self.n_experts > 0 and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
+        """Whether block i's MLP slot is a Mixture of Experts (the one place that reads moe.every / dense_layers)."""
+        moe = self.moe
+        return moe.n_experts > 0 and (i + 1) % moe.every == 0 and i not in moe.dense_layers
 
     @property
     def expert_d_ff(self) -> int:
-        """F of each routed expert: moe_d_ff, else d_ff."""
-        return self.moe_d_ff or self.d_ff
+        """F of each routed expert: moe.d_ff, else d_ff."""
+        return self.moe.d_ff or self.d_ff
 
     def _check_family_fields(self) -> None:
-        if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", build_section(RopeScaling, self.rope_scaling, "model.rope_scaling"))
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"rope_scaling must be a mapping of RopeScaling fields or null, got {self.rope_scaling!r}")
-        _choice("qk_norm", self.qk_norm, QK_NORMS)
         _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-        for name in ("qkv_bias", "norm_unit_offset", "scale_embedding"):
+        for name in ("norm_unit_offset", "scale_embedding"):
             _flag(name, getattr(self, name))
-        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
-            v = getattr(self, name)
-            if v is not None:
-                _number(name, v)
-                if v <= 0:
-                    raise ValueError(f"{name} must be > 0 (or null), got {v}")
-        if self.query_pre_attn_scalar is not None and self.head_dim is not None \
-                and self.query_pre_attn_scalar == self.head_dim:
-            object.__setattr__(self, "query_pre_attn_scalar", None)  # the default scale, said one way
-        if self.sliding_window is not None:
-            _positive("sliding_window", self.sliding_window)
+        if self.final_logit_softcap is not None:
+            _number("final_logit_softcap", self.final_logit_softcap)
+            if self.final_logit_softcap <= 0:
+                raise ValueError(f"final_logit_softcap must be > 0 (or null), got {self.final_logit_softcap}")
+        attn = self.attention
+        if attn.query_pre_attn_scalar is not None and attn.query_pre_attn_scalar == self.head_dim:
+            self._set("attention", query_pre_attn_scalar=None)  # the default scale, said one way
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             for t in self.layer_types:
@@ -276,37 +381,37 @@ class ModelConfig:
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}; "
                                  "give one per layer")
-            if "sliding_attention" in self.layer_types and self.sliding_window is None:
-                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
-            # one spelling per architecture: uniform layer types are said by sliding_window alone
+            if "sliding_attention" in self.layer_types and attn.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but attention.sliding_window is not set")
+            # one spelling per architecture: uniform layer types are said by attention.sliding_window alone
             if set(self.layer_types) == {"sliding_attention"}:
                 object.__setattr__(self, "layer_types", None)
             elif set(self.layer_types) == {"full_attention"}:
                 object.__setattr__(self, "layer_types", None)
-                object.__setattr__(self, "sliding_window", None)
+                self._set("attention", sliding_window=None)
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'sliding_attention' for block i (the one place that reads layer_types)."""
         if self.layer_types is not None:
             return self.layer_types[i]
-        return "full_attention" if self.sliding_window is None else "sliding_attention"
+        return "full_attention" if self.attention.sliding_window is None else "sliding_attention"
 
     def layer_window(self, i: int) -> int | None:
         """Block i's sliding window (keys t - W < s <= t), or None for full causal attention."""
-        return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
+        return self.attention.sliding_window if self.layer_type(i) == "sliding_attention" else None
 
     @property
     def rope_switch_len(self) -> int | None:
         """Where longrope's factors switch (its original context), at which generation re-encodes; else None."""
-        s = self.rope_scaling
+        s = self.rope.scaling
         if s is None or s.rope_type != "longrope" or self.position != "rope":
             return None
         return s.original_max_position_embeddings or self.max_seq_len
 
     @property
     def attention_scale(self) -> float:
-        """The factor on q·k: query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        """The factor on q·k: attention.query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
+        return (self.attention.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def gpt2(cls, **overrides: Any) -> "ModelConfig":
@@ -335,19 +440,20 @@ class ModelConfig:
             return "gpt2"
         if (self.position, self.norm, self.gated_mlp) != ("rope", "rmsnorm", True):
             return None
-        if self.n_experts:
-            if self.qk_norm == "head":
+        attn = self.attention
+        if self.moe.n_experts:
+            if attn.qk_norm == "head":
                 return "qwen3_moe"
-            return "qwen2_moe" if self.qkv_bias or self.shared_expert_d_ff else "mixtral"
+            return "qwen2_moe" if attn.qkv_bias or self.moe.shared_d_ff else "mixtral"
         if self.norm_unit_offset:
-            return {"sandwich": "gemma3_text" if self.qk_norm == "head" else "gemma2"}.get(self.norm_placement, "gemma")
+            return {"sandwich": "gemma3_text" if attn.qk_norm == "head" else "gemma2"}.get(self.norm_placement, "gemma")
         if self.norm_placement == "post":
             return "olmo2"
-        if self.qk_norm == "head":
+        if attn.qk_norm == "head":
             return "qwen3"
-        if self.qkv_bias:
+        if attn.qkv_bias:
             return "qwen2"
-        if self.sliding_window is not None:
+        if attn.sliding_window is not None:
             return "mistral"
         return "llama" if self.activation == "silu" else None
 
@@ -358,18 +464,27 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def architecture(self) -> dict[str, Any]:
-        """The fields that define the parameters and the function they compute (EXECUTION_FIELDS left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        """The fields that define the parameters and the function they compute (EXECUTION_FIELDS left out), sub-
+        config fields by dotted name ("moe.n_experts"), so that a difference names the one field that differs."""
+        out = {}
+        for k, v in self.to_dict().items():
+            if k in SUBCONFIGS:
+                out.update({f"{k}.{name}": value for name, value in v.items()})
+            elif k not in EXECUTION_FIELDS:
+                out[k] = v
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        return build_section(cls, d, "model")
+        """The config from a mapping: sub-configs nested or by FLAT_NAMES (what earlier versions wrote)."""
+        return build_section(cls, nest_flat_names(d), "model")
 
 
 ENCDEC_POSITIONS = ("sinusoidal", "learned")
 MARIAN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")  # what transformers' Marian can express
 
 
+@accepts_flat_names
 @dataclasses.dataclass(frozen=True)
 class EncDecConfig(ModelConfig):
     """Encoder-decoder Transformer (Vaswani et al. 2017): n_encoder_layers encoder blocks, n_layers decoder blocks.
@@ -399,9 +514,10 @@ class EncDecConfig(ModelConfig):
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        if self.n_experts:
-            raise ValueError("Mixture-of-Experts layers (n_experts > 0) are a decoder-only option; the "
-                             "encoder-decoder needs n_experts=0")
+        moe = self.moe
+        if (moe.get("n_experts") if isinstance(moe, Mapping) else getattr(moe, "n_experts", 0)):
+            raise ValueError("Mixture-of-Experts layers (moe.n_experts > 0) are a decoder-only option; the "
+                             "encoder-decoder needs moe.n_experts=0")
         if self.init_std is None and isinstance(self.d_model, int) and self.d_model > 0:
             object.__setattr__(self, "init_std", self.d_model ** -0.5)
         super().__post_init__()
@@ -446,6 +562,7 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     This is the one place that decides between the decoder-only LM and the encoder-decoder; everything
     downstream (model class, training loop, evaluation, Hugging Face export) follows the config's type.
     """
+    d = nest_flat_names(d)
     if "n_encoder_layers" in d:
         return build_section(EncDecConfig, d, "model")
     encdec_only = sorted(set(d) & (ENCDEC_FIELDS - set(MODEL_FIELDS)))
@@ -695,18 +812,46 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+NESTED: dict[type, dict[str, type]] = {RopeConfig: {"scaling": RopeScaling}}  # besides the model's SUBCONFIGS
+
+
+def _set_dotted(section: dict[str, Any], cls: type, keys: list[str], value: Any, dotted: str) -> None:
+    """section[k1][k2]... = value, each key checked against the dataclass it names (sub-configs nest)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    if keys[0] not in valid:
+        raise ValueError(f"unknown key {keys[0]!r} in {dotted!r}; valid keys there: {valid}")
+    if len(keys) == 1:
+        section[keys[0]] = value
+        return
+    sub = (SUBCONFIGS if issubclass(cls, ModelConfig) else NESTED.get(cls, {})).get(keys[0])
+    if sub is None:
+        raise ValueError(f"{keys[0]!r} in {dotted!r} has no fields of its own to set")
+    given = section.get(keys[0])
+    inner = dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})
+    _set_dotted(inner, sub, keys[1:], value, dotted)
+    section[keys[0]] = inner
+
+
 def apply_overrides(raw: dict[str, dict[str, Any]], overrides: Mapping[str, Any]) -> dict:
-    """Merge dotted overrides into a raw {section: {key: value}} mapping, rejecting unknown names."""
+    """Merge dotted overrides into a raw {section: {key: value}} mapping, rejecting unknown names.
+
+    The model section nests: --model.moe.n_experts=8, --model.rope.scaling.factor=8; the flat names of earlier
+    versions (--model.n_experts=8) reach the same fields."""
     merged = {s: dict(v) for s, v in raw.items()}
+    if "model" in merged:
+        merged["model"] = nest_flat_names(merged["model"])
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r} in {dotted!r}; sections: {sorted(SECTIONS)}")
         cls = EncDecConfig if section == "model" else SECTIONS[section]  # the model section may be either
-        valid = [f.name for f in dataclasses.fields(cls)]
-        if key not in valid:
-            raise ValueError(f"unknown key {key!r} in {dotted!r}; valid {section} keys: {valid}")
-        merged.setdefault(section, {})[key] = value
+        keys = key.split(".")
+        if section == "model" and keys[0] in FLAT_NAMES:
+            keys = [*FLAT_NAMES[keys[0]], *keys[1:]]
+        if section != "model" and len(keys) > 1:
+            raise ValueError(f"unknown key {key!r} in {dotted!r}; valid {section} keys: "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        _set_dotted(merged.setdefault(section, {}), cls, keys, value, dotted)
     return merged
 
 

@@ -80,7 +80,7 @@ def test_cudnn_on_cpu_warns_and_falls_back_to_xla():
 
 def test_llama3_8b_preset_shape_and_param_count():
     cfg = jaxformer.load_model_config("llama3-8b")
-    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta) == (32, 8, 128, 500000.0)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope.theta) == (32, 8, 128, 500000.0)
     abstract = nnx.eval_shape(lambda: jaxformer.DecoderLM(cfg, rngs=nnx.Rngs(0)))
     assert jaxformer.count_params(abstract) == 8_030_261_248  # Meta's published Llama-3-8B count
     shapes = {".".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

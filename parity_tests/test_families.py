@@ -102,7 +102,7 @@ def test_attention(case, segments):
     window = cfg.layer_window(0)
     jmod, tmod = _twin(lambda: jattn.Attention(cfg, window=window, rngs=nnx.Rngs(0)),
                        tattn.Attention(cfg, window=window), seed=10)
-    if cfg.qkv_bias:
+    if cfg.attention.qkv_bias:
         assert tmod.o_proj.bias is None and tmod.q_proj.bias is not None
     rope, seg = _rope(cfg, seed=11, segments=segments)
     inputs = {"x": _x(12, B, T_MOD, cfg.d_model), "rope": rope, "segment_ids": seg}

@@ -197,6 +197,6 @@ def test_weight_names_are_transformers_names():
 def test_length_dependent_rope_switches(name):
     """The long-context regime really differs from the short one (else the two-length test proves little)."""
     cfg = CASES[name].ours
-    short, long = (rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len, T)[0]
+    short, long = (rope_inv_freq(cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len, T)[0]
                    for T in CASES[name].lengths)
     assert (short - long).abs().max() > 1e-3 * short.abs().max()

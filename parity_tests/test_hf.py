@@ -112,7 +112,7 @@ def load_exported(case: Case, path: Path):
     assert c.vocab_size == case.ours.vocab_size and c.tie_word_embeddings == case.ours.tie_embeddings
     if case.family == "llama":
         assert c.num_key_value_heads == case.ours.n_kv_heads
-        assert c.rope_parameters["rope_theta"] == case.ours.rope_theta
+        assert c.rope_parameters["rope_theta"] == case.ours.rope.theta
         assert c.head_dim == case.ours.head_dim
     return hf.eval()
 

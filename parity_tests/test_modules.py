@@ -141,7 +141,7 @@ def rope_and_segments(cfg: ModelConfig, segments: bool, seed: int, length: int =
         seg, pos = random_segments(rng, B, length, n_docs=n_docs)
     else:
         seg, pos = None, np.broadcast_to(np.arange(length, dtype=np.int32), (B, length)).copy()
-    cos, sin = jl.rope_cos_sin(jnp.asarray(pos), cfg.head_dim, cfg.rope_theta)
+    cos, sin = jl.rope_cos_sin(jnp.asarray(pos), cfg.head_dim, cfg.rope.theta)
     return (np.asarray(cos), np.asarray(sin)), seg
 
 

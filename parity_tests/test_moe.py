@@ -45,17 +45,17 @@ def _silu(a):
 def numpy_moe(cfg: ModelConfig, w: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, float]:
     """A plain loop over tokens: (output [N, D], dropped fraction) in float64."""
     x = x.astype(np.float64)
-    N, E, k = x.shape[0], cfg.n_experts, cfg.n_experts_per_token
+    N, E, k = x.shape[0], cfg.moe.n_experts, cfg.moe.n_experts_per_token
     logits = x @ w["gate.weight"].T  # [N, E]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # ties: lower expert id
     top = np.take_along_axis(probs, idx, -1)
-    if cfg.router == "mixtral" or cfg.norm_topk_prob:
+    if cfg.moe.router == "mixtral" or cfg.moe.norm_topk_prob:
         top = top / top.sum(-1, keepdims=True)
     keep = np.ones((N, k), bool)
-    if cfg.capacity_factor is not None:  # per expert, first come first served in (slot, token) order
-        cap, taken = math.ceil(cfg.capacity_factor * N * k / E), np.zeros(E, int)
+    if cfg.moe.capacity_factor is not None:  # per expert, first come first served in (slot, token) order
+        cap, taken = math.ceil(cfg.moe.capacity_factor * N * k / E), np.zeros(E, int)
         for j in range(k):
             for n in range(N):
                 e = idx[n, j]
@@ -68,10 +68,10 @@ def numpy_moe(cfg: ModelConfig, w: dict[str, np.ndarray], x: np.ndarray) -> tupl
                 e = idx[n, j]
                 h = _silu(w["experts.gate_proj"][e] @ x[n]) * (w["experts.up_proj"][e] @ x[n])
                 out[n] += top[n, j] * (w["experts.down_proj"][e] @ h)
-    if cfg.shared_expert_d_ff:
+    if cfg.moe.shared_d_ff:
         s = w["shared_expert.down_proj.weight"] @ (_silu(w["shared_expert.gate_proj.weight"] @ x.T)
                                                     * (w["shared_expert.up_proj.weight"] @ x.T))
-        gate = 1.0 / (1.0 + np.exp(-(x @ w["shared_expert_gate.weight"].T))) if cfg.shared_expert_gate else 1.0
+        gate = 1.0 / (1.0 + np.exp(-(x @ w["shared_expert_gate.weight"].T))) if cfg.moe.shared_gate else 1.0
         out += gate * s.T
     return out, 1.0 - keep.mean()
 
@@ -93,11 +93,11 @@ def test_moe_layer_matches_torch_ref_and_numpy(name):
     ref, dropped = numpy_moe(cfg, {k: np.asarray(v[...], np.float64) for k, v in jax_params(moe).items()},
                              x.reshape(-1, cfg.d_model))
     assert_outputs_close(y.reshape(-1, cfg.d_model), ref, f"{name} vs numpy")
-    assert (dropped > 0.05) == (cfg.capacity_factor is not None), "capacity case must drop, dropless must not"
+    assert (dropped > 0.05) == (cfg.moe.capacity_factor is not None), "capacity case must drop, dropless must not"
     np.testing.assert_allclose(float(stats[0]["dropped"]), dropped, atol=1e-6)
     np.testing.assert_allclose(float(tstats[0]["dropped"]), dropped, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats[0]["load"]), tstats[0]["load"].numpy())
-    assert float(np.asarray(stats[0]["load"]).sum()) == x.shape[0] * x.shape[1] * cfg.n_experts_per_token
+    assert float(np.asarray(stats[0]["load"]).sum()) == x.shape[0] * x.shape[1] * cfg.moe.n_experts_per_token
 
 
 # dense, sparse, dense (a Qwen mlp_only layer), sparse: Qwen's decoder_sparse_step 2; qwen router with a gated
@@ -117,10 +117,10 @@ def _torch_objective(module, cfg, tokens, targets, mask):
     ce = (F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none") * mask.reshape(-1)).sum()
     ce = ce / mask.sum()
     router = tuple(s["router_logits"] for s in stats)
-    aux = load_balancing_loss_func(router, cfg.n_experts, cfg.n_experts_per_token, mask)
+    aux = load_balancing_loss_func(router, cfg.moe.n_experts, cfg.moe.n_experts_per_token, mask)
     z = torch.stack([(torch.logsumexp(r, -1) ** 2 * mask.reshape(-1)).sum() for r in router]).sum()
     z = z / (len(router) * mask.sum())
-    return logits, ce + cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z
+    return logits, ce + cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * z
 
 
 def test_model_logits_loss_with_aux_and_grads_match_torch_ref():

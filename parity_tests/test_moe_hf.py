@@ -94,7 +94,7 @@ def test_import_and_export_match_transformers(name, tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     model = load_hf(tmp_path / "hf")
     n_experts = getattr(hf_model.config, "num_local_experts", None) or hf_model.config.num_experts
-    assert model.config.family == name and model.config.n_experts == n_experts
+    assert model.config.family == name and model.config.moe.n_experts == n_experts
     tokens = np.random.default_rng(2).integers(3, COMMON["vocab_size"], (2, T)).astype(np.int64)
     ref = _hf_logits(hf_model, tokens)
     ours = jax_logits(model, tokens.astype(np.int32))

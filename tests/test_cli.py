@@ -103,7 +103,7 @@ def test_convert_round_trip_hf_jaxformer_torch_hf(tmp_path, capsys, family):
     cfg = native.read_config(w_file)
     assert cfg.family == family and cfg.n_layers == 2 and cfg.vocab_size == 96
     if family == "llama":
-        assert (cfg.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (2, 50000.0, 1e-6, False)
+        assert (cfg.n_kv_heads, cfg.rope.theta, cfg.norm_eps, cfg.tie_embeddings) == (2, 50000.0, 1e-6, False)
     else:
         assert cfg.tie_embeddings and cfg.position == "learned" and cfg.max_seq_len == 64
     ref = torch_ref.DecoderLM(cfg)

@@ -61,10 +61,10 @@ def test_sizes_must_be_positive_integers(field, value):
 
 
 @pytest.mark.parametrize("kw, pattern", [
-    (dict(rope_theta=0.0), "rope_theta"), (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(rope_theta=0.0), r"rope\.theta"), (dict(rope_theta=-1.0), r"rope\.theta"),
     (dict(norm_eps=0.0), "norm_eps"), (dict(norm_eps=1.5), "norm_eps"), (dict(init_std=0.0), "init_std"),
     # wrong types: a clear ValueError, not a TypeError from a comparison deep inside
-    (dict(norm_eps="abc"), "norm_eps"), (dict(rope_theta="x"), "rope_theta"), (dict(init_std=None), "init_std"),
+    (dict(norm_eps="abc"), "norm_eps"), (dict(rope_theta="x"), r"rope\.theta"), (dict(init_std=None), "init_std"),
     (dict(gated_mlp="yes"), "gated_mlp"), (dict(tie_embeddings=1), "tie_embeddings"),
     (dict(use_bias=None), "use_bias"),
 ])
@@ -84,7 +84,9 @@ def test_remote_urls_are_refused_with_what_to_do(make):
 def test_architecture_leaves_out_how_it_runs():
     cfg = ModelConfig.llama(remat="full", scan_layers=True, attention_impl="pallas", compute_dtype="bfloat16")
     assert cfg.architecture() == ModelConfig.llama().architecture()
-    assert set(cfg.to_dict()) - set(cfg.architecture()) == set(EXECUTION_FIELDS)
+    nested = {k for k, v in cfg.architecture().items() if "." in k}  # sub-config fields by dotted name
+    assert set(cfg.to_dict()) - set(cfg.architecture()) == set(EXECUTION_FIELDS) | {"rope", "attention", "moe"}
+    assert {k.split(".")[0] for k in nested} == {"rope", "attention", "moe"} and "moe.n_experts" in nested
     assert cfg.architecture() != ModelConfig.llama(d_ff=512).architecture()
 
 
@@ -150,7 +152,7 @@ def test_preset_values():
     assert gpt2.family == "gpt2" and gpt2.tie_embeddings and gpt2.max_seq_len == 1024
     llama = load_model_config("llama3-8b")
     assert llama.family == "llama" and (llama.n_heads, llama.n_kv_heads, llama.head_dim) == (32, 8, 128)
-    assert llama.rope_theta == 500000.0 and llama.param_dtype == "bfloat16"
+    assert llama.rope.theta == 500000.0 and llama.param_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("overrides", [["--model.n_layers=4"], ["--model.n_layers", "4"]])
@@ -163,6 +165,33 @@ def test_override_mapping_form():
     assert load_model_config("tiny", {"model.d_ff": 128}).d_ff == 128
 
 
+def test_nested_overrides_reach_sub_configs(tmp_path):
+    cfg = load_model_config("mixtral-8x7b", ["--model.moe.n_experts=4", "--model.attention.sliding_window=64",
+                                             "--model.rope.scaling.rope_type=linear", "--model.rope.scaling.factor=4"])
+    assert (cfg.moe.n_experts, cfg.moe.n_experts_per_token, cfg.moe.aux_loss_coef) == (4, 2, 0.02)  # rest kept
+    assert cfg.attention.sliding_window == 64 and cfg.rope.scaling.factor == 4.0 and cfg.rope.theta == 1e6
+    # the flat names of earlier versions reach the same fields, over a preset written nested
+    assert load_model_config("mixtral-8x7b", ["--model.n_experts=4"]).moe == cfg.moe
+    with pytest.raises(ValueError, match=r"unknown key 'n_expert' in 'model.moe.n_expert'.*n_experts_per_token"):
+        load_model_config("mixtral-8x7b", ["--model.moe.n_expert=4"])
+    with pytest.raises(ValueError, match="has no fields of its own"):
+        load_model_config("tiny", ["--model.d_model.x=4"])
+
+
+def test_configs_written_flat_by_earlier_versions_still_load():
+    """Run directories and exported models store model sections as earlier versions wrote them: flat."""
+    flat = {"vocab_size": 97, "d_model": 32, "n_layers": 4, "n_heads": 4, "rope_theta": 5e5, "qk_norm": "head",
+            "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2, "n_experts": 4,
+            "moe_d_ff": 48, "shared_expert_d_ff": 16, "shared_expert_gate": True, "router": "qwen",
+            "router_aux_loss_coef": 0.01, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    cfg = ModelConfig.from_dict(flat)
+    assert cfg == ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))  # and the nested form it writes now
+    assert (cfg.rope.theta, cfg.rope.scaling.factor, cfg.attention.qk_norm, cfg.attention.sliding_window) == \
+        (5e5, 2.0, "head", 8)
+    assert (cfg.moe.d_ff, cfg.moe.shared_d_ff, cfg.moe.shared_gate, cfg.moe.aux_loss_coef) == (48, 16, True, 0.01)
+    assert cfg.to_dict()["moe"]["n_experts"] == 4 and "n_experts" not in cfg.to_dict()
+
+
 def test_typed_override_parsing():
     args = ["--model.norm_eps=1e-5", "--model.rope_theta", "5e5", "--model.init_std=0.01",
             "--model.tie_embeddings=true", "--model.use_bias", "False", "--model.n_kv_heads=null",
@@ -173,7 +202,7 @@ def test_typed_override_parsing():
                       "model.d_model": 128, "model.position": "learned"}
     assert type(parsed["model.d_model"]) is int and type(parsed["model.norm_eps"]) is float
     cfg = load_model_config("tiny", args)
-    assert cfg.norm_eps == 1e-5 and cfg.rope_theta == 5e5 and cfg.tie_embeddings is True
+    assert cfg.norm_eps == 1e-5 and cfg.rope.theta == 5e5 and cfg.tie_embeddings is True
     assert cfg.n_kv_heads == cfg.n_heads == 4  # null -> default -> n_heads
     assert cfg.d_model == 128 and cfg.head_dim == 32 and cfg.position == "learned"
 

@@ -74,8 +74,8 @@ def test_train_cli_from_a_preset_with_overrides(tmp_path, shards_dir, capsys):
             "--train.peak_tflops=1.0", "--train.log_every=1", *(f"--train.{k}={v}" for k, v in RUN.items())]
     main(["train", "--config", "llama3.2-1b", "--no-progress", *args])
     cfg, preset = load_config("llama3.2-1b", args)["model"], load_config("llama3.2-1b")["model"]
-    for kept in ("rope_theta", "rope_scaling", "tie_embeddings", "norm_eps", "activation"):
+    for kept in ("rope", "tie_embeddings", "norm_eps", "activation"):
         assert getattr(cfg, kept) == getattr(preset, kept), kept  # what the overrides left alone is Llama 3.2's
-    assert cfg.rope_scaling.rope_type == "llama3" and cfg.family == "llama" and cfg.d_model == 32
+    assert cfg.rope.scaling.rope_type == "llama3" and cfg.family == "llama" and cfg.d_model == 32
     _check_trained_and_reloads(run, cfg)
     assert "validation: loss" in capsys.readouterr().out

@@ -8,34 +8,39 @@ from jaxformer.config import EncDecConfig, ModelConfig
 
 
 def test_sparse_layers_follow_moe_every_and_dense_layers():
-    cfg = ModelConfig.llama(n_layers=6, n_experts=4, moe_every=2, dense_layers=[3])  # Qwen's step 2, mlp_only [3]
+    cfg = ModelConfig.llama(n_layers=6, moe=dict(n_experts=4, every=2, dense_layers=[3]))  # Qwen's step 2, mlp_only
     assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
-    assert cfg.dense_layers == (3,) and cfg.family == "mixtral"
-    assert ModelConfig.llama(n_experts=4, moe_d_ff=256, d_ff=256).moe_d_ff is None  # one spelling: d_ff
+    assert cfg.moe.dense_layers == (3,) and cfg.family == "mixtral"
+    assert ModelConfig.llama(moe=dict(n_experts=4, d_ff=256), d_ff=256).moe.d_ff is None  # one spelling: d_ff
     assert not any(ModelConfig.llama().is_moe_layer(i) for i in range(2))
 
 
-@pytest.mark.parametrize("fields,match", [
-    (dict(n_experts=4, n_experts_per_token=5), "n_experts_per_token=5 exceeds n_experts=4"),
-    (dict(capacity_factor=1.25), r"\['capacity_factor'\] are Mixture-of-Experts settings but n_experts=0"),
-    (dict(n_experts=4, capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(n_experts=4, router="switch"), "router='switch' is not supported"),
+@pytest.mark.parametrize("moe,match", [
+    (dict(n_experts=4, n_experts_per_token=5), r"moe\.n_experts_per_token=5 exceeds moe\.n_experts=4"),
+    (dict(capacity_factor=1.25), r"\['moe\.capacity_factor'\] are Mixture-of-Experts settings but moe.n_experts=0"),
+    (dict(n_experts=4, capacity_factor=0.0), r"moe\.capacity_factor must be > 0"),
+    (dict(n_experts=4, router="switch"), r"moe\.router='switch' is not supported"),
     (dict(n_experts=4, norm_topk_prob=False), "router='mixtral' always normalises"),
-    (dict(n_experts=4, shared_expert_gate=True), "shared_expert_gate=true needs a shared expert"),
-    (dict(n_experts=4, dense_layers=[0, 7]), r"dense_layers \[7\] are not layer indices"),
-    (dict(n_experts=4, n_layers=2, moe_every=3), "no layer is sparse"),
-    (dict(n_experts=4, use_bias=True), "SwiGLU experts without biases"),
-    (dict(n_experts=4, router_aux_loss_coef=-1.0), "router_aux_loss_coef must be >= 0"),
-    (dict(n_experts=-1), "n_experts must be an integer >= 0"),
+    (dict(n_experts=4, shared_gate=True), r"moe\.shared_gate=true needs a shared expert"),
+    (dict(n_experts=4, dense_layers=[0, 7]), r"moe\.dense_layers \[7\] are not layer indices"),
+    (dict(n_experts=4, every=3), "no layer is sparse"),
+    (dict(n_experts=4, aux_loss_coef=-1.0), r"moe\.aux_loss_coef must be >= 0"),
+    (dict(n_experts=-1), r"moe\.n_experts must be an integer >= 0"),
+    (dict(n_expert=4), r"unknown model\.moe key\(s\) \['n_expert'\]"),
 ])
-def test_bad_moe_settings_are_named(fields, match):
+def test_bad_moe_settings_are_named(moe, match):
     with pytest.raises(ValueError, match=match):
-        ModelConfig.llama(**fields)
+        ModelConfig.llama(n_layers=2, moe=moe)
+
+
+def test_experts_need_biasless_swiglu():
+    with pytest.raises(ValueError, match="SwiGLU experts without biases"):
+        ModelConfig.llama(use_bias=True, moe=dict(n_experts=4))
 
 
 def test_encoder_decoder_refuses_experts():
     with pytest.raises(ValueError, match="decoder-only option"):
-        EncDecConfig(n_experts=4)
+        EncDecConfig(moe=dict(n_experts=4))
 
 
 def test_expert_matrices_get_weight_decay_and_the_router_too():

@@ -49,7 +49,7 @@ def _count(cfg) -> int:
     def count(c):
         return count_params(nnx.eval_shape(lambda: DecoderLM(c, rngs=nnx.Rngs(0))))
 
-    if cfg.n_layers <= 2 or cfg.dense_layers or cfg.moe_every != 1 or cfg.layer_types is not None:
+    if cfg.n_layers <= 2 or cfg.moe.dense_layers or cfg.moe.every != 1 or cfg.layer_types is not None:
         return count(cfg)
     one, two = count(cfg.replace(n_layers=1)), count(cfg.replace(n_layers=2))
     return one + (cfg.n_layers - 1) * (two - one)

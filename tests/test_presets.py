@@ -88,7 +88,7 @@ ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 def rope_parameters(theta: float, cfg: ModelConfig) -> dict:
     """transformers 5's rope_parameters entry for `theta` and the preset's scaling."""
-    s = cfg.rope_scaling
+    s = cfg.rope.scaling
     if s is None:
         return {"rope_type": "default", "rope_theta": theta}
     assert s.rope_type == "llama3", "these presets scale RoPE only as Llama 3.1 / 3.2"
@@ -107,19 +107,19 @@ def hf_attributes(cfg: ModelConfig) -> dict:
     out["hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"] = ACTIVATIONS[cfg.activation]
     types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
     if family == "gemma3_text":  # one RoPE per layer type
-        out["rope_parameters"] = {"full_attention": rope_parameters(cfg.rope_theta, cfg),
-                                  "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}}
+        out["rope_parameters"] = {"full_attention": rope_parameters(cfg.rope.theta, cfg),
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope.local_theta}}
     else:
-        out["rope_parameters"] = rope_parameters(cfg.rope_theta, cfg)
+        out["rope_parameters"] = rope_parameters(cfg.rope.theta, cfg)
     if family == "phi3":
         out["rope_parameters"]["partial_rotary_factor"] = 1.0
     if family in ("mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text"):
-        out["sliding_window"] = cfg.sliding_window
+        out["sliding_window"] = cfg.attention.sliding_window
     if family in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
         out["layer_types"] = types
     if family in ("gemma2", "gemma3_text"):
-        out.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,  # None: head_dim (config.py)
-                   attn_logit_softcapping=cfg.attn_logit_softcap,
+        out.update(query_pre_attn_scalar=cfg.attention.query_pre_attn_scalar or cfg.head_dim,  # None: head_dim (config.py)
+                   attn_logit_softcapping=cfg.attention.logit_softcap,
                    final_logit_softcapping=cfg.final_logit_softcap)
     if family in ("llama", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text"):
         out["attention_bias"] = cfg.use_bias

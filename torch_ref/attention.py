@@ -62,19 +62,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None):
         super().__init__()
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv_bias = cfg.use_bias or cfg.qkv_bias  # Qwen2: biases on q/k/v only
+        qkv_bias = cfg.use_bias or cfg.attention.qkv_bias  # Qwen2: biases on q/k/v only
         self.q_proj = Linear(D, N * H, bias=qkv_bias)
         self.k_proj = Linear(D, K * H, bias=qkv_bias)
         self.v_proj = Linear(D, K * H, bias=qkv_bias)
         self.o_proj = Linear(N * H, D, bias=cfg.use_bias)
         # q/k RMSNorm: per head over H (Qwen3, Gemma 3) or over the whole projection N*H / K*H (OLMo 2)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm != "none":
-            self.q_norm = make_norm(cfg, H if cfg.qk_norm == "head" else N * H)
-            self.k_norm = make_norm(cfg, H if cfg.qk_norm == "head" else K * H)
+        self.qk_norm = cfg.attention.qk_norm
+        if cfg.attention.qk_norm != "none":
+            self.q_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
+            self.k_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcap
+        self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, S, K, H] of x [B, S, D] (k normalised when qk_norm is set)."""

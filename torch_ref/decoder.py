@@ -81,10 +81,10 @@ class DecoderLM(nn.Module):
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).to(x.dtype)
         elif cfg.position == "rope":
-            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
             # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-            local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim,
-                                                                            cfg.rope_local_theta)
+            local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.head_dim,
+                                                                            cfg.rope.local_theta)
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
         record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):

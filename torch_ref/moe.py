@@ -15,11 +15,11 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.T
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k]): mixtral softmax over the top-k
     logits; qwen softmax over all E, top-k, renormalised when norm_topk_prob."""
     logits = logits.float()
-    if cfg.router == "mixtral":
-        top, idx = torch.topk(logits, cfg.n_experts_per_token, dim=-1)
+    if cfg.moe.router == "mixtral":
+        top, idx = torch.topk(logits, cfg.moe.n_experts_per_token, dim=-1)
         return torch.softmax(top, dim=-1), idx
-    weights, idx = torch.topk(torch.softmax(logits, dim=-1), cfg.n_experts_per_token, dim=-1)
-    if cfg.norm_topk_prob:
+    weights, idx = torch.topk(torch.softmax(logits, dim=-1), cfg.moe.n_experts_per_token, dim=-1)
+    if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, idx
 
@@ -29,7 +29,7 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
+        E, D, F = cfg.moe.n_experts, cfg.d_model, cfg.expert_d_ff
         self.gate_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
         self.up_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
         self.down_proj = nn.Parameter(torch.randn(E, D, F) * cfg.init_std)
@@ -46,26 +46,26 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.gate = Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=False)
         self.experts = Experts(cfg)
-        self.shared_expert = MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff)) if cfg.shared_expert_d_ff else None
-        self.shared_expert_gate = Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff)) if cfg.moe.shared_d_ff else None
+        self.shared_expert_gate = Linear(cfg.d_model, 1, bias=False) if cfg.moe.shared_gate else None
 
     def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
         cfg = self.config
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
-        N, k = xf.shape[0], cfg.n_experts_per_token
+        N, k = xf.shape[0], cfg.moe.n_experts_per_token
         logits = self.gate(xf)  # [N, E]
         weights, idx = route(logits, cfg)  # [N, k]
         keep = torch.ones(N, k, dtype=torch.bool)
-        if cfg.capacity_factor is not None:  # per expert: top-1 choices first, then top-2..., earlier tokens first
-            cap = max(1, math.ceil(cfg.capacity_factor * N * k / cfg.n_experts))
-            for e in range(cfg.n_experts):
+        if cfg.moe.capacity_factor is not None:  # per expert: top-1 choices first, then top-2..., earlier tokens first
+            cap = max(1, math.ceil(cfg.moe.capacity_factor * N * k / cfg.moe.n_experts))
+            for e in range(cfg.moe.n_experts):
                 slot, token = torch.where((idx == e).T)  # slot-major order
                 keep[token[cap:], slot[cap:]] = False
         y = torch.zeros_like(xf)
-        for e in range(cfg.n_experts):
+        for e in range(cfg.moe.n_experts):
             token, slot = torch.where((idx == e) & keep)
             if len(token):
                 y.index_add_(0, token, self.experts(xf[token], e) * weights[token, slot, None].to(xf.dtype))
@@ -75,6 +75,6 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_expert_gate(xf)) * s
             y = y + s
         if stats is not None:
-            load = torch.bincount(idx.reshape(-1), minlength=cfg.n_experts).float()
+            load = torch.bincount(idx.reshape(-1), minlength=cfg.moe.n_experts).float()
             stats.append({"router_logits": logits.float(), "load": load, "dropped": 1.0 - keep.float().mean()})
         return y.reshape(B, T, D)

@@ -92,7 +92,7 @@ class PagedEngine:
                              f"MiB) cannot hold one sequence of max_len={self.max_len}; give more --kv-memory or a "
                              f"smaller max_len")
         # a RoPE that depends on the sequence's length makes a page's keys depend on the prompt that wrote it
-        scaling = cfg.rope_scaling.rope_type if cfg.rope_scaling is not None else None
+        scaling = cfg.rope.scaling.rope_type if cfg.rope.scaling is not None else None
         self.prefix_cache = prefix_cache and scaling not in ("dynamic", "longrope")
         self.sliding_only = all(cfg.layer_window(i) is not None for i in range(cfg.n_layers))
         self.pool = PagePool(int(num_pages), self.page_size)
@@ -224,7 +224,7 @@ class PagedEngine:
         return True
 
     def _drop_out_of_window(self, r: int) -> None:
-        row, window = self.rows[r], self.config.sliding_window
+        row, window = self.rows[r], self.config.attention.sliding_window
         first_seen = self.length(r) + 1 - window  # the oldest position the next query attends to
         gone = [i for i, p in enumerate(row.pages) if p != SCRATCH_PAGE and (i + 1) * self.page_size <= first_seen]
         if gone:

@@ -71,15 +71,15 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     out = {**decoder_to_hf(cfg, family), "attention_bias": False}
     act = ACT_TO_HF[cfg.activation]
     if family.model_type == "gemma":
-        return {**out, "hidden_act": act, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
-    out.update(hidden_activation=act, query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-               sliding_window=cfg.sliding_window or cfg.max_seq_len,  # transformers always builds the mask
+        return {**out, "hidden_act": act, "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling)}
+    out.update(hidden_activation=act, query_pre_attn_scalar=cfg.attention.query_pre_attn_scalar or cfg.head_dim,
+               sliding_window=cfg.attention.sliding_window or cfg.max_seq_len,  # transformers always builds the mask
                layer_types=[cfg.layer_type(i) for i in range(cfg.n_layers)],
-               attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
+               attn_logit_softcapping=cfg.attention.logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
     if family.model_type == "gemma2":
-        return {**out, "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
-    local = rope_to_hf(cfg.rope_local_theta or cfg.rope_theta, None)
-    return {**out, "rope_parameters": {"full_attention": rope_to_hf(cfg.rope_theta, cfg.rope_scaling),
+        return {**out, "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling)}
+    local = rope_to_hf(cfg.rope.local_theta or cfg.rope.theta, None)
+    return {**out, "rope_parameters": {"full_attention": rope_to_hf(cfg.rope.theta, cfg.rope.scaling),
                                        "sliding_attention": local}}
 
 

@@ -20,7 +20,7 @@ ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
                "gelu": "gelu", "relu": "relu"}
 ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
 # not written to (or read from) config.json as architecture: how a model was initialised, stored, labelled
-NOT_COMPARED = ("init_std", "param_dtype", "export_as", "router_z_loss_coef")  # + a training loss weight
+NOT_COMPARED = ("init_std", "param_dtype", "export_as", "moe.z_loss_coef")  # + a training loss weight
 ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
 
 
@@ -87,8 +87,8 @@ def decoder_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     """The config.json fields decoder_fields reads, plus the architecture's name. Dynamic NTK RoPE grows
     past max_position_embeddings in transformers: that is where it must say the original context ends."""
     max_pos = cfg.max_seq_len
-    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic":
-        max_pos = cfg.rope_scaling.original_max_position_embeddings or max_pos
+    if cfg.rope.scaling is not None and cfg.rope.scaling.rope_type == "dynamic":
+        max_pos = cfg.rope.scaling.original_max_position_embeddings or max_pos
     return {"architectures": [family.architecture], "model_type": family.model_type, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,

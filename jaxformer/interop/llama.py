@@ -48,15 +48,15 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     out = {**decoder_to_hf(cfg, family), "hidden_act": ACT_TO_HF[cfg.activation],
-           "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling)}
+           "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling)}
     if family.model_type in ("llama", "qwen3"):
         out["attention_bias"] = cfg.use_bias
     if family.model_type == "llama":
         out["mlp_bias"] = cfg.use_bias
     if family.model_type == "mistral":
-        out["sliding_window"] = cfg.sliding_window
+        out["sliding_window"] = cfg.attention.sliding_window
     if family.model_type in ("qwen2", "qwen3"):
-        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+        out.update(use_sliding_window=cfg.attention.sliding_window is not None, sliding_window=cfg.attention.sliding_window,
                    max_window_layers=cfg.n_layers,
                    layer_types=[cfg.layer_type(i) for i in range(cfg.n_layers)])
     return out

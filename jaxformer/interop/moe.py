@@ -66,15 +66,15 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     out = {**decoder_to_hf(cfg, family), "hidden_act": ACT_TO_HF[cfg.activation],
-           "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling),
-           "num_experts_per_tok": cfg.n_experts_per_token, "router_aux_loss_coef": cfg.router_aux_loss_coef}
+           "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling),
+           "num_experts_per_tok": cfg.moe.n_experts_per_token, "router_aux_loss_coef": cfg.moe.aux_loss_coef}
     if family.model_type == "mixtral":
-        return {**out, "num_local_experts": cfg.n_experts, "intermediate_size": cfg.expert_d_ff,
-                "sliding_window": cfg.sliding_window, "router_jitter_noise": 0.0}
-    out.update(num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob, moe_intermediate_size=cfg.expert_d_ff,
-               decoder_sparse_step=cfg.moe_every, mlp_only_layers=list(cfg.dense_layers), use_sliding_window=False)
+        return {**out, "num_local_experts": cfg.moe.n_experts, "intermediate_size": cfg.expert_d_ff,
+                "sliding_window": cfg.attention.sliding_window, "router_jitter_noise": 0.0}
+    out.update(num_experts=cfg.moe.n_experts, norm_topk_prob=cfg.moe.norm_topk_prob, moe_intermediate_size=cfg.expert_d_ff,
+               decoder_sparse_step=cfg.moe.every, mlp_only_layers=list(cfg.moe.dense_layers), use_sliding_window=False)
     if family.model_type == "qwen2_moe":
-        return {**out, "qkv_bias": cfg.qkv_bias, "shared_expert_intermediate_size": cfg.shared_expert_d_ff}
+        return {**out, "qkv_bias": cfg.attention.qkv_bias, "shared_expert_intermediate_size": cfg.moe.shared_d_ff}
     return {**out, "attention_bias": False}
 
 
@@ -93,10 +93,10 @@ def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         else:
             out[k] = v
     for (prefix, proj), experts in per_expert.items():
-        if sorted(experts) != list(range(cfg.n_experts)):
+        if sorted(experts) != list(range(cfg.moe.n_experts)):
             raise ValueError(f"{prefix}.*.{proj}: the checkpoint holds experts {sorted(experts)}, the config "
-                             f"n_experts={cfg.n_experts}")
-        out[f"{prefix}.{proj}"] = np.stack([experts[e] for e in range(cfg.n_experts)])  # [E, out, in]
+                             f"n_experts={cfg.moe.n_experts}")
+        out[f"{prefix}.{proj}"] = np.stack([experts[e] for e in range(cfg.moe.n_experts)])  # [E, out, in]
     return out
 
 

@@ -24,7 +24,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {**decoder_to_hf(cfg, FAMILY), "hidden_act": ACT_TO_HF[cfg.activation],
-            "rope_parameters": rope_to_hf(cfg.rope_theta, cfg.rope_scaling), "attention_bias": False}
+            "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling), "attention_bias": False}
 
 
 FAMILY = Family("olmo2", "Olmo2ForCausalLM", _config_from_hf, _config_to_hf, unprefixed, prefixed)

@@ -29,10 +29,10 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    rope = rope_to_hf(cfg.rope_theta, cfg.rope_scaling)
-    original = (cfg.rope_scaling.original_max_position_embeddings if cfg.rope_scaling else None) or cfg.max_seq_len
+    rope = rope_to_hf(cfg.rope.theta, cfg.rope.scaling)
+    original = (cfg.rope.scaling.original_max_position_embeddings if cfg.rope.scaling else None) or cfg.max_seq_len
     return {**decoder_to_hf(cfg, FAMILY), "hidden_act": ACT_TO_HF[cfg.activation], "rope_parameters": rope,
-            "original_max_position_embeddings": original, "sliding_window": cfg.sliding_window,
+            "original_max_position_embeddings": original, "sliding_window": cfg.attention.sliding_window,
             "attention_bias": False, "pad_token_id": None}
 
 

@@ -253,7 +253,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, causal: bool = True, window: int | None = None, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kw = dict(bias=cfg.use_bias or cfg.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
+        kw = dict(bias=cfg.use_bias or cfg.attention.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
                   compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
@@ -261,12 +261,12 @@ class Attention(nnx.Module):
         kw.update(bias=cfg.use_bias, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # residual output (GPT-2 init)
         self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
         # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
-        self.qk_norm = cfg.qk_norm
-        self.q_norm = None if cfg.qk_norm == "none" else make_norm(cfg, H if cfg.qk_norm == "head" else N * H)
-        self.k_norm = None if cfg.qk_norm == "none" else make_norm(cfg, H if cfg.qk_norm == "head" else K * H)
+        self.qk_norm = cfg.attention.qk_norm
+        self.q_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
+        self.k_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        self.scale, self.softcap = cfg.attention_scale, cfg.attn_logit_softcap
+        self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
         self.impl = cfg.attention_impl
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -201,9 +201,9 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.A
     """RoPE's (cos, sin) [B, T, H] per attention type, or None when the model has no RoPE."""
     if cfg.position != "rope":
         return None
-    full = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+    full = rope_cos_sin(positions, cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
     # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-    local = full if cfg.rope_local_theta is None else rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_theta)
+    local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.head_dim, cfg.rope.local_theta)
     return {"full_attention": full, "sliding_attention": local}
 
 

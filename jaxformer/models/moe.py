@@ -34,25 +34,25 @@ def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     over all E in float32, top-k, renormalised when norm_topk_prob. Ties go to the lower expert id.
     """
     logits = logits.astype(jnp.float32)
-    if cfg.router == "mixtral":
-        top, idx = jax.lax.top_k(logits, cfg.n_experts_per_token)  # [N, k]
+    if cfg.moe.router == "mixtral":
+        top, idx = jax.lax.top_k(logits, cfg.moe.n_experts_per_token)  # [N, k]
         return jax.nn.softmax(top, axis=-1), idx
-    weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.n_experts_per_token)  # [N, k]
-    if cfg.norm_topk_prob:
+    weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.moe.n_experts_per_token)  # [N, k]
+    if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
     return weights, idx
 
 
 def capacity(cfg: ModelConfig, n_tokens: int) -> int:
     """Assignments each expert takes under capacity_factor: ceil(cf * N * k / E) (at least 1)."""
-    return max(1, math.ceil(cfg.capacity_factor * n_tokens * cfg.n_experts_per_token / cfg.n_experts))
+    return max(1, math.ceil(cfg.moe.capacity_factor * n_tokens * cfg.moe.n_experts_per_token / cfg.moe.n_experts))
 
 
 class Experts(nnx.Module):
     """E SwiGLU experts with stacked weights; rows sorted by expert go through `ragged` or `batched`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
+        E, D, F = cfg.moe.n_experts, cfg.d_model, cfg.expert_d_ff
         dt = dtype_of(cfg.param_dtype)
         std_out = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # residual-branch output, as MLP.down_proj
         self.gate_proj = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (E, F, D), dt),
@@ -84,19 +84,19 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.gate = Linear(cfg.d_model, cfg.n_experts, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
+        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
         self.experts = Experts(cfg, rngs=rngs)
-        self.shared_expert = MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff), rngs=rngs) if cfg.shared_expert_d_ff \
+        self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff), rngs=rngs) if cfg.moe.shared_d_ff \
             else None
         self.shared_expert_gate = (Linear(cfg.d_model, 1, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
-                                   if cfg.shared_expert_gate else None)
+                                   if cfg.moe.shared_gate else None)
 
     def __call__(self, x: jax.Array, stats: list | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
         """With `stats` (a list), appends {"router_logits" [N, E] f32, "load" [E] assignments per expert,
         "dropped" fraction of assignments dropped}: what the training losses and metrics read."""
         cfg = self.config
         B, T, D = x.shape
-        E = cfg.n_experts
+        E = cfg.moe.n_experts
         xf = x.reshape(B * T, D)  # [N, D]
         N = xf.shape[0]
         logits = self.gate(xf)  # [N, E]
@@ -105,7 +105,7 @@ class MoE(nnx.Module):
         weights, idx = route(logits, cfg)  # [N, k] each
         order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
         xs = xf[order % N]  # [k*N, D] rows grouped by expert
-        if cfg.capacity_factor is None:
+        if cfg.moe.capacity_factor is None:
             ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
             dropped = jnp.zeros((), jnp.float32)
         else:
@@ -134,5 +134,5 @@ class MoE(nnx.Module):
 
 def active_params(cfg: ModelConfig, total: int) -> int:
     """Parameters a token runs through: `total` less the n_experts - k unchosen experts of every sparse layer."""
-    idle = (cfg.n_experts - cfg.n_experts_per_token) * 3 * cfg.d_model * cfg.expert_d_ff
+    idle = (cfg.moe.n_experts - cfg.moe.n_experts_per_token) * 3 * cfg.d_model * cfg.expert_d_ff
     return total - idle * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))

@@ -95,7 +95,7 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
     shape = dict(mesh.shape)
     ep = shape["expert"]
     B, T, D = x.shape
-    E, k = cfg.n_experts, cfg.n_experts_per_token
+    E, k = cfg.moe.n_experts, cfg.moe.n_experts_per_token
     if E % ep:
         raise ValueError(f"mesh.expert={ep} does not divide n_experts={E}: expert parallelism gives each device "
                          "n_experts / expert experts; choose an expert size that divides n_experts")
@@ -122,7 +122,7 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
         weights, idx = route(logits.reshape(n, E), cfg)  # [n, k] each: this device's own tokens
         order, sorted_expert, counts = sort_by_expert(idx, E)  # as moe.py
         xs = xf[order % n]  # [k*n, D] rows grouped by expert
-        if cfg.capacity_factor is None:
+        if cfg.moe.capacity_factor is None:
             ys, dropped = _dropless(xs, sorted_expert, counts, (wg, wu, wd), act, ep, k)
         else:
             ys, dropped = _capacity(xs, sorted_expert, counts, (wg, wu, wd), act, ep, capacity(cfg, n))

@@ -21,8 +21,8 @@ def matmul_params(cfg: ModelConfig) -> int:
     D, L, V, F = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
     attn = D * cfg.n_heads * cfg.head_dim * 2 + D * cfg.n_kv_heads * cfg.head_dim * 2
     dense = D * F * (3 if cfg.gated_mlp else 2)
-    sparse = D * (cfg.n_experts + 3 * cfg.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.shared_expert_d_ff
-                  + int(cfg.shared_expert_gate))
+    sparse = D * (cfg.moe.n_experts + 3 * cfg.moe.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.moe.shared_d_ff
+                  + int(cfg.moe.shared_gate))
     return sum(attn + (sparse if cfg.is_moe_layer(i) else dense) for i in range(L)) + D * V
 
 

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxformer.checkpoint import Checkpointer, abstract_like, read_run_meta
-from jaxformer.config import EncDecConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxformer.config import EncDecConfig, MeshConfig, ModelConfig, TrainConfig, model_config_from_dict
 from jaxformer.sharding import batch_rows, global_batch, make_mesh
 from jaxformer.train.flops import peak_tflops
 from jaxformer.train.metrics import MetricsLogger, moe_scalars
@@ -212,6 +212,8 @@ def check_resumable(saved: dict, cfgs: dict, sections: dict[str, tuple[str, ...]
         cfg = cfgs[section]
         now = cfg.architecture() if section == "model" else dataclasses.asdict(cfg)
         then = saved.get("config", {}).get(section, {})
+        if section == "model" and then:  # as this version spells it (sub-configs by dotted name), whoever wrote it
+            then = model_config_from_dict(then).architecture()
         diff = sorted(k for k in (keys or now) if k in then and _plain(now[k]) != _plain(then[k]))
         if diff:
             raise ValueError(f"cannot resume from {ckpt_dir}: {section} config differs in {diff} "

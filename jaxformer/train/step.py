@@ -110,7 +110,7 @@ def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> Los
         model = nnx.merge(graphdef, params, *frozen)
         batch = to_context_layout(batch)  # context parallelism: ring order for every [B, T] entry (no-op without)
         stats: list = []  # each sparse block's router statistics (none for a dense model)
-        kw = dict(moe_stats=stats) if getattr(model.config, "n_experts", 0) else {}
+        kw = dict(moe_stats=stats) if model.config.moe.n_experts else {}
         logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, **kw)  # [B,T,V]
         ce, z, n = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
         if not stats:
@@ -123,9 +123,9 @@ def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> Los
 def moe_objective(cfg, stats: list[dict], objective, ce, n, mask):
     """(objective + n * (aux and z terms), (ce, n, MoE metrics)) from a model's `moe_stats` list."""
     router = jnp.stack([s["router_logits"] for s in stats])  # [L, N, E]
-    aux = load_balancing_loss(router, cfg.n_experts_per_token, mask)
+    aux = load_balancing_loss(router, cfg.moe.n_experts_per_token, mask)
     rz = router_z_loss(router, mask)
-    objective = objective + n * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * rz)
+    objective = objective + n * (cfg.moe.aux_loss_coef * aux + cfg.moe.z_loss_coef * rz)
     load = sum(s["load"] for s in stats)  # [E] assignments per expert over all sparse layers
     metrics = {"moe_aux_loss": aux, "moe_z_loss": rz, "moe_load": load / jnp.maximum(load.sum(), 1.0),
                "moe_dropped": jnp.mean(jnp.stack([s["dropped"] for s in stats]))}

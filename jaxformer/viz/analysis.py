@@ -108,12 +108,12 @@ def rope_frequencies(cfg, seq_len: int) -> dict[str, np.ndarray]:
     the config says), then the unscaled base and the sliding layers' own base where they differ."""
     freq = lambda theta, scaling: np.asarray(rope_inv_freq(cfg.head_dim, theta, scaling, cfg.max_seq_len,  # noqa: E731
                                                            seq_len)[0])
-    scaled = "" if cfg.rope_scaling is None else f", {cfg.rope_scaling.rope_type} scaling"
-    out = {f"full layers (base {cfg.rope_theta:g}{scaled})": freq(cfg.rope_theta, cfg.rope_scaling)}
-    if cfg.rope_scaling is not None:
-        out["without scaling"] = freq(cfg.rope_theta, None)
-    if cfg.rope_local_theta is not None:
-        out[f"sliding layers (base {cfg.rope_local_theta:g})"] = freq(cfg.rope_local_theta, None)
+    scaled = "" if cfg.rope.scaling is None else f", {cfg.rope.scaling.rope_type} scaling"
+    out = {f"full layers (base {cfg.rope.theta:g}{scaled})": freq(cfg.rope.theta, cfg.rope.scaling)}
+    if cfg.rope.scaling is not None:
+        out["without scaling"] = freq(cfg.rope.theta, None)
+    if cfg.rope.local_theta is not None:
+        out[f"sliding layers (base {cfg.rope.local_theta:g})"] = freq(cfg.rope.local_theta, None)
     return out
 
 

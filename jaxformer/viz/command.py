@@ -110,7 +110,7 @@ def positions_figure(model, path: Path) -> Path:
 def flash_tiles_figure(cfg, path: Path) -> Path:
     """The flash kernel's tiles at this model's context and at 2048 tokens (its default tiles for head_dim)."""
     blocks = BlockSizes.default(cfg.head_dim, jnp.bfloat16)
-    window = cfg.sliding_window if cfg.layer_type(0) == "sliding_attention" else None
+    window = cfg.attention.sliding_window if cfg.layer_type(0) == "sliding_attention" else None
     panels = []
     for length in dict.fromkeys([cfg.max_seq_len, 2048]):
         b = blocks.fitted(length, length)
