@@ -19,7 +19,7 @@ NORM_PLACEMENTS = ("pre", "sandwich", "post")
 QK_NORMS = ("none", "head", "proj")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -99,8 +99,10 @@ class RopeConfig:
     theta: float = 10000.0
     local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: theta
     scaling: RopeScaling | None = None  # frequency scaling (Llama 3.1 llama3, yarn, Phi-3 longrope...)
+    nope_layers: tuple[int, ...] = ()  # layers whose attention takes no RoPE (SmolLM3, EXAONE 4's full layers)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
         if isinstance(self.scaling, Mapping):
             object.__setattr__(self, "scaling", build_section(RopeScaling, self.scaling, "model.rope.scaling"))
         if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
@@ -371,6 +373,12 @@ class ModelConfig:
             _number("final_logit_softcap", self.final_logit_softcap)
             if self.final_logit_softcap <= 0:
                 raise ValueError(f"final_logit_softcap must be > 0 (or null), got {self.final_logit_softcap}")
+        bad = [i for i in self.rope.nope_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"rope.nope_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
+        if self.rope.nope_layers and self.position != "rope":
+            raise ValueError(f"rope.nope_layers is set but position={self.position!r}: only RoPE models have layers "
+                             "without it")
         attn = self.attention
         if attn.query_pre_attn_scalar is not None and attn.query_pre_attn_scalar == self.head_dim:
             self._set("attention", query_pre_attn_scalar=None)  # the default scale, said one way
@@ -395,6 +403,13 @@ class ModelConfig:
         if self.layer_types is not None:
             return self.layer_types[i]
         return "full_attention" if self.attention.sliding_window is None else "sliding_attention"
+
+    def layer_rope(self, i: int) -> str | None:
+        """Which RoPE table block i rotates by (its layer type's: sliding layers may have their own base), or None
+        for no RoPE (a NoPE layer, or a model without RoPE); the one place that reads rope.nope_layers."""
+        if self.position != "rope" or i in self.rope.nope_layers:
+            return None
+        return self.layer_type(i)
 
     def layer_window(self, i: int) -> int | None:
         """Block i's sliding window (keys t - W < s <= t), or None for full causal attention."""

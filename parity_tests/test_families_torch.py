@@ -119,6 +119,25 @@ CASES = {
     # OLMo 2: norms after attention and MLP only, q/k RMSNorm over the whole projections (N*H and K*H)
     "olmo2": Case("Olmo2ForCausalLM", "Olmo2Config", dict(),
                   ModelConfig.llama(**OURS_BASE, norm_placement="post", qk_norm="proj")),
+    # SmolLM3: layer 1 without RoPE and sliding, layer 0 full with RoPE
+    "smollm3": Case("SmolLM3ForCausalLM", "SmolLM3Config",
+                    dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                         layer_types=["full_attention", "sliding_attention"]),
+                    ModelConfig.llama(**OURS_BASE, rope=dict(nope_layers=[1]), sliding_window=8,
+                                      layer_types=("full_attention", "sliding_attention"))),
+    # EXAONE 4: post-norms, per-head q/k norms, a sliding layer with RoPE, a full one without
+    "exaone4": Case("Exaone4ForCausalLM", "Exaone4Config", dict(sliding_window=8, sliding_window_pattern=2),
+                    ModelConfig.llama(**OURS_BASE, norm_placement="post", qk_norm="head", sliding_window=8,
+                                      rope=dict(nope_layers=[1]), layer_types=("sliding_attention", "full_attention"))),
+    # Arcee: up -> ReLU squared -> down, no gate
+    "arcee": Case("ArceeForCausalLM", "ArceeConfig", dict(hidden_act="relu2"),
+                  ModelConfig.llama(**OURS_BASE, gated_mlp=False, activation="relu2")),
+    # StarCoder2: LayerNorm with biases, GELU(tanh) c_fc / c_proj, every projection biased, all layers sliding
+    "starcoder2": Case("Starcoder2ForCausalLM", "Starcoder2Config",
+                       dict(use_bias=True, sliding_window=8, norm_epsilon=1e-6, hidden_act="gelu_pytorch_tanh"),
+                       ModelConfig(**OURS_BASE, norm="layernorm", gated_mlp=False, activation="gelu_tanh",
+                                   use_bias=True, sliding_window=8)),
 }
 
 
@@ -140,7 +159,8 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face state dict -> torch_ref keys: drop "model.", split Phi-3's fused qkv_proj and gate_up_proj."""
+    """Hugging Face state dict -> torch_ref keys: drop "model.", split Phi-3's fused qkv_proj and gate_up_proj, name
+    StarCoder2's c_fc / c_proj as up_proj / down_proj."""
     out = {}
     for key, t in hf_sd.items():
         name = key.removeprefix("model.")
@@ -154,7 +174,7 @@ def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             prefix = name.removesuffix("gate_up_proj.weight")
             out.update({f"{prefix}gate_proj.weight": gate, f"{prefix}up_proj.weight": up})
         elif not (name == "lm_head.weight" and cfg.tie_embeddings):
-            out[name] = t
+            out[name.replace(".mlp.c_fc.", ".mlp.up_proj.").replace(".mlp.c_proj.", ".mlp.down_proj.")] = t
     return out
 
 

@@ -55,6 +55,21 @@ CASES = {
                                 rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=SHORT,
                                                      long_factor=LONG, original_max_position_embeddings=128))),
     "olmo2": ("Olmo2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # issue 28's families: each a Llama with a twist or two
+    "olmo3": ("Olmo3Config", dict(sliding_window=40, layer_types=["sliding_attention", "full_attention",
+                                                                  "sliding_attention"],
+                                  rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0,
+                                                                          rope_theta=1e4),
+                                                   "sliding_attention": dict(rope_type="default", rope_theta=5e4)})),
+    "smollm3": ("SmolLM3Config", dict(use_sliding_window=True, sliding_window=40, no_rope_layers=[1, 0, 1],
+                                      layer_types=["full_attention", "sliding_attention", "full_attention"],
+                                      tie_word_embeddings=True)),
+    "exaone4": ("Exaone4Config", dict(sliding_window=40, sliding_window_pattern=2)),  # full layer 1 has no RoPE
+    "arcee": ("ArceeConfig", dict(head_dim=16)),  # up -> relu^2 -> down
+    "helium": ("HeliumConfig", dict(head_dim=16, attention_bias=True)),  # interleaved RoPE, q/k/v biases
+    "ernie4_5": ("Ernie4_5Config", dict(head_dim=16, use_bias=True)),  # interleaved RoPE, every bias
+    "seed_oss": ("SeedOssConfig", dict(head_dim=16)),  # q/k/v biases (attention_bias), none on o or the MLP
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=40, use_bias=True)),  # LayerNorm, GELU c_fc / c_proj
 }
 
 

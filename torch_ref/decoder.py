@@ -25,7 +25,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.placement = cfg.norm_placement
-        self.attention_type = cfg.layer_type(layer)  # full_attention | sliding_attention: which RoPE it takes
+        self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, window=cfg.layer_window(layer))
@@ -88,7 +88,8 @@ class DecoderLM(nn.Module):
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
         record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if ropes is None else ropes[layer.attention_type], segment_ids, moe_stats)
+            x = layer(x, None if ropes is None or layer.rope_type is None else ropes[layer.rope_type], segment_ids,
+                      moe_stats)
             record(capture, f"layers.{i}", x)
         x = self.norm(x)
         record(capture, "norm", x)

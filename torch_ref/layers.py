@@ -76,6 +76,7 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
 }
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_fields, decoder_to_hf,
-                                         layer_types_from_hf, llama_style_family, require, rope_from_hf,
-                                         rope_to_hf)
+                                         layer_types_from_hf, llama_style_family, require, rope_by_layer_type,
+                                         rope_from_hf, rope_to_hf, rope_to_hf_by_layer_type)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 SLIDING_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # transformers' default: layer i slides unless (i+1) % p == 0
@@ -42,29 +42,13 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                       final_logit_softcap=hf.get("final_logit_softcapping", 30.0))
     else:  # gemma3_text
         require(hf, "use_bidirectional_attention", lambda v: not v, False, "only causal attention")
-        theta, scaling, local_theta = _gemma3_rope(hf)
+        theta, scaling, local_theta = rope_by_layer_type(hf, 1_000_000.0, "rope_local_base_freq")
         fields.update(qk_norm="head", rope_local_theta=local_theta,
                       attn_logit_softcap=hf.get("attn_logit_softcapping"),
                       final_logit_softcap=hf.get("final_logit_softcapping"))
     if window is None and "sliding_attention" in layer_types:
         raise UnsupportedCheckpointError(f"{model_type} has sliding layers but sliding_window=null")
     return ModelConfig.llama(**{**decoder_fields(hf), **fields}, rope_theta=theta, rope_scaling=scaling)
-
-
-def _gemma3_rope(hf: dict[str, Any]):
-    """(full layers' theta, their scaling, sliding layers' theta or None when they rotate as full layers do)."""
-    rp = hf.get("rope_parameters") or {}
-    if "full_attention" in rp:  # transformers 5: one entry per layer type
-        theta, scaling = rope_from_hf(hf, rp["full_attention"])
-        local = rp.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}
-    else:  # older config.json: rope_theta (+ rope_scaling) for full layers, rope_local_base_freq for sliding ones
-        theta, scaling = rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", 1_000_000.0)})
-        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
-    local_theta, local_scaling = rope_from_hf(hf, local)
-    if local_scaling is not None:
-        raise UnsupportedCheckpointError(f"gemma3_text sliding layers with rope_type={local_scaling.rope_type!r} are "
-                                         "not supported; only the default RoPE on sliding layers")
-    return theta, scaling, None if (local_theta == theta and scaling is None) else local_theta
 
 
 def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
@@ -78,9 +62,7 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
                attn_logit_softcapping=cfg.attention.logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
     if family.model_type == "gemma2":
         return {**out, "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling)}
-    local = rope_to_hf(cfg.rope.local_theta or cfg.rope.theta, None)
-    return {**out, "rope_parameters": {"full_attention": rope_to_hf(cfg.rope.theta, cfg.rope.scaling),
-                                       "sliding_attention": local}}
+    return {**out, "rope_parameters": rope_to_hf_by_layer_type(cfg)}
 
 
 FAMILIES = {t: llama_style_family(t, arch, _config_from_hf, _config_to_hf) for t, arch in (

@@ -8,6 +8,7 @@ written for a model_type, read back, must equal the model's architecture field b
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -17,8 +18,8 @@ from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 StateDict = dict[str, np.ndarray]
 ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu", "relu": "relu"}
-ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+               "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
+ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
 # not written to (or read from) config.json as architecture: how a model was initialised, stored, labelled
 NOT_COMPARED = ("init_std", "param_dtype", "export_as", "moe.z_loss_coef")  # + a training loss weight
 ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]
@@ -161,4 +162,48 @@ def unprefixed(sd: StateDict, cfg: ModelConfig) -> StateDict:
     out = {(k if k == "lm_head.weight" else k.removeprefix("model.")): v for k, v in sd.items()}
     if cfg.tie_embeddings:
         out.pop("lm_head.weight", None)
+    return out
+
+
+def rope_by_layer_type(hf: dict[str, Any], default_theta: float = 10000.0, legacy_local_key: str | None = None
+                       ) -> tuple[float, RopeScaling | None, float | None]:
+    """(full layers' theta, their scaling, sliding layers' theta or None when they rotate as full layers do), from
+    transformers 5's per-layer-type `rope_parameters` (Gemma 3, OLMo 3) or an older flat entry (sliding layers'
+    base then in `legacy_local_key`, e.g. Gemma 3's rope_local_base_freq; without one they share the full RoPE)."""
+    rp = hf.get("rope_parameters") or {}
+    if "full_attention" in rp:  # one entry per layer type
+        theta, scaling = rope_from_hf(hf, rp["full_attention"])
+        local = rp.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}
+    else:
+        theta, scaling = rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", default_theta)})
+        if legacy_local_key is None:
+            return theta, scaling, None
+        local = {"rope_type": "default", "rope_theta": hf.get(legacy_local_key, 10000.0)}
+    local_theta, local_scaling = rope_from_hf(hf, local)
+    if local_scaling is not None:
+        raise UnsupportedCheckpointError(f"{hf.get('model_type')} sliding layers with rope_type="
+                                         f"{local_scaling.rope_type!r} are not supported; only the default RoPE on "
+                                         "sliding layers")
+    return theta, scaling, None if (local_theta == theta and scaling is None) else local_theta
+
+
+def rope_to_hf_by_layer_type(cfg: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` with one entry per layer type: full layers' (scaled) RoPE, sliding layers' own base."""
+    local = rope_to_hf(cfg.rope.local_theta or cfg.rope.theta, None)
+    return {"full_attention": rope_to_hf(cfg.rope.theta, cfg.rope.scaling), "sliding_attention": local}
+
+
+def deinterleave_rope(sd: StateDict, cfg: ModelConfig, inverse: bool = False) -> StateDict:
+    """Interleaved RoPE (pairs 2i, 2i+1 rotate together: GPT-J, Helium, ERNIE 4.5) as jaxformer's rotate-half RoPE
+    (pairs i, i + H/2): each head's q and k rows reordered evens first, then odds. Scores are unchanged since q and
+    k move alike; v and o are untouched. `inverse` writes the interleaved order back."""
+    H = cfg.head_dim
+    order = np.concatenate([np.arange(0, H, 2), np.arange(1, H, 2)])
+    if inverse:
+        order = np.argsort(order)
+    out = dict(sd)
+    for key, v in sd.items():
+        if re.search(r"\.self_attn\.[qk]_proj\.(weight|bias)$", key):
+            heads = v.reshape(-1, H, *v.shape[1:])  # [heads, H, (D)]
+            out[key] = heads[:, order].reshape(v.shape)
     return out

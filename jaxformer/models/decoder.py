@@ -33,7 +33,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
         self.placement = cfg.norm_placement
-        self.attention_type = cfg.layer_type(layer)  # full_attention | sliding_attention: which RoPE it takes
+        self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
         self.self_attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
         self.post_attention_layernorm = make_norm(cfg)
@@ -208,14 +208,15 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.A
 
 
 def rope_for(layer: Block, ropes: dict | None) -> tuple[jax.Array, jax.Array] | None:
-    """The (cos, sin) of a block's attention type: sliding layers may have their own RoPE (Gemma 3)."""
-    return None if ropes is None else ropes[layer.attention_type]
+    """The (cos, sin) of a block's attention type (sliding layers may have their own RoPE, Gemma 3), or None for a
+    block without RoPE."""
+    return None if ropes is None or layer.rope_type is None else ropes[layer.rope_type]
 
 
 def layer_period(cfg: ModelConfig) -> int:
-    """The shortest run of layer types (attention type, dense or sparse MLP) that repeats through the whole model
+    """The shortest run of layer types (attention type, RoPE or none, dense or sparse MLP) that repeats through the whole model
     (1 when all layers are alike)."""
-    types = [(cfg.layer_type(i), cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
+    types = [(cfg.layer_type(i), cfg.layer_rope(i), cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
     return next(p for p in range(1, cfg.n_layers + 1)
                 if cfg.n_layers % p == 0 and all(t == types[i % p] for i, t in enumerate(types)))
 
