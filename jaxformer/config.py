@@ -14,8 +14,8 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
-NORMS = ("layernorm", "rmsnorm")
-NORM_PLACEMENTS = ("pre", "sandwich", "post")
+NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
+NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("none", "head", "proj")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -100,6 +100,7 @@ class RopeConfig:
     local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: theta
     scaling: RopeScaling | None = None  # frequency scaling (Llama 3.1 llama3, yarn, Phi-3 longrope...)
     nope_layers: tuple[int, ...] = ()  # layers whose attention takes no RoPE (SmolLM3, EXAONE 4's full layers)
+    partial_factor: float = 1.0  # rotate the first head_dim * partial_factor dims of each head, pass the rest (GLM)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
@@ -114,6 +115,10 @@ class RopeConfig:
             _number("rope.local_theta", self.local_theta)
             if self.local_theta <= 0:
                 raise ValueError(f"rope.local_theta must be > 0 (or null), got {self.local_theta}")
+        _number("rope.partial_factor", self.partial_factor)
+        if not 0 < self.partial_factor <= 1:
+            raise ValueError(f"rope.partial_factor must be in (0, 1] (the rotated share of each head), got "
+                             f"{self.partial_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +130,18 @@ class AttentionConfig:
     sliding_window: int | None = None  # keys within the last W positions (self included) on sliding layers
     query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 (Gemma); None: head_dim
     logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    scale: float | None = None  # the factor on q.k itself (Granite's attention_multiplier); None: from the above
+    qk_norm_after_rope: bool = False  # per-head q/k norms after RoPE instead of before (Hunyuan)
 
     def __post_init__(self) -> None:
         _flag("attention.qkv_bias", self.qkv_bias)
+        _flag("attention.qk_norm_after_rope", self.qk_norm_after_rope)
+        if self.qk_norm_after_rope and self.qk_norm != "head":
+            raise ValueError("attention.qk_norm_after_rope=true needs attention.qk_norm='head' (per-head norms)")
         _choice("attention.qk_norm", self.qk_norm, QK_NORMS)
         if self.sliding_window is not None:
             _positive("attention.sliding_window", self.sliding_window)
-        for name in ("query_pre_attn_scalar", "logit_softcap"):
+        for name in ("query_pre_attn_scalar", "logit_softcap", "scale"):
             v = getattr(self, name)
             if v is not None:
                 _number(f"attention.{name}", v)
@@ -195,8 +205,25 @@ class MoEConfig:
                                  f"{self.capacity_factor}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScalesConfig:
+    """Constant multipliers on the embedding, each residual branch and the logits (muP-style: Granite; Cohere's
+    logit_scale). 1.0 leaves each alone."""
+
+    embedding: float = 1.0  # token embeddings times this (Granite's embedding_multiplier)
+    residual: float = 1.0  # each block's attention and MLP output times this before the residual add (Granite)
+    logits: float = 1.0  # logits times this (Cohere's logit_scale; Granite's 1 / logits_scaling)
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "residual", "logits"):
+            _number(f"scales.{name}", getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ValueError(f"scales.{name} must be > 0, got {getattr(self, name)}")
+
+
 # The model's sub-configs: ModelConfig field -> its class. Their fields are reached as model.<sub>.<field>.
-SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig}
+SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig,
+                               "scales": ScalesConfig}
 # Flat names of earlier versions (run directories, exported models, configs written before sub-configs) and
 # their place now; every entry point (constructor, files, --model.X overrides) still takes them.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -289,6 +316,7 @@ class ModelConfig:
     rope: RopeConfig = RopeConfig()
     attention: AttentionConfig = AttentionConfig()
     moe: MoEConfig = MoEConfig()
+    scales: ScalesConfig = ScalesConfig()
 
     def __post_init__(self) -> None:
         for sub, cls in SUBCONFIGS.items():
@@ -326,8 +354,9 @@ class ModelConfig:
             _number(name, getattr(self, name))
         for name in ("gated_mlp", "use_bias", "tie_embeddings", "scan_layers"):
             _flag(name, getattr(self, name))
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head_dim, got head_dim={self.head_dim}")
+        if self.position == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"rope needs an even number of rotated dims, got head_dim={self.head_dim} x "
+                             f"rope.partial_factor={self.rope.partial_factor} = {self.rotary_dim}")
         if not 0 < self.norm_eps < 1:
             raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         if self.init_std <= 0:
@@ -425,8 +454,16 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """The factor on q·k: attention.query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
+        """The factor on q·k: attention.scale (Granite), else attention.query_pre_attn_scalar ** -0.5 (Gemma), else
+        head_dim ** -0.5."""
+        if self.attention.scale is not None:
+            return self.attention.scale
         return (self.attention.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims RoPE rotates (the first ones): head_dim x rope.partial_factor."""
+        return int(self.head_dim * self.rope.partial_factor)
 
     @classmethod
     def gpt2(cls, **overrides: Any) -> "ModelConfig":

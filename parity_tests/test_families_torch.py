@@ -138,6 +138,28 @@ CASES = {
                        dict(use_bias=True, sliding_window=8, norm_epsilon=1e-6, hidden_act="gelu_pytorch_tanh"),
                        ModelConfig(**OURS_BASE, norm="layernorm", gated_mlp=False, activation="gelu_tanh",
                                    use_bias=True, sliding_window=8)),
+    # GLM-4: sandwich norms under its names, half of each head rotated (interleaved), q/k/v biases
+    "glm4": Case("Glm4ForCausalLM", "Glm4Config", dict(partial_rotary_factor=0.5, attention_bias=True),
+                 ModelConfig.llama(**OURS_BASE, norm_placement="sandwich", qkv_bias=True, export_as="glm4",
+                                   rope=dict(partial_factor=0.5))),
+    # Granite: multipliers on embedding, residual branches, attention scores and logits
+    "granite": Case("GraniteForCausalLM", "GraniteConfig",
+                    dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                         logits_scaling=0.5),
+                    ModelConfig.llama(**OURS_BASE, scales=dict(embedding=3.0, residual=0.5, logits=2.0),
+                                      attention=dict(scale=0.1))),
+    # Hunyuan: per-head q/k norms after RoPE
+    "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
+                             ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
+                                               attention=dict(qk_norm="head", qk_norm_after_rope=True))),
+    # Cohere 2: parallel block, bias-free LayerNorm, RoPE (interleaved) on the sliding layer only, logit scale
+    "cohere2": Case("Cohere2ForCausalLM", "Cohere2Config",
+                    dict(sliding_window=8, logit_scale=0.5, layer_norm_eps=1e-6, tie_word_embeddings=True,
+                         layer_types=["sliding_attention", "full_attention"], head_dim=None, hidden_size=64),
+                    ModelConfig.llama(**{**OURS_BASE, "d_model": 64}, norm="layernorm_nobias", tie_embeddings=True,
+                                      norm_placement="parallel", sliding_window=8, export_as="cohere2",
+                                      layer_types=("sliding_attention", "full_attention"),
+                                      rope=dict(nope_layers=[1]), scales=dict(logits=0.5))),
 }
 
 
@@ -158,9 +180,19 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
     return model
 
 
+# layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
+# transformers comparison below then checks as much as torch_ref
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense")
+
+
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face state dict -> torch_ref keys: drop "model.", split Phi-3's fused qkv_proj and gate_up_proj, name
     StarCoder2's c_fc / c_proj as up_proj / down_proj."""
+    if cfg.export_as in CONVERTED:
+        from jaxformer.interop.hf import FAMILIES
+
+        sd = FAMILIES[cfg.export_as].from_hf({k: t.numpy() for k, t in hf_sd.items()}, cfg)
+        return {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
     out = {}
     for key, t in hf_sd.items():
         name = key.removeprefix("model.")

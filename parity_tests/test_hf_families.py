@@ -70,6 +70,16 @@ CASES = {
     "ernie4_5": ("Ernie4_5Config", dict(head_dim=16, use_bias=True)),  # interleaved RoPE, every bias
     "seed_oss": ("SeedOssConfig", dict(head_dim=16)),  # q/k/v biases (attention_bias), none on o or the MLP
     "starcoder2": ("Starcoder2Config", dict(sliding_window=40, use_bias=True)),  # LayerNorm, GELU c_fc / c_proj
+    # four norms a block, interleaved RoPE on half of each head, fused gate_up_proj, q/k/v biases
+    "glm4": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                                      logits_scaling=0.5)),  # muP multipliers
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=16, rope_parameters=dict(
+        rope_type="dynamic", alpha=50.0, rope_theta=10000.0, factor=1.0))),  # q/k norms after RoPE; NTK alpha
+    # parallel block, bias-free LayerNorm, interleaved RoPE on sliding layers only, logit_scale
+    "cohere2": ("Cohere2Config", dict(sliding_window=40, logit_scale=0.5,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi3_partial": ("Phi3Config", dict(num_key_value_heads=4, partial_rotary_factor=0.5)),
 }
 
 
@@ -139,10 +149,14 @@ def test_options_that_do_not_map_are_named(tmp_path):
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "q3")
     with pytest.raises(UnsupportedCheckpointError, match="attention_bias=True"):
         load_hf(tmp_path / "q3")
-    cfg = transformers.Phi3Config(**{**COMMON, "num_key_value_heads": 4, "partial_rotary_factor": 0.5})
-    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "phi")
+    cfg = transformers.Cohere2Config(**{**COMMON, "attention_bias": True})
+    transformers.Cohere2ForCausalLM(cfg).save_pretrained(tmp_path / "cohere2")
+    with pytest.raises(UnsupportedCheckpointError, match="attention_bias=True"):
+        load_hf(tmp_path / "cohere2")
+    cfg = transformers.LlamaConfig(**{**COMMON, "partial_rotary_factor": 0.5})  # Llama's own code rotates whole heads
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     with pytest.raises(UnsupportedCheckpointError, match="partial_rotary_factor=0.5"):
-        load_hf(tmp_path / "phi")
+        load_hf(tmp_path / "llama")
     # an export that would lose a field names it
     model = load_hf(_saved(tmp_path, "gemma2"))
     model.config = model.config.replace(export_as="llama")

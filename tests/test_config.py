@@ -10,6 +10,7 @@ from flax import nnx
 
 import jaxformer
 from jaxformer.config import (ACTIVATIONS, ATTENTION_IMPLS, CONFIG_DIR, DTYPES, EXECUTION_FIELDS, NORMS, POSITIONS,
+                              SUBCONFIGS,
                               DataConfig, EncDecConfig, ModelConfig, TrainConfig, load_config, load_model_config,
                               parse_overrides)
 
@@ -85,8 +86,8 @@ def test_architecture_leaves_out_how_it_runs():
     cfg = ModelConfig.llama(remat="full", scan_layers=True, attention_impl="pallas", compute_dtype="bfloat16")
     assert cfg.architecture() == ModelConfig.llama().architecture()
     nested = {k for k, v in cfg.architecture().items() if "." in k}  # sub-config fields by dotted name
-    assert set(cfg.to_dict()) - set(cfg.architecture()) == set(EXECUTION_FIELDS) | {"rope", "attention", "moe"}
-    assert {k.split(".")[0] for k in nested} == {"rope", "attention", "moe"} and "moe.n_experts" in nested
+    assert set(cfg.to_dict()) - set(cfg.architecture()) == set(EXECUTION_FIELDS) | set(SUBCONFIGS)
+    assert {k.split(".")[0] for k in nested} == set(SUBCONFIGS) and "moe.n_experts" in nested
     assert cfg.architecture() != ModelConfig.llama(d_ff=512).architecture()
 
 

@@ -69,6 +69,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(N * H, D, bias=cfg.use_bias)
         # q/k RMSNorm: per head over H (Qwen3, Gemma 3) or over the whole projection N*H / K*H (OLMo 2)
         self.qk_norm = cfg.attention.qk_norm
+        self.qk_norm_after_rope = cfg.attention.qk_norm_after_rope
         if cfg.attention.qk_norm != "none":
             self.q_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
             self.k_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         if self.qk_norm == "proj":
             k = self.k_norm(k)
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             k = self.k_norm(k)
         return k, v.view(B, S, self.n_kv_heads, self.head_dim)
 
@@ -93,12 +94,14 @@ class Attention(nn.Module):
         if self.qk_norm == "proj":
             q = self.q_norm(q)
         q = q.view(B, T, self.n_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q = self.q_norm(q)
         if kv is None:
             k, v = self.project_kv(x)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.qk_norm_after_rope:  # Hunyuan
+                q, k = self.q_norm(q), self.k_norm(k)
         else:
             k, v = kv
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)

@@ -25,28 +25,34 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.placement = cfg.norm_placement
+        self.residual_scale = cfg.scales.residual  # Granite: each branch's output times it
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, window=cfg.layer_window(layer))
-        self.post_attention_layernorm = make_norm(cfg)
+        if self.placement != "parallel":
+            self.post_attention_layernorm = make_norm(cfg)
         if self.placement == "sandwich":
             self.pre_feedforward_layernorm = make_norm(cfg)
-        if self.placement != "pre":
+        if self.placement in ("sandwich", "post"):
             self.post_feedforward_layernorm = make_norm(cfg)
         self.sparse = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg) if self.sparse else MLP(cfg)
 
     def forward(self, x, rope=None, segment_ids=None, moe_stats=None):  # [B, T, D] -> [B, T, D]
         mlp = (lambda h: self.mlp(h, moe_stats)) if self.sparse else self.mlp
+        s = self.residual_scale
         if self.placement == "pre":
-            x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
-            return x + mlp(self.post_attention_layernorm(x))
+            x = x + s * self.self_attn(self.input_layernorm(x), rope, segment_ids)
+            return x + s * mlp(self.post_attention_layernorm(x))
         if self.placement == "sandwich":
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, segment_ids))
-            return x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.post_attention_layernorm(self.self_attn(x, rope, segment_ids))
-        return x + self.post_feedforward_layernorm(mlp(x))
+            x = x + s * self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, segment_ids))
+            return x + s * self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
+        if self.placement == "parallel":  # Cohere: one norm feeds both branches
+            n = self.input_layernorm(x)
+            return x + s * self.self_attn(n, rope, segment_ids) + s * mlp(n)
+        x = x + s * self.post_attention_layernorm(self.self_attn(x, rope, segment_ids))
+        return x + s * self.post_feedforward_layernorm(mlp(x))
 
 
 class DecoderLM(nn.Module):
@@ -75,15 +81,17 @@ class DecoderLM(nn.Module):
         x = self.embed_tokens(tokens)  # [B, T, D]
         if cfg.scale_embedding:  # Gemma: the normaliser sqrt(D) in the hidden dtype
             x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
+        if cfg.scales.embedding != 1.0:  # Granite
+            x = x * cfg.scales.embedding
         ropes = None
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, cfg.d_model).to(x.dtype)
         elif cfg.position == "rope":
-            full = rope_cos_sin(positions, cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
+            full = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
             # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-            local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.head_dim,
+            local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.rotary_dim,
                                                                             cfg.rope.local_theta)
             ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
         record(capture, "embed_tokens", x)
@@ -94,6 +102,8 @@ class DecoderLM(nn.Module):
         x = self.norm(x)
         record(capture, "norm", x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
+        if cfg.scales.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
+            logits = logits * cfg.scales.logits
         if cfg.final_logit_softcap is not None:  # Gemma 2
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         return logits.float()

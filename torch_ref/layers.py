@@ -34,14 +34,15 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        bias = None if self.bias is None else self.bias.float()
+        h = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), bias, self.eps)
         return h.to(x.dtype)
 
 
@@ -64,10 +65,10 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     """The norm the config names over `dim` (default d_model); reads cfg.norm and cfg.norm_unit_offset."""
-    if cfg.norm == "layernorm":
+    if cfg.norm in ("layernorm", "layernorm_nobias"):
         if cfg.norm_unit_offset:
             raise ValueError("norm_unit_offset=true needs norm='rmsnorm' (Gemma's RMSNorm); set one or the other")
-        return LayerNorm(dim or cfg.d_model, cfg.norm_eps)
+        return LayerNorm(dim or cfg.d_model, cfg.norm_eps, bias=cfg.norm == "layernorm")
     return RMSNorm(dim or cfg.d_model, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
 
 
@@ -164,10 +165,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.float()
+    """Rotate the first R = cos.shape[-1] dims of [B, T, N, H] (all of them unless partial), pass the rest."""
+    R = cos.shape[-1]
+    h = x[..., :R].float()
     x1, x2 = h.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (h * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
+    out = (h * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
+    return torch.cat([out, x[..., R:]], dim=-1)
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:

@@ -8,6 +8,7 @@ written for a model_type, read back, must equal the model's architecture field b
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable
 
@@ -50,11 +51,19 @@ def check_expressible(cfg: ModelConfig, family: Family, written: dict[str, Any])
     back = family.config_from_hf(written).architecture()
     # RoPE models have no hard length limit in transformers: max_position_embeddings is not compared
     skip = NOT_COMPARED + (("max_seq_len",) if cfg.position == "rope" else ())
-    lost = {k: v for k, v in cfg.architecture().items() if k not in skip and back.get(k) != v}
+    lost = {k: v for k, v in cfg.architecture().items() if k not in skip and not _same(back.get(k), v)}
     if lost:
         shown = ", ".join(f"{k}={v!r} (reads back as {back.get(k)!r})" for k, v in sorted(lost.items()))
         raise UnsupportedCheckpointError(f"Hugging Face model_type {family.model_type!r} cannot express {shown}; "
                                          "choose another export_as or change these fields")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats to 1e-12 relative: a multiplier written as its reciprocal (Granite's logits_scaling) may read
+    back an ulp away."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b
 
 
 def require(hf: dict[str, Any], name: str, ok: Callable[[Any], bool], default: Any, supported: str) -> Any:
@@ -97,15 +106,23 @@ def decoder_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
             "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "dtype": cfg.param_dtype}
 
 
-def rope_from_hf(hf: dict[str, Any], params: dict[str, Any] | None = None) -> tuple[float, RopeScaling | None]:
+def partial_rotary_factor(hf: dict[str, Any]) -> float:
+    """The rotated share of each head (`partial_rotary_factor`, in rope_parameters or beside it); 1.0 when unset."""
+    rp = hf.get("rope_parameters") or {}
+    return float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
+
+
+def rope_from_hf(hf: dict[str, Any], params: dict[str, Any] | None = None, partial_ok: bool = False
+                 ) -> tuple[float, RopeScaling | None]:
     """(rope_theta, RopeScaling or None) from transformers 5's `rope_parameters` or the older
-    `rope_scaling` + `rope_theta` (`params` overrides both: one layer type's entry, as Gemma 3 writes)."""
+    `rope_scaling` + `rope_theta` (`params` overrides both: one layer type's entry, as Gemma 3 writes). A partial
+    rotary factor is refused unless the family reads it (`partial_ok`, then partial_rotary_factor(hf))."""
     rp = dict(params if params is not None else (hf.get("rope_parameters") or hf.get("rope_scaling") or {}))
     theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind in ("su", "yarn") and hf.get("model_type") == "phi3":
         kind = "longrope"  # transformers reads Phi-3's older names as longrope
-    if rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    if not partial_ok and rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedCheckpointError(f"{hf.get('model_type')} partial_rotary_factor="
                                          f"{rp.get('partial_rotary_factor', hf.get('partial_rotary_factor'))} is not "
                                          "supported; jaxformer rotates whole heads")
@@ -194,11 +211,12 @@ def rope_to_hf_by_layer_type(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def deinterleave_rope(sd: StateDict, cfg: ModelConfig, inverse: bool = False) -> StateDict:
-    """Interleaved RoPE (pairs 2i, 2i+1 rotate together: GPT-J, Helium, ERNIE 4.5) as jaxformer's rotate-half RoPE
-    (pairs i, i + H/2): each head's q and k rows reordered evens first, then odds. Scores are unchanged since q and
-    k move alike; v and o are untouched. `inverse` writes the interleaved order back."""
-    H = cfg.head_dim
-    order = np.concatenate([np.arange(0, H, 2), np.arange(1, H, 2)])
+    """Interleaved RoPE (pairs 2i, 2i+1 rotate together: GPT-J, Helium, ERNIE 4.5, GLM, Cohere) as jaxformer's
+    rotate-half RoPE (pairs i, i + R/2): each head's first R = rotary_dim q and k rows reordered evens first, then
+    odds, the rest kept. Scores are unchanged since q and k move alike; v and o are untouched. `inverse` writes the
+    interleaved order back."""
+    H, R = cfg.head_dim, cfg.rotary_dim
+    order = np.concatenate([np.arange(0, R, 2), np.arange(1, R, 2), np.arange(R, H)])
     if inverse:
         order = np.argsort(order)
     out = dict(sd)

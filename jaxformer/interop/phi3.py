@@ -15,16 +15,18 @@ import numpy as np
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
-                                         prefixed, require, rope_from_hf, rope_to_hf, unprefixed)
+                                         partial_rotary_factor, prefixed, require, rope_from_hf, rope_to_hf,
+                                         unprefixed)
 
 _FUSED = re.compile(r"layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
 
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     require(hf, "attention_bias", lambda v: not v, False, "Phi-3 has no biases")
-    theta, scaling = rope_from_hf(hf)
+    theta, scaling = rope_from_hf(hf, partial_ok=True)
     return ModelConfig.llama(**decoder_fields({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-5)}),
-                             activation=activation(hf, "hidden_act"), rope_theta=theta, rope_scaling=scaling,
+                             activation=activation(hf, "hidden_act"),
+                             rope=dict(theta=theta, scaling=scaling, partial_factor=partial_rotary_factor(hf)),
                              sliding_window=hf.get("sliding_window"), export_as="phi3")
 
 
@@ -33,7 +35,7 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     original = (cfg.rope.scaling.original_max_position_embeddings if cfg.rope.scaling else None) or cfg.max_seq_len
     return {**decoder_to_hf(cfg, FAMILY), "hidden_act": ACT_TO_HF[cfg.activation], "rope_parameters": rope,
             "original_max_position_embeddings": original, "sliding_window": cfg.attention.sliding_window,
-            "attention_bias": False, "pad_token_id": None}
+            "attention_bias": False, "pad_token_id": None, "partial_rotary_factor": cfg.rope.partial_factor}
 
 
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:

@@ -262,6 +262,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
         # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
         self.qk_norm = cfg.attention.qk_norm
+        self.qk_norm_after_rope = cfg.attention.qk_norm_after_rope  # Hunyuan: per-head norms of rotated q, k
         self.q_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
         self.k_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
@@ -276,7 +277,7 @@ class Attention(nnx.Module):
         if self.qk_norm == "proj":
             k = self.k_norm(k)
         k = k.reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             k = self.k_norm(k)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
         return k, v
@@ -288,7 +289,7 @@ class Attention(nnx.Module):
         if self.qk_norm == "proj":
             q = self.q_norm(q)
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
-        return self.q_norm(q) if self.qk_norm == "head" else q
+        return self.q_norm(q) if self.qk_norm == "head" and not self.qk_norm_after_rope else q
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
                  segment_ids: jax.Array | SegmentIds | None = None, cache: LayerCache | None = None,
@@ -305,6 +306,8 @@ class Attention(nnx.Module):
             k, v = self.project_kv(x)  # [B, T, K, H]
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.qk_norm_after_rope:
+                q, k = self.q_norm(q), self.k_norm(k)
         elif rope is not None or cache is not None:
             raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
         else:

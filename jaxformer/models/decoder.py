@@ -29,18 +29,22 @@ class Block(nnx.Module):
       sandwich  x + post_attention_layernorm(attn(input_layernorm(x))),
                 then x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))       (Gemma 2, 3)
       post      x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)) (OLMo 2)
+      parallel  x + attn(input_layernorm(x)) + mlp(input_layernorm(x))                           (Cohere)
+
+    Each branch's output is times scales.residual first (Granite; 1.0 otherwise).
     """
 
     def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
         self.placement = cfg.norm_placement
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
+        self.residual_scale = cfg.scales.residual
         self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
         self.self_attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
-        self.post_attention_layernorm = make_norm(cfg)
+        self.post_attention_layernorm = make_norm(cfg) if self.placement != "parallel" else None
         self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
         self.sparse = cfg.is_moe_layer(layer)  # the MLP slot holds a Mixture of Experts (models/moe.py)
         self.mlp = MoE(cfg, rngs=rngs) if self.sparse else MLP(cfg, rngs=rngs)
-        self.post_feedforward_layernorm = make_norm(cfg) if self.placement != "pre" else None
+        self.post_feedforward_layernorm = make_norm(cfg) if self.placement in ("sandwich", "post") else None
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
                  cache=None, *, moe_stats: list | None = None):  # [B, T, D] -> [B, T, D]
@@ -48,21 +52,28 @@ class Block(nnx.Module):
         (x, (k_cache, v_cache)); see Attention. A sparse block appends its router statistics to `moe_stats`."""
         kv = None
         mlp = (lambda h: self.mlp(h, moe_stats)) if self.sparse else self.mlp
+        s = self.residual_scale
+        branch = (lambda h: h) if s == 1.0 else (lambda h: h * jnp.asarray(s, h.dtype))
         if self.placement == "pre":
             h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
-            x = x + h
-            x = x + mlp(self.post_attention_layernorm(x))
+            x = x + branch(h)
+            x = x + branch(mlp(self.post_attention_layernorm(x)))
         elif self.placement == "sandwich":
             h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
-            x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
-        else:  # post
+            x = x + branch(self.post_attention_layernorm(h))
+            x = x + branch(self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x))))
+        elif self.placement == "post":
             h = self.self_attn(x, rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
-            x = x + self.post_attention_layernorm(h)
-            x = x + self.post_feedforward_layernorm(mlp(x))
+            x = x + branch(self.post_attention_layernorm(h))
+            x = x + branch(self.post_feedforward_layernorm(mlp(x)))
+        else:  # parallel: one norm feeds both branches
+            n = self.input_layernorm(x)
+            h = self.self_attn(n, rope, segment_ids, cache)
+            h, kv = h if cache is not None else (h, kv)
+            x = x + branch(h) + branch(mlp(n))
         return x if cache is None else (x, kv)
 
 
@@ -124,6 +135,8 @@ class DecoderLM(nnx.Module):
         x = self.embed_tokens(tokens)  # [B, T, D]
         if cfg.scale_embedding:  # Gemma: the normaliser is rounded to the activations' dtype
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+        if cfg.scales.embedding != 1.0:  # Granite
+            x = x * jnp.asarray(cfg.scales.embedding, x.dtype)
         if cfg.position == "learned":
             x = x + self.embed_positions(positions)
         elif cfg.position == "sinusoidal":
@@ -137,6 +150,8 @@ class DecoderLM(nnx.Module):
         record(capture, "norm", x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
         logits = logits.astype(jnp.float32)
+        if cfg.scales.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
+            logits = logits * cfg.scales.logits
         if cfg.final_logit_softcap is not None:  # Gemma 2
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return constrain(logits, ("batch", "seq", "act_vocab"))
@@ -201,9 +216,9 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.A
     """RoPE's (cos, sin) [B, T, H] per attention type, or None when the model has no RoPE."""
     if cfg.position != "rope":
         return None
-    full = rope_cos_sin(positions, cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
+    full = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
     # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-    local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.head_dim, cfg.rope.local_theta)
+    local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.rotary_dim, cfg.rope.local_theta)
     return {"full_attention": full, "sliding_attention": local}
 
 

@@ -64,11 +64,11 @@ class Embed(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm with weight and bias; statistics in float32."""
+    """LayerNorm with weight and (unless bias=False: Cohere) bias; statistics in float32."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype: str = "float32"):
+    def __init__(self, dim: int, *, eps: float, bias: bool = True, param_dtype: str = "float32"):
         self.weight = nnx.Param(jnp.ones((dim,), dtype_of(param_dtype)), logical_axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype_of(param_dtype)), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype_of(param_dtype)), logical_axes=("norm",)) if bias else None
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +76,9 @@ class LayerNorm(nnx.Module):
         mean = h.mean(-1, keepdims=True)
         var = jnp.square(h - mean).mean(-1, keepdims=True)
         h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        h = h * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        h = h * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            h = h + self.bias[...].astype(jnp.float32)
         return h.astype(x.dtype)
 
 
@@ -100,8 +102,9 @@ class RMSNorm(nnx.Module):
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> LayerNorm | RMSNorm:
     """The norm layer the config names (the one place that reads `cfg.norm` and `cfg.norm_unit_offset`)."""
-    if cfg.norm == "layernorm":
-        return LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if cfg.norm in ("layernorm", "layernorm_nobias"):
+        return LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm == "layernorm",
+                         param_dtype=cfg.param_dtype)
     return RMSNorm(dim or cfg.d_model, eps=cfg.norm_eps, unit_offset=cfg.norm_unit_offset,
                    param_dtype=cfg.param_dtype)
 
@@ -214,12 +217,14 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling: Rop
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate [B, T, N, H] by per-position angles; computed in float32, returned in x's dtype."""
-    h = x.astype(jnp.float32)
+    """Rotate [B, T, N, H] by per-position angles; computed in float32, returned in x's dtype. cos/sin [B, T, R]
+    with R < H rotate the first R dims and pass the rest (partial rotary: GLM, Phi-3's partial_rotary_factor)."""
+    R = cos.shape[-1]
+    h, rest = x[..., :R].astype(jnp.float32), x[..., R:]
     x1, x2 = jnp.split(h, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = h * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
+    out = (h * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    return out if R == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)
 
 
 def sinusoidal_positions(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:

@@ -58,6 +58,8 @@ def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.A
         rope = rope_for(layer, ropes)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if attn.qk_norm_after_rope:  # Hunyuan
+            q, k = attn.q_norm(q), attn.k_norm(k)
         k = jnp.repeat(k, attn.n_heads // attn.n_kv_heads, axis=2)  # GQA: each kv head serves N / K query heads
         scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * attn.scale
         if attn.softcap is not None:
@@ -70,11 +72,8 @@ def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.A
 
 
 def lens_logits(model: DecoderLM, x: jax.Array) -> jax.Array:
-    """The model's final norm and output head (and soft-cap) applied to a residual stream [B, T, D]."""
-    h = model.norm(x)
-    logits = (model.embed_tokens.attend(h) if model.lm_head is None else model.lm_head(h)).astype(jnp.float32)
-    cap = model.config.final_logit_softcap
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
+    """The model's final norm and output head (and logit scale, soft-cap) applied to a residual stream [B, T, D]."""
+    return model._logits(x)
 
 
 def logit_lens(model: DecoderLM, hidden: dict[str, jax.Array]) -> tuple[list[str], np.ndarray, np.ndarray]:
