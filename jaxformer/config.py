@@ -19,7 +19,7 @@ NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("none", "head", "proj")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: learned, MLPs only (Apertus)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -377,6 +377,9 @@ class ModelConfig:
         bad = [i for i in moe.dense_layers if not isinstance(i, int) or not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(f"moe.dense_layers {bad} are not layer indices in [0, n_layers={self.n_layers})")
+        if self.activation == "xielu":
+            raise ValueError("activation='xielu' has learned parameters per MLP; Mixture-of-Experts layers take a "
+                             "fixed activation (silu, gelu_tanh, ...)")
         if not self.gated_mlp or self.use_bias:
             raise ValueError("Mixture-of-Experts layers are SwiGLU experts without biases: set gated_mlp=true and "
                              "use_bias=false")

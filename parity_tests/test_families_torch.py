@@ -148,6 +148,11 @@ CASES = {
                          logits_scaling=0.5),
                     ModelConfig.llama(**OURS_BASE, scales=dict(embedding=3.0, residual=0.5, logits=2.0),
                                       attention=dict(scale=0.1))),
+    # Apertus: learned xIELU in a non-gated MLP, per-head q/k norms
+    "apertus": Case("ApertusForCausalLM", "ApertusConfig",
+                    dict(hidden_act="xielu", rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+                    ModelConfig.llama(**OURS_BASE, gated_mlp=False, activation="xielu", qk_norm="head",
+                                      export_as="apertus")),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -182,7 +187,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

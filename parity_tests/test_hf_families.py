@@ -80,6 +80,7 @@ CASES = {
     "cohere2": ("Cohere2Config", dict(sliding_window=40, logit_scale=0.5,
                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "phi3_partial": ("Phi3Config", dict(num_key_value_heads=4, partial_rotary_factor=0.5)),
+    "apertus": ("ApertusConfig", dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4))),  # xIELU
 }
 
 

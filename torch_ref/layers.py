@@ -81,6 +81,22 @@ ACTIVATIONS = {
 }
 
 
+class XIELU(nn.Module):
+    """xIELU with learned alpha_p, alpha_n (transformers' XIELUActivation, its Python path)."""
+
+    def __init__(self, beta: float = 0.5, eps: float = -1e-6):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.tensor([math.log(math.expm1(0.8))]))
+        self.alpha_n = nn.Parameter(torch.tensor([math.log(math.expm1(0.8 - beta))]))
+        self.beta, self.eps = beta, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_p = F.softplus(self.alpha_p)
+        a_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(x > 0, a_p * x * x + self.beta * x,
+                           (torch.expm1(torch.clamp(x, max=self.eps)) - x) * a_n + self.beta * x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,11 +104,13 @@ class MLP(nn.Module):
         self.gate_proj = Linear(D, Fd, bias=cfg.use_bias) if cfg.gated_mlp else None
         self.up_proj = Linear(D, Fd, bias=cfg.use_bias)
         self.down_proj = Linear(Fd, D, bias=cfg.use_bias)
-        self.act = ACTIVATIONS[cfg.activation]
+        self.act_fn = XIELU() if cfg.activation == "xielu" else None
+        self.act = ACTIVATIONS.get(cfg.activation)  # None: the learned act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)
-        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        act = self.act_fn if self.act_fn is not None else self.act
+        h = act(self.gate_proj(x)) * h if self.gate_proj is not None else act(h)
         return self.down_proj(h)
 
 

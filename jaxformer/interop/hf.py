@@ -140,8 +140,9 @@ def save_hf(model: DecoderLM, path: str | Path, *, max_shard_bytes: int | None =
     cfg = model.config
     hf_config = config_to_hf(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     weights = (marian.to_hf if isinstance(cfg, EncDecConfig) else family_of(cfg).to_hf)(to_numpy_state_dict(model), cfg)
-    # safetensors writes raw buffers: transposed views must be made contiguous first
-    weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    # safetensors writes raw buffers: transposed views must be made contiguous first (np.require keeps 0-d arrays,
+    # e.g. xIELU's buffers, 0-d where np.ascontiguousarray would make them [1])
+    weights = {k: np.require(v, requirements="C") for k, v in weights.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -19,8 +19,9 @@ from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 StateDict = dict[str, np.ndarray]
 ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
-ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2"}
+               "gelu": "gelu", "relu": "relu", "relu2": "relu2", "xielu": "xielu"}
+ACT_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "relu2": "relu2",
+             "xielu": "xielu"}
 # not written to (or read from) config.json as architecture: how a model was initialised, stored, labelled
 NOT_COMPARED = ("init_std", "param_dtype", "export_as", "moe.z_loss_coef")  # + a training loss weight
 ROPE_FIELDS = [f.name for f in dataclasses.fields(RopeScaling) if f.name != "rope_type"]

@@ -8,6 +8,8 @@
 - seed_oss (SeedOssForCausalLM): `attention_bias` on q/k/v, `attention_out_bias` on o, `mlp_bias` apart.
 - granite (GraniteForCausalLM): muP multipliers on the embedding, each residual branch, the attention scores
   (`attention_multiplier` replaces head_dim ** -0.5) and the logits (divided by `logits_scaling`).
+- apertus (ApertusForCausalLM): a non-gated MLP with the learned xIELU activation (mlp.act_fn.alpha_p / alpha_n;
+  its fixed beta and eps buffers are checked on import and written on export), per-head q/k RMSNorm.
 - hunyuan_v1_dense (HunYuanDenseV1ForCausalLM): per-head q/k RMSNorm after RoPE; `dynamic` RoPE with an `alpha`
   is a fixed base theta * alpha ** (H / (H - 2)) (transformers' ntk_alpha), read as that base.
 
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
                                          deinterleave_rope, layer_types_from_hf, prefixed, require, rope_from_hf,
                                          rope_to_hf, unprefixed)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
+from jaxformer.models.layers import XIELU_BETA, XIELU_EPS
 
 # model_type -> config.json's bias switches, in the order (q/k/v, o, MLP); one name may cover several
 BIAS_KEYS = {"arcee": ("attention_bias", "attention_bias", "mlp_bias"),
@@ -34,14 +39,17 @@ BIAS_KEYS = {"arcee": ("attention_bias", "attention_bias", "mlp_bias"),
              "ernie4_5": ("use_bias", "use_bias", "use_bias"),
              "seed_oss": ("attention_bias", "attention_out_bias", "mlp_bias"),
              "granite": ("attention_bias", "attention_bias", "mlp_bias"),
-             "hunyuan_v1_dense": ("attention_bias", "attention_bias", None)}  # None: never a bias
+             "hunyuan_v1_dense": ("attention_bias", "attention_bias", None),  # None: never a bias
+             "apertus": ("attention_bias", "attention_bias", None)}
 BIAS_DEFAULTS = {"seed_oss": {"attention_bias": True}}
 INTERLEAVED = ("helium", "ernie4_5")
 RENAMES = {"hunyuan_v1_dense": {".self_attn.query_layernorm.": ".self_attn.q_norm.",
-                                ".self_attn.key_layernorm.": ".self_attn.k_norm."}}  # transformers' -> jaxformer's
+                                ".self_attn.key_layernorm.": ".self_attn.k_norm."},
+           "apertus": {".attention_layernorm.": ".input_layernorm.",
+                       ".feedforward_layernorm.": ".post_attention_layernorm."}}  # transformers' -> jaxformer's
 ARCHITECTURES = {"arcee": "ArceeForCausalLM", "smollm3": "SmolLM3ForCausalLM", "helium": "HeliumForCausalLM",
                  "ernie4_5": "Ernie4_5ForCausalLM", "seed_oss": "SeedOssForCausalLM", "granite": "GraniteForCausalLM",
-                 "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}
+                 "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM", "apertus": "ApertusForCausalLM"}
 
 
 def _biases(hf: dict[str, Any]) -> dict[str, bool]:
@@ -88,6 +96,9 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         fields["attention"].update(scale=float(hf.get("attention_multiplier", 1.0)))
     if model_type == "hunyuan_v1_dense":
         fields["attention"].update(qk_norm="head", qk_norm_after_rope=True)
+    if model_type == "apertus":
+        fields.update(gated_mlp=False)
+        fields["attention"].update(qk_norm="head")
     if model_type == "smollm3":
         n = hf["num_hidden_layers"]
         use_rope = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
@@ -137,15 +148,34 @@ def _renamed(sd: StateDict, renames: dict[str, str]) -> StateDict:
     return out
 
 
+def _without_xielu_constants(sd: StateDict) -> StateDict:
+    """xIELU's beta / eps buffers dropped, once checked to be the constants jaxformer computes with."""
+    out = {}
+    for key, v in sd.items():
+        name = key.rsplit(".", 1)[-1]
+        if ".act_fn." in key and name in ("beta", "eps"):
+            want = {"beta": XIELU_BETA, "eps": XIELU_EPS}[name]
+            if not np.allclose(np.asarray(v, np.float64), want, rtol=1e-2):
+                raise UnsupportedCheckpointError(f"{key}={float(np.asarray(v))} is not supported; jaxformer's xIELU "
+                                                 f"has {name}={want}")
+            continue
+        out[key] = v
+    return out
+
+
 def _family(model_type: str) -> Family:
     interleaved, renames = model_type in INTERLEAVED, RENAMES.get(model_type, {})
 
     def from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-        sd = _renamed(unprefixed(sd, cfg), renames)
+        sd = _without_xielu_constants(_renamed(unprefixed(sd, cfg), renames))
         return deinterleave_rope(sd, cfg) if interleaved else sd
 
     def to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         sd = _renamed(sd, {b: a for a, b in renames.items()})
+        if cfg.activation == "xielu":  # transformers keeps beta and eps as buffers of each act_fn
+            for i in range(cfg.n_layers):
+                sd[f"layers.{i}.mlp.act_fn.beta"] = np.asarray(XIELU_BETA, np.float32)
+                sd[f"layers.{i}.mlp.act_fn.eps"] = np.asarray(XIELU_EPS, np.float32)
         return prefixed(deinterleave_rope(sd, cfg, inverse=True) if interleaved else sd, cfg)
 
     family = Family(model_type, ARCHITECTURES[model_type], _config_from_hf, lambda cfg: _config_to_hf(cfg, family),

@@ -118,8 +118,27 @@ ACTIVATIONS = {
 }
 
 
+XIELU_BETA, XIELU_EPS = 0.5, -1e-6  # xIELU's fixed constants (transformers' defaults, Apertus' values)
+
+
+class XIELU(nnx.Module):
+    """xIELU (Huang et al. 2024, arXiv 2411.13010), an activation with two learned scalars: with a_p = softplus(alpha_p)
+    and a_n = beta + softplus(alpha_n), a_p x^2 + beta x for x > 0, else a_n (expm1(min(x, eps)) - x) + beta x."""
+
+    def __init__(self, param_dtype: str = "float32"):
+        init = lambda v: nnx.Param(jnp.asarray([math.log(math.expm1(v))], dtype_of(param_dtype)), logical_axes=(None,))
+        self.alpha_p, self.alpha_n = init(0.8), init(0.8 - XIELU_BETA)  # a_p = a_n = 0.8 at init
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a_p = jax.nn.softplus(self.alpha_p[...]).astype(x.dtype)
+        a_n = (XIELU_BETA + jax.nn.softplus(self.alpha_n[...])).astype(x.dtype)
+        neg = (jnp.expm1(jnp.minimum(x, XIELU_EPS)) - x) * a_n + XIELU_BETA * x
+        return jnp.where(x > 0, a_p * x * x + XIELU_BETA * x, neg)
+
+
 class MLP(nnx.Module):
-    """down(act(gate(x)) * up(x)) when gated (SwiGLU, Shazeer 2020), else down(act(up(x)))."""
+    """down(act(gate(x)) * up(x)) when gated (SwiGLU, Shazeer 2020), else down(act(up(x))); a learned activation
+    (xIELU) is the submodule act_fn."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
@@ -128,11 +147,13 @@ class MLP(nnx.Module):
         self.up_proj = Linear(D, F, axes=("mlp", "embed"), std=cfg.init_std, **kw)
         # GPT-2 scales residual-branch outputs by 1/sqrt(2 * n_layers) at init
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers), **kw)
-        self.act = ACTIVATIONS[cfg.activation]
+        self.act_fn = XIELU(cfg.param_dtype) if cfg.activation == "xielu" else None
+        self.act = ACTIVATIONS.get(cfg.activation)  # None: the learned act_fn
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         h = self.up_proj(x)  # [B, T, F]
-        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        act = self.act_fn if self.act_fn is not None else self.act
+        h = act(self.gate_proj(x)) * h if self.gate_proj is not None else act(h)
         return self.down_proj(h)
 
 
