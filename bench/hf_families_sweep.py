@@ -2,9 +2,10 @@
 
 For each family, draws `--per-family` transformers configs (odd vocab, widths, head dims, layer counts,
 windows, soft-caps, RoPE scalings; for the MoE families expert counts, top-k, shared experts, sparse-layer
-patterns, norm_topk_prob), builds the random-init model (1-D weights moved off their init),
-loads it with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints
-max|logits diff| both ways on a 300-token prompt. The last line is one JSON object of the figures.
+patterns, norm_topk_prob; NoPE layers, per-layer-type RoPE and bias switches for OLMo 3, SmolLM3, EXAONE 4, Arcee,
+Helium, ERNIE 4.5, Seed-OSS, StarCoder2), builds the random-init model (1-D weights moved off their init), loads it
+with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
+both ways on a 300-token prompt. The last line is one JSON object of the figures.
 
     python bench/hf_families_sweep.py [--per-family 3] [--seed 0] [--families mixtral qwen3_moe ...]
 """
@@ -27,7 +28,23 @@ T = 300
 # transformers' reference loops: its grouped_mm experts path wants 16-byte-aligned strides the odd sizes here lack
 EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
-            "mixtral", "qwen2_moe", "qwen3_moe"]
+            "mixtral", "qwen2_moe", "qwen3_moe",
+            "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2"]
+
+
+def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
+    """One `rope_parameters` entry: a RoPE type of `kinds` with its fields drawn (dynamic caps cfg's context at T)."""
+    kind = str(rng.choice(kinds))
+    rope = {"rope_type": kind, "rope_theta": float(rng.choice([1e4, 5e5, 1e6]))}
+    if kind != "default":
+        rope["factor"] = float(rng.uniform(1.5, 8))
+    if kind in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = int(rng.integers(32, 200))
+    if kind == "llama3":
+        rope.update(low_freq_factor=1.0, high_freq_factor=float(rng.uniform(2, 6)))
+    if kind == "dynamic":
+        cfg["max_position_embeddings"] = T  # grows past it only beyond 300 tokens: export-safe
+    return rope
 
 
 def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
@@ -84,6 +101,39 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                 "short_factor": rng.uniform(1, 1.5, half).tolist(), "long_factor": rng.uniform(1, 8, half).tolist()}
         return "Phi3Config", {**cfg, "rope_parameters": rope, "original_max_position_embeddings": original,
                               "sliding_window": window if rng.integers(2) else None}
+    if family in ("smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2"):
+        cfg["rope_parameters"] = draw_rope(rng, cfg)  # one entry for all layers (drawn first: dynamic sets max_pos)
+    if family == "olmo3":  # post-norms, q/k norms over whole projections; sliding layers with their own RoPE base
+        rope = {"full_attention": draw_rope(rng, cfg, ("default", "linear", "yarn")),
+                "sliding_attention": {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 5e4, 5e5]))}}
+        return "Olmo3Config", {**cfg, "sliding_window": window, "layer_types": mixed, "rope_parameters": rope}
+    if family == "smollm3":  # NoPE layers (no_rope_layers 0), sliding layers when use_sliding_window
+        sliding, bias = bool(rng.integers(2)), bool(rng.integers(2))  # jaxformer: o/MLP biases with q/k/v only
+        return "SmolLM3Config", {**cfg, "no_rope_layers": [int(rng.integers(2)) for _ in range(n)],
+                                 "use_sliding_window": sliding, "sliding_window": window,
+                                 "layer_types": mixed if sliding else None, "attention_bias": bias, "mlp_bias": bias}
+    if family == "exaone4":  # post-norms, per-head q/k norms; with a window, full layers are NoPE
+        pattern = int(rng.integers(1, n + 2))  # every pattern-th layer full (1: all full, all NoPE)
+        if rng.integers(4):
+            return "Exaone4Config", {**cfg, "sliding_window": window, "sliding_window_pattern": pattern}
+        # no window: RoPE on every layer; layer_types given (transformers' own default divides by a 0 pattern)
+        return "Exaone4Config", {**cfg, "sliding_window": None, "layer_types": ["full_attention"] * n}
+    if family == "arcee":  # non-gated ReLU-squared MLP
+        bias = bool(rng.integers(2))
+        return "ArceeConfig", {**cfg, "hidden_act": "relu2", "attention_bias": bias, "mlp_bias": bias}
+    if family == "helium":  # interleaved RoPE, q/k/v biases only
+        cfg.update(hidden_size=heads * head_dim, rms_norm_eps=float(rng.choice([1e-8, 1e-6])))  # o_proj is D x D
+        return "HeliumConfig", {**cfg, "attention_bias": bool(rng.integers(2)), "mlp_bias": False}
+    if family == "ernie4_5":  # interleaved RoPE, use_bias on every projection
+        return "Ernie4_5Config", {**cfg, "use_bias": bool(rng.integers(2))}
+    if family == "seed_oss":  # (attention_bias, attention_out_bias, mlp_bias): the combinations jaxformer holds
+        qkv, o, mlp = [(False, False, False), (True, False, False), (True, True, True)][int(rng.integers(3))]
+        return "SeedOssConfig", {**cfg, "attention_bias": qkv, "attention_out_bias": o, "mlp_bias": mlp}
+    if family == "starcoder2":  # LayerNorm, GELU c_fc/c_proj, biases together, one window on every layer
+        cfg.pop("rms_norm_eps")
+        return "Starcoder2Config", {**cfg, "norm_epsilon": float(rng.choice([1e-5, 1e-6, 1e-3])),
+                                    "hidden_act": "gelu_pytorch_tanh", "use_bias": bool(rng.integers(2)),
+                                    "sliding_window": window if rng.integers(2) else None}
     experts = int(rng.integers(3, 11))
     moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
     if family == "mixtral":
