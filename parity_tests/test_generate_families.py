@@ -2,7 +2,8 @@
 
 Prompts are longer than the window, so every decode step attends through a cache in which old keys must be
 masked; Gemma 2 adds soft-caps and alternating local/global layers, Gemma 3 a second RoPE base, Phi-3
-crosses its original context mid-generation (longrope switches to its long factors, as transformers does).
+crosses its original context mid-generation (longrope switches to its long factors, as transformers does);
+SmolLM3, Cohere 2 and EXAONE 4 mix layers with and without RoPE, GLM-4 rotates half of each head.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ CASES = {
     "phi3": ("Phi3Config", dict(num_key_value_heads=4, original_max_position_embeddings=48, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.1 * i for i in range(4)],
         long_factor=[1.0 + 2.0 * i for i in range(4)], original_max_position_embeddings=48))),
+    # a NoPE layer that slides and a RoPE layer that does not
+    "smollm3": ("SmolLM3Config", dict(use_sliding_window=True, sliding_window=12, no_rope_layers=[1, 0],
+                                      layer_types=["full_attention", "sliding_attention"],
+                                      rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # parallel blocks, interleaved RoPE on the sliding layers, NoPE full layers, scaled logits
+    "cohere2": ("Cohere2Config", dict(sliding_window=12, num_hidden_layers=3, logit_scale=2.0,
+                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # GLM-4: half of each head rotated (interleaved); EXAONE 4: post-norms, NoPE full layers
+    "glm4": ("Glm4Config", dict(head_dim=8, partial_rotary_factor=0.5, attention_bias=True)),
+    "exaone4": ("Exaone4Config", dict(sliding_window=12, sliding_window_pattern=2, num_hidden_layers=3)),
 }
 
 

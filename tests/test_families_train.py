@@ -5,6 +5,9 @@ Four "maximal" configs cover the families' distinctive fields in as few runs as 
            base, embedding scale, query_pre_attn_scalar, attention and final soft-caps, tied head (Gemma 2 and 3)
   olmo2    norms after each sub-layer, q/k norm over whole projections, yarn RoPE
   qwen2    q/k/v biases (Qwen2), longrope past its original context (Phi-3), a window on every layer (Mistral)
+  cohere2  a parallel block on a bias-free LayerNorm, RoPE on the sliding layer only, scaled logits (Cohere 2)
+  granite  muP multipliers and an explicit attention scale (Granite), half of each head rotated (GLM), per-head q/k
+           norms after RoPE (Hunyuan), the learned xIELU activation in a non-gated MLP (Apertus)
   llama3   the published Llama 3.2 1B preset (llama3 RoPE scaling, GQA, tied head) shrunk by `--model.*`
            overrides through the command line's own entry point
 """
@@ -32,7 +35,13 @@ FAMILIES = {
     "qwen2": dict(qkv_bias=True, sliding_window=12,
                   rope_scaling=dict(rope_type="longrope", factor=4.0, original_max_position_embeddings=16,
                                     short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[1.0, 2.0, 4.0, 8.0])),
+    "cohere2": dict(norm="layernorm_nobias", norm_placement="parallel", sliding_window=8, layer_types=(SLIDE, FULL),
+                    rope=dict(nope_layers=[1]), scales=dict(logits=0.5), tie_embeddings=True, export_as="cohere2"),
+    "granite": dict(gated_mlp=False, activation="xielu", rope=dict(partial_factor=0.5),
+                    scales=dict(embedding=2.0, residual=0.5, logits=0.5),
+                    attention=dict(scale=0.2, qk_norm="head", qk_norm_after_rope=True), export_as="granite"),
 }
+FAMILY = {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite"}
 RUN = dict(steps=20, lr=1e-2, warmup_steps=3, eval_every=20, eval_batches=1, ckpt_every=20, async_checkpoint=False)
 
 
@@ -55,7 +64,7 @@ def _check_trained_and_reloads(run_dir, cfg) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_trains_and_reloads(family, tmp_path, shards_dir):
     cfgs = tiny_run(tmp_path / "run", shards_dir, model=FAMILIES[family], **RUN)
-    assert cfgs["model"].family == {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2"}[family]
+    assert cfgs["model"].family == FAMILY[family]
     out = train(cfgs, progress=False)
     assert np.isfinite(out["val_loss"])
     _check_trained_and_reloads(tmp_path / "run", cfgs["model"])
