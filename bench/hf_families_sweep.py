@@ -3,7 +3,8 @@
 For each family, draws `--per-family` transformers configs (odd vocab, widths, head dims, layer counts,
 windows, soft-caps, RoPE scalings; for the MoE families expert counts, top-k, shared experts, sparse-layer
 patterns, norm_topk_prob; NoPE layers, per-layer-type RoPE and bias switches for OLMo 3, SmolLM3, EXAONE 4, Arcee,
-Helium, ERNIE 4.5, Seed-OSS, StarCoder2), builds the random-init model (1-D weights moved off their init), loads it
+Helium, ERNIE 4.5, Seed-OSS, StarCoder2; partial RoPE for GLM-4, muP multipliers for Granite, NTK-alpha RoPE for
+Hunyuan, logit scale and sliding layers for Cohere 2, xIELU for Apertus), builds the random-init model (1-D weights moved off their init), loads it
 with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
 both ways on a 300-token prompt. The last line is one JSON object of the figures.
 
@@ -29,7 +30,8 @@ T = 300
 EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2"]
+            "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
+            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -134,6 +136,34 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
         return "Starcoder2Config", {**cfg, "norm_epsilon": float(rng.choice([1e-5, 1e-6, 1e-3])),
                                     "hidden_act": "gelu_pytorch_tanh", "use_bias": bool(rng.integers(2)),
                                     "sliding_window": window if rng.integers(2) else None}
+    if family in ("glm4", "granite", "cohere2"):
+        cfg["rope_parameters"] = draw_rope(rng, cfg)  # after the families above: their draws stay as they were
+    if family == "glm4":  # sandwich norms, partial interleaved RoPE, fused gate_up_proj, q/k/v biases
+        factors = [f for f in (0.25, 0.5, 1.0) if int(head_dim * f) % 2 == 0]  # rotated dims even
+        cfg["rope_parameters"]["partial_rotary_factor"] = float(rng.choice(factors))
+        return "Glm4Config", {**cfg, "attention_bias": bool(rng.integers(2))}
+    if family == "granite":  # muP multipliers: embedding, residual branches, attention scale, logits divisor
+        bias = bool(rng.integers(2))
+        return "GraniteConfig", {**cfg, "attention_bias": bias, "mlp_bias": bias,
+                                 "embedding_multiplier": float(rng.uniform(0.5, 12)),
+                                 "residual_multiplier": float(rng.uniform(0.1, 1.5)),
+                                 "attention_multiplier": float(rng.uniform(0.3, 2) * head_dim ** -0.5),
+                                 "logits_scaling": float(rng.uniform(0.3, 2))}
+    if family == "hunyuan_v1_dense":  # per-head q/k norms after RoPE; NTK-alpha (a fixed larger base) or none
+        rope = {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 5e5, 1e6]))}
+        if rng.integers(2):
+            rope.update(rope_type="dynamic", alpha=float(10 ** rng.uniform(0, 3)), factor=1.0)
+        return "HunYuanDenseV1Config", {**cfg, "rope_parameters": rope, "attention_bias": False}  # True: refused
+    if family == "cohere2":  # parallel block, bias-free LayerNorm, RoPE on sliding layers only, scaled logits
+        cfg.pop("rms_norm_eps")
+        cfg.pop("head_dim")  # transformers derives it: D // N
+        cfg["hidden_size"] = heads * head_dim
+        return "Cohere2Config", {**cfg, "layer_norm_eps": float(rng.choice([1e-5, 1e-6, 1e-3])),
+                                 "logit_scale": float(rng.uniform(0.3, 2)), "sliding_window": window,
+                                 "layer_types": mixed, "attention_bias": False}  # True: refused (o, not MLP)
+    if family == "apertus":  # non-gated MLP with learned xIELU, per-head q/k norms; llama3 RoPE or none
+        return "ApertusConfig", {**cfg, "hidden_act": "xielu", "attention_bias": False,  # True: refused
+                                 "rope_parameters": draw_rope(rng, cfg, ("default", "llama3"))}
     experts = int(rng.integers(3, 11))
     moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
     if family == "mixtral":
