@@ -132,10 +132,12 @@ class AttentionConfig:
     logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     scale: float | None = None  # the factor on q.k itself (Granite's attention_multiplier); None: from the above
     qk_norm_after_rope: bool = False  # per-head q/k norms after RoPE instead of before (Hunyuan)
+    sinks: bool = False  # a learned logit per head in each softmax's denominator (gpt-oss's attention sinks)
 
     def __post_init__(self) -> None:
         _flag("attention.qkv_bias", self.qkv_bias)
         _flag("attention.qk_norm_after_rope", self.qk_norm_after_rope)
+        _flag("attention.sinks", self.sinks)
         if self.qk_norm_after_rope and self.qk_norm != "head":
             raise ValueError("attention.qk_norm_after_rope=true needs attention.qk_norm='head' (per-head norms)")
         _choice("attention.qk_norm", self.qk_norm, QK_NORMS)

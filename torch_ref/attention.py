@@ -32,11 +32,12 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window
 
 
 def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None, window: int | None = None,
-           softcap: float | None = None) -> torch.Tensor:
+           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; kv heads repeated explicitly for clarity.
 
     Scores are q·k * scale (default H ** -0.5), then softcap * tanh(scores / softcap) when set (Gemma 2),
-    then the causal / window / segment mask.
+    then the causal / window / segment mask; `sinks` [N] join each head's softmax as one more column that is
+    dropped after it (gpt-oss).
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -49,7 +50,11 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = Non
     mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], -1e30)
-    probs = scores.softmax(-1).to(v.dtype)
+    if sinks is not None:
+        column = sinks.float().reshape(1, N, 1, 1).expand(B, N, T, 1)
+        probs = torch.cat([scores, column], -1).softmax(-1)[..., :-1].to(v.dtype)
+    else:
+        probs = scores.softmax(-1).to(v.dtype)
     return torch.einsum("bnts,bsnh->btnh", probs, v)
 
 
@@ -76,6 +81,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
         self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
+        self.sinks = nn.Parameter(torch.zeros(N)) if cfg.attention.sinks else None
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, S, K, H] of x [B, S, D] (k normalised when qk_norm is set)."""
@@ -106,5 +112,5 @@ class Attention(nn.Module):
             k, v = kv
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=self.causal, segment_ids=seg, scale=self.scale, window=self.window,
-                     softcap=self.softcap)
+                     softcap=self.softcap, sinks=self.sinks)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

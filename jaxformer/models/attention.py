@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.layers import Linear, apply_rope, make_norm
+from jaxformer.models.layers import Linear, apply_rope, dtype_of, make_norm
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
 from pallas_kernels.decode_attention import decode_attention
@@ -69,12 +69,13 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds 
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                  scale: float, softcap: float | None = None) -> jax.Array:
+                  scale: float, softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale) v with grouped kv heads; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
     Laid out for plain XLA: each kv head's G query heads are stacked as G*T rows of one matmul,
     the mask is an additive bias, and the softmax normalisation is applied after the PV matmul
     (one [.., T, H] divide instead of a [.., T, S] one). On CPU this is ~2x the naive form.
+    `sinks` [N]: a logit per head that joins each row's softmax denominator and attends to nothing (gpt-oss).
     """
     B, T, N, H = q.shape
     K = k.shape[2]  # k, v: [B, S, K, H]
@@ -88,9 +89,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     if mask is not None:
         bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)  # [B|1, T, S]
         s = s + jnp.tile(bias, (1, G, 1))[:, None]
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))  # the shift cancels in the ratio
+    m = s.max(-1, keepdims=True)
+    if sinks is not None:  # [N] -> one per (kv head, group) row block
+        sink = jnp.repeat(sinks.astype(jnp.float32).reshape(K, G), T, axis=1)[None, :, :, None]  # [1, K, G*T, 1]
+        m = jnp.maximum(m, sink)
+    m = jax.lax.stop_gradient(m)  # the shift cancels in the ratio
+    e = jnp.exp(s - m)
     o = jnp.einsum("bkqs,bksh->bkqh", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-    o = (o / e.sum(-1, keepdims=True)).astype(v.dtype)  # [B, K, G*T, H]
+    denom = e.sum(-1, keepdims=True) + (jnp.exp(sink - m) if sinks is not None else 0.0)
+    o = (o / denom).astype(v.dtype)  # [B, K, G*T, H]
     return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -105,10 +112,11 @@ def _on_gpu() -> bool:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: SegmentIds | None = None,
            impl: str = "xla", scale: float | None = None, window: int | None = None,
-           softcap: float | None = None) -> jax.Array:
+           softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out.
 
-    `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh.
+    `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh; `sinks` [N]
+    adds a per-head logit to each softmax denominator (the xla path computes them; other implementations defer to it).
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -121,12 +129,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     if impl in ("auto", "cudnn") and softcap is not None:
         _warn_once(f"attention_impl={impl!r} has no logit soft-capping; using the xla implementation for it")
         impl = "xla"
+    if sinks is not None and impl != "xla":
+        _warn_once(f"attention_impl={impl!r} has no attention sinks yet; using the xla implementation for them")
+        impl = "xla"
     if context_size() > 1:  # the sequence is split over the mesh's context axis: ring attention (xla/pallas blocks)
+        if sinks is not None:
+            raise ValueError("attention sinks under context parallelism are not supported: set mesh.context=1")
         return ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, window=window,
                               softcap=softcap, impl=impl)
     if impl == "xla":
         mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
-        return xla_attention(q, k, v, mask, scale, softcap)
+        return xla_attention(q, k, v, mask, scale, softcap, sinks)
     if impl == "pallas":
         extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
         return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale, **extra)
@@ -146,7 +159,8 @@ def cache_layout(impl: str) -> str:
 
 
 def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, impl: str = "xla",
-                  scale: float | None = None, window: int | None = None, softcap: float | None = None) -> jax.Array:
+                  scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                  sinks: jax.Array | None = None) -> jax.Array:
     """Queries [B,T,N,H] at positions lengths[b]-T+t attend causally to cache slots [0, lengths[b]).
 
     Caches are laid out as cache_layout(impl) says. impl "pallas" with at most DECODE_KERNEL_MAX_QUERIES
@@ -157,18 +171,23 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     scale = H ** -0.5 if scale is None else scale
     k_cache, v_cache = (c.dequantize(q.dtype) if isinstance(c, QuantKV) else c for c in (k_cache, v_cache))
     if cache_layout(impl) == "bskh":
-        if T <= DECODE_KERNEL_MAX_QUERIES:
+        if T <= DECODE_KERNEL_MAX_QUERIES and sinks is None:
             extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
             return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, **extra)
         S = k_cache.shape[1]
-        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window), scale, softcap)
+        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window), scale, softcap, sinks)
     K, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)  # query heads grouped by the kv head they share
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
     scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(_cache_mask(lengths, T, S, window)[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    if sinks is not None:  # a column per head that joins the softmax and is dropped after it (gpt-oss)
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, G, 1, 1), (B, K, G, T, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1].astype(v_cache.dtype)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
 
 
@@ -227,20 +246,20 @@ def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths):
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,
                  impl: str = "xla", scale: float | None = None, window: int | None = None,
-                 softcap: float | None = None) -> jax.Array:
+                 softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
     """attend_cached over a paged cache: queries [B,T,N,H] at positions lengths[b]-T+t attend causally to the
     positions [0, lengths[b]) their page tables hold. impl "pallas" with few queries runs the paged decode kernel;
     otherwise each sequence's pages are gathered into a contiguous [B, S, K, H] cache for the xla path."""
     B, T, N, H = q.shape
     scale = H ** -0.5 if scale is None else scale
-    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES:
+    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES and sinks is None:
         extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
         kernel = functools.partial(paged_decode_attention, sm_scale=scale, **extra)
         return per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths)
     _, P, K, _ = k_pages.shape
     S = page_table.shape[1] * P
     k, v = (pages[page_table].reshape(B, S, K, H) for pages in (k_pages, v_pages))  # [B, S, K, H]
-    return xla_attention(q, k, v, _cache_mask(lengths, T, S, window), scale, softcap)
+    return xla_attention(q, k, v, _cache_mask(lengths, T, S, window), scale, softcap, sinks)
 
 
 class Attention(nnx.Module):
@@ -268,6 +287,9 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
         self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
+        # gpt-oss: a learned logit per query head in every softmax denominator (attends to nothing)
+        self.sinks = (nnx.Param(jnp.zeros((N,), dtype_of(cfg.param_dtype)), logical_axes=("heads",))
+                      if cfg.attention.sinks else None)
         self.impl = cfg.attention_impl
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -312,7 +334,8 @@ class Attention(nnx.Module):
             raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
         else:
             k, v = kv  # [B, S, K, H]
-        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap)
+        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap,
+                  sinks=None if self.sinks is None else self.sinks[...])
         if isinstance(cache, PagedLayer):
             k_pages, v_pages = write_paged(cache.k_pages, cache.v_pages, k, v, cache.page_table, cache.start)
             out = attend_paged(q, k_pages, v_pages, cache.page_table, cache.start + T, **kw)  # [B, T, N, H]

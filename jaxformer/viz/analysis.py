@@ -67,6 +67,10 @@ def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.A
         T = x.shape[1]
         mask = make_mask(T, T, causal=attn.causal, segment_ids=None, window=attn.window)  # [1, T, T]
         scores = jnp.where(mask[:, None], scores, NEG_INF)
+        if attn.sinks is not None:  # gpt-oss: each head's sink logit joins the softmax, then its column is dropped
+            sink = jnp.broadcast_to(attn.sinks[...].astype(jnp.float32)[None, :, None, None], (*scores.shape[:3], 1))
+            out.append(jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1])
+            continue
         out.append(jax.nn.softmax(scores, axis=-1))  # [B, N, T, T]
     return jnp.stack(out)
 
