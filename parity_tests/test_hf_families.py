@@ -168,3 +168,24 @@ def test_options_that_do_not_map_are_named(tmp_path):
 def _saved(tmp_path, name):
     _hf_model(name).save_pretrained(tmp_path / name)
     return tmp_path / name
+
+
+def test_olmo3_config_in_the_older_flat_rope_format(tmp_path):
+    """OLMo 3 config.json with one rope_theta + rope_scaling (the older spelling): transformers scales the full
+    layers only and gives sliding layers the plain RoPE of its default base (500000); so must the importer."""
+    import json
+
+    hf_model = _hf_model("olmo3")
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=1e4, rope_scaling=dict(rope_type="linear", factor=2.0))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert reread.config.rope_parameters["sliding_attention"]["rope_type"] == "default"
+    model = load_hf(tmp_path)
+    assert reread.config.rope_parameters["sliding_attention"]["rope_theta"] == 500000.0
+    assert model.config.rope.local_theta == 500000.0 and model.config.rope.scaling.rope_type == "linear"
+    tokens = _tokens(2, seed=3)
+    ref = _hf_logits(reread, tokens)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - ref).max() <= 1e-4

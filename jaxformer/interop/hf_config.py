@@ -183,20 +183,21 @@ def unprefixed(sd: StateDict, cfg: ModelConfig) -> StateDict:
     return out
 
 
-def rope_by_layer_type(hf: dict[str, Any], default_theta: float = 10000.0, legacy_local_key: str | None = None
-                       ) -> tuple[float, RopeScaling | None, float | None]:
+def rope_by_layer_type(hf: dict[str, Any], default_theta: float = 10000.0, legacy_local_key: str | None = None,
+                       legacy_local_theta: float = 10000.0) -> tuple[float, RopeScaling | None, float | None]:
     """(full layers' theta, their scaling, sliding layers' theta or None when they rotate as full layers do), from
-    transformers 5's per-layer-type `rope_parameters` (Gemma 3, OLMo 3) or an older flat entry (sliding layers'
-    base then in `legacy_local_key`, e.g. Gemma 3's rope_local_base_freq; without one they share the full RoPE)."""
+    transformers 5's per-layer-type `rope_parameters` (Gemma 3, OLMo 3) or an older flat entry: the scaling is the
+    full layers' only, and sliding layers take the default RoPE of `legacy_local_key`'s base (Gemma 3's
+    rope_local_base_freq) or `legacy_local_theta` (OLMo 3's config class fills the sliding entry with its default
+    base, 500000, whatever rope_theta says)."""
     rp = hf.get("rope_parameters") or {}
     if "full_attention" in rp:  # one entry per layer type
         theta, scaling = rope_from_hf(hf, rp["full_attention"])
         local = rp.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}
     else:
         theta, scaling = rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", default_theta)})
-        if legacy_local_key is None:
-            return theta, scaling, None
-        local = {"rope_type": "default", "rope_theta": hf.get(legacy_local_key, 10000.0)}
+        local_base = hf.get(legacy_local_key, legacy_local_theta) if legacy_local_key else legacy_local_theta
+        local = {"rope_type": "default", "rope_theta": local_base}
     local_theta, local_scaling = rope_from_hf(hf, local)
     if local_scaling is not None:
         raise UnsupportedCheckpointError(f"{hf.get('model_type')} sliding layers with rope_type="

@@ -20,7 +20,6 @@ from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     theta, scaling = rope_from_hf(hf)
-    require(hf, "pretraining_tp", lambda v: v in (None, 1), 1, "only 1 (unsplit projections)")
     use_bias = False  # Mistral and Qwen2 have no switch: Qwen2's q/k/v biases are qkv_bias
     if model_type == "llama":
         use_bias = bool(hf.get("attention_bias", False))

@@ -79,7 +79,6 @@ def _bias_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, bool]:
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
-    require(hf, "pretraining_tp", lambda v: v in (None, 1), 1, "only 1 (unsplit projections)")
     theta, scaling = rope_from_hf(_ntk_alpha_as_base(hf) if model_type == "hunyuan_v1_dense" else hf)
     rope: dict[str, Any] = dict(theta=theta, scaling=scaling)
     biases = _biases(hf)

@@ -18,6 +18,10 @@ from jaxformer.interop.hf_config import (ACT_TO_HF, Family, activation, decoder_
                                          rope_from_hf, rope_to_hf, rope_to_hf_by_layer_type)
 
 
+OLMO3_THETA = 500_000.0  # Olmo3Config.default_theta: the base of a missing rope_theta and of sliding layers in the
+# older flat spelling
+
+
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     require(hf, "attention_bias", lambda v: not v, False, f"{model_type} has no biases in jaxformer")
@@ -26,7 +30,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         theta, scaling = rope_from_hf(hf)
         fields["rope"] = dict(theta=theta, scaling=scaling)
     else:  # olmo3
-        theta, scaling, local_theta = rope_by_layer_type(hf)
+        theta, scaling, local_theta = rope_by_layer_type(hf, OLMO3_THETA, legacy_local_theta=OLMO3_THETA)
         window = hf.get("sliding_window")
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                           for i in range(hf["num_hidden_layers"])]
