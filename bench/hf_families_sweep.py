@@ -156,8 +156,7 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
         return "HunYuanDenseV1Config", {**cfg, "rope_parameters": rope, "attention_bias": False}  # True: refused
     if family == "cohere2":  # parallel block, bias-free LayerNorm, RoPE on sliding layers only, scaled logits
         cfg.pop("rms_norm_eps")
-        cfg.pop("head_dim")  # transformers derives it: D // N
-        cfg["hidden_size"] = heads * head_dim
+        cfg["hidden_size"] = heads * head_dim  # transformers derives head_dim as D // N
         return "Cohere2Config", {**cfg, "layer_norm_eps": float(rng.choice([1e-5, 1e-6, 1e-3])),
                                  "logit_scale": float(rng.uniform(0.3, 2)), "sliding_window": window,
                                  "layer_types": mixed, "attention_bias": False}  # True: refused (o, not MLP)
