@@ -167,6 +167,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.001  # training loss + coef * load-balancing loss (Switch Transformer eq. 4)
     z_loss_coef: float = 0.0  # training loss + coef * router z-loss (ST-MoE eq. 5)
     capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * N * k / E) of N tokens
+    swiglu_limit: float | None = None  # gpt-oss's clamped GLU: (clip(up, +-L) + 1) g sigmoid(alpha g), g = min(gate, L)
+    swiglu_alpha: float = 1.702  # its alpha (None limit: act(gate) * up)
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
@@ -200,6 +202,12 @@ class MoEConfig:
             _number(f"moe.{name}", getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("swiglu_limit", "swiglu_alpha"):
+            v = getattr(self, name)
+            if v is not None:
+                _number(f"moe.{name}", v)
+                if v <= 0:
+                    raise ValueError(f"moe.{name} must be > 0, got {v}")
         if self.capacity_factor is not None:
             _number("moe.capacity_factor", self.capacity_factor)
             if self.capacity_factor <= 0:
@@ -382,9 +390,10 @@ class ModelConfig:
         if self.activation == "xielu":
             raise ValueError("activation='xielu' has learned parameters per MLP; Mixture-of-Experts layers take a "
                              "fixed activation (silu, gelu_tanh, ...)")
-        if not self.gated_mlp or self.use_bias:
-            raise ValueError("Mixture-of-Experts layers are SwiGLU experts without biases: set gated_mlp=true and "
-                             "use_bias=false")
+        if not self.gated_mlp:
+            raise ValueError("Mixture-of-Experts layers are gated (SwiGLU) experts: set gated_mlp=true")
+        if self.use_bias and moe.capacity_factor is not None:
+            raise ValueError("biased experts (use_bias=true, gpt-oss) route dropless: set moe.capacity_factor=null")
         if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
             raise ValueError(f"moe.n_experts={moe.n_experts} but no layer is sparse (moe.every={moe.every}, "
                              f"moe.dense_layers={list(moe.dense_layers)}); make at least one layer sparse")

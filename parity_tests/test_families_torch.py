@@ -153,6 +153,15 @@ CASES = {
                     dict(hidden_act="xielu", rope_parameters=dict(rope_type="default", rope_theta=1e4)),
                     ModelConfig.llama(**OURS_BASE, gated_mlp=False, activation="xielu", qk_norm="head",
                                       export_as="apertus")),
+    # gpt-oss: sinks, every projection biased, a sliding and a full layer, biased experts with the clamped GLU
+    "gpt_oss": Case("GptOssForCausalLM", "GptOssConfig",
+                    dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8, swiglu_limit=1.5,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+                    ModelConfig.llama(**OURS_BASE, use_bias=True, export_as="gpt_oss", sliding_window=8,
+                                      layer_types=("sliding_attention", "full_attention"),
+                                      attention=dict(sinks=True),
+                                      moe=dict(n_experts=4, n_experts_per_token=2, swiglu_limit=1.5))),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -187,7 +196,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -42,6 +42,9 @@ CASES = {
     # GLM-4: half of each head rotated (interleaved); EXAONE 4: post-norms, NoPE full layers
     "glm4": ("Glm4Config", dict(head_dim=8, partial_rotary_factor=0.5, attention_bias=True)),
     "exaone4": ("Exaone4Config", dict(sliding_window=12, sliding_window_pattern=2, num_hidden_layers=3)),
+    # gpt-oss: sinks in every cached softmax, alternating windows, biased experts with the clamped GLU
+    "gpt_oss": ("GptOssConfig", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=12,
+                                     swiglu_limit=2.0, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }
 
 

@@ -80,6 +80,12 @@ CASES = {
     "cohere2": ("Cohere2Config", dict(sliding_window=40, logit_scale=0.5,
                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     "phi3_partial": ("Phi3Config", dict(num_key_value_heads=4, partial_rotary_factor=0.5)),
+    # attention sinks, biases everywhere, alternating 40-token windows, yarn, biased experts with the clamped GLU
+    # (limit 1.5 so the clamp binds on these random weights)
+    "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=40,
+                                     swiglu_limit=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                                            original_max_position_embeddings=128,
+                                                                            truncate=False))),
     "apertus": ("ApertusConfig", dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4))),  # xIELU
 }
 
@@ -90,9 +96,9 @@ def _hf_model(name: str, seed: int = 0):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():  # 1-D weights away from their init (ones / zeros), so a swapped norm would show
-        for p in model.parameters():
-            if p.ndim == 1:
+    with torch.no_grad():  # 1-D weights (and gpt-oss's stacked expert biases) away from their init (ones / zeros),
+        for name, p in model.named_parameters():  # so a swapped norm or bias would show
+            if p.ndim == 1 or name.endswith("_bias"):
                 p.add_(0.3 * torch.randn_like(p))
     return model
 

@@ -10,6 +10,7 @@ device's own tokens (one GShard group per device).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -103,6 +104,33 @@ def few_rows_case(rng) -> dict:
     return {"max_abs_diff": float(np.abs(np.asarray(y) - ref).max()), "max_abs": float(np.abs(ref).max())}
 
 
+def biased_case(rng) -> dict:
+    """gpt-oss's experts (router, gate/up/down biases, the clamped GLU) on expert 2 x fsdp 2 x tensor 2 against one
+    device: the block's output and the gradients of every parameter (the biases split like their weights)."""
+    cfg = CFG.replace(use_bias=True, moe=dataclasses.replace(CFG.moe, swiglu_limit=1.5))
+    graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(5)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.5 * rng.standard_normal(p.shape).astype(p.dtype), params)  # biases != 0
+    x = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
+    r = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
+
+    def objective(p, x):
+        y = nnx.merge(graphdef, p)(x, [])
+        return (y * r).sum(), y
+
+    one_value, one_grads = jax.value_and_grad(objective, has_aux=True)(params, x)
+    mesh = sharding.make_mesh(MESHES["expert2_fsdp2_tensor2"], cfg)
+    with jax.set_mesh(mesh):
+        p_sh = sharding.param_shardings(params, mesh, cfg)
+        value, grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(jax.device_put(params, p_sh),
+                                                                           sharding.global_batch({"x": x}, mesh)["x"])
+    y, y1 = np.asarray(value[1]), np.asarray(one_value[1])
+    flat = lambda t: {_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
+    g, g1 = flat(grads), flat(one_grads)
+    rel = {k: float(np.abs(g[k] - v).max() / max(np.abs(v).max(), 1e-30)) for k, v in g1.items()}
+    return {"max_abs_diff": float(np.abs(y - y1).max()), "max_abs": float(np.abs(y1).max()),
+            "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get), "names": sorted(rel)}
+
+
 def error_case(cfg: ModelConfig, rows: int) -> str:
     """The error a misfit expert-parallel block raises while tracing (expert=8), or "" if none."""
     block = MoE(cfg, rngs=nnx.Rngs(0))
@@ -132,6 +160,7 @@ def main() -> None:
                          "all_to_all": r["all_to_all"]}
     report["capacity"] = capacity_case(rng)
     report["few_rows"] = few_rows_case(rng)
+    report["biased"] = biased_case(rng)
     report["errors"] = {"experts": error_case(CFG.replace(n_experts=4), B)}
     with open(sys.argv[1], "w") as f:
         json.dump(report, f)

@@ -33,9 +33,13 @@ def test_bad_moe_settings_are_named(moe, match):
         ModelConfig.llama(n_layers=2, moe=moe)
 
 
-def test_experts_need_biasless_swiglu():
-    with pytest.raises(ValueError, match="SwiGLU experts without biases"):
-        ModelConfig.llama(use_bias=True, moe=dict(n_experts=4))
+def test_experts_are_gated_and_biased_ones_dropless():
+    with pytest.raises(ValueError, match="gated"):
+        ModelConfig.llama(gated_mlp=False, moe=dict(n_experts=4))
+    with pytest.raises(ValueError, match=r"route dropless: set moe.capacity_factor=null"):
+        ModelConfig.llama(use_bias=True, moe=dict(n_experts=4, capacity_factor=1.25))
+    with pytest.raises(ValueError, match=r"moe\.swiglu_limit must be > 0"):
+        ModelConfig.llama(moe=dict(n_experts=4, swiglu_limit=0.0))
 
 
 def test_encoder_decoder_refuses_experts():

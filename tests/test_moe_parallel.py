@@ -62,8 +62,22 @@ def test_fewer_rows_than_the_batch_axes_split_tokens(report):
     assert r["max_abs_diff"] <= 1e-5 * r["max_abs"]
 
 
+def test_biased_clamped_experts_split_over_expert_fsdp_tensor(report):
+    """gpt-oss's experts: output and every gradient (router and expert biases included) equal one device's."""
+    r = report["biased"]
+    assert {"experts.gate_bias", "experts.up_bias", "experts.down_bias", "gate.bias"} <= set(r["names"])
+    assert r["max_abs_diff"] <= 1e-5 * r["max_abs"]
+    assert r["max_grad_rel"] <= 1e-5, f"{r['worst']}: rel {r['max_grad_rel']}"
+
+
 def test_misfit_meshes_name_the_fix(report):
     assert "does not divide n_experts=4" in report["errors"]["experts"]
+
+
+def SWIGLU(g, u):  # grouped_swiglu's glu: act(gate) * up
+    import jax
+
+    return jax.nn.silu(g) * u
 
 
 def test_grouped_swiglu_matches_per_group_reference():
@@ -84,7 +98,7 @@ def test_grouped_swiglu_matches_per_group_reference():
     group = np.repeat(np.arange(G), sizes)
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
     ref = np.stack([wd[g] @ (silu(wg[g] @ r) * (wu[g] @ r)) for r, g in zip(x, group)])
-    out = np.asarray(jax.jit(grouped_swiglu, static_argnums=5)(x, sizes, wg, wu, wd, jax.nn.silu))
+    out = np.asarray(jax.jit(grouped_swiglu, static_argnums=5)(x, sizes, wg, wu, wd, SWIGLU))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
     def dense(x, wg, wu, wd):  # every row through every expert, masked to its own
@@ -93,5 +107,39 @@ def test_grouped_swiglu_matches_per_group_reference():
 
     gy = rng.standard_normal((M, D)).astype(np.float32)
     grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * gy), argnums=(0, 1, 2, 3))(x, wg, wu, wd)  # noqa: E731
-    for a, b in zip(grad(lambda *a: grouped_swiglu(a[0], sizes, *a[1:], jax.nn.silu)), grad(dense)):
+    for a, b in zip(grad(lambda *a: grouped_swiglu(a[0], sizes, *a[1:], SWIGLU)), grad(dense)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_biased_clamped_glu_matches_per_group_reference():
+    """gpt-oss's experts: gate/up biases and the clamped GLU, tiles (CPU) vs a numpy loop; and the batched form."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from jaxformer.models.grouped import batched_swiglu, grouped_swiglu
+    from jaxformer.models.moe import glu
+
+    rng = np.random.default_rng(8)
+    G, D, F, L, alpha = 4, 12, 20, 1.5, 1.702
+    sizes = np.array([7, 0, 23, 12], np.int32)
+    x = rng.standard_normal((int(sizes.sum()), D)).astype(np.float32)
+    wg, wu = (rng.standard_normal((G, F, D)).astype(np.float32) * 0.5 for _ in range(2))
+    wd = rng.standard_normal((G, D, F)).astype(np.float32) * 0.3
+    bg, bu = (rng.standard_normal((G, F)).astype(np.float32) for _ in range(2))
+    fn = functools.partial(glu, act=None, limit=L, alpha=alpha)
+
+    def expert(r, g):  # numpy, float64: transformers' GptOssExperts._apply_gate
+        gate, up = wg[g] @ r + bg[g], wu[g] @ r + bu[g]
+        gate, up = np.minimum(gate, L), np.clip(up, -L, L)
+        return wd[g] @ ((up + 1) * gate / (1 + np.exp(-alpha * gate)))
+
+    ref = np.stack([expert(r.astype(np.float64), g) for r, g in zip(x, np.repeat(np.arange(G), sizes))])
+    assert np.abs(np.clip(x @ wg[2].T + bg[2], -9, 9)).max() > L, "the clamp must bind somewhere"
+    out = np.asarray(jax.jit(lambda *a: grouped_swiglu(*a[:5], fn, a[5:]))(x, sizes, wg, wu, wd, bg, bu))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    xb = np.stack([x[:7], x[7:14], x[7:14], x[30:37]])  # [G, C, D]
+    ref_b = np.stack([[expert(r.astype(np.float64), g) for r in xb[g]] for g in range(G)])
+    got_b = np.asarray(batched_swiglu(xb, wg, wu, wd, fn, (bg, bu)))
+    np.testing.assert_allclose(got_b, ref_b, rtol=1e-5, atol=1e-5 * np.abs(ref_b).max())

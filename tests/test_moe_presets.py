@@ -40,6 +40,17 @@ PUBLISHED = {
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
         attention_bias=False, router_aux_loss_coef=0.001, use_sliding_window=False, sliding_window=None,
         max_window_layers=48), 30_532_122_624, 3_353_032_704),
+    # openai/gpt-oss-20b and -120b: 20.9B / 116.8B; the cards' 3.61B / 5.13B active leave out the input embedding
+    # table (201,088 x 2,880 = 579,133,440), which the active counts here include
+    "gpt-oss-20b": ("gpt_oss", dict(**(GPT_OSS := dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=4096, rope_theta=150000.0),
+        swiglu_limit=7.0, tie_word_embeddings=False, attention_bias=True, hidden_act="silu", router_aux_loss_coef=0.001)),
+        num_hidden_layers=24, num_local_experts=32), 20_914_757_184, 4_187_440_704),
+    "gpt-oss-120b": ("gpt_oss", dict(**GPT_OSS, num_hidden_layers=36, num_local_experts=128), 116_829_156_672,
+                     5_711_982_912),
 }
 
 

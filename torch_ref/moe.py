@@ -33,11 +33,24 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
         self.up_proj = nn.Parameter(torch.randn(E, F, D) * cfg.init_std)
         self.down_proj = nn.Parameter(torch.randn(E, D, F) * cfg.init_std)
+        if cfg.use_bias:  # gpt-oss
+            self.gate_bias, self.up_bias = nn.Parameter(torch.zeros(E, F)), nn.Parameter(torch.zeros(E, F))
+            self.down_bias = nn.Parameter(torch.zeros(E, D))
+        self.biased = cfg.use_bias
         self.act = ACTIVATIONS[cfg.activation]
+        self.limit, self.alpha = cfg.moe.swiglu_limit, cfg.moe.swiglu_alpha
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:  # expert e on rows [M, D] -> [M, D]
-        h = self.act(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
-        return h @ self.down_proj[e].T
+        gate, up = x @ self.gate_proj[e].T, x @ self.up_proj[e].T
+        if self.biased:
+            gate, up = gate + self.gate_bias[e], up + self.up_bias[e]
+        if self.limit is None:
+            h = self.act(gate) * up
+        else:  # gpt-oss's clamped GLU
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            h = (up + 1) * gate * torch.sigmoid(self.alpha * gate)
+        out = h @ self.down_proj[e].T
+        return out + self.down_bias[e] if self.biased else out
 
 
 class MoE(nn.Module):
@@ -46,7 +59,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=False)
+        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=cfg.use_bias)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff)) if cfg.moe.shared_d_ff else None
         self.shared_expert_gate = Linear(cfg.d_model, 1, bias=False) if cfg.moe.shared_gate else None

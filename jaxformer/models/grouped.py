@@ -1,5 +1,8 @@
 """Grouped SwiGLU: rows sorted by group, each row through its group's expert (MegaBlocks, Gale et al. 2022).
 
+`glu(gate, up)` combines the two projections (act(gate) * up for SwiGLU; gpt-oss clamps first: moe.py: glu);
+`biases` (gate [G, F], up [G, F]), when given, are added to the projections of each row's group.
+
 GPU and TPU lower `jax.lax.ragged_dot` to a native grouped matmul. XLA:CPU has none: jax expands the
 rows to a dense [G, M, D] masked copy, G times the work (8 experts: 8x). On CPU the rows are instead
 laid out in tiles of m rows, each group's rows padded to whole tiles (at most G * (m - 1) padding rows
@@ -28,14 +31,19 @@ def tile_rows(m_rows: int, groups: int) -> int:
     return min(256, max(8, 1 << (target - 1).bit_length()))
 
 
-def _ragged(xs, group_sizes, wg, wu, wd, act):
+def _ragged(xs, group_sizes, wg, wu, wd, glu, biases):
     def dot(x, w):
         return jax.lax.ragged_dot_general(x, w, group_sizes, _RAGGED)
 
-    return dot(act(dot(xs, wg)) * dot(xs, wu), wd)  # [M, D]
+    g, u = dot(xs, wg), dot(xs, wu)  # [M, F]
+    if biases is not None:
+        G = wg.shape[0]
+        row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(xs.shape[0]), side="right"), G - 1)
+        g, u = g + biases[0][row_group], u + biases[1][row_group]
+    return dot(glu(g, u), wd)  # [M, D]
 
 
-def _tiled(xs, group_sizes, wg, wu, wd, act):
+def _tiled(xs, group_sizes, wg, wu, wd, glu, biases):
     M, D = xs.shape
     G = wg.shape[0]
     m = tile_rows(M, G)
@@ -49,14 +57,19 @@ def _tiled(xs, group_sizes, wg, wu, wd, act):
         jnp.minimum(group, G - 1)], n_tiles * m)  # [M] row in the tiled layout; n_tiles * m: none
     xt = jnp.zeros((n_tiles * m, D), xs.dtype).at[dest].set(xs, mode="drop").reshape(n_tiles, m, D)
     tile_group = jnp.minimum(jnp.searchsorted(pends, jnp.arange(n_tiles) * m, side="right"), G - 1)  # [n_tiles]
-    y = batched_swiglu(xt, wg[tile_group], wu[tile_group], wd[tile_group], act).reshape(n_tiles * m, D)
+    tile_biases = None if biases is None else (biases[0][tile_group], biases[1][tile_group])
+    y = batched_swiglu(xt, wg[tile_group], wu[tile_group], wd[tile_group], glu, tile_biases).reshape(n_tiles * m, D)
     return y.at[dest].get(mode="fill", fill_value=0)  # [M, D]; rows past every group: 0
 
 
-def batched_swiglu(xb: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, act: Callable) -> jax.Array:
-    """Buffers xb [G, C, D], gate/up [G, F, D], down [G, D, F] -> [G, C, D]: buffer g through expert g."""
-    h = act(jnp.einsum("gcd,gfd->gcf", xb, wg)) * jnp.einsum("gcd,gfd->gcf", xb, wu)  # [G, C, F]
-    return jnp.einsum("gcf,gdf->gcd", h, wd)
+def batched_swiglu(xb: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, glu: Callable,
+                   biases: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Buffers xb [G, C, D], gate/up [G, F, D], down [G, D, F] (gate/up biases [G, F]) -> [G, C, D]: buffer g
+    through expert g."""
+    g, u = jnp.einsum("gcd,gfd->gcf", xb, wg), jnp.einsum("gcd,gfd->gcf", xb, wu)  # [G, C, F]
+    if biases is not None:
+        g, u = g + biases[0][:, None], u + biases[1][:, None]
+    return jnp.einsum("gcf,gdf->gcd", glu(g, u), wd)
 
 
 def sort_by_expert(idx: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -87,10 +100,11 @@ def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                   act: Callable) -> jax.Array:
+                   glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Rows xs [M, D] sorted by group, group_sizes [G] (sum <= M), gate/up [G, F, D], down [G, D, F] -> [M, D].
 
-    Row r of group g: wd[g] @ (act(wg[g] @ x_r) * (wu[g] @ x_r)); rows past sum(group_sizes) are unspecified.
+    Row r of group g: wd[g] @ glu(wg[g] @ x_r + bg[g], wu[g] @ x_r + bu[g]); rows past sum(group_sizes) are
+    unspecified.
     """
-    return jax.lax.platform_dependent(xs, group_sizes, wg, wu, wd, cpu=lambda *a: _tiled(*a, act),
-                                      default=lambda *a: _ragged(*a, act))
+    return jax.lax.platform_dependent(xs, group_sizes, wg, wu, wd, cpu=lambda *a: _tiled(*a, glu, biases),
+                                      default=lambda *a: _ragged(*a, glu, biases))

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts MLP slot (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral; Qwen2/3-MoE).
+"""Mixture-of-Experts MLP slot (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral; Qwen2/3-MoE; gpt-oss).
 
 A router picks k of E SwiGLU experts per token; the experts' weights are stacked [E, ...] in torch's
 (out, in) layout, like transformers' fused `experts.gate_up_proj` [E, 2F, D] split in two:
@@ -11,10 +11,15 @@ and each projection is one `jax.lax.ragged_dot` over the E contiguous groups (Me
 most C = ceil(cf * N * k / E) assignments into a static [E, C, D] buffer (GShard, Lepikhin et al. 2020):
 top-1 choices first, then top-2..., earlier tokens first within each; the rest are dropped (their expert
 output is zero) and the dropped fraction is reported.
+
+gpt-oss: with use_bias the router and the experts have biases (`experts.gate_bias`, `up_bias` [E, F], `down_bias`
+[E, D]; the down bias enters after the experts as sum_k w_k down_bias[e_k], which is what each expert adding it
+and the router weighting gives), and moe.swiglu_limit turns act(gate) * up into its clamped GLU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -43,6 +48,15 @@ def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     return weights, idx
 
 
+def glu(gate: jax.Array, up: jax.Array, *, act, limit: float | None, alpha: float) -> jax.Array:
+    """act(gate) * up (SwiGLU), or with a limit gpt-oss's clamped GLU: g = min(gate, limit), u = clip(up, +-limit),
+    (u + 1) * g * sigmoid(alpha * g) (transformers' GptOssExperts._apply_gate)."""
+    if limit is None:
+        return act(gate) * up
+    g, u = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return (u + 1) * g * jax.nn.sigmoid(alpha * g)
+
+
 def capacity(cfg: ModelConfig, n_tokens: int) -> int:
     """Assignments each expert takes under capacity_factor: ceil(cf * N * k / E) (at least 1)."""
     return max(1, math.ceil(cfg.moe.capacity_factor * n_tokens * cfg.moe.n_experts_per_token / cfg.moe.n_experts))
@@ -61,8 +75,21 @@ class Experts(nnx.Module):
                                  logical_axes=("expert", "mlp", "embed"))
         self.down_proj = nnx.Param(std_out * jax.random.normal(rngs.params(), (E, D, F), dt),
                                    logical_axes=("expert", "embed", "mlp"))
+        bias = lambda n, axes: nnx.Param(jnp.zeros((E, n), dt), logical_axes=axes) if cfg.use_bias else None
+        self.gate_bias, self.up_bias = bias(F, ("expert", "mlp")), bias(F, ("expert", "mlp"))  # gpt-oss
+        self.down_bias = bias(D, ("expert", "embed"))
         self.act = ACTIVATIONS[cfg.activation]
+        self.swiglu_limit, self.swiglu_alpha = cfg.moe.swiglu_limit, cfg.moe.swiglu_alpha
         self.compute_dtype = dtype_of(cfg.compute_dtype)
+
+    def glu(self):
+        """The (gate, up) -> hidden combination of these experts (a function of arrays only, for shard_map)."""
+        return functools.partial(glu, act=self.act, limit=self.swiglu_limit, alpha=self.swiglu_alpha)
+
+    def biases(self) -> tuple[jax.Array, jax.Array] | None:
+        """(gate, up) biases [E, F] in the compute dtype, or None."""
+        c = self.compute_dtype
+        return None if self.gate_bias is None else (self.gate_bias[...].astype(c), self.up_bias[...].astype(c))
 
     def _weights(self):
         c = self.compute_dtype
@@ -70,11 +97,11 @@ class Experts(nnx.Module):
 
     def ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Rows [M, D] in expert order, group_sizes [E] summing to M -> [M, D] (dropless; models/grouped.py)."""
-        return grouped_swiglu(xs, group_sizes, *self._weights(), self.act)
+        return grouped_swiglu(xs, group_sizes, *self._weights(), self.glu(), self.biases())
 
     def batched(self, xb: jax.Array) -> jax.Array:
         """A capacity buffer [E, C, D] -> [E, C, D] (each expert on its own C rows)."""
-        return batched_swiglu(xb, *self._weights(), self.act)
+        return batched_swiglu(xb, *self._weights(), self.glu(), self.biases())
 
 
 class MoE(nnx.Module):
@@ -84,7 +111,8 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
+        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=cfg.use_bias, axes=(None, "embed"), std=cfg.init_std,
+                           **kw)
         self.experts = Experts(cfg, rngs=rngs)
         self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff), rngs=rngs) if cfg.moe.shared_d_ff \
             else None
@@ -119,8 +147,13 @@ class MoE(nnx.Module):
         return self._finish(xf, y, dropped, group_sizes, logits, x, stats)
 
     def _finish(self, xf, y, dropped, load, logits, x, stats):
-        """Routed output y [N, D] + the shared expert; router logits, load [E] and dropped fraction to `stats`."""
+        """Routed output y [N, D] + the experts' down biases + the shared expert; router logits, load [E] and
+        dropped fraction to `stats`."""
         B, T, D = x.shape
+        if self.experts.down_bias is not None:  # sum_k w_k b[e_k]: each chosen expert's bias, router-weighted
+            weights, idx = route(logits, self.config)  # [N, k]
+            bias = self.experts.down_bias[...].astype(y.dtype)[idx]  # [N, k, D]
+            y = y + jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), bias)
         if self.shared_expert is not None:
             s = self.shared_expert(xf)  # [N, D]
             if self.shared_expert_gate is not None:
@@ -134,5 +167,6 @@ class MoE(nnx.Module):
 
 def active_params(cfg: ModelConfig, total: int) -> int:
     """Parameters a token runs through: `total` less the n_experts - k unchosen experts of every sparse layer."""
-    idle = (cfg.moe.n_experts - cfg.moe.n_experts_per_token) * 3 * cfg.d_model * cfg.expert_d_ff
+    per_expert = 3 * cfg.d_model * cfg.expert_d_ff + (2 * cfg.expert_d_ff + cfg.d_model if cfg.use_bias else 0)
+    idle = (cfg.moe.n_experts - cfg.moe.n_experts_per_token) * per_expert
     return total - idle * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))

@@ -45,7 +45,7 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
+def _dropless(xs, sorted_expert, counts, ws, glu, biases, ep: int, k: int):
     """Sorted rows [A, D] (A = k*n, by global expert) -> their expert outputs [A, D], exchanged over "expert"."""
     A, D = xs.shape
     E = counts.shape[0]
@@ -61,13 +61,13 @@ def _dropless(xs, sorted_expert, counts, ws, act, ep: int, k: int):
     offsets = jnp.arange(C)
     local = jax.vmap(lambda c: jnp.searchsorted(c, offsets, side="right"))(jnp.cumsum(rcounts, 1)).reshape(-1)
     rorder = jnp.argsort(local, stable=True)  # [ep*C] rows grouped by local expert, padding last
-    out = grouped_swiglu(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, act)  # [ep*C, D]
+    out = grouped_swiglu(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, glu, biases)  # [ep*C, D]
     back = jnp.zeros_like(out).at[rorder].set(out)
     ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [ep*C, D] in the send buffer's layout
     return ret[pos], jnp.zeros((), jnp.float32)
 
 
-def _capacity(xs, sorted_expert, counts, ws, act, ep: int, C: int):
+def _capacity(xs, sorted_expert, counts, ws, glu, biases, ep: int, C: int):
     """Sorted rows [A, D] -> outputs [A, D] (zero where dropped) and the dropped fraction, C rows per expert."""
     D = xs.shape[1]
     E = counts.shape[0]
@@ -76,7 +76,7 @@ def _capacity(xs, sorted_expert, counts, ws, act, ep: int, C: int):
     send = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")  # [ep * El * C, D]
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep(source) * El * C, D]
     xb = recv.reshape(ep, El, C, D).transpose(1, 0, 2, 3).reshape(El, ep * C, D)  # [El, ep*C, D]
-    out = batched_swiglu(xb, *ws, act)
+    out = batched_swiglu(xb, *ws, glu, biases)
     back = out.reshape(El, ep, C, D).transpose(1, 0, 2, 3).reshape(E * C, D)
     ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [E*C, D] in the send buffer's layout
     ys = jnp.where(keep[:, None], ret.at[slot].get(mode="fill", fill_value=0), 0)
@@ -111,9 +111,11 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
     up_spec = spec(("expert", "mlp", "embed"), wg.shape)  # as jaxformer.sharding lays them out
     down_spec = spec(("expert", "embed", "mlp"), wd.shape)
     token_axes, mlp_axes, embed_axes = _axes(tok[0]) + _axes(tok[1]), _axes(up_spec[1]), _axes(up_spec[2])
-    act = experts.act
+    glu = experts.glu()
+    biases = experts.biases()  # gpt-oss: gate/up biases [E, F], split as the experts' "mlp" rows
+    bias_spec = spec(("expert", "mlp"), biases[0].shape) if biases is not None else None
 
-    def body(x, logits, wg, wu, wd):  # local blocks: x [b, t, D], logits [b, t, E], experts [E/ep, ...]
+    def body(x, logits, wg, wu, wd, *local_biases):  # local blocks: x [b, t, D], logits [b, t, E], experts [E/ep, ..]
         if embed_axes:  # FSDP: gather this device's E/ep experts' "embed" shards, never the other experts'
             wg, wu = (jax.lax.all_gather(w, embed_axes, axis=2, tiled=True) for w in (wg, wu))
             wd = jax.lax.all_gather(wd, embed_axes, axis=1, tiled=True)
@@ -122,17 +124,19 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
         weights, idx = route(logits.reshape(n, E), cfg)  # [n, k] each: this device's own tokens
         order, sorted_expert, counts = sort_by_expert(idx, E)  # as moe.py
         xs = xf[order % n]  # [k*n, D] rows grouped by expert
+        bs = tuple(local_biases) or None
         if cfg.moe.capacity_factor is None:
-            ys, dropped = _dropless(xs, sorted_expert, counts, (wg, wu, wd), act, ep, k)
+            ys, dropped = _dropless(xs, sorted_expert, counts, (wg, wu, wd), glu, bs, ep, k)
         else:
-            ys, dropped = _capacity(xs, sorted_expert, counts, (wg, wu, wd), act, ep, capacity(cfg, n))
+            ys, dropped = _capacity(xs, sorted_expert, counts, (wg, wu, wd), glu, bs, ep, capacity(cfg, n))
         y = combine(ys, order, weights)  # [n, D]
         if mlp_axes:  # row-parallel down projection: partial sums over the "mlp" shards
             y = jax.lax.psum(y, mlp_axes)
         return y.reshape(x.shape), jax.lax.pmean(dropped, token_axes), jax.lax.psum(counts, token_axes)
 
-    y, dropped, load = jax.shard_map(body, in_specs=(tok, tok, up_spec, up_spec, down_spec), out_specs=(tok, P(), P())
-                                     )(x, logits.reshape(B, T, E), wg, wu, wd)
+    extra, extra_specs = (biases, (bias_spec, bias_spec)) if biases is not None else ((), ())
+    y, dropped, load = jax.shard_map(body, in_specs=(tok, tok, up_spec, up_spec, down_spec, *extra_specs),
+                                     out_specs=(tok, P(), P()))(x, logits.reshape(B, T, E), wg, wu, wd, *extra)
     return y.reshape(B * T, D), dropped, load
 
 

@@ -1,0 +1,98 @@
+"""gpt-oss (GptOssForCausalLM): attention sinks, biases everywhere, alternating windows, biased experts with a
+clamped GLU.
+
+transformers' modeling_gpt_oss.py: every attention projection has a bias (`attention_bias`) and each head a
+learned sink logit (`self_attn.sinks`: attention.sinks); layers alternate sliding (`sliding_window`, 128) and full
+attention (`layer_types`); RoPE is yarn. The MLP slot is a Mixture of Experts only: the router `mlp.router` (weight
+and bias; jaxformer's `mlp.gate`) takes the top-k logits and softmaxes them (the mixtral router); each expert is
+(clip(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit) (moe.swiglu_limit / swiglu_alpha), with
+biases. Checkpoints store the experts fused and transposed: `experts.gate_up_proj` [E, D, 2F] with gate and up
+interleaved column by column (gate = [..., ::2], up = [..., 1::2]) and its bias [E, 2F], `experts.down_proj`
+[E, F, D] and its bias [E, D]; jaxformer's are torch-layout [E, F, D] / [E, D, F], split, renamed both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from jaxformer.config import ModelConfig
+from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
+                                         layer_types_from_hf, prefixed, require, rope_from_hf, rope_to_hf, unprefixed)
+
+_EXPERTS = re.compile(r"(layers\.\d+\.mlp)\.(experts\.gate_up_proj|experts\.gate_up_proj_bias|experts\.down_proj|"
+                      r"experts\.down_proj_bias|router\.weight|router\.bias)")
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    require(hf, "attention_bias", lambda v: bool(v), True, "gpt-oss's experts always have biases, and jaxformer "
+            "biases every projection or none (use_bias)")
+    theta, scaling = rope_from_hf(hf)
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                      for i in range(hf["num_hidden_layers"])]
+    return ModelConfig.llama(
+        **decoder_fields(hf), activation=activation(hf, "hidden_act"), use_bias=True, export_as="gpt_oss",
+        rope=dict(theta=theta, scaling=scaling), layer_types=layer_types_from_hf({"layer_types": types}, window),
+        attention=dict(sinks=True, sliding_window=window if "sliding_attention" in types else None),
+        moe=dict(n_experts=hf["num_local_experts"], n_experts_per_token=hf["num_experts_per_tok"], router="mixtral",
+                 swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                 aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001))))
+
+
+def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {**decoder_to_hf(cfg, FAMILY), "hidden_act": ACT_TO_HF[cfg.activation],
+            "rope_parameters": rope_to_hf(cfg.rope.theta, cfg.rope.scaling), "attention_bias": True,
+            "sliding_window": cfg.attention.sliding_window or cfg.max_seq_len,  # transformers always builds the mask
+            "layer_types": [cfg.layer_type(i) for i in range(cfg.n_layers)],
+            "num_local_experts": cfg.moe.n_experts, "num_experts_per_tok": cfg.moe.n_experts_per_token,
+            "swiglu_limit": cfg.moe.swiglu_limit, "swiglu_alpha": cfg.moe.swiglu_alpha,
+            "router_aux_loss_coef": cfg.moe.aux_loss_coef}
+
+
+def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
+    out = {}
+    for key, v in unprefixed(sd, cfg).items():
+        m = _EXPERTS.fullmatch(key)
+        if m is None:
+            out[key] = v
+            continue
+        p, name = m[1], m[2]
+        if name == "experts.gate_up_proj":  # [E, D, 2F], gate / up interleaved by column
+            out[f"{p}.experts.gate_proj"] = np.ascontiguousarray(v[:, :, 0::2].transpose(0, 2, 1))
+            out[f"{p}.experts.up_proj"] = np.ascontiguousarray(v[:, :, 1::2].transpose(0, 2, 1))
+        elif name == "experts.gate_up_proj_bias":  # [E, 2F]
+            out[f"{p}.experts.gate_bias"], out[f"{p}.experts.up_bias"] = v[:, 0::2], v[:, 1::2]
+        elif name == "experts.down_proj":  # [E, F, D]
+            out[f"{p}.experts.down_proj"] = np.ascontiguousarray(v.transpose(0, 2, 1))
+        elif name == "experts.down_proj_bias":
+            out[f"{p}.experts.down_bias"] = v
+        else:  # the router is jaxformer's mlp.gate
+            out[f"{p}.gate.{name.split('.')[1]}"] = v
+    return out
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """[..., F] gate and up -> [..., 2F] with gate in the even columns, up in the odd ones."""
+    out = np.empty((*gate.shape[:-1], 2 * gate.shape[-1]), gate.dtype)
+    out[..., 0::2], out[..., 1::2] = gate, up
+    return out
+
+
+def _to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
+    sd = dict(sd)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}.mlp."
+        gate, up = sd.pop(p + "experts.gate_proj"), sd.pop(p + "experts.up_proj")  # [E, F, D]
+        sd[p + "experts.gate_up_proj"] = _interleave(gate.transpose(0, 2, 1), up.transpose(0, 2, 1))  # [E, D, 2F]
+        sd[p + "experts.gate_up_proj_bias"] = _interleave(sd.pop(p + "experts.gate_bias"), sd.pop(p + "experts.up_bias"))
+        sd[p + "experts.down_proj"] = sd.pop(p + "experts.down_proj").transpose(0, 2, 1)  # [E, F, D]
+        sd[p + "experts.down_proj_bias"] = sd.pop(p + "experts.down_bias")
+        sd[p + "router.weight"], sd[p + "router.bias"] = sd.pop(p + "gate.weight"), sd.pop(p + "gate.bias")
+    return prefixed(sd, cfg)
+
+
+FAMILY = Family("gpt_oss", "GptOssForCausalLM", _config_from_hf, _config_to_hf, _from_hf, _to_hf)
+FAMILIES = {"gpt_oss": FAMILY}
