@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxformer.interop import UnsupportedCheckpointError, load_hf, save_hf  # noqa: E402
+from parity_tests.conftest import hf_tol  # noqa: E402
 
 T = 320  # tokens per prompt: past every window below, and past the RoPE scalings' original contexts
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -195,3 +196,50 @@ def test_olmo3_config_in_the_older_flat_rope_format(tmp_path):
     tokens = _tokens(2, seed=3)
     ref = _hf_logits(reread, tokens)
     assert np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - ref).max() <= 1e-4
+
+
+def test_gpt_oss_mxfp4_experts_import_as_transformers_dequantizes_them(tmp_path):
+    """gpt-oss as published: expert matrices in MXFP4 (`<proj>_blocks` [E, R, G, 16] bytes, `<proj>_scales`
+    [E, R, G] exponents) and a quantization_config. Random codes and scales are written in that layout;
+    transformers' own dequantizer (integrations/mxfp4.py) gives the dense weights of the reference model, and
+    jaxformer's import of the MXFP4 directory must give its logits."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from jaxformer.interop.gpt_oss import dequantize_mxfp4
+
+    hf_model = _hf_model("gpt_oss")
+    rng = np.random.default_rng(9)
+    packed = {}
+    with torch.no_grad():
+        for i, layer in enumerate(hf_model.model.layers):
+            for name in ("gate_up_proj", "down_proj"):
+                dense = getattr(layer.mlp.experts, name)  # [E, in, out]
+                E, n_in, n_out = dense.shape
+                blocks = rng.integers(0, 256, (E, n_out, n_in // 32, 16), dtype=np.uint8)
+                scales = rng.integers(124, 128, (E, n_out, n_in // 32), dtype=np.uint8)  # 2^-3 .. 2^0
+                ref = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                 dtype=torch.float32)
+                assert ref.shape == dense.shape
+                np.testing.assert_array_equal(dequantize_mxfp4(blocks, scales), ref.numpy())  # exact: both float32
+                dense.copy_(ref)
+                packed[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
+                packed[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
+    hf_model.save_pretrained(tmp_path)
+    weights = {k: v for k, v in load_file(str(tmp_path / "model.safetensors")).items()
+               if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    save_file({**weights, **packed}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                        "model.embed_tokens", "lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_hf(tmp_path)
+    tokens = _tokens(2, seed=4)
+    ref = _hf_logits(hf_model, tokens)
+    assert np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - ref).max() <= hf_tol(np.abs(ref).max())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedCheckpointError, match="quant_method='fp8'"):
+        load_hf(tmp_path)

@@ -9,6 +9,11 @@ and bias; jaxformer's `mlp.gate`) takes the top-k logits and softmaxes them (the
 biases. Checkpoints store the experts fused and transposed: `experts.gate_up_proj` [E, D, 2F] with gate and up
 interleaved column by column (gate = [..., ::2], up = [..., 1::2]) and its bias [E, 2F], `experts.down_proj`
 [E, F, D] and its bias [E, D]; jaxformer's are torch-layout [E, F, D] / [E, D, F], split, renamed both ways.
+
+The published checkpoints hold the expert matrices in MXFP4 (`quantization_config.quant_method: mxfp4`):
+`<proj>_blocks` [E, R, G, 16] bytes, two E2M1 values each (low nibble first), and `<proj>_scales` [E, R, G] E8M0
+exponents (bias 127), one per 32 values. They are dequantized on import (exactly: every value is a float32) into
+the dense [E, in, R] tensors the rest of this module reads; exports are dense.
 """
 
 from __future__ import annotations
@@ -21,12 +26,43 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
                                          layer_types_from_hf, prefixed, require, rope_from_hf, rope_to_hf, unprefixed)
+from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                    np.float32)  # the 16 codes of MXFP4's elements (OCP Microscaling spec, E2M1)
 _EXPERTS = re.compile(r"(layers\.\d+\.mlp)\.(experts\.gate_up_proj|experts\.gate_up_proj_bias|experts\.down_proj|"
                       r"experts\.down_proj_bias|router\.weight|router\.bias)")
 
 
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks [..., R, G, B] (uint8, two codes a byte, low nibble first) and scales [..., R, G] (uint8, 2 **
+    (s - 127)) -> float32 [..., G * 2B, R]: the checkpoint's rows of R outputs as transformers lays the dense
+    expert tensor out (in, out)."""
+    blocks, scales = np.asarray(blocks, np.uint8), np.asarray(scales, np.uint8)
+    if blocks.shape[:-1] != scales.shape:
+        raise UnsupportedCheckpointError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up: "
+                                         "the scales must have the blocks' shape without its last axis")
+    values = np.stack([FP4_E2M1[blocks & 0x0F], FP4_E2M1[blocks >> 4]], axis=-1)  # [..., R, G, B, 2]
+    values = np.ldexp(values.reshape(*blocks.shape[:-1], -1), scales.astype(np.int32)[..., None] - 127)
+    return np.swapaxes(values.reshape(*blocks.shape[:-2], -1), -1, -2)  # [..., in, R]
+
+
+def _dense(sd: StateDict) -> StateDict:
+    """Each `<name>_blocks` / `<name>_scales` pair (MXFP4) replaced by the dense `<name>`."""
+    out = {k: v for k, v in sd.items() if not k.endswith(("_blocks", "_scales"))}
+    for key in (k for k in sd if k.endswith("_blocks")):
+        base = key.removesuffix("_blocks")
+        if base + "_scales" not in sd:
+            raise UnsupportedCheckpointError(f"{key} has no {base}_scales beside it: an MXFP4 tensor needs both")
+        out[base] = dequantize_mxfp4(sd[key], sd[base + "_scales"])
+    return out
+
+
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    if quant not in (None, "mxfp4"):
+        raise UnsupportedCheckpointError(f"gpt_oss quantization_config.quant_method={quant!r} is not supported; "
+                                         "jaxformer reads mxfp4 (dequantized on import) or unquantized weights")
     require(hf, "attention_bias", lambda v: bool(v), True, "gpt-oss's experts always have biases, and jaxformer "
             "biases every projection or none (use_bias)")
     theta, scaling = rope_from_hf(hf)
@@ -54,7 +90,7 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     out = {}
-    for key, v in unprefixed(sd, cfg).items():
+    for key, v in unprefixed(_dense(sd), cfg).items():
         m = _EXPERTS.fullmatch(key)
         if m is None:
             out[key] = v
