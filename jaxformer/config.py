@@ -23,7 +23,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ROUTERS = ("mixtral", "qwen")  # top-k softmax styles (jaxformer/models/moe.py)
+ROUTERS = ("mixtral", "qwen", "deepseek")  # softmax top-k styles; deepseek: sigmoid, grouped (jaxformer/models/moe.py)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -160,7 +160,12 @@ class MoEConfig:
     d_ff: int | None = None  # each routed expert's hidden size; None: the model's d_ff
     shared_d_ff: int = 0  # a dense SwiGLU every token also takes (Qwen2-MoE); 0: none
     shared_gate: bool = False  # the shared expert's output times sigmoid(x @ w), w [1, D] (Qwen2-MoE)
-    router: str = "mixtral"  # mixtral: softmax over the top-k logits | qwen: softmax over all E, then top-k
+    router: str = "mixtral"  # mixtral: softmax over the top-k logits | qwen: softmax over all E, then top-k |
+    #   deepseek: sigmoid scores + a correction bias choose (within the topk_group best of n_group groups), the
+    #   chosen scores weigh (DeepSeek-V3, GLM-4.5)
+    n_group: int = 1  # deepseek router: experts in n_group groups, ranked by their two best scores
+    topk_group: int = 1  # deepseek router: the groups a token may choose from
+    routed_scaling_factor: float = 1.0  # deepseek router: the routed output's factor
     norm_topk_prob: bool = True  # qwen router: renormalise the top-k probabilities to sum 1 (mixtral always does)
     every: int = 1  # layer i is sparse when (i + 1) % every == 0 (Qwen's decoder_sparse_step)
     dense_layers: tuple[int, ...] = ()  # layers kept dense whatever `every` says (Qwen's mlp_only_layers)
@@ -194,6 +199,15 @@ class MoEConfig:
         if self.shared_gate and not self.shared_d_ff:
             raise ValueError("moe.shared_gate=true needs a shared expert: set moe.shared_d_ff > 0")
         _choice("moe.router", self.router, ROUTERS)
+        for name in ("n_group", "topk_group"):
+            _positive(f"moe.{name}", getattr(self, name))
+        _number("moe.routed_scaling_factor", self.routed_scaling_factor)
+        if self.n_experts % self.n_group or self.topk_group > self.n_group:
+            raise ValueError(f"moe.n_group={self.n_group} must divide n_experts={self.n_experts} and be >= "
+                             f"moe.topk_group={self.topk_group}")
+        if self.router == "deepseek" and self.n_experts // self.n_group < 2:
+            raise ValueError("the deepseek router ranks each group by its two best experts: give every group at "
+                             "least 2 (n_experts / n_group >= 2)")
         if self.router == "mixtral" and not self.norm_topk_prob:
             raise ValueError("moe.router='mixtral' always normalises over the top-k experts; for unnormalised top-k "
                              "probabilities use router='qwen' with norm_topk_prob=false")

@@ -162,6 +162,17 @@ CASES = {
                                       layer_types=("sliding_attention", "full_attention"),
                                       attention=dict(sinks=True),
                                       moe=dict(n_experts=4, n_experts_per_token=2, swiglu_limit=1.5))),
+    # GLM-4.5: the deepseek router over 8 experts in 4 groups (2 allowed), a shared expert, layer 0 dense
+    "glm4_moe": Case("Glm4MoeForCausalLM", "Glm4MoeConfig",
+                     dict(moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                          topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1,
+                          use_qk_norm=True, rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                 partial_rotary_factor=0.5)),
+                     ModelConfig.llama(**OURS_BASE, export_as="glm4_moe", qk_norm="head",
+                                       rope=dict(partial_factor=0.5),
+                                       moe=dict(n_experts=8, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
+                                                router="deepseek", n_group=4, topk_group=2,
+                                                routed_scaling_factor=2.5, dense_layers=(0,)))),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -191,12 +202,15 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
                 p.add_(0.1 * noise)  # norm scales (1, or 0 for Gemma's 1 + w) and biases (0)
             else:
                 p.copy_(std * noise)
+        for name, b in sorted(model.named_buffers()):  # the deepseek router's correction bias is a buffer there
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
     return model
 
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

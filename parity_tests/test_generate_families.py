@@ -43,6 +43,11 @@ CASES = {
     "glm4": ("Glm4Config", dict(head_dim=8, partial_rotary_factor=0.5, attention_bias=True)),
     "exaone4": ("Exaone4Config", dict(sliding_window=12, sliding_window_pattern=2, num_hidden_layers=3)),
     # gpt-oss: sinks in every cached softmax, alternating windows, biased experts with the clamped GLU
+    "glm4_moe": ("Glm4MoeConfig", dict(head_dim=8, moe_intermediate_size=24, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                                       first_k_dense_replace=1, n_shared_experts=1,
+                                       rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                            partial_rotary_factor=0.5))),
     "gpt_oss": ("GptOssConfig", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=12,
                                      swiglu_limit=2.0, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }

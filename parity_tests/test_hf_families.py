@@ -87,6 +87,13 @@ CASES = {
                                      swiglu_limit=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
                                                                             original_max_position_embeddings=128,
                                                                             truncate=False))),
+    # GLM-4.5: the deepseek router (sigmoid, correction bias, 2 of 4 groups, scaled), a shared expert, the first
+    # layer dense, half of each head rotated, q/k norms and q/k/v biases
+    "glm4_moe": ("Glm4MoeConfig", dict(head_dim=16, moe_intermediate_size=24, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                       first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True,
+                                       attention_bias=True, rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                                 partial_rotary_factor=0.5))),
     "apertus": ("ApertusConfig", dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4))),  # xIELU
 }
 
@@ -101,6 +108,9 @@ def _hf_model(name: str, seed: int = 0):
         for name, p in model.named_parameters():  # so a swapped norm or bias would show
             if p.ndim == 1 or name.endswith("_bias"):
                 p.add_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # the deepseek router's correction bias (a buffer in transformers)
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.3 * torch.randn_like(b))
     return model
 
 

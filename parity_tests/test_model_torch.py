@@ -69,7 +69,8 @@ def torch_loss_and_grads(module, tokens, positions, segment_ids):
     V = logits.shape[-1]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), args[0][:, 1:].reshape(-1).long())
     loss.backward()
-    return logits, loss, {k: p.grad for k, p in module.named_parameters()}
+    # a parameter the loss does not reach (the deepseek router's correction bias: it only picks experts) has grad None
+    return logits, loss, {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in module.named_parameters()}
 
 
 # packed rows (segment ids + restarting positions): one config per family

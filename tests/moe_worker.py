@@ -131,6 +131,23 @@ def biased_case(rng) -> dict:
             "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get), "names": sorted(rel)}
 
 
+def deepseek_case(rng) -> dict:
+    """The deepseek router (sigmoid, correction bias, 2 of 4 groups, scaled, a shared expert) on expert=8 against one
+    device: the block's output."""
+    cfg = CFG.replace(moe=dataclasses.replace(CFG.moe, router="deepseek", n_group=4, topk_group=2,
+                                              routed_scaling_factor=2.5, shared_d_ff=16))
+    graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(6)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype), params)
+    x = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
+    run = lambda p, x: nnx.merge(graphdef, p)(x, [])  # noqa: E731
+    ref = np.asarray(run(params, x))
+    mesh = sharding.make_mesh(MESHES["expert8"], cfg)
+    with jax.set_mesh(mesh):
+        y = np.asarray(jax.jit(run)(jax.device_put(params, sharding.param_shardings(params, mesh, cfg)),
+                                    sharding.global_batch({"x": x}, mesh)["x"]))
+    return {"max_abs_diff": float(np.abs(y - ref).max()), "max_abs": float(np.abs(ref).max())}
+
+
 def error_case(cfg: ModelConfig, rows: int) -> str:
     """The error a misfit expert-parallel block raises while tracing (expert=8), or "" if none."""
     block = MoE(cfg, rngs=nnx.Rngs(0))
@@ -161,6 +178,7 @@ def main() -> None:
     report["capacity"] = capacity_case(rng)
     report["few_rows"] = few_rows_case(rng)
     report["biased"] = biased_case(rng)
+    report["deepseek"] = deepseek_case(rng)
     report["errors"] = {"experts": error_case(CFG.replace(n_experts=4), B)}
     with open(sys.argv[1], "w") as f:
         json.dump(report, f)

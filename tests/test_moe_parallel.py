@@ -70,6 +70,11 @@ def test_biased_clamped_experts_split_over_expert_fsdp_tensor(report):
     assert r["max_grad_rel"] <= 1e-5, f"{r['worst']}: rel {r['max_grad_rel']}"
 
 
+def test_deepseek_router_on_expert_parallel_equals_one_device(report):
+    r = report["deepseek"]
+    assert r["max_abs_diff"] <= 1e-5 * r["max_abs"]
+
+
 def test_misfit_meshes_name_the_fix(report):
     assert "does not divide n_experts=4" in report["errors"]["experts"]
 

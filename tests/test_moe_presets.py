@@ -49,6 +49,13 @@ PUBLISHED = {
                              original_max_position_embeddings=4096, rope_theta=150000.0),
         swiglu_limit=7.0, tie_word_embeddings=False, attention_bias=True, hidden_act="silu", router_aux_loss_coef=0.001)),
         num_hidden_layers=24, num_local_experts=32), 20_914_757_184, 4_187_440_704),
+    "glm-4.5-air": ("glm4_moe", dict(  # zai-org/GLM-4.5-Air: 106B, 12B active without the embedding tables
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=46,
+        num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128, n_shared_experts=1,
+        num_experts_per_tok=8, n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+        partial_rotary_factor=0.5, rope_theta=1000000, max_position_embeddings=131072, use_qk_norm=False,
+        attention_bias=True, norm_topk_prob=True, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu",
+        router_aux_loss_coef=0.001), 106_852_251_264, 13_424_129_664),  # + 45 x 128 correction biases
     "gpt-oss-120b": ("gpt_oss", dict(**GPT_OSS, num_hidden_layers=36, num_local_experts=128), 116_829_156_672,
                      5_711_982_912),
 }
@@ -76,7 +83,10 @@ def test_moe_preset_is_the_published_checkpoint(name):
     cfg = load_model_config(name)
     with torch.device("meta"):  # shapes only: a 47B model costs no memory
         reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **published))
-    theirs = sum(p.numel() for p in reference.parameters())
+    # transformers keeps the deepseek router's e_score_correction_bias as a buffer, jaxformer as a parameter (moved by
+    # the balancing rule, not by gradients): counted here on both sides
+    theirs = sum(p.numel() for p in reference.parameters()) + sum(
+        b.numel() for n, b in reference.named_buffers() if n.endswith("e_score_correction_bias"))
     ours = _count(cfg)
     assert ours == theirs == total
     assert active_params(cfg, ours) == active

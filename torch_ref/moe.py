@@ -11,10 +11,26 @@ from jaxformer.config import ModelConfig
 from torch_ref.layers import ACTIVATIONS, MLP, Linear
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k]): mixtral softmax over the top-k
-    logits; qwen softmax over all E, top-k, renormalised when norm_topk_prob."""
+    logits; qwen softmax over all E, top-k, renormalised when norm_topk_prob; deepseek sigmoid scores + correction
+    choose within the best topk_group of n_group groups, the chosen scores weigh (x routed_scaling_factor)."""
     logits = logits.float()
+    moe = cfg.moe
+    if moe.router == "deepseek":
+        N, E = logits.shape
+        scores = logits.sigmoid()
+        choice = scores + correction.float()
+        group_score = choice.view(N, moe.n_group, -1).topk(2, dim=-1).values.sum(-1)  # [N, groups]
+        groups = group_score.topk(moe.topk_group, dim=-1).indices
+        allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, groups, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(E // moe.n_group, dim=1), float("-inf"))
+        idx = choice.topk(moe.n_experts_per_token, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * moe.routed_scaling_factor, idx
     if cfg.moe.router == "mixtral":
         top, idx = torch.topk(logits, cfg.moe.n_experts_per_token, dim=-1)
         return torch.softmax(top, dim=-1), idx
@@ -53,13 +69,26 @@ class Experts(nn.Module):
         return out + self.down_bias[e] if self.biased else out
 
 
+class Router(nn.Module):
+    """deepseek router: float32 logits x @ weight^T and the choice-only e_score_correction_bias [E]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cfg.moe.n_experts, cfg.d_model) * cfg.init_std)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.moe.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight.float().T
+
+
 class MoE(nn.Module):
     """x [B, T, D] -> [B, T, D]: routed experts (+ the optionally gated shared expert)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=cfg.use_bias)
+        self.gate = Router(cfg) if cfg.moe.router == "deepseek" else Linear(cfg.d_model, cfg.moe.n_experts,
+                                                                            bias=cfg.use_bias)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff)) if cfg.moe.shared_d_ff else None
         self.shared_expert_gate = Linear(cfg.d_model, 1, bias=False) if cfg.moe.shared_gate else None
@@ -70,7 +99,8 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, D)
         N, k = xf.shape[0], cfg.moe.n_experts_per_token
         logits = self.gate(xf)  # [N, E]
-        weights, idx = route(logits, cfg)  # [N, k]
+        correction = self.gate.e_score_correction_bias if isinstance(self.gate, Router) else None
+        weights, idx = route(logits, cfg, correction)  # [N, k]
         keep = torch.ones(N, k, dtype=torch.bool)
         if cfg.moe.capacity_factor is not None:  # per expert: top-1 choices first, then top-2..., earlier tokens first
             cap = max(1, math.ceil(cfg.moe.capacity_factor * N * k / cfg.moe.n_experts))

@@ -32,13 +32,30 @@ from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
 
-def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k] int32), as transformers' routers.
 
     mixtral: softmax over the k largest logits (= softmax over all E, top-k, renormalised). qwen: softmax
-    over all E in float32, top-k, renormalised when norm_topk_prob. Ties go to the lower expert id.
+    over all E in float32, top-k, renormalised when norm_topk_prob. deepseek (DeepSeek-V3 section 2.1.2, GLM-4.5):
+    sigmoid scores plus `correction` [E] (e_score_correction_bias) choose the k experts, only within the topk_group
+    groups (of n_group) whose two best corrected scores sum highest; the chosen experts' uncorrected scores,
+    renormalised when norm_topk_prob, times routed_scaling_factor, weigh them. Ties go to the lower expert id.
     """
     logits = logits.astype(jnp.float32)
+    moe = cfg.moe
+    if moe.router == "deepseek":
+        N, E = logits.shape
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + correction.astype(jnp.float32)
+        best_two = jax.lax.top_k(choice.reshape(N, moe.n_group, E // moe.n_group), 2)[0].sum(-1)  # [N, groups]
+        groups = jax.lax.top_k(best_two, moe.topk_group)[1]  # [N, topk_group]
+        allowed = jax.nn.one_hot(groups, moe.n_group, dtype=jnp.bool_).any(1)  # [N, groups]
+        choice = jnp.where(jnp.repeat(allowed, E // moe.n_group, axis=1), choice, -jnp.inf)
+        idx = jax.lax.top_k(choice, moe.n_experts_per_token)[1]  # [N, k]
+        weights = jnp.take_along_axis(scores, idx, axis=-1)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return weights * moe.routed_scaling_factor, idx
     if cfg.moe.router == "mixtral":
         top, idx = jax.lax.top_k(logits, cfg.moe.n_experts_per_token)  # [N, k]
         return jax.nn.softmax(top, axis=-1), idx
@@ -104,6 +121,20 @@ class Experts(nnx.Module):
         return batched_swiglu(xb, *self._weights(), self.glu(), self.biases())
 
 
+class Router(nnx.Module):
+    """The deepseek router: logits = x @ weight^T in float32, and e_score_correction_bias [E], which shifts the
+    choice of experts but not their weights (DeepSeek-V3's auxiliary-loss-free balancing moves it)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, D = cfg.moe.n_experts, cfg.d_model
+        self.weight = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (E, D), jnp.float32),
+                                logical_axes=(None, "embed"))
+        self.e_score_correction_bias = nnx.Param(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [N, D] -> [N, E] float32
+        return x.astype(jnp.float32) @ self.weight[...].T
+
+
 class MoE(nnx.Module):
     """x [B, T, D] -> [B, T, D]: sum over the token's k experts of weight * expert(x), plus the shared expert
     (times sigmoid(shared_expert_gate(x)) when gated). Names follow transformers: `gate` is the router."""
@@ -111,8 +142,8 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.gate = Linear(cfg.d_model, cfg.moe.n_experts, bias=cfg.use_bias, axes=(None, "embed"), std=cfg.init_std,
-                           **kw)
+        self.gate = Router(cfg, rngs=rngs) if cfg.moe.router == "deepseek" else Linear(
+            cfg.d_model, cfg.moe.n_experts, bias=cfg.use_bias, axes=(None, "embed"), std=cfg.init_std, **kw)
         self.experts = Experts(cfg, rngs=rngs)
         self.shared_expert = MLP(cfg.replace(d_ff=cfg.moe.shared_d_ff), rngs=rngs) if cfg.moe.shared_d_ff \
             else None
@@ -128,9 +159,10 @@ class MoE(nnx.Module):
         xf = x.reshape(B * T, D)  # [N, D]
         N = xf.shape[0]
         logits = self.gate(xf)  # [N, E]
+        router = self.router()
         if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
-            return self._finish(xf, *dispatch(self.experts, x, logits, cfg, route, capacity), logits, x, stats)
-        weights, idx = route(logits, cfg)  # [N, k] each
+            return self._finish(xf, *dispatch(self.experts, x, logits, cfg, router, capacity), logits, x, stats)
+        weights, idx = router(logits, cfg)  # [N, k] each
         order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
         xs = xf[order % N]  # [k*N, D] rows grouped by expert
         if cfg.moe.capacity_factor is None:
@@ -146,12 +178,18 @@ class MoE(nnx.Module):
         y = combine(ys, order, weights)  # [N, D]
         return self._finish(xf, y, dropped, group_sizes, logits, x, stats)
 
+    def router(self):
+        """route() with this block's correction bias bound (deepseek), for the local and expert-parallel paths."""
+        if isinstance(self.gate, Router):
+            return functools.partial(route, correction=self.gate.e_score_correction_bias[...])
+        return route
+
     def _finish(self, xf, y, dropped, load, logits, x, stats):
         """Routed output y [N, D] + the experts' down biases + the shared expert; router logits, load [E] and
         dropped fraction to `stats`."""
         B, T, D = x.shape
         if self.experts.down_bias is not None:  # sum_k w_k b[e_k]: each chosen expert's bias, router-weighted
-            weights, idx = route(logits, self.config)  # [N, k]
+            weights, idx = self.router()(logits, self.config)  # [N, k]
             bias = self.experts.down_bias[...].astype(y.dtype)[idx]  # [N, k, D]
             y = y + jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), bias)
         if self.shared_expert is not None:
