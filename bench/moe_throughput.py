@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -90,17 +91,22 @@ def main() -> None:
         run()
         run()
     times = {name: [] for name in runners}
+    load_before = os.getloadavg()  # a figure counts only from a machine whose load stays under its core count
     for _ in range(args.repeats):
         for name, run in runners.items():
             t = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t)
+    load_after = os.getloadavg()
     tps = {name: args.tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"{args.tokens} tokens, D {D}, {E} experts of F {F}, top-{k}; dense MLP d_ff {k * F}; "
           f"torch threads {torch.get_num_threads()}; max |jaxformer - transformers| output {diff:.2e}")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} cores")
     for name, v in tps.items():
         print(f"  {name:24s} {v:10.0f} tokens/s (fwd+bwd, median of {args.repeats})")
     result = {"tokens_per_s": {n: round(v, 1) for n, v in tps.items()}, "max_abs_diff_vs_hf": diff,
+              "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
+              "cores": os.cpu_count(),
               "ratio_vs_hf_moe_block": round(tps["jaxformer_moe"] / tps["hf_mixtral_block"], 3),
               "ratio_vs_dense_active": round(tps["jaxformer_moe"] / tps["jaxformer_dense_active"], 3)}
     print(json.dumps(result))
