@@ -304,8 +304,9 @@ EXECUTION_FIELDS = ("attention_impl", "compute_dtype", "remat", "scan_layers")
 class ModelConfig:
     """Decoder-only LM shape and components; GPT-2 and Llama are two settings of these fields.
 
-    The core shape is flat; RoPE, attention variants and Mixture of Experts are sub-configs (model.rope.theta,
-    model.attention.sliding_window, model.moe.n_experts), given as their dataclass or a mapping.
+    The core shape is flat; RoPE, attention variants, Mixture of Experts and constant multipliers are sub-configs
+    (model.rope.theta, model.attention.sliding_window, model.moe.n_experts, model.scales.logits), given as their
+    dataclass or a mapping.
     """
 
     vocab_size: int = 256
