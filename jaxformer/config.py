@@ -166,6 +166,8 @@ class MoEConfig:
     n_group: int = 1  # deepseek router: experts in n_group groups, ranked by their two best scores
     topk_group: int = 1  # deepseek router: the groups a token may choose from
     routed_scaling_factor: float = 1.0  # deepseek router: the routed output's factor
+    bias_update_rate: float = 0.0  # deepseek router, training: after each step every correction bias moves by this
+    #   rate toward balance (+ for under-, - for over-loaded experts), outside the gradient (DeepSeek-V3 2.1.2); 0 off
     norm_topk_prob: bool = True  # qwen router: renormalise the top-k probabilities to sum 1 (mixtral always does)
     every: int = 1  # layer i is sparse when (i + 1) % every == 0 (Qwen's decoder_sparse_step)
     dense_layers: tuple[int, ...] = ()  # layers kept dense whatever `every` says (Qwen's mlp_only_layers)
@@ -205,6 +207,10 @@ class MoEConfig:
         if self.n_experts % self.n_group or self.topk_group > self.n_group:
             raise ValueError(f"moe.n_group={self.n_group} must divide n_experts={self.n_experts} and be >= "
                              f"moe.topk_group={self.topk_group}")
+        _number("moe.bias_update_rate", self.bias_update_rate)
+        if self.bias_update_rate < 0 or (self.bias_update_rate and self.router != "deepseek"):
+            raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} must be >= 0, and > 0 only with "
+                             "router='deepseek' (the only router with a correction bias to move)")
         if self.router == "deepseek" and self.n_experts // self.n_group < 2:
             raise ValueError("the deepseek router ranks each group by its two best experts: give every group at "
                              "least 2 (n_experts / n_group >= 2)")

@@ -42,7 +42,7 @@ from jaxformer.train.metrics import plot_losses
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.run import Setup, mean_loss, run, say
 from jaxformer.train.state import gather_to_host
-from jaxformer.train.step import lm_loss, make_eval_step, make_train_step
+from jaxformer.train.step import LAYER_LOAD, lm_loss, make_eval_step, make_train_step
 
 # sft settings that decide what a run learns from; a resume must keep them (and every lora setting)
 DATA_KEYS = ("data", "val_data", "val_fraction", "method", "seq_len", "packed", "seed")
@@ -97,8 +97,10 @@ class FineTuning:
         say(f"{scfg.method}: {report['trainable_params']:,} trainable of {report['total_params']:,} parameters "
             f"({report['trainable_fraction']:.2%}); optimizer state {report['optimizer_bytes'] / 2**20:.2f} MiB "
             f"(full fine-tuning: {report['full_finetune_optimizer_bytes'] / 2**20:.2f} MiB)")
+        # router biases are frozen while fine-tuning: their per-layer loads are not needed (nor logged)
+        drop_loads = lambda p, m: (p, {k: v for k, v in m.items() if k != LAYER_LOAD})  # noqa: E731
         train_fn = jax.jit(make_train_step(lm_loss(self.graphdef, packed=True, z_loss=tcfg.z_loss), tx,
-                                           grad_accum=tcfg.grad_accum),
+                                           grad_accum=tcfg.grad_accum, after_update=drop_loads),
                            out_shardings=(sh["params"], sh["opt_state"], None), donate_argnums=(0, 1))
         fold = jax.jit(step_dropout_keys)
         keys, rest = self.frozen

@@ -35,7 +35,7 @@ from jaxformer.train.metrics import plot_losses
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.run import Setup, eval_batch_size, mean_loss, run, say, windows
 from jaxformer.train.state import gather_to_host, init_train_state
-from jaxformer.train.step import lm_loss, make_eval_step, make_train_step
+from jaxformer.train.step import balance_router_biases, lm_loss, make_eval_step, make_train_step
 
 EVAL_SEED = 1234
 
@@ -83,7 +83,8 @@ class Pretraining:
         tx = make_optimizer(tcfg)
         self.graphdef, state, shardings = init_train_state(mcfg, tx, mesh, tcfg.seed)
         loss = lm_loss(self.graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss)
-        train_fn = jax.jit(make_train_step(loss, tx, grad_accum=tcfg.grad_accum),
+        balance = balance_router_biases(mcfg) if mcfg.moe.bias_update_rate else None
+        train_fn = jax.jit(make_train_step(loss, tx, grad_accum=tcfg.grad_accum, after_update=balance),
                            out_shardings=(shardings["params"], shardings["opt_state"], None), donate_argnums=(0, 1))
         eval_fn = jax.jit(make_eval_step(loss))
         return Setup(state=state, iterator=it, step=lambda p, o, batch, step, limits: train_fn(p, o, batch, (), limits),

@@ -39,12 +39,15 @@ Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, T] i
 LossFn = Callable[[Any, Batch, Any, Any], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1) -> Callable:
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+                    after_update: Callable | None = None) -> Callable:
     """step(params, opt_state, batch, extra=(), limits=None) -> (params, opt_state, metrics), one optimizer update
     per call (skipped when `limits` are given and the step is over them: see the module doc).
 
     The batch [B, ...] is split into grad_accum micro-batches [B/A, ...] scanned in sequence; their
-    summed gradients are divided once by the total token count, so k x (b/k) equals b.
+    summed gradients are divided once by the total token count, so k x (b/k) equals b. `after_update(params,
+    metrics) -> (params, metrics)` changes the updated parameters outside the gradient (the deepseek router's
+    bias balancing: balance_router_biases).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # gradients for params only, never for `extra`
 
@@ -72,6 +75,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         metrics = {"loss": reported / denom, "grad_norm": optax.global_norm(grads), "tokens": n, **more}
+        if after_update is not None:
+            new_params, metrics = after_update(new_params, metrics)
         if limits is None:
             return new_params, new_opt_state, metrics
         return skip_if_over(limits, (params, opt_state), (new_params, new_opt_state), metrics)
@@ -129,4 +134,35 @@ def moe_objective(cfg, stats: list[dict], objective, ce, n, mask):
     load = sum(s["load"] for s in stats)  # [E] assignments per expert over all sparse layers
     metrics = {"moe_aux_loss": aux, "moe_z_loss": rz, "moe_load": load / jnp.maximum(load.sum(), 1.0),
                "moe_dropped": jnp.mean(jnp.stack([s["dropped"] for s in stats]))}
+    if cfg.moe.bias_update_rate:  # per sparse layer, for balance_router_biases (taken out of the metrics there)
+        metrics[LAYER_LOAD] = jnp.stack([s["load"] for s in stats])  # [sparse layers, E]
     return objective, (ce, n, metrics)
+
+
+LAYER_LOAD = "router_layer_load"
+
+
+def balance_router_biases(cfg) -> Callable:
+    """DeepSeek-V3's auxiliary-loss-free balancing (section 2.1.2) as make_train_step's after_update: each sparse
+    layer's e_score_correction_bias moves by moe.bias_update_rate, up for experts that took fewer than the mean
+    number of this step's assignments, down for those that took more. Gradients never reach the bias (it only
+    picks experts); this rule is what moves it."""
+    from jaxformer.train.optim import _path_names
+
+    sparse = {i: j for j, i in enumerate(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))}
+    rate = cfg.moe.bias_update_rate
+
+    def after_update(params, metrics):
+        metrics = dict(metrics)
+        loads = metrics.pop(LAYER_LOAD)  # [sparse layers, E]
+        step = rate * jnp.sign(loads.mean(-1, keepdims=True) - loads)  # [sparse layers, E]
+
+        def move(path, leaf):
+            names = _path_names(path)
+            if names[-1] != "e_score_correction_bias":
+                return leaf
+            return leaf + step[sparse[int(names[names.index("layers") + 1])]].astype(leaf.dtype)
+
+        return jax.tree_util.tree_map_with_path(move, params), metrics
+
+    return after_update
