@@ -24,7 +24,7 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-def _path_names(path) -> list[str]:
+def path_names(path) -> list[str]:
     """Parameter path as names; nnx Variables add a trailing 'value' attribute, dropped here."""
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     return names[:-1] if names and names[-1] == "value" else names
@@ -34,7 +34,7 @@ def decay_mask(params):
     """True for matrices that get weight decay: every 2-D weight except embedding tables, and the stacked
     [E, out, in] expert matrices of a Mixture of Experts (`mlp.experts.{gate,up,down}_proj`)."""
     def decide(path, x):
-        names = _path_names(path)
+        names = path_names(path)
         is_embedding = any(n.startswith("embed_") for n in names)
         is_matrix = names[-1] == "weight" or (len(names) > 1 and names[-2] == "experts")
         return x.ndim >= 2 and is_matrix and not is_embedding

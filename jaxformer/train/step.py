@@ -34,6 +34,7 @@ from flax import nnx
 from jaxformer.models.ring_attention import to_context_layout
 from jaxformer.sharding import constrain
 from jaxformer.train.losses import cross_entropy_sums, load_balancing_loss, router_z_loss
+from jaxformer.train.optim import path_names
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, T] int32; loss_mask [B, T] f32
 LossFn = Callable[[Any, Batch, Any, Any], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
@@ -147,8 +148,6 @@ def balance_router_biases(cfg) -> Callable:
     layer's e_score_correction_bias moves by moe.bias_update_rate, up for experts that took fewer than the mean
     number of this step's assignments, down for those that took more. Gradients never reach the bias (it only
     picks experts); this rule is what moves it."""
-    from jaxformer.train.optim import _path_names
-
     sparse = {i: j for j, i in enumerate(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))}
     rate = cfg.moe.bias_update_rate
 
@@ -158,7 +157,7 @@ def balance_router_biases(cfg) -> Callable:
         step = rate * jnp.sign(loads.mean(-1, keepdims=True) - loads)  # [sparse layers, E]
 
         def move(path, leaf):
-            names = _path_names(path)
+            names = path_names(path)
             if names[-1] != "e_score_correction_bias":
                 return leaf
             return leaf + step[sparse[int(names[names.index("layers") + 1])]].astype(leaf.dtype)
