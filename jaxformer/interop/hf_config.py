@@ -227,3 +227,13 @@ def deinterleave_rope(sd: StateDict, cfg: ModelConfig, inverse: bool = False) ->
             heads = v.reshape(-1, H, *v.shape[1:])  # [heads, H, (D)]
             out[key] = heads[:, order].reshape(v.shape)
     return out
+
+
+def renamed(sd: StateDict, renames: dict[str, str]) -> StateDict:
+    """Keys with each `old` substring of renames replaced by its `new` (applied in order), values untouched."""
+    out = {}
+    for key, v in sd.items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = v
+    return out

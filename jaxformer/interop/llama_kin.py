@@ -27,8 +27,8 @@ import numpy as np
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
-                                         deinterleave_rope, layer_types_from_hf, prefixed, require, rope_from_hf,
-                                         rope_to_hf, unprefixed)
+                                         deinterleave_rope, layer_types_from_hf, prefixed, renamed, require,
+                                         rope_from_hf, rope_to_hf, unprefixed)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
 from jaxformer.models.layers import XIELU_BETA, XIELU_EPS
 
@@ -138,15 +138,6 @@ def _ntk_alpha_as_base(hf: dict[str, Any]) -> dict[str, Any]:
     return {**hf, "rope_parameters": {"rope_type": "default", "rope_theta": theta * rp["alpha"] ** (H / (H - 2))}}
 
 
-def _renamed(sd: StateDict, renames: dict[str, str]) -> StateDict:
-    out = {}
-    for key, v in sd.items():
-        for a, b in renames.items():
-            key = key.replace(a, b)
-        out[key] = v
-    return out
-
-
 def _without_xielu_constants(sd: StateDict) -> StateDict:
     """xIELU's beta / eps buffers dropped, once checked to be the constants jaxformer computes with."""
     out = {}
@@ -166,11 +157,11 @@ def _family(model_type: str) -> Family:
     interleaved, renames = model_type in INTERLEAVED, RENAMES.get(model_type, {})
 
     def from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-        sd = _without_xielu_constants(_renamed(unprefixed(sd, cfg), renames))
+        sd = _without_xielu_constants(renamed(unprefixed(sd, cfg), renames))
         return deinterleave_rope(sd, cfg) if interleaved else sd
 
     def to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-        sd = _renamed(sd, {b: a for a, b in renames.items()})
+        sd = renamed(sd, {b: a for a, b in renames.items()})
         if cfg.activation == "xielu":  # transformers keeps beta and eps as buffers of each act_fn
             for i in range(cfg.n_layers):
                 sd[f"layers.{i}.mlp.act_fn.beta"] = np.asarray(XIELU_BETA, np.float32)

@@ -12,7 +12,7 @@ from typing import Any
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
-                                         prefixed, rope_from_hf, rope_to_hf, unprefixed)
+                                         prefixed, renamed, rope_from_hf, rope_to_hf, unprefixed)
 
 RENAMES = {".mlp.c_fc.": ".mlp.up_proj.", ".mlp.c_proj.": ".mlp.down_proj."}
 
@@ -35,21 +35,12 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "sliding_window": cfg.attention.sliding_window}
 
 
-def _rename(sd: StateDict, renames: dict[str, str]) -> StateDict:
-    out = {}
-    for key, v in sd.items():
-        for a, b in renames.items():
-            key = key.replace(a, b)
-        out[key] = v
-    return out
-
-
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    return _rename(unprefixed(sd, cfg), RENAMES)
+    return renamed(unprefixed(sd, cfg), RENAMES)
 
 
 def _to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    return prefixed(_rename(sd, {b: a for a, b in RENAMES.items()}), cfg)
+    return prefixed(renamed(sd, {b: a for a, b in RENAMES.items()}), cfg)
 
 
 FAMILY = Family("starcoder2", "Starcoder2ForCausalLM", _config_from_hf, _config_to_hf, _from_hf, _to_hf)
