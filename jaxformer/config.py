@@ -18,12 +18,14 @@ NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
 NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("none", "head", "proj")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
+BLOCKS = ("standard", "gemma4")  # the residual block's module: models/decoder.py Block | models/gemma4.py
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: learned, MLPs only (Apertus)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ROUTERS = ("mixtral", "qwen", "deepseek")  # softmax top-k styles; deepseek: sigmoid, grouped (jaxformer/models/moe.py)
+ROUTERS = ("mixtral", "qwen", "deepseek", "gemma4")  # softmax top-k styles; deepseek: sigmoid, grouped; gemma4: qwen's
+#   on a normed, scaled input, times a learned scale per expert (jaxformer/models/moe.py, models/gemma4.py)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -62,7 +64,8 @@ class RopeScaling:
     original_max_position_embeddings. llama3: wavelengths between the low/high frequency bounds are blended
     (Llama 3.1). yarn: NTK-by-parts with beta_fast/beta_slow and cos/sin times attention_factor. longrope
     (Phi-3): per-frequency short_factor / long_factor, the long ones once a sequence passes the original context.
-    None fields take transformers' defaults for the type.
+    proportional (Gemma 4's full layers): default frequencies over the whole head for the first
+    partial_rotary_factor share of the pairs, zero (no rotation) for the rest, all / factor. None fields take transformers' defaults for the type.
     """
 
     rope_type: str = "default"
@@ -78,9 +81,13 @@ class RopeScaling:
     truncate: bool = True  # yarn: floor/ceil the correction range
     short_factor: tuple[float, ...] | None = None  # longrope, head_dim / 2 values
     long_factor: tuple[float, ...] | None = None  # longrope
+    partial_rotary_factor: float = 1.0  # proportional: the share of frequency pairs that rotate
 
     def __post_init__(self) -> None:
         _choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+        _number("rope_scaling.partial_rotary_factor", self.partial_rotary_factor)
+        if not 0 <= self.partial_rotary_factor <= 1:
+            raise ValueError(f"rope_scaling.partial_rotary_factor must be in [0, 1], got {self.partial_rotary_factor}")
         _number("rope_scaling.factor", self.factor)
         if self.factor <= 0:
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
@@ -133,9 +140,18 @@ class AttentionConfig:
     scale: float | None = None  # the factor on q.k itself (Granite's attention_multiplier); None: from the above
     qk_norm_after_rope: bool = False  # per-head q/k norms after RoPE instead of before (Hunyuan)
     sinks: bool = False  # a learned logit per head in each softmax's denominator (gpt-oss's attention sinks)
+    global_head_dim: int | None = None  # full-attention layers' head dim (Gemma 4); None: head_dim
+    global_kv_heads: int | None = None  # full-attention layers' kv heads (Gemma 4); None: n_kv_heads
+    k_eq_v: bool = False  # full-attention layers have no v_proj: values are the key projection (Gemma 4)
+    v_norm: bool = False  # values RMS-normalised per head, without a weight (Gemma 4)
 
     def __post_init__(self) -> None:
         _flag("attention.qkv_bias", self.qkv_bias)
+        for name in ("k_eq_v", "v_norm"):
+            _flag(f"attention.{name}", getattr(self, name))
+        for name in ("global_head_dim", "global_kv_heads"):
+            if getattr(self, name) is not None:
+                _positive(f"attention.{name}", getattr(self, name))
         _flag("attention.qk_norm_after_rope", self.qk_norm_after_rope)
         _flag("attention.sinks", self.sinks)
         if self.qk_norm_after_rope and self.qk_norm != "head":
@@ -344,6 +360,12 @@ class ModelConfig:
     scale_embedding: bool = False  # token embeddings times sqrt(d_model) (Gemma; the Transformer paper)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     export_as: str | None = None  # the Hugging Face model_type to export to (set on import); None: inferred
+    # --- Gemma 4 (models/gemma4.py): the block, per-layer inputs, layers that reuse earlier layers' keys/values
+    block: str = "standard"  # standard: models/decoder.py Block | gemma4: models/gemma4.py Gemma4Block
+    per_layer_dim: int = 0  # per-layer input width: every block adds a gated [P] embedding of its own (0: none)
+    per_layer_vocab_size: int | None = None  # the per-layer embedding table's rows; None: vocab_size
+    kv_shared_layers: int = 0  # the last N layers attend to the keys/values of the last earlier layer of their type
+    double_wide_shared_mlp: bool = False  # the kv-shared layers' MLPs are 2 x d_ff wide (Gemma 4)
     rope: RopeConfig = RopeConfig()
     attention: AttentionConfig = AttentionConfig()
     moe: MoEConfig = MoEConfig()
@@ -394,6 +416,7 @@ class ModelConfig:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
         self._check_family_fields()
         self._check_moe_fields()
+        self._check_block_fields()
 
     def _set(self, sub: str, **changes: Any) -> None:
         """Replace fields of a frozen sub-config during validation (one spelling per architecture)."""
@@ -418,6 +441,95 @@ class ModelConfig:
         if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
             raise ValueError(f"moe.n_experts={moe.n_experts} but no layer is sparse (moe.every={moe.every}, "
                              f"moe.dense_layers={list(moe.dense_layers)}); make at least one layer sparse")
+
+    def _check_block_fields(self) -> None:
+        _choice("block", self.block, BLOCKS)
+        _flag("double_wide_shared_mlp", self.double_wide_shared_mlp)
+        for name in ("per_layer_dim", "kv_shared_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.per_layer_vocab_size is not None:
+            _positive("per_layer_vocab_size", self.per_layer_vocab_size)
+            if self.per_layer_vocab_size == self.vocab_size:
+                object.__setattr__(self, "per_layer_vocab_size", None)  # one spelling: None is vocab_size
+        attn = self.attention
+        if attn.global_head_dim == self.head_dim:
+            self._set("attention", global_head_dim=None)
+        if attn.global_kv_heads == self.n_kv_heads:
+            self._set("attention", global_kv_heads=None)
+        if self.attention.global_kv_heads and self.n_heads % self.attention.global_kv_heads:
+            raise ValueError(f"attention.global_kv_heads={attn.global_kv_heads} must divide n_heads={self.n_heads}")
+        gemma4_only = {k: v for k, v in (
+            ("per_layer_dim", self.per_layer_dim), ("kv_shared_layers", self.kv_shared_layers),
+            ("double_wide_shared_mlp", self.double_wide_shared_mlp), ("per_layer_vocab_size", self.per_layer_vocab_size),
+            ("attention.global_head_dim", self.attention.global_head_dim),
+            ("attention.global_kv_heads", self.attention.global_kv_heads), ("attention.k_eq_v", attn.k_eq_v),
+            ("attention.v_norm", attn.v_norm)) if v not in (0, None, False)}
+        if self.moe.router == "gemma4" and self.moe.n_experts:
+            gemma4_only["moe.router"] = "gemma4"
+        if self.block == "standard":
+            if gemma4_only:
+                raise ValueError(f"{sorted(gemma4_only)} are Gemma 4 block settings: set block='gemma4' or remove "
+                                 "them")
+            return
+        # gemma4: sandwich norms; a MoE (when set) beside the dense MLP on every layer
+        if self.norm_placement != "sandwich" or self.norm_unit_offset:
+            raise ValueError("block='gemma4' has sandwich norms scaled by their weight: set norm_placement='sandwich'"
+                             " and norm_unit_offset=false")
+        if self.position != "rope" or self.norm != "rmsnorm" or not self.gated_mlp or self.use_bias \
+                or attn.qk_norm != "head" or attn.qkv_bias:
+            raise ValueError("block='gemma4' is a RoPE model with RMSNorm, gated MLPs, per-head q/k norms and no "
+                             "biases: set position='rope', norm='rmsnorm', gated_mlp=true, use_bias=false, "
+                             "attention.qk_norm='head', attention.qkv_bias=false")
+        if self.moe.n_experts and (self.moe.router != "gemma4" or self.moe.every != 1 or self.moe.dense_layers
+                                   or self.moe.shared_d_ff or self.moe.capacity_factor is not None):
+            raise ValueError("block='gemma4' puts a MoE beside the dense MLP of every layer, routed by its own router: "
+                             "set moe.router='gemma4', moe.every=1, no moe.dense_layers, moe.shared_d_ff=0, "
+                             "moe.capacity_factor=null")
+        if self.kv_shared_layers >= self.n_layers:
+            raise ValueError(f"kv_shared_layers={self.kv_shared_layers} must leave at least one of n_layers="
+                             f"{self.n_layers} layers computing its own keys and values")
+        first = self.n_layers - self.kv_shared_layers
+        missing = sorted({self.layer_type(i) for i in range(first, self.n_layers)}
+                         - {self.layer_type(i) for i in range(first)})
+        if missing:
+            raise ValueError(f"kv-shared layers of type {missing} have no earlier layer of that type to take keys and "
+                             f"values from; lower kv_shared_layers={self.kv_shared_layers}")
+        if self.scan_layers:
+            raise ValueError("block='gemma4' layers differ (per-layer inputs, shared keys/values): set "
+                             "scan_layers=false (remat works)")
+
+    def layer_head_dim(self, i: int) -> int:
+        """Block i's head dim: attention.global_head_dim on full-attention layers when set (Gemma 4), else head_dim."""
+        g = self.attention.global_head_dim
+        return g if g is not None and self.layer_type(i) == "full_attention" else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        """Block i's kv heads: attention.global_kv_heads on full-attention layers when set, else n_kv_heads."""
+        g = self.attention.global_kv_heads
+        return g if g is not None and self.layer_type(i) == "full_attention" else self.n_kv_heads
+
+    def layer_d_ff(self, i: int) -> int:
+        """Block i's MLP width: 2 x d_ff on kv-shared layers with double_wide_shared_mlp (Gemma 4), else d_ff."""
+        return 2 * self.d_ff if self.double_wide_shared_mlp and self.kv_source(i) != i else self.d_ff
+
+    def kv_source(self, i: int) -> int:
+        """The layer whose keys and values block i attends to: itself, or for the last kv_shared_layers layers
+        the last layer before them of the same type (Gemma 3n / 4); the one place that reads kv_shared_layers."""
+        first = self.n_layers - self.kv_shared_layers
+        if i < first:
+            return i
+        return max(j for j in range(first) if self.layer_type(j) == self.layer_type(i))
+
+    @property
+    def n_cache_layers(self) -> int:
+        """Layers that keep keys/values in a cache (the first n_layers - kv_shared_layers; cache index = layer)."""
+        return self.n_layers - self.kv_shared_layers
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Cache bytes one token takes over all layers, keys and values."""
+        return sum(2 * self.layer_kv_heads(i) * self.layer_head_dim(i) * itemsize for i in range(self.n_cache_layers))
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block i's MLP slot is a Mixture of Experts (the one place that reads moe.every / dense_layers)."""
@@ -499,6 +611,12 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """How many of each head's dims RoPE rotates (the first ones): head_dim x rope.partial_factor."""
         return int(self.head_dim * self.rope.partial_factor)
+
+    def type_rotary_dim(self, layer_type: str) -> int:
+        """rotary_dim for a layer type's head dim (Gemma 4's full layers have heads of their own size)."""
+        g = self.attention.global_head_dim
+        H = g if g is not None and layer_type == "full_attention" else self.head_dim
+        return int(H * self.rope.partial_factor)
 
     @classmethod
     def gpt2(cls, **overrides: Any) -> "ModelConfig":

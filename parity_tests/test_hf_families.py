@@ -95,6 +95,17 @@ CASES = {
                                        attention_bias=True, rope_parameters=dict(rope_type="default", rope_theta=1e4,
                                                                                  partial_rotary_factor=0.5))),
     "apertus": ("ApertusConfig", dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e4))),  # xIELU
+    # Gemma 4 (E2B-like): per-layer inputs, the last 2 layers reusing keys/values with double-wide MLPs, full layers
+    # with 32-wide heads and proportional RoPE on a quarter of their pairs, value norms, scores scaled by 1
+    "gemma4": ("Gemma4TextConfig", dict(
+        head_dim=16, global_head_dim=32, num_hidden_layers=4, sliding_window=40, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128, num_kv_shared_layers=2, use_double_wide_mlp=True, initializer_range=0.05,
+        final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"] * 2)),
+    # Gemma 4 (26B-A4B-like): experts beside every MLP, full layers with k = v and one kv head
+    "gemma4_moe": ("Gemma4TextConfig", dict(
+        head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=40,
+        hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
+        final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention", "full_attention"])),
 }
 
 
@@ -108,8 +119,8 @@ def _hf_model(name: str, seed: int = 0):
         for name, p in model.named_parameters():  # so a swapped norm or bias would show
             if p.ndim == 1 or name.endswith("_bias"):
                 p.add_(0.3 * torch.randn_like(p))
-        for name, b in model.named_buffers():  # the deepseek router's correction bias (a buffer in transformers)
-            if name.endswith("e_score_correction_bias"):
+        for name, b in model.named_buffers():  # the deepseek router's correction bias, Gemma 4's layer scalars
+            if name.endswith(("e_score_correction_bias", "layer_scalar")):  # (buffers in transformers)
                 b.add_(0.3 * torch.randn_like(b))
     return model
 

@@ -64,13 +64,17 @@ class Attention(nn.Module):
     `window`: this layer's sliding window (ModelConfig.layer_window(i)), None for full attention.
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None, layer: int = 0):
         super().__init__()
-        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        D, N = cfg.d_model, cfg.n_heads
+        K, H = cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)  # Gemma 4's full layers: their own sizes
         qkv_bias = cfg.use_bias or cfg.attention.qkv_bias  # Qwen2: biases on q/k/v only
         self.q_proj = Linear(D, N * H, bias=qkv_bias)
         self.k_proj = Linear(D, K * H, bias=qkv_bias)
-        self.v_proj = Linear(D, K * H, bias=qkv_bias)
+        # Gemma 4: full layers' values are the key projection
+        k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
+        self.v_proj = None if k_eq_v else Linear(D, K * H, bias=qkv_bias)
+        self.v_norm_eps = cfg.norm_eps if cfg.attention.v_norm else None
         self.o_proj = Linear(N * H, D, bias=cfg.use_bias)
         # q/k RMSNorm: per head over H (Qwen3, Gemma 3) or over the whole projection N*H / K*H (OLMo 2)
         self.qk_norm = cfg.attention.qk_norm
@@ -80,21 +84,28 @@ class Attention(nn.Module):
             self.k_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
+        custom = cfg.attention.scale is not None or cfg.attention.query_pre_attn_scalar is not None
+        self.scale, self.softcap = cfg.attention_scale if custom else H ** -0.5, cfg.attention.logit_softcap
         self.sinks = nn.Parameter(torch.zeros(N)) if cfg.attention.sinks else None
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, S, K, H] of x [B, S, D] (k normalised when qk_norm is set)."""
         B, S, _ = x.shape
-        k, v = self.k_proj(x), self.v_proj(x)  # [B, S, K*H]
+        k = self.k_proj(x)  # [B, S, K*H]
+        v = k if self.v_proj is None else self.v_proj(x)
         if self.qk_norm == "proj":
             k = self.k_norm(k)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        k, v = (t.view(B, S, self.n_kv_heads, self.head_dim) for t in (k, v))
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             k = self.k_norm(k)
-        return k, v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.v_norm_eps is not None:  # Gemma 4: x / rms(x), no weight
+            v = (v.float() * torch.rsqrt(v.float().pow(2).mean(-1, keepdim=True) + self.v_norm_eps)).to(v.dtype)
+        return k, v
 
-    def forward(self, x: torch.Tensor, rope=None, segment_ids=None, kv=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, segment_ids=None, kv=None, *, return_kv: bool = False,
+                shared=None) -> torch.Tensor:
+        """`kv`: cross-attention to another sequence's (k, v). `shared`: a kv-shared layer's source layer's rotated
+        (k, v) of the same tokens (Gemma 4). `return_kv`: also return this layer's rotated (k, v)."""
         B, T, _ = x.shape
         q = self.q_proj(x)  # [B, T, N*H]
         if self.qk_norm == "proj":
@@ -102,7 +113,10 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q = self.q_norm(q)
-        if kv is None:
+        if shared is not None:
+            k, v = shared
+            q = apply_rope(q, *rope) if rope is not None else q
+        elif kv is None:
             k, v = self.project_kv(x)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -113,4 +127,5 @@ class Attention(nn.Module):
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=self.causal, segment_ids=seg, scale=self.scale, window=self.window,
                      softcap=self.softcap, sinks=self.sinks)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        out = self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        return (out, (k, v)) if return_kv else out

@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer))
+        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer)
         if self.placement != "parallel":
             self.post_attention_layernorm = make_norm(cfg)
         if self.placement == "sandwich":

@@ -132,6 +132,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_
         raise ValueError(f"rope_scaling type {kind!r} needs an original context: set "
                          "rope_scaling.original_max_position_embeddings or pass max_seq_len")
     seq_len = torch.as_tensor(seq_len)
+    if kind == "proportional":  # Gemma 4: rope_angles pairs at the default rates, the others zero
+        rope_angles = int(scaling.partial_rotary_factor * H // 2)
+        inv_freq = torch.cat([inv_freq[:rope_angles], torch.zeros(H // 2 - rope_angles)])
+        return inv_freq / factor, 1.0
     if kind == "linear":  # positions / factor
         return inv_freq / factor, 1.0
     if kind == "dynamic":  # NTK-aware: the base grows once the sequence passes `orig`

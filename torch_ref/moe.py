@@ -11,11 +11,12 @@ from jaxformer.config import ModelConfig
 from torch_ref.layers import ACTIVATIONS, MLP, Linear
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | None = None,
+          expert_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k]): mixtral softmax over the top-k
     logits; qwen softmax over all E, top-k, renormalised when norm_topk_prob; deepseek sigmoid scores + correction
-    choose within the best topk_group of n_group groups, the chosen scores weigh (x routed_scaling_factor)."""
+    choose within the best topk_group of n_group groups, the chosen scores weigh (x routed_scaling_factor); gemma4
+    is qwen's times `expert_scale` [E] of the chosen experts."""
     logits = logits.float()
     moe = cfg.moe
     if moe.router == "deepseek":
@@ -37,6 +38,8 @@ def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | Non
     weights, idx = torch.topk(torch.softmax(logits, dim=-1), cfg.moe.n_experts_per_token, dim=-1)
     if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
+    if expert_scale is not None:
+        weights = weights * expert_scale.float()[idx]
     return weights, idx
 
 

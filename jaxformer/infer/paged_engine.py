@@ -81,8 +81,7 @@ class PagedEngine:
         self.graphdef, state = nnx.split(model)
         leaves, self.state_def = jax.tree.flatten(state)
         self._leaves = self._place(state, leaves)  # first: the free memory the pool may take is what they leave
-        page_bytes = 2 * cfg.n_layers * self.page_size * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(
-            cfg.compute_dtype).itemsize
+        page_bytes = self.page_size * cfg.kv_bytes_per_token(jnp.dtype(cfg.compute_dtype).itemsize)
         if num_pages is None:  # --kv-memory, else what the accelerator has free, else the dense engine's tokens
             kv_memory = kv_memory or free_device_memory(mesh)
             num_pages = kv_memory // page_bytes if kv_memory else self.max_batch * self.max_pages

@@ -1,6 +1,5 @@
 """Weights in and out: torch_ref state dicts, Hugging Face directories, jaxformer's own files."""
 
-from jaxformer.config import EncDecConfig
 from jaxformer.interop.hf import UnsupportedCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
 from jaxformer.interop.native import load, save
 from jaxformer.interop.state_dict import (CheckpointMismatchError, from_state_dict, from_torch_state_dict,
@@ -16,8 +15,7 @@ def to_torch(model):
     if is_quantized(model):
         model = dequantized_model(model)
 
-    module_cls = torch_ref.EncoderDecoder if isinstance(model.config, EncDecConfig) else torch_ref.DecoderLM
-    module = module_cls(model.config)
+    module = torch_ref.module_class(model.config)(model.config)
     module.load_state_dict(to_torch_state_dict(model), strict=True)
     return module.eval()
 

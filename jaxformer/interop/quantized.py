@@ -17,7 +17,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.interop.native import FORMAT, WEIGHTS
 from jaxformer.interop.state_dict import check_shapes, param_shapes, to_numpy_state_dict
-from jaxformer.models import DecoderLM
+from jaxformer.models import DecoderLM, model_class
 from jaxformer.models.quant import QuantSpec
 from jaxformer.models.quant_layers import quant_spec_of, quantize_model
 
@@ -61,7 +61,7 @@ def load_quantized(path: str | Path, *, impl: str = "auto", **config_overrides) 
         raise ValueError(f"{path} is not a quantized jaxformer directory (its config.json has no \"quantization\")")
     spec = QuantSpec.from_dict(entry)
     cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text())["model"]).replace(**config_overrides)
-    abstract = nnx.eval_shape(lambda: quantize_model(DecoderLM(cfg, rngs=nnx.Rngs(0)), spec, impl, empty=True))
+    abstract = nnx.eval_shape(lambda: quantize_model(model_class(cfg)(cfg, rngs=nnx.Rngs(0)), spec, impl, empty=True))
     weights = load_file(str(path / WEIGHTS))
     check_shapes(param_shapes(abstract), {k: v.shape for k, v in weights.items()}, str(path / WEIGHTS))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -13,11 +13,15 @@ from jaxformer.config import EncDecConfig, ModelConfig
 from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.decoder import DecoderLM, count_params
 from jaxformer.models.encdec import EncoderDecoder
+from jaxformer.models.gemma4 import Gemma4LM
 
 
 def model_class(cfg: ModelConfig) -> type[nnx.Module]:
-    """The model a config describes: EncoderDecoder for an EncDecConfig, DecoderLM otherwise."""
-    return EncoderDecoder if isinstance(cfg, EncDecConfig) else DecoderLM
+    """The model a config describes: EncoderDecoder for an EncDecConfig, Gemma4LM for block 'gemma4', DecoderLM
+    otherwise."""
+    if isinstance(cfg, EncDecConfig):
+        return EncoderDecoder
+    return Gemma4LM if cfg.block == "gemma4" else DecoderLM
 
 
-__all__ = ["CachedLogits", "DecoderLM", "EncoderDecoder", "KVCache", "count_params", "model_class"]
+__all__ = ["CachedLogits", "DecoderLM", "EncoderDecoder", "Gemma4LM", "KVCache", "count_params", "model_class"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.layers import Linear, apply_rope, dtype_of, make_norm
+from jaxformer.models.layers import Linear, apply_rope, dtype_of, make_norm, rms_normalize
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
 from pallas_kernels.decode_attention import decode_attention
@@ -270,13 +270,17 @@ class Attention(nnx.Module):
     it is cross-attention: queries from `x`, keys and values from the context (Vaswani et al. 2017).
     """
 
-    def __init__(self, cfg: ModelConfig, *, causal: bool = True, window: int | None = None, rngs: nnx.Rngs):
-        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, *, causal: bool = True, window: int | None = None, layer: int = 0,
+                 rngs: nnx.Rngs):
+        D, N = cfg.d_model, cfg.n_heads
+        K, H = cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)  # Gemma 4's full layers differ from the rest
+        # Gemma 4: full-attention layers' values are their keys' projection (no v_proj)
+        self.k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
         kw = dict(bias=cfg.use_bias or cfg.attention.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
                   compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
-        self.v_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = None if self.k_eq_v else Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
         kw.update(bias=cfg.use_bias, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # residual output (GPT-2 init)
         self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
         # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
@@ -284,9 +288,11 @@ class Attention(nnx.Module):
         self.qk_norm_after_rope = cfg.attention.qk_norm_after_rope  # Hunyuan: per-head norms of rotated q, k
         self.q_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
         self.k_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
+        self.v_norm_eps = cfg.norm_eps if cfg.attention.v_norm else None  # Gemma 4: weightless RMSNorm of values
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        self.scale, self.softcap = cfg.attention_scale, cfg.attention.logit_softcap
+        custom = cfg.attention.scale is not None or cfg.attention.query_pre_attn_scalar is not None
+        self.scale, self.softcap = cfg.attention_scale if custom else H ** -0.5, cfg.attention.logit_softcap
         # gpt-oss: a learned logit per query head in every softmax denominator (attends to nothing)
         self.sinks = (nnx.Param(jnp.zeros((N,), dtype_of(cfg.param_dtype)), logical_axes=("heads",))
                       if cfg.attention.sinks else None)
@@ -299,9 +305,11 @@ class Attention(nnx.Module):
         if self.qk_norm == "proj":
             k = self.k_norm(k)
         k = k.reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        v = k if self.v_proj is None else self.v_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             k = self.k_norm(k)
-        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, self.head_dim)  # [B, S, K, H]
+        if self.v_norm_eps is not None:
+            v = rms_normalize(v, self.v_norm_eps)
         return k, v
 
     def project_q(self, x: jax.Array) -> jax.Array:
@@ -315,12 +323,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
                  segment_ids: jax.Array | SegmentIds | None = None, cache: LayerCache | None = None,
-                 kv: tuple[jax.Array, jax.Array] | None = None):  # [B, T, D] -> [B, T, D]
+                 kv: tuple[jax.Array, jax.Array] | None = None, *, return_kv: bool = False):  # [B, T, D] -> [B, T, D]
         """`segment_ids` is [B, T] (self-attention within packed documents) or a (q [B, T], kv [B, S]) pair.
 
         With `cache` (k_cache, v_cache, start), the new keys/values go to slots start[b] + t, the queries
         attend to the cache, and the result is (out, (k_cache, v_cache)). With `kv` (k, v) [B, S, K, H]
-        this is cross-attention: neither RoPE nor a cache applies to the context.
+        this is cross-attention: neither RoPE nor a cache applies to the context. `return_kv` (self-attention
+        without a cache) returns (out, (k, v)) with this layer's rotated keys and values, for layers that reuse them.
         """
         B, T, _ = x.shape
         q = self.project_q(x)  # [B, T, N, H]
@@ -334,17 +343,39 @@ class Attention(nnx.Module):
             raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
         else:
             k, v = kv  # [B, S, K, H]
-        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap,
-                  sinks=None if self.sinks is None else self.sinks[...])
         if isinstance(cache, PagedLayer):
             k_pages, v_pages = write_paged(cache.k_pages, cache.v_pages, k, v, cache.page_table, cache.start)
-            out = attend_paged(q, k_pages, v_pages, cache.page_table, cache.start + T, **kw)  # [B, T, N, H]
-            return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_pages, v_pages)
+            return self._attend(q, cache._replace(k_pages=k_pages, v_pages=v_pages), None), (k_pages, v_pages)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
+            return self._attend(q, (k_cache, v_cache, start), None), (k_cache, v_cache)
+        out = self._attend(q, (k, v), segment_ids)
+        return (out, (k, v)) if return_kv else out
+
+    def reuse(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
+              source) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        """A kv-shared layer (Gemma 3n / 4): queries of x attend to an earlier layer's keys and values, `source`:
+        its (k, v) [B, T, K, H] of these tokens, or its cache (LayerCache / PagedLayer) with these tokens written."""
+        q = self.project_q(x)  # [B, T, N, H]
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        if self.qk_norm_after_rope:
+            q = self.q_norm(q)
+        return self._attend(q, source, segment_ids)
+
+    def _attend(self, q: jax.Array, source, segment_ids) -> jax.Array:
+        """Queries [B, T, N, H] against `source` -- (k, v) of the same tokens, a cache (k_cache, v_cache, start) or a
+        PagedLayer, both already holding these T tokens at start[b] + t -- then o_proj: [B, T, D]."""
+        B, T = q.shape[:2]
+        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap,
+                  sinks=None if self.sinks is None else self.sinks[...])
+        if isinstance(source, PagedLayer):
+            out = attend_paged(q, source.k_pages, source.v_pages, source.page_table, source.start + T, **kw)
+        elif len(source) == 3:
+            k_cache, v_cache, start = source
             out = attend_cached(q, k_cache, v_cache, start + T, **kw)  # [B, T, N, H]
-            return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim)), (k_cache, v_cache)
-        seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-        out = attend(q, k, v, causal=self.causal, segment_ids=seg, **kw)  # [B, T, N, H]
+        else:
+            seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+            out = attend(q, *source, causal=self.causal, segment_ids=seg, **kw)  # [B, T, N, H]
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

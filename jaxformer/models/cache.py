@@ -44,13 +44,16 @@ class KVCache:
         int8 with a scale per position and kv head (jaxformer.models.quant.QuantKV)."""
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         layout = cache_layout(cfg.attention_impl)
-        sizes = {"b": batch, "s": max_len, "k": cfg.n_kv_heads, "h": cfg.head_dim}
-        shape = tuple(sizes[a] for a in layout)
-        zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])  # noqa: E731
-        if dtype == jnp.int8:
-            zeros = lambda: QuantKV(constrain(jnp.zeros(shape, jnp.int8), CACHE_AXES[layout]),  # noqa: E731
-                                    constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
-        return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
+
+        def zeros(i: int):  # layer i's [B, K, S, H] or [B, S, K, H] (Gemma 4's full layers have their own K, H)
+            sizes = {"b": batch, "s": max_len, "k": cfg.layer_kv_heads(i), "h": cfg.layer_head_dim(i)}
+            shape = tuple(sizes[a] for a in layout)
+            if dtype == jnp.int8:
+                return QuantKV(constrain(jnp.zeros(shape, jnp.int8), CACHE_AXES[layout]),
+                               constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
+            return constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])
+        layers = range(cfg.n_cache_layers)  # kv-shared layers read their source layer's entry
+        return cls(k=tuple(zeros(i) for i in layers), v=tuple(zeros(i) for i in layers),
                    lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
 
     @property

@@ -39,7 +39,7 @@ class Block(nnx.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         self.residual_scale = cfg.scales.residual
         self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), rngs=rngs)
+        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
         self.post_attention_layernorm = make_norm(cfg) if self.placement != "parallel" else None
         self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
         self.sparse = cfg.is_moe_layer(layer)  # the MLP slot holds a Mixture of Experts (models/moe.py)
@@ -80,13 +80,15 @@ class Block(nnx.Module):
 class DecoderLM(nnx.Module):
     """tokens [B, T] -> logits [B, T, V] (float32), causal, packed-document aware."""
 
+    block = Block  # the residual block's class (models/gemma4.py's model has its own)
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         emb = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
         self.embed_positions = (Embed(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), **emb)
                                 if cfg.position == "learned" else None)
-        self.layers = nnx.List([Block(cfg, layer=i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.layers = nnx.List([self.block(cfg, layer=i, rngs=rngs) for i in range(cfg.n_layers)])
         self.norm = make_norm(cfg)
         self.lm_head = (None if cfg.tie_embeddings else
                         Linear(cfg.d_model, cfg.vocab_size, bias=False, axes=("vocab", "embed"), std=cfg.init_std,
@@ -216,9 +218,12 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.A
     """RoPE's (cos, sin) [B, T, H] per attention type, or None when the model has no RoPE."""
     if cfg.position != "rope":
         return None
-    full = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
+    full = rope_cos_sin(positions, cfg.type_rotary_dim("full_attention"), cfg.rope.theta, cfg.rope.scaling,
+                        cfg.max_seq_len)
     # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
-    local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.rotary_dim, cfg.rope.local_theta)
+    local_dim = cfg.type_rotary_dim("sliding_attention")
+    local = full if cfg.rope.local_theta is None and local_dim == full[0].shape[-1] else rope_cos_sin(
+        positions, local_dim, cfg.rope.local_theta or cfg.rope.theta)
     return {"full_attention": full, "sliding_attention": local}
 
 

@@ -82,6 +82,13 @@ class LayerNorm(nnx.Module):
         return h.astype(x.dtype)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, in float32, returned in x's dtype (an RMSNorm without a weight: Gemma 4's
+    value norm and router norm)."""
+    h = x.astype(jnp.float32)
+    return (h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm (Zhang & Sennrich 2019). Llama: normalise in float32, cast, then scale by weight.
     With `unit_offset` (Gemma): scale by (1 + weight) in float32, then cast; the weight starts at 0."""
@@ -185,6 +192,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(medium, smoothed, scaled), 1.0
+    if kind == "proportional":  # Gemma 4: the first share of the pairs rotate at the default rates, the rest not at all
+        rotated = int(scaling.partial_rotary_factor * head_dim // 2)
+        return jnp.where(jnp.arange(head_dim // 2) < rotated, inv_freq, 0.0) / factor, 1.0
     if kind == "yarn":  # Peng et al. 2023: NTK-by-parts between extrapolation and interpolation
         return _yarn_inv_freq(head_dim, theta, scaling, original, inv_freq)
     # longrope (Phi-3): per-frequency factors, the long set once the sequence passes the original context

@@ -32,7 +32,8 @@ from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
 
-def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = None,
+          expert_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Router logits [N, E] -> (weights [N, k] float32, expert ids [N, k] int32), as transformers' routers.
 
     mixtral: softmax over the k largest logits (= softmax over all E, top-k, renormalised). qwen: softmax
@@ -40,6 +41,7 @@ def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = No
     sigmoid scores plus `correction` [E] (e_score_correction_bias) choose the k experts, only within the topk_group
     groups (of n_group) whose two best corrected scores sum highest; the chosen experts' uncorrected scores,
     renormalised when norm_topk_prob, times routed_scaling_factor, weigh them. Ties go to the lower expert id.
+    gemma4: qwen's, then each weight times its expert's `expert_scale` [E] (Gemma 4's per_expert_scale).
     """
     logits = logits.astype(jnp.float32)
     moe = cfg.moe
@@ -62,6 +64,8 @@ def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = No
     weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.moe.n_experts_per_token)  # [N, k]
     if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
+    if expert_scale is not None:
+        weights = weights * expert_scale.astype(jnp.float32)[idx]
     return weights, idx
 
 

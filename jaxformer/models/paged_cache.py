@@ -42,10 +42,11 @@ class PagedKVCache:
             raise ValueError(f"need page_size >= 1 and num_pages >= 2 (page 0 is scratch), got {page_size} and "
                              f"{num_pages}")
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        shape = (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
-        zeros = lambda: constrain(jnp.zeros(shape, dtype), PAGE_AXES)  # noqa: E731
+        zeros = lambda i: constrain(jnp.zeros((num_pages, page_size, cfg.layer_kv_heads(i), cfg.layer_head_dim(i)),  # noqa: E731
+                                              dtype), PAGE_AXES)
         max_pages = -(-max_len // page_size)
-        return cls(k=tuple(zeros() for _ in range(cfg.n_layers)), v=tuple(zeros() for _ in range(cfg.n_layers)),
+        layers = range(cfg.n_cache_layers)  # kv-shared layers read their source layer's pools
+        return cls(k=tuple(zeros(i) for i in layers), v=tuple(zeros(i) for i in layers),
                    page_table=jnp.full((batch, max_pages), SCRATCH_PAGE, jnp.int32),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
