@@ -131,9 +131,13 @@ def _is_norm(name: str) -> bool:
     return "norm" in leaf_owner or leaf_owner.startswith("ln_")
 
 
+UNIT_SCALES = ("layer_scalar", "router.scale", "per_expert_scale")
+
+
 def random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:
-    """Norm scales ~ 1 + 0.1 N(0,1), biases and norm shifts ~ 0.1 N(0,1), matrices ~ std N(0,1)."""
-    if len(shape) == 1 and _is_norm(name) and name.endswith("weight"):
+    """Norm scales and other multipliers that start at 1 (Gemma 4's layer_scalar, router scale, per_expert_scale)
+    ~ 1 + 0.1 N(0,1), biases and norm shifts ~ 0.1 N(0,1), matrices ~ std N(0,1)."""
+    if len(shape) == 1 and (_is_norm(name) and name.endswith("weight") or name.endswith(UNIT_SCALES)):
         v = 1.0 + 0.1 * rng.standard_normal(shape)
     elif len(shape) == 1:
         v = 0.1 * rng.standard_normal(shape)

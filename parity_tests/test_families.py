@@ -17,7 +17,9 @@ from flax import nnx
 
 import jaxformer
 from jaxformer.config import ModelConfig, RopeScaling
+import torch_ref
 from jaxformer.models import attention as jattn
+from jaxformer.models import model_class
 from jaxformer.models import decoder as jm
 from jaxformer.models import layers as jl
 from parity_tests.conftest import (assert_grads_close, assert_outputs_close, copy_jax_to_torch, jax_params,
@@ -42,7 +44,7 @@ def _batch(cfg: ModelConfig, T: int, seed: int, packed: bool):
 # one config per family at its longest prompt (Llama's other RoPE scalings: test_rope_scaling_cos_sin below);
 # Gemma 3 on packed rows: segments through sliding windows and the local RoPE
 FAMILIES = ["llama_yarn", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3_longrope", "olmo2", "smollm3", "exaone4",
-            "arcee", "starcoder2", "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe"]
+            "arcee", "starcoder2", "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe"]
 MODEL_CASES = [(name, max(CASES[name].lengths), False) for name in FAMILIES] + [("gemma3_text", 40, True)]
 
 
@@ -50,8 +52,8 @@ MODEL_CASES = [(name, max(CASES[name].lengths), False) for name in FAMILIES] + [
                          ids=[f"{n}-T{t}{'-packed' if p else ''}" for n, t, p in MODEL_CASES])
 def test_logits_loss_grads(name, T, packed):
     cfg = CASES[name].ours
-    model = random_jax_module(lambda: jaxformer.DecoderLM(cfg, rngs=nnx.Rngs(0)), seed=1)
-    module = tm.DecoderLM(cfg)
+    model = random_jax_module(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)), seed=1)
+    module = torch_ref.module_class(cfg)(cfg)
     copy_jax_to_torch(model, module)
     tokens, pos, seg = _batch(cfg, T, seed=2, packed=packed)
 
@@ -62,7 +64,8 @@ def test_logits_loss_grads(name, T, packed):
     assert_outputs_close(logits_j, logits_t, "logits")
     assert abs(float(loss_j) - loss_t.item()) <= 1e-5 * abs(loss_t.item())
     assert set(grads_j) == set(jax_params(model)) == set(grads_t)
-    assert_grads_close(grads_j, grads_t, zero=("e_score_correction_bias",))  # chooses experts, weighs nothing
+    # the correction bias chooses experts and weighs nothing; layer scalars are stored, not trained (Gemma 4)
+    assert_grads_close(grads_j, grads_t, zero=("e_score_correction_bias", "layer_scalar"))
 
 
 # ----------------------------------------------------------------------------- modules alone

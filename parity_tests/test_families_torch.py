@@ -31,6 +31,10 @@ HF_BASE = dict(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_la
 OURS_BASE = dict(vocab_size=V, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64,
                  max_seq_len=64, norm_eps=1e-6)
 GEMMA = dict(norm_unit_offset=True, scale_embedding=True, activation="gelu_tanh", tie_embeddings=True)
+GEMMA4 = dict(block="gemma4", activation="gelu_tanh", norm_placement="sandwich", scale_embedding=True,
+              tie_embeddings=True, final_logit_softcap=30.0, export_as="gemma4_text",
+              rope=dict(theta=1e6, local_theta=1e4, scaling=dict(rope_type="proportional", partial_rotary_factor=0.25)))
+GEMMA4_ATTENTION = dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8)
 SHORT = tuple(float(x) for x in np.linspace(1.0, 1.6, 8))  # longrope factors, head_dim / 2 of them
 LONG = tuple(float(x) for x in np.geomspace(1.0, 12.0, 8))
 
@@ -173,6 +177,27 @@ CASES = {
                                        moe=dict(n_experts=8, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
                                                 router="deepseek", n_group=4, topk_group=2,
                                                 routed_scaling_factor=2.5, dense_layers=(0,)))),
+    # Gemma 4: per-layer inputs, layers 2-3 reusing layers 0-1's keys and values with double-wide MLPs, full layers
+    # with 32-wide heads and proportional RoPE, value norms, scores scaled by 1, layer scalars
+    "gemma4": Case("Gemma4ForCausalLM", "Gemma4TextConfig",
+                   dict(num_hidden_layers=4, global_head_dim=32, sliding_window=8, hidden_size_per_layer_input=16,
+                        vocab_size_per_layer_input=V, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                        final_logit_softcapping=30.0, tie_word_embeddings=True,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+                   ModelConfig.llama(**{**OURS_BASE, "n_layers": 4}, **GEMMA4, per_layer_dim=16, kv_shared_layers=2,
+                                     double_wide_shared_mlp=True, layer_types=("sliding_attention", "full_attention") * 2,
+                                     attention=dict(GEMMA4_ATTENTION, global_head_dim=32))),
+    # Gemma 4 with experts beside every MLP (router on the normed, scaled input, per-expert scales); k = v full layer
+    "gemma4_moe": Case("Gemma4ForCausalLM", "Gemma4TextConfig",
+                       dict(global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+                            hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                            moe_intermediate_size=24, final_logit_softcapping=30.0, tie_word_embeddings=True,
+                            layer_types=["sliding_attention", "full_attention"]),
+                       ModelConfig.llama(**OURS_BASE, **GEMMA4, layer_types=("sliding_attention", "full_attention"),
+                                         attention=dict(GEMMA4_ATTENTION, global_head_dim=32, global_kv_heads=1,
+                                                        k_eq_v=True),
+                                         moe=dict(n_experts=4, n_experts_per_token=2, d_ff=24, router="gemma4",
+                                                  aux_loss_coef=0.0))),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -205,12 +230,14 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
         for name, b in sorted(model.named_buffers()):  # the deepseek router's correction bias is a buffer there
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+            if name.endswith("layer_scalar"):  # Gemma 4's, a buffer too
+                b.copy_(1.0 + 0.3 * torch.randn(b.shape, generator=gen))
     return model
 
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -239,7 +266,7 @@ def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 
 def ref_module(case: Case, hf) -> torch_ref.DecoderLM:
-    module = torch_ref.DecoderLM(case.ours).eval()
+    module = torch_ref.module_class(case.ours)(case.ours).eval()
     module.load_state_dict(hf_to_torch_ref(hf.state_dict(), case.ours), strict=True)
     return module
 

@@ -50,6 +50,17 @@ CASES = {
                                                             partial_rotary_factor=0.5))),
     "gpt_oss": ("GptOssConfig", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=12,
                                      swiglu_limit=2.0, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
+    # Gemma 4: the last two layers decode from the first two's caches (kv sharing), per-layer inputs, wider full
+    # layers with proportional RoPE; and experts beside every MLP with k = v full layers
+    "gemma4": ("Gemma4TextConfig", dict(head_dim=8, global_head_dim=16, num_hidden_layers=4, sliding_window=12,
+                                        hidden_size_per_layer_input=4, vocab_size_per_layer_input=V,
+                                        num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0,
+                                        layer_types=["sliding_attention", "full_attention"] * 2)),
+    "gemma4_moe": ("Gemma4TextConfig", dict(head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+                                            attention_k_eq_v=True, sliding_window=12, hidden_size_per_layer_input=0,
+                                            enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                            moe_intermediate_size=16, final_logit_softcapping=30.0, num_hidden_layers=3,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
 }
 
 

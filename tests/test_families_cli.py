@@ -29,7 +29,7 @@ from tests.test_cli import main_in_process
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2", "glm4", "granite",
-            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe"]
+            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe"]
 PROMPT = "def add(a, b):"
 
 
@@ -48,6 +48,9 @@ def hf_dirs(tokenizer, tmp_path_factory):
             extra.update(no_rope_layers=[1, 0], layer_types=["full_attention", "sliding_attention"])
         if name in ("olmo3", "cohere2"):
             extra.update(layer_types=["sliding_attention", "full_attention"])
+        if name.startswith("gemma4"):  # kv-shared layers need an earlier layer of each type
+            extra.update(layer_types=["sliding_attention", "full_attention"] * (extra.get("num_hidden_layers", 2) // 2),
+                         vocab_size_per_layer_input=tokenizer.vocab_size)
         cfg = getattr(transformers, cls_name)(**{**small, "head_dim": 8, **extra})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
@@ -55,6 +58,9 @@ def hf_dirs(tokenizer, tmp_path_factory):
             for p in model.parameters():
                 if p.ndim == 1:
                     p.add_(0.3 * torch.randn_like(p))
+            for n, b in model.named_buffers():  # Gemma 4's layer scalars are buffers
+                if n.endswith("layer_scalar"):
+                    b.add_(0.3 * torch.randn_like(b))
         model.generation_config.eos_token_id = None
         model.save_pretrained(root / name)
         tokenizer.save(root / name)
@@ -103,7 +109,7 @@ def test_family_through_the_commands(name, hf_dirs, tokenizer, tmp_path, capsys)
     np.testing.assert_array_equal(np.asarray(model(tokens)), before)
 
 
-@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite"])
+@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite", "gemma4"])
 def test_family_serves(name, hf_dirs, tokenizer):
     from jaxformer.serve import ServerThread, create_app
 
