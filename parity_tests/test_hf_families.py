@@ -264,3 +264,40 @@ def test_gpt_oss_mxfp4_experts_import_as_transformers_dequantizes_them(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedCheckpointError, match="quant_method='fp8'"):
         load_hf(tmp_path)
+
+
+def test_gemma4_published_layout(tmp_path):
+    """The published Gemma 4 checkpoints are Gemma4ForConditionalGeneration: config.json's text_config (with
+    global_head_dim / num_global_key_value_heads, not transformers 5's per_layer_config) and the text weights under
+    model.language_model. beside the vision and audio towers; the importer takes the text model, and refuses the
+    options it cannot express by name."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = _hf_model("gemma4_moe")
+    hf_model.save_pretrained(tmp_path / "text")
+    text = json.loads((tmp_path / "text" / "config.json").read_text())
+    text.pop("per_layer_config")
+    text.update(global_head_dim=32, num_global_key_value_heads=1)
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({
+        "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "text_config": text,
+        "vision_config": {"hidden_size": 8}, "tie_word_embeddings": text["tie_word_embeddings"]}))  # the top decides
+    weights = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(tmp_path / "text" / "model.safetensors").items()}
+    weights["model.vision_tower.patch_embedder.weight"] = np.ones((8, 4), np.float32)
+    save_file(weights, tmp_path / "mm" / "model.safetensors")
+    model = load_hf(tmp_path / "mm")
+    assert model.config.export_as == "gemma4_text" and model.config.attention.global_kv_heads == 1
+    tokens = _tokens(2, seed=3)
+    diff = np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - _hf_logits(hf_model, tokens)).max()
+    assert diff <= 1e-4, diff
+
+    for change, named in ((dict(use_bidirectional_attention="all"), "use_bidirectional_attention='all'"),
+                          (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+                           "rope_type='yarn'")):
+        (tmp_path / "text" / "config.json").write_text(json.dumps({**text, **change}))
+        with pytest.raises(UnsupportedCheckpointError, match=named):
+            load_hf(tmp_path / "text")

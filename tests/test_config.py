@@ -305,3 +305,33 @@ def test_small_llama_presets_param_count(name, tied):
     layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D
     assert _count(c) == (1 if tied else 2) * V * D + L * layer + D
 
+
+
+GEMMA4 = dict(block="gemma4", norm_placement="sandwich", n_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+              attention=dict(qk_norm="head", sliding_window=4, global_head_dim=32, global_kv_heads=1, k_eq_v=True))
+
+
+def test_gemma4_fields_per_layer():
+    """Full layers take the global head sizes; the last kv_shared_layers read the last earlier layer of their type."""
+    cfg = ModelConfig.llama(**GEMMA4, kv_shared_layers=2, double_wide_shared_mlp=True)
+    assert [cfg.layer_head_dim(i) for i in range(4)] == [16, 32, 16, 32]
+    assert [cfg.layer_kv_heads(i) for i in range(4)] == [4, 1, 4, 1]
+    assert [cfg.kv_source(i) for i in range(4)] == [0, 1, 0, 1]
+    assert [cfg.layer_d_ff(i) for i in range(4)] == [256, 256, 512, 512]
+    assert cfg.n_cache_layers == 2
+    assert cfg.kv_bytes_per_token(4) == 2 * 4 * (4 * 16 + 1 * 32)
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(block="standard"), r"\['attention.global_head_dim', 'attention.global_kv_heads', 'attention.k_eq_v'\] are "
+                             "Gemma 4 block settings"),
+    (dict(kv_shared_layers=3), r"kv-shared layers of type \['full_attention'\] have no earlier layer"),
+    (dict(kv_shared_layers=4), "must leave at least one"),
+    (dict(scan_layers=True), "set scan_layers=false"),
+    (dict(norm_placement="pre"), "sandwich"),
+    (dict(moe=dict(n_experts=4, router="qwen")), "router='gemma4'"),
+    (dict(per_layer_dim=-1), "per_layer_dim must be an integer >= 0"),
+])
+def test_gemma4_bad_fields_are_named(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig.llama(**{**GEMMA4, **changes})

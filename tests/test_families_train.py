@@ -8,6 +8,8 @@ Four "maximal" configs cover the families' distinctive fields in as few runs as 
   cohere2  a parallel block on a bias-free LayerNorm, RoPE on the sliding layer only, scaled logits (Cohere 2)
   granite  muP multipliers and an explicit attention scale (Granite), half of each head rotated (GLM), per-head q/k
            norms after RoPE (Hunyuan), the learned xIELU activation in a non-gated MLP (Apertus)
+  gemma4   Gemma 4's block: per-layer inputs, kv-shared layers with double-wide MLPs, wider k = v full layers with
+           proportional RoPE, value norms, experts beside every MLP (with their load-balancing loss), remat
   llama3   the published Llama 3.2 1B preset (llama3 RoPE scaling, GQA, tied head) shrunk by `--model.*`
            overrides through the command line's own entry point
 """
@@ -40,8 +42,17 @@ FAMILIES = {
     "granite": dict(gated_mlp=False, activation="xielu", rope=dict(partial_factor=0.5),
                     scales=dict(embedding=2.0, residual=0.5, logits=0.5),
                     attention=dict(scale=0.2, qk_norm="head", qk_norm_after_rope=True), export_as="granite"),
+    "gemma4": dict(n_layers=4, head_dim=8, block="gemma4", norm_placement="sandwich", scale_embedding=True,
+                   activation="gelu_tanh", tie_embeddings=True, final_logit_softcap=30.0, export_as="gemma4_text",
+                   layer_types=(SLIDE, FULL) * 2, per_layer_dim=8, kv_shared_layers=2, double_wide_shared_mlp=True,
+                   remat="full", rope=dict(theta=1e6, local_theta=1e4,
+                                           scaling=dict(rope_type="proportional", partial_rotary_factor=0.25)),
+                   attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8, global_head_dim=16,
+                                  global_kv_heads=1, k_eq_v=True),
+                   moe=dict(n_experts=4, n_experts_per_token=2, d_ff=16, router="gemma4")),
 }
-FAMILY = {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite"}
+FAMILY = {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite",
+          "gemma4": "gemma4_text"}
 RUN = dict(steps=20, lr=1e-2, warmup_steps=3, eval_every=20, eval_batches=1, ckpt_every=20, async_checkpoint=False)
 
 
@@ -68,6 +79,10 @@ def test_family_trains_and_reloads(family, tmp_path, shards_dir):
     out = train(cfgs, progress=False)
     assert np.isfinite(out["val_loss"])
     _check_trained_and_reloads(tmp_path / "run", cfgs["model"])
+    if family == "gemma4":  # layer scalars are stored values (buffers in transformers): training leaves them at init
+        _, params = load_run_params(tmp_path / "run")
+        scalars = [v for k, v in params.items() if k.endswith("layer_scalar")]
+        assert len(scalars) == 4 and all(np.array_equal(v, np.ones(1)) for v in scalars)
 
 
 def test_train_cli_from_a_preset_with_overrides(tmp_path, shards_dir, capsys):
