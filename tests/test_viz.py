@@ -94,3 +94,42 @@ def test_attention_maps_are_the_models_attention():
 
     names, top, _ = analysis.logit_lens(model, hidden)
     assert names[-1] == "layers.1" and (top[-1] == np.asarray(jax.device_get(logits)).argmax(-1)).all()
+
+
+def test_viz_on_gemma4(tokenizer, tmp_path):
+    """Gemma 4's kv-shared layers score their queries against their source layer's keys: each map mixes the source's
+    values into the layer's own attention output; the command writes every figure for such a model."""
+    from jaxformer.models import model_class
+
+    cfg = ModelConfig.llama(vocab_size=tokenizer.vocab_size, **{**SMALL, "n_layers": 4}, n_kv_heads=2, block="gemma4",
+                            norm_placement="sandwich", layer_types=("sliding_attention", "full_attention") * 2,
+                            per_layer_dim=4, kv_shared_layers=2, activation="gelu_tanh",
+                            rope=dict(theta=1e6, local_theta=1e4,
+                                      scaling=dict(rope_type="proportional", partial_rotary_factor=0.25)),
+                            attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=5,
+                                           global_head_dim=16, global_kv_heads=1, k_eq_v=True))
+    model = random_jax_module(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)), 3)
+    T = 12
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+    hidden, _ = analysis.capture(model, tokens)
+    inputs = analysis.block_inputs(model, hidden)
+    probs = analysis.attention_probs(model, hidden, positions)  # [L, B, N, T, T]
+    ropes = rope_tables(cfg, positions)
+    kv = {}
+    for i, (layer, x, p) in enumerate(zip(model.layers, inputs, probs)):
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        if layer.shares_kv:
+            k, v = kv[layer.kv_source]
+            want = attn.reuse(h, rope_for(layer, ropes), None, (k, v))
+        else:
+            want, (k, v) = attn(h, rope_for(layer, ropes), return_kv=True)
+            kv[i] = (k, v)
+        mixed = jnp.einsum("bnts,bsnh->btnh", p, jnp.repeat(v, attn.n_heads // v.shape[2], axis=2))
+        np.testing.assert_allclose(np.asarray(attn.o_proj(mixed.reshape(2, T, -1))), np.asarray(want),
+                                   rtol=1e-4, atol=1e-5)
+    src = jaxformer.save(model, tmp_path / "model")
+    tokenizer.save(src)
+    cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
+    for name in FIGURES:
+        assert_not_blank(tmp_path / "viz" / f"{name}.png")

@@ -48,18 +48,21 @@ def attention_probs(model: DecoderLM, hidden: dict[str, jax.Array], positions: j
 @nnx.jit
 def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.Array) -> jax.Array:
     """Each layer's attention weights [L, B, N, T, T] (float32), recomputed from its input as Attention computes
-    them: the block's input norm, q/k projections (and q/k norms), RoPE, scale, soft-cap, causal/window mask."""
+    them: the block's input norm, q/k projections (and q/k norms), RoPE, scale, soft-cap, causal/window mask. A
+    kv-shared block (Gemma 4) scores its queries against its source block's keys."""
     ropes = rope_tables(model.config, positions)
-    out = []
-    for layer, x in zip(model.layers, inputs):
+    out, keys = [], {}
+    for i, (layer, x) in enumerate(zip(model.layers, inputs)):
         attn = layer.self_attn
         h = x if layer.input_layernorm is None else layer.input_layernorm(x)  # OLMo 2's post-norm blocks: x itself
-        q, (k, _) = attn.project_q(h), attn.project_kv(h)  # [B, T, N, H], [B, T, K, H]
+        shared = getattr(layer, "shares_kv", False)
+        q, k = attn.project_q(h), None if shared else attn.project_kv(h)[0]  # [B, T, N, H], [B, T, K, H]
         rope = rope_for(layer, ropes)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), None if shared else apply_rope(k, *rope)
         if attn.qk_norm_after_rope:  # Hunyuan
             q, k = attn.q_norm(q), attn.k_norm(k)
+        keys[i] = k = keys[layer.kv_source] if shared else k
         k = jnp.repeat(k, attn.n_heads // attn.n_kv_heads, axis=2)  # GQA: each kv head serves N / K query heads
         scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * attn.scale
         if attn.softcap is not None:
@@ -109,14 +112,16 @@ def residual_norms(hidden: dict[str, jax.Array]) -> tuple[list[str], np.ndarray]
 def rope_frequencies(cfg, seq_len: int) -> dict[str, np.ndarray]:
     """RoPE's rotation frequencies [H/2] (radians per position): first those of full-attention layers (scaled as
     the config says), then the unscaled base and the sliding layers' own base where they differ."""
-    freq = lambda theta, scaling: np.asarray(rope_inv_freq(cfg.head_dim, theta, scaling, cfg.max_seq_len,  # noqa: E731
-                                                           seq_len)[0])
+    def freq(theta, scaling, layer_type="full_attention"):  # heads of the layer type's size (Gemma 4's full layers)
+        dim = cfg.type_rotary_dim(layer_type)
+        return np.asarray(rope_inv_freq(dim, theta, scaling, cfg.max_seq_len, seq_len)[0])
+
     scaled = "" if cfg.rope.scaling is None else f", {cfg.rope.scaling.rope_type} scaling"
     out = {f"full layers (base {cfg.rope.theta:g}{scaled})": freq(cfg.rope.theta, cfg.rope.scaling)}
     if cfg.rope.scaling is not None:
         out["without scaling"] = freq(cfg.rope.theta, None)
     if cfg.rope.local_theta is not None:
-        out[f"sliding layers (base {cfg.rope.local_theta:g})"] = freq(cfg.rope.local_theta, None)
+        out[f"sliding layers (base {cfg.rope.local_theta:g})"] = freq(cfg.rope.local_theta, None, "sliding_attention")
     return out
 
 
