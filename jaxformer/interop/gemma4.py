@@ -41,17 +41,17 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     layer_types = [*layer_types[:-1], "full_attention"]  # transformers forces the last layer to full attention
     k_eq_v = bool(hf.get("attention_k_eq_v", False))
     global_head_dim, global_kv = hf.get("global_head_dim", GLOBAL_HEAD_DIM), hf.get("num_global_key_value_heads")
-    if hf.get("per_layer_config"):  # what transformers 5 writes: per layer overrides, on full layers only
-        overrides = {int(i): dict(v) for i, v in hf["per_layer_config"].items()}
+    if "per_layer_config" in hf:  # what transformers 5 writes: per layer overrides (none when they equal the base)
+        overrides = {int(i): dict(v) for i, v in (hf["per_layer_config"] or {}).items()}
         full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         kinds = {tuple(sorted(v.items())) for v in overrides.values()}
-        if sorted(overrides) != full or len(kinds) != 1 or not set(overrides[full[0]]) <= {"head_dim",
-                                                                                             "num_key_value_heads"}:
+        if overrides and (sorted(overrides) != full or len(kinds) != 1
+                          or not set(overrides[full[0]]) <= {"head_dim", "num_key_value_heads"}):
             raise UnsupportedCheckpointError(f"gemma4_text per_layer_config={hf['per_layer_config']} is not "
                                              "supported; jaxformer takes one head_dim / num_key_value_heads override "
                                              "shared by every full-attention layer")
-        global_head_dim = overrides[full[0]].get("head_dim", hf.get("head_dim"))
-        global_kv = overrides[full[0]].get("num_key_value_heads")
+        same = overrides.get(full[0], {}) if overrides else {}
+        global_head_dim, global_kv = same.get("head_dim", hf.get("head_dim")), same.get("num_key_value_heads")
     elif not k_eq_v:
         global_kv = None  # transformers applies num_global_key_value_heads with attention_k_eq_v only
     rp = hf.get("rope_parameters") or {}
