@@ -301,3 +301,20 @@ def test_gemma4_published_layout(tmp_path):
         (tmp_path / "text" / "config.json").write_text(json.dumps({**text, **change}))
         with pytest.raises(UnsupportedCheckpointError, match=named):
             load_hf(tmp_path / "text")
+
+
+def test_gemma4_empty_per_layer_config_means_no_override():
+    """transformers 5 writes per_layer_config without the entries equal to the base config: full layers whose head
+    sizes equal the sliding ones' save `{}`, which means "no override", not Gemma4TextConfig's default 512 (found by
+    bench/hf_families_sweep.py)."""
+    from jaxformer.interop.hf import config_from_hf
+
+    written = transformers.Gemma4TextConfig(**{**COMMON, "head_dim": 16, "global_head_dim": 16,
+                                               "layer_types": ["sliding_attention", "full_attention"],
+                                               "num_hidden_layers": 2}).to_dict()
+    assert written["per_layer_config"] == {}
+    cfg = config_from_hf(written)
+    assert [cfg.layer_head_dim(i) for i in range(2)] == [16, 16]
+    wider = transformers.Gemma4TextConfig(**{**COMMON, "head_dim": 16, "global_head_dim": 24, "num_hidden_layers": 2,
+                                             "layer_types": ["sliding_attention", "full_attention"]}).to_dict()
+    assert [config_from_hf(wider).layer_head_dim(i) for i in range(2)] == [16, 24]
