@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxformer import sharding
 from jaxformer.config import MeshConfig, load_config
-from jaxformer.models import DecoderLM
+from jaxformer.models import model_class
 from jaxformer.train.lm import train
 from jaxformer.train.optim import make_optimizer
 from jaxformer.train.state import init_train_state
@@ -62,7 +62,7 @@ def loss_and_grads(cfgs, params, graphdef, batch, mesh) -> tuple[float, dict[str
     loss = lm_loss(graphdef, packed=True)
 
     def mean_loss(p, b):
-        _, (ce, n) = loss(p, b, (), None)
+        _, (ce, n, *_) = loss(p, b, (), None)  # MoE models add their router metrics
         return ce / n
 
     with jax.set_mesh(mesh):
@@ -78,7 +78,7 @@ def loss_and_grads(cfgs, params, graphdef, batch, mesh) -> tuple[float, dict[str
 
 def grads_main(config: str, out: Path, mesh_text: str) -> None:
     cfgs = load_config(config)
-    graphdef, params = nnx.split(DecoderLM(cfgs["model"], rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(model_class(cfgs["model"])(cfgs["model"], rngs=nnx.Rngs(0)), nnx.Param)
     rng = np.random.default_rng(1)  # norm weights and biases away from their init (zeros / ones)
     params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype) if p.ndim == 1 else p,
                           params)

@@ -265,3 +265,35 @@ def test_multi_host_initialisation_follows_the_environment(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     monkeypatch.setattr(jax.config, "update", lambda *a: None)
     assert maybe_initialize_distributed() and calls[-1] == (("10.0.0.1:1234",), {"num_processes": 2, "process_id": 1})
+
+
+GEMMA4_FIELDS = dict(  # Gemma 4's block: per-layer inputs, kv-shared layers, wider k = v full layers, experts
+    n_layers=4, head_dim=8, block="gemma4", norm_placement="sandwich", scale_embedding=True, activation="gelu_tanh",
+    tie_embeddings=True, final_logit_softcap=30.0, layer_types=("sliding_attention", "full_attention") * 2,
+    per_layer_dim=16, kv_shared_layers=2, double_wide_shared_mlp=True,
+    rope=dict(theta=1e6, local_theta=1e4, scaling=dict(rope_type="proportional", partial_rotary_factor=0.25)),
+    attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8, global_head_dim=16, global_kv_heads=2,
+                   k_eq_v=True),
+    moe=dict(n_experts=4, n_experts_per_token=2, d_ff=32, router="gemma4"))
+
+
+def test_gemma4_on_a_mesh_matches_one_device(tmp_path, shards_dir):
+    """Gemma 4's block on data 2 x fsdp 2 x tensor 2: the loss and every gradient equal one device's."""
+    cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8,
+                    model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **GEMMA4_FIELDS))
+    raw = json.loads(json.dumps({name: dataclasses.asdict(c) for name, c in cfgs.items()}))  # tuples as lists
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
+          str(tmp_path / "out"), "2,2,2"], devices=8)
+    got = np.load(tmp_path / "out" / "grads.npz")
+    one = {k.removeprefix("one/"): got[k] for k in got.files if k.startswith("one/")}
+    mesh = {k.removeprefix("mesh/"): got[k] for k in got.files if k.startswith("mesh/")}
+    assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
+    assert sorted(mesh) == sorted(one) and "embed_tokens_per_layer.weight" in one
+    for name, g in one.items():
+        if name.endswith("layer_scalar"):  # stored, not trained: no gradient on either side
+            assert not np.abs(g).any() and not np.abs(mesh[name]).any(), name
+            continue
+        assert np.abs(g).max() > 1e-6, name
+        rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)
+        assert rel <= 1e-4, f"{name}: relative gradient error {rel:.1e}"
