@@ -19,7 +19,7 @@ NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("none", "head", "proj")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
-BLOCKS = ("standard", "gemma4")  # the residual block's module: models/decoder.py Block | models/gemma4.py
+BLOCKS = ("standard", "gemma4", "gemma3n")  # the residual block's module: models/decoder.py | gemma4.py | gemma3n.py
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: learned, MLPs only (Apertus)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -267,9 +267,29 @@ class ScalesConfig:
                 raise ValueError(f"scales.{name} must be > 0, got {getattr(self, name)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class AltUpConfig:
+    """Alternating updates (Baykal et al. 2023, AltUp; Gemma 3n): the residual stream is `inputs` streams, a block
+    runs on the active one, a learned map predicts the others before it and corrects them from its output."""
+
+    inputs: int = 0  # streams (Gemma 3n: 4); 0: no AltUp
+    active_idx: int = 0  # the stream blocks compute on
+    coef_clip: float | None = 120.0  # prediction and correction coefficients clipped to +-this in every forward
+    correct_scale: bool = True  # the active corrected stream times correct_output_scale before the per-layer input
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, int) or isinstance(self.inputs, bool) or self.inputs < 0:
+            raise ValueError(f"altup.inputs must be an integer >= 0 (0: none), got {self.inputs!r}")
+        if self.inputs and not 0 <= self.active_idx < self.inputs:
+            raise ValueError(f"altup.active_idx={self.active_idx} must be a stream index in [0, {self.inputs})")
+        _flag("altup.correct_scale", self.correct_scale)
+        if self.coef_clip is not None:
+            _number("altup.coef_clip", self.coef_clip)
+
+
 # The model's sub-configs: ModelConfig field -> its class. Their fields are reached as model.<sub>.<field>.
 SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig,
-                               "scales": ScalesConfig}
+                               "scales": ScalesConfig, "altup": AltUpConfig}
 # Flat names of earlier versions (run directories, exported models, configs written before sub-configs) and
 # their place now; every entry point (constructor, files, --model.X overrides) still takes them.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -366,10 +386,15 @@ class ModelConfig:
     per_layer_vocab_size: int | None = None  # the per-layer embedding table's rows; None: vocab_size
     kv_shared_layers: int = 0  # the last N layers attend to the keys/values of the last earlier layer of their type
     double_wide_shared_mlp: bool = False  # the kv-shared layers' MLPs are 2 x d_ff wide (Gemma 4)
+    # --- Gemma 3n (models/gemma3n.py, with the per-layer inputs and kv sharing above)
+    laurel_rank: int = 0  # LAuReL: each block adds norm(x W_left W_right) of this rank to its attention branch
+    activation_sparsity: tuple[float, ...] = ()  # per layer: the MLP gate keeps values above its mean + std *
+    #   Phi^-1(s) (a Gaussian top-k, s the target sparsity; 0: dense); empty: none
     rope: RopeConfig = RopeConfig()
     attention: AttentionConfig = AttentionConfig()
     moe: MoEConfig = MoEConfig()
     scales: ScalesConfig = ScalesConfig()
+    altup: AltUpConfig = AltUpConfig()
 
     def __post_init__(self) -> None:
         for sub, cls in SUBCONFIGS.items():
@@ -460,33 +485,52 @@ class ModelConfig:
             self._set("attention", global_kv_heads=None)
         if self.attention.global_kv_heads and self.n_heads % self.attention.global_kv_heads:
             raise ValueError(f"attention.global_kv_heads={attn.global_kv_heads} must divide n_heads={self.n_heads}")
-        gemma4_only = {k: v for k, v in (
+        object.__setattr__(self, "activation_sparsity", tuple(float(v) for v in self.activation_sparsity))
+        if not isinstance(self.laurel_rank, int) or isinstance(self.laurel_rank, bool) or self.laurel_rank < 0:
+            raise ValueError(f"laurel_rank must be an integer >= 0, got {self.laurel_rank!r}")
+        if self.activation_sparsity and (len(self.activation_sparsity) != self.n_layers
+                                         or not all(0 <= v < 1 for v in self.activation_sparsity)):
+            raise ValueError(f"activation_sparsity must give one value in [0, 1) per layer (n_layers={self.n_layers})"
+                             f", got {list(self.activation_sparsity)}")
+        if not any(self.activation_sparsity):
+            object.__setattr__(self, "activation_sparsity", ())  # one spelling: no sparse layer
+        shared = {k: v for k, v in (  # Gemma 4 and Gemma 3n
             ("per_layer_dim", self.per_layer_dim), ("kv_shared_layers", self.kv_shared_layers),
-            ("double_wide_shared_mlp", self.double_wide_shared_mlp), ("per_layer_vocab_size", self.per_layer_vocab_size),
+            ("per_layer_vocab_size", self.per_layer_vocab_size), ("attention.v_norm", attn.v_norm)) if v}
+        gemma4 = {k: v for k, v in (
+            ("double_wide_shared_mlp", self.double_wide_shared_mlp),
             ("attention.global_head_dim", self.attention.global_head_dim),
             ("attention.global_kv_heads", self.attention.global_kv_heads), ("attention.k_eq_v", attn.k_eq_v),
-            ("attention.v_norm", attn.v_norm)) if v not in (0, None, False)}
-        if self.moe.router == "gemma4" and self.moe.n_experts:
-            gemma4_only["moe.router"] = "gemma4"
+            ("moe.router", "gemma4" if self.moe.router == "gemma4" and self.moe.n_experts else None)) if v}
+        gemma3n = {k: v for k, v in (("laurel_rank", self.laurel_rank), ("activation_sparsity", self.activation_sparsity),
+                                     ("altup.inputs", self.altup.inputs)) if v}
+        wrong = {"standard": {**shared, **gemma4, **gemma3n}, "gemma4": gemma3n, "gemma3n": gemma4}[self.block]
+        if wrong:
+            owner = "Gemma 4 / Gemma 3n" if self.block == "standard" else ("Gemma 3n" if self.block == "gemma4" else
+                                                                          "Gemma 4")
+            raise ValueError(f"{sorted(wrong)} are {owner} block settings but block={self.block!r}: set the block "
+                             "they belong to or remove them")
         if self.block == "standard":
-            if gemma4_only:
-                raise ValueError(f"{sorted(gemma4_only)} are Gemma 4 block settings: set block='gemma4' or remove "
-                                 "them")
             return
-        # gemma4: sandwich norms; a MoE (when set) beside the dense MLP on every layer
+        # gemma4 / gemma3n: sandwich norms scaled by their weight, RoPE, per-head q/k norms, no biases
         if self.norm_placement != "sandwich" or self.norm_unit_offset:
-            raise ValueError("block='gemma4' has sandwich norms scaled by their weight: set norm_placement='sandwich'"
-                             " and norm_unit_offset=false")
+            raise ValueError(f"block={self.block!r} has sandwich norms scaled by their weight: set "
+                             "norm_placement='sandwich' and norm_unit_offset=false")
         if self.position != "rope" or self.norm != "rmsnorm" or not self.gated_mlp or self.use_bias \
                 or attn.qk_norm != "head" or attn.qkv_bias:
-            raise ValueError("block='gemma4' is a RoPE model with RMSNorm, gated MLPs, per-head q/k norms and no "
-                             "biases: set position='rope', norm='rmsnorm', gated_mlp=true, use_bias=false, "
+            raise ValueError(f"block={self.block!r} is a RoPE model with RMSNorm, gated MLPs, per-head q/k norms and "
+                             "no biases: set position='rope', norm='rmsnorm', gated_mlp=true, use_bias=false, "
                              "attention.qk_norm='head', attention.qkv_bias=false")
-        if self.moe.n_experts and (self.moe.router != "gemma4" or self.moe.every != 1 or self.moe.dense_layers
-                                   or self.moe.shared_d_ff or self.moe.capacity_factor is not None):
+        if self.block == "gemma4" and self.moe.n_experts and (
+                self.moe.router != "gemma4" or self.moe.every != 1 or self.moe.dense_layers or self.moe.shared_d_ff
+                or self.moe.capacity_factor is not None):
             raise ValueError("block='gemma4' puts a MoE beside the dense MLP of every layer, routed by its own router: "
                              "set moe.router='gemma4', moe.every=1, no moe.dense_layers, moe.shared_d_ff=0, "
                              "moe.capacity_factor=null")
+        if self.block == "gemma3n" and (self.moe.n_experts or not self.per_layer_dim or not self.laurel_rank
+                                        or not self.altup.inputs):
+            raise ValueError("block='gemma3n' has per-layer inputs, LAuReL and AltUp and no experts: set "
+                             "per_layer_dim, laurel_rank and altup.inputs > 0, moe.n_experts=0")
         if self.kv_shared_layers >= self.n_layers:
             raise ValueError(f"kv_shared_layers={self.kv_shared_layers} must leave at least one of n_layers="
                              f"{self.n_layers} layers computing its own keys and values")
@@ -497,7 +541,7 @@ class ModelConfig:
             raise ValueError(f"kv-shared layers of type {missing} have no earlier layer of that type to take keys and "
                              f"values from; lower kv_shared_layers={self.kv_shared_layers}")
         if self.scan_layers:
-            raise ValueError("block='gemma4' layers differ (per-layer inputs, shared keys/values): set "
+            raise ValueError(f"block={self.block!r} layers differ (per-layer inputs, shared keys/values): set "
                              "scan_layers=false (remat works)")
 
     def layer_head_dim(self, i: int) -> int:

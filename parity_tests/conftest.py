@@ -131,7 +131,7 @@ def _is_norm(name: str) -> bool:
     return "norm" in leaf_owner or leaf_owner.startswith("ln_")
 
 
-UNIT_SCALES = ("layer_scalar", "router.scale", "per_expert_scale")
+UNIT_SCALES = ("layer_scalar", "router.scale", "per_expert_scale")  # (Gemma 3n's correct_output_scale starts at 0)
 
 
 def random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:

@@ -198,6 +198,23 @@ CASES = {
                                                         k_eq_v=True),
                                          moe=dict(n_experts=4, n_experts_per_token=2, d_ff=24, router="gemma4",
                                                   aux_loss_coef=0.0))),
+    # Gemma 3n: 3 AltUp streams (the second active), LAuReL, Gaussian top-k gates, per-layer inputs over a short
+    # table, layers 2-3 reusing layers 0-1's keys and values
+    "gemma3n": Case("Gemma3nForCausalLM", "Gemma3nTextConfig",
+                    dict(num_hidden_layers=4, sliding_window=8, hidden_size_per_layer_input=16,
+                         vocab_size_per_layer_input=90, num_kv_shared_layers=2, laurel_rank=8, altup_num_inputs=3,
+                         altup_active_idx=1, activation_sparsity_pattern=[0.95, 0.5, 0.0, 0.0],
+                         final_logit_softcapping=30.0, tie_word_embeddings=True,
+                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                         layer_types=["sliding_attention", "full_attention"] * 2),
+                    ModelConfig.llama(**{**OURS_BASE, "n_layers": 4}, **{**GEMMA4, "export_as": "gemma3n_text",
+                                                                         "block": "gemma3n",
+                                                                         "rope": dict(theta=1e6, local_theta=1e4)},
+                                      per_layer_dim=16, per_layer_vocab_size=90, kv_shared_layers=2, laurel_rank=8,
+                                      activation_sparsity=(0.95, 0.5, 0.0, 0.0), altup=dict(inputs=3, active_idx=1),
+                                      layer_types=("sliding_attention", "full_attention") * 2,
+                                      attention=GEMMA4_ATTENTION)),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -237,7 +254,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -56,6 +56,12 @@ CASES = {
                                         hidden_size_per_layer_input=4, vocab_size_per_layer_input=V,
                                         num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0,
                                         layer_types=["sliding_attention", "full_attention"] * 2)),
+    # Gemma 3n: AltUp streams through the cache, LAuReL, sparse gates, per-layer inputs, kv-shared last layers
+    "gemma3n": ("Gemma3nTextConfig", dict(head_dim=8, num_hidden_layers=4, sliding_window=12,
+                                          hidden_size_per_layer_input=8, vocab_size_per_layer_input=90,
+                                          num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=3,
+                                          activation_sparsity_pattern=[0.9, 0.0, 0.0, 0.0],
+                                          layer_types=["sliding_attention", "full_attention"] * 2)),
     "gemma4_moe": ("Gemma4TextConfig", dict(head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
                                             attention_k_eq_v=True, sliding_window=12, hidden_size_per_layer_input=0,
                                             enable_moe_block=True, num_experts=4, top_k_experts=2,

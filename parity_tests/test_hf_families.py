@@ -106,6 +106,13 @@ CASES = {
         head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=40,
         hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
         final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention", "full_attention"])),
+    # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
+    # than the vocabulary, the last 2 layers reusing keys/values
+    "gemma3n": ("Gemma3nTextConfig", dict(
+        head_dim=16, num_hidden_layers=4, sliding_window=40, hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=100, num_kv_shared_layers=2, laurel_rank=8, altup_num_inputs=4,
+        activation_sparsity_pattern=[0.95, 0.6, 0.0, 0.0], initializer_range=0.05,
+        layer_types=["sliding_attention", "full_attention"] * 2)),
 }
 
 
@@ -318,3 +325,34 @@ def test_gemma4_empty_per_layer_config_means_no_override():
     wider = transformers.Gemma4TextConfig(**{**COMMON, "head_dim": 16, "global_head_dim": 24, "num_hidden_layers": 2,
                                              "layer_types": ["sliding_attention", "full_attention"]}).to_dict()
     assert [config_from_hf(wider).layer_head_dim(i) for i in range(2)] == [16, 24]
+
+
+def test_gemma3n_published_layout(tmp_path):
+    """Gemma 3n's published checkpoints: Gemma3nForConditionalGeneration with the text model's weights under
+    model.language_model. and a text_config in the older RoPE spelling (rope_theta, rope_local_base_freq)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    hf_model = _hf_model("gemma3n")
+    hf_model.save_pretrained(tmp_path / "text")
+    text = json.loads((tmp_path / "text" / "config.json").read_text())
+    rope = text.pop("rope_parameters")
+    text.update(rope_theta=rope["full_attention"]["rope_theta"],
+                rope_local_base_freq=rope["sliding_attention"]["rope_theta"], rope_scaling=None)
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({
+        "model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"], "text_config": text,
+        "audio_config": {"hidden_size": 8}, "tie_word_embeddings": text["tie_word_embeddings"]}))
+    weights = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(tmp_path / "text" / "model.safetensors").items()}
+    weights["model.audio_tower.conformer.0.weight"] = np.ones((4,), np.float32)
+    save_file(weights, tmp_path / "mm" / "model.safetensors")
+    model = load_hf(tmp_path / "mm")
+    assert model.config.export_as == "gemma3n_text" and model.config.altup.inputs == 4
+    tokens = _tokens(2, seed=3)
+    diff = np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - _hf_logits(hf_model, tokens)).max()
+    assert diff <= 1e-4, diff
+    (tmp_path / "text" / "config.json").write_text(json.dumps({**text, "intermediate_size": [96, 96, 96, 64]}))
+    with pytest.raises(UnsupportedCheckpointError, match="one MLP width for every layer"):
+        load_hf(tmp_path / "text")

@@ -324,7 +324,8 @@ def test_gemma4_fields_per_layer():
 
 @pytest.mark.parametrize("changes,pattern", [
     (dict(block="standard"), r"\['attention.global_head_dim', 'attention.global_kv_heads', 'attention.k_eq_v'\] are "
-                             "Gemma 4 block settings"),
+                             "Gemma 4 / Gemma 3n block settings but block='standard'"),
+    (dict(laurel_rank=4), r"\['laurel_rank'\] are Gemma 3n block settings but block='gemma4'"),
     (dict(kv_shared_layers=3), r"kv-shared layers of type \['full_attention'\] have no earlier layer"),
     (dict(kv_shared_layers=4), "must leave at least one"),
     (dict(scan_layers=True), "set scan_layers=false"),

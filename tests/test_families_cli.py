@@ -29,7 +29,7 @@ from tests.test_cli import main_in_process
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2", "glm4", "granite",
-            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe"]
+            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n"]
 PROMPT = "def add(a, b):"
 
 
@@ -48,7 +48,7 @@ def hf_dirs(tokenizer, tmp_path_factory):
             extra.update(no_rope_layers=[1, 0], layer_types=["full_attention", "sliding_attention"])
         if name in ("olmo3", "cohere2"):
             extra.update(layer_types=["sliding_attention", "full_attention"])
-        if name.startswith("gemma4"):  # kv-shared layers need an earlier layer of each type
+        if name.startswith(("gemma4", "gemma3n")):  # kv-shared layers need an earlier layer of each type
             extra.update(layer_types=["sliding_attention", "full_attention"] * (extra.get("num_hidden_layers", 2) // 2),
                          vocab_size_per_layer_input=tokenizer.vocab_size)
         cfg = getattr(transformers, cls_name)(**{**small, "head_dim": 8, **extra})

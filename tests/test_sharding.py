@@ -277,10 +277,20 @@ GEMMA4_FIELDS = dict(  # Gemma 4's block: per-layer inputs, kv-shared layers, wi
     moe=dict(n_experts=4, n_experts_per_token=2, d_ff=32, router="gemma4"))
 
 
-def test_gemma4_on_a_mesh_matches_one_device(tmp_path, shards_dir):
-    """Gemma 4's block on data 2 x fsdp 2 x tensor 2: the loss and every gradient equal one device's."""
-    cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8,
-                    model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **GEMMA4_FIELDS))
+GEMMA3N_FIELDS = dict(  # Gemma 3n's block: AltUp streams, LAuReL, sparse gates, per-layer inputs, kv sharing
+    n_layers=4, head_dim=8, block="gemma3n", norm_placement="sandwich", scale_embedding=True, activation="gelu_tanh",
+    tie_embeddings=True, final_logit_softcap=30.0, layer_types=("sliding_attention", "full_attention") * 2,
+    per_layer_dim=16, kv_shared_layers=2, laurel_rank=8, activation_sparsity=(0.9, 0.0, 0.0, 0.0),
+    altup=dict(inputs=4), rope=dict(theta=1e6, local_theta=1e4),
+    attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8))
+
+
+@pytest.mark.parametrize("fields", ["gemma4", "gemma3n"])
+def test_gemma_blocks_on_a_mesh_match_one_device(fields, tmp_path, shards_dir):
+    """Gemma 4's and Gemma 3n's blocks on data 2 x fsdp 2 x tensor 2: the loss and every gradient equal one
+    device's."""
+    cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8, model=dict(
+        d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **{"gemma4": GEMMA4_FIELDS, "gemma3n": GEMMA3N_FIELDS}[fields]))
     raw = json.loads(json.dumps({name: dataclasses.asdict(c) for name, c in cfgs.items()}))  # tuples as lists
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
@@ -291,9 +301,9 @@ def test_gemma4_on_a_mesh_matches_one_device(tmp_path, shards_dir):
     assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
     assert sorted(mesh) == sorted(one) and "embed_tokens_per_layer.weight" in one
     for name, g in one.items():
-        if name.endswith("layer_scalar"):  # stored, not trained: no gradient on either side
+        if name.endswith("layer_scalar"):  # Gemma 4: stored, not trained: no gradient on either side
             assert not np.abs(g).any() and not np.abs(mesh[name]).any(), name
             continue
-        assert np.abs(g).max() > 1e-6, name
+        assert np.abs(g).max() > 0, name  # AltUp's router norm weight: ~3e-7 (its input is scaled by 1 / D)
         rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)
         assert rel <= 1e-4, f"{name}: relative gradient error {rel:.1e}"

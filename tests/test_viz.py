@@ -133,3 +133,16 @@ def test_viz_on_gemma4(tokenizer, tmp_path):
     cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
     for name in FIGURES:
         assert_not_blank(tmp_path / "viz" / f"{name}.png")
+
+
+def test_viz_refuses_gemma3n_by_name(tokenizer, tmp_path, capsys):
+    from jaxformer.models import model_class
+    from tests.test_cli import main_in_process
+
+    cfg = ModelConfig.llama(vocab_size=tokenizer.vocab_size, **{**SMALL, "n_layers": 2}, n_kv_heads=2, block="gemma3n",
+                            norm_placement="sandwich", per_layer_dim=4, laurel_rank=2, altup=dict(inputs=2),
+                            attention=dict(qk_norm="head", v_norm=True, scale=1.0))
+    src = jaxformer.save(random_jax_module(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)), 3), tmp_path / "model")
+    tokenizer.save(src)
+    code, _, err = main_in_process(capsys, "viz", src, "--prompt", PROMPT, "--out", tmp_path / "viz")
+    assert code == 2 and "Gemma 3n model: viz does not draw its AltUp streams" in err, err

@@ -2,6 +2,7 @@
 
 from torch_ref.decoder import Block, DecoderLM
 from torch_ref.encdec import EncoderDecoder
+from torch_ref.gemma3n import Gemma3nLM
 from torch_ref.gemma4 import Gemma4LM
 
 
@@ -11,7 +12,7 @@ def module_class(cfg):
 
     if isinstance(cfg, EncDecConfig):
         return EncoderDecoder
-    return Gemma4LM if cfg.block == "gemma4" else DecoderLM
+    return {"gemma4": Gemma4LM, "gemma3n": Gemma3nLM}.get(cfg.block, DecoderLM)
 
 
-__all__ = ["Block", "DecoderLM", "EncoderDecoder", "Gemma4LM", "module_class"]
+__all__ = ["Block", "DecoderLM", "EncoderDecoder", "Gemma3nLM", "Gemma4LM", "module_class"]

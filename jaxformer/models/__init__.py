@@ -13,15 +13,16 @@ from jaxformer.config import EncDecConfig, ModelConfig
 from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.decoder import DecoderLM, count_params
 from jaxformer.models.encdec import EncoderDecoder
+from jaxformer.models.gemma3n import Gemma3nLM
 from jaxformer.models.gemma4 import Gemma4LM
 
 
 def model_class(cfg: ModelConfig) -> type[nnx.Module]:
-    """The model a config describes: EncoderDecoder for an EncDecConfig, Gemma4LM for block 'gemma4', DecoderLM
-    otherwise."""
+    """The model a config describes: EncoderDecoder for an EncDecConfig, Gemma4LM / Gemma3nLM for blocks 'gemma4' /
+    'gemma3n', DecoderLM otherwise."""
     if isinstance(cfg, EncDecConfig):
         return EncoderDecoder
-    return Gemma4LM if cfg.block == "gemma4" else DecoderLM
+    return {"gemma4": Gemma4LM, "gemma3n": Gemma3nLM}.get(cfg.block, DecoderLM)
 
 
-__all__ = ["CachedLogits", "DecoderLM", "EncoderDecoder", "Gemma4LM", "KVCache", "count_params", "model_class"]
+__all__ = ["CachedLogits", "DecoderLM", "EncoderDecoder", "Gemma3nLM", "Gemma4LM", "KVCache", "count_params", "model_class"]

@@ -112,9 +112,13 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x, ropes = self._embed(tokens, positions)
-        record(capture, "embed_tokens", x)
+        record(capture, "embed_tokens", self.residual_view(x))
         x = self._blocks(x, ropes, segment_ids, capture, moe_stats)
         return self._logits(x, capture)
+
+    def residual_view(self, x: jax.Array) -> jax.Array:
+        """The [B, T, D] residual stream that `capture` records (Gemma 3n's is its active AltUp stream)."""
+        return x
 
     def extend(self, tokens: jax.Array, cache: KVCache | PagedKVCache, positions: jax.Array | None = None
                ) -> CachedLogits:

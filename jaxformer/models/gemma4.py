@@ -154,7 +154,9 @@ class Gemma4LM(DecoderLM):
             return x, (ropes, None)
         B, T = tokens.shape
         L, P = cfg.n_layers, cfg.per_layer_dim
-        own = self.embed_tokens_per_layer(tokens) * jnp.asarray(math.sqrt(P), x.dtype)  # [B, T, L*P]
+        # ids past the per-layer table read its row 0 (Gemma 3n's table is shorter than its vocabulary)
+        in_table = jnp.where(tokens < (cfg.per_layer_vocab_size or cfg.vocab_size), tokens, 0)
+        own = self.embed_tokens_per_layer(in_table) * jnp.asarray(math.sqrt(P), x.dtype)  # [B, T, L*P]
         projected = self.per_layer_model_projection(x) * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
         projected = self.per_layer_projection_norm(projected.reshape(B, T, L, P))
         per_layer = (projected + own.reshape(B, T, L, P)) * jnp.asarray(2 ** -0.5, x.dtype)  # [B, T, L, P]
@@ -179,8 +181,8 @@ class Gemma4LM(DecoderLM):
                 moe_stats.extend(stats)
             if kv is not None:
                 kvs[i] = kv
-            x = materialize_cotangent(constrain(x, ACT))
-            record(capture, f"layers.{i}", x)
+            x = materialize_cotangent(self.pin(x))
+            record(capture, f"layers.{i}", self.residual_view(x))
         return x
 
     def _cached_blocks(self, x: jax.Array, context, cache):
@@ -199,8 +201,17 @@ class Gemma4LM(DecoderLM):
                 x, _ = layer(x, rope_for(layer, ropes), None, ple, shared=view)
             else:
                 x, (ks[i], vs[i]) = layer(x, rope_for(layer, ropes), None, ple, cache=view)
-            x = constrain(x, ACT)
-        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
+            x = self.pin(x)
+        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + cache_len_step(x))
+
+    def pin(self, x: jax.Array) -> jax.Array:
+        """The residual stream laid out on the mesh (Gemma 3n's has a leading AltUp axis)."""
+        return constrain(x, ACT)
+
+
+def cache_len_step(x: jax.Array) -> int:
+    """The new tokens of a residual stream [..., B, T, D]."""
+    return x.shape[-2]
 
 
 def _remat_block(layer: Gemma4Block, policy: str):

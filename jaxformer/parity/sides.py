@@ -269,6 +269,9 @@ class HFSide(_TorchSide):
         finally:
             for h in handles:
                 h.remove()
+        if getattr(self.config, "altup", None) is not None and self.config.altup.inputs:  # Gemma 3n: [A, B, T, D]
+            active = self.config.altup.active_idx  # streams; jaxformer records the active one
+            hidden = {k: v[active] if v.ndim == 4 else v for k, v in hidden.items()}
         return Trace({k: _f32(v) for k, v in hidden.items()}, _f32(logits))
 
     def _named_grads(self) -> Grads:

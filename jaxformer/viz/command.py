@@ -60,6 +60,9 @@ def visualize(source: str | Path, prompt: str, out: str | Path, *, tokenizer: st
     if isinstance(cfg, EncDecConfig):
         raise ValueError(f"{source} is an encoder-decoder; viz draws decoder-only language models "
                          "(`jaxformer parity` checks encoder-decoders)")
+    if cfg.block == "gemma3n":  # its blocks attend from AltUp's prediction of the streams, which the capture omits
+        raise ValueError(f"{source} is a Gemma 3n model: viz does not draw its AltUp streams (attention maps and the "
+                         "logit lens would be of the active stream alone); `jaxformer parity` checks it layer by layer")
     tok = load_tokenizer_for(source, tokenizer)
     ids = tok.encode_prompt(prompt)
     if len(ids) < 2:
