@@ -5,7 +5,8 @@ windows, soft-caps, RoPE scalings; for the MoE families expert counts, top-k, sh
 patterns, norm_topk_prob; NoPE layers, per-layer-type RoPE and bias switches for OLMo 3, SmolLM3, EXAONE 4, Arcee,
 Helium, ERNIE 4.5, Seed-OSS, StarCoder2; partial RoPE for GLM-4, muP multipliers for Granite, NTK-alpha RoPE for
 Hunyuan, logit scale and sliding layers for Cohere 2, xIELU for Apertus; for Gemma 4 per-layer inputs, kv-shared
-layers, double-wide MLPs, full layers' head sizes, k = v, proportional RoPE, experts beside the MLP), builds the random-init model (1-D weights moved off their init), loads it
+layers, double-wide MLPs, full layers' head sizes, k = v, proportional RoPE, experts beside the MLP; for Gemma 3n
+AltUp streams and active index, LAuReL ranks, sparse gates, a short per-layer table, kv sharing), builds the random-init model (1-D weights moved off their init), loads it
 with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
 both ways on a 300-token prompt, and both float32 logits (ours, transformers') against transformers' float64 ones: where
 a random config amplifies rounding past 1e-4, that shows whether ours is rounding or a difference. The last line is
@@ -34,7 +35,7 @@ EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "mixtral", "qwen2_moe", "qwen3_moe",
             "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
-            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text"]
+            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -168,6 +169,8 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                                  "rope_parameters": draw_rope(rng, cfg, ("default", "llama3"))}
     if family == "gemma4_text":
         return "Gemma4TextConfig", draw_gemma4(rng, cfg, window, heads)
+    if family == "gemma3n_text":
+        return "Gemma3nTextConfig", draw_gemma3n(rng, cfg, window, heads)
     experts = int(rng.integers(3, 11))
     moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
     if family == "mixtral":
@@ -211,6 +214,25 @@ def draw_gemma4(rng: np.random.Generator, cfg: dict, window: int, heads: int) ->
         out.update(enable_moe_block=True, num_experts=experts, top_k_experts=int(rng.integers(1, min(4, experts) + 1)),
                    moe_intermediate_size=int(rng.integers(16, 64)))
     return out
+
+
+def draw_gemma3n(rng: np.random.Generator, cfg: dict, window: int, heads: int) -> dict:
+    """Gemma 3n: 2-6 layers of mixed types; 1-4 AltUp streams with any active one; LAuReL rank; per-layer Gaussian
+    top-k sparsity; kv sharing as for Gemma 4; a per-layer table shorter than the vocabulary or not."""
+    n = int(rng.integers(2, 7))
+    types = [str(rng.choice(["sliding_attention", "full_attention"])) for _ in range(n)]
+    shared = max(k for k in range(n) if set(types[n - k:]) <= set(types[:n - k])) if rng.integers(2) else 0
+    altup = int(rng.integers(1, 5))
+    cfg = {**cfg, "hidden_size": heads * cfg["head_dim"]}  # transformers checks hidden_size % heads == 0
+    return {**cfg, "num_hidden_layers": n, "layer_types": types, "sliding_window": window, "attention_bias": False,
+            "num_kv_shared_layers": int(rng.integers(0, shared + 1)), "altup_num_inputs": altup,
+            "altup_active_idx": int(rng.integers(altup)), "altup_correct_scale": bool(rng.integers(2)),
+            "laurel_rank": int(rng.integers(2, 17)), "hidden_size_per_layer_input": int(rng.choice([16, 32])),
+            "vocab_size_per_layer_input": int(rng.integers(cfg["vocab_size"] // 2, cfg["vocab_size"] + 1)),
+            "activation_sparsity_pattern": [float(rng.choice([0.0, 0.5, 0.95])) for _ in range(n)],
+            "final_logit_softcapping": float(rng.uniform(5, 40)),
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 1e5]))},
+                                "full_attention": draw_rope(rng, cfg, ("default", "linear", "yarn"))}}
 
 
 def logits_hf(model, tokens: np.ndarray) -> np.ndarray:

@@ -141,7 +141,7 @@ class Gemma4LM(DecoderLM):
         if P:
             kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
             self.embed_tokens_per_layer = Embed(cfg.per_layer_vocab_size or cfg.vocab_size, L * P,
-                                                axes=("vocab", None), std=cfg.init_std, **kw)
+                                                axes=("vocab", "embed"), std=cfg.init_std, **kw)
             self.per_layer_model_projection = Linear(cfg.d_model, L * P, bias=False, axes=(None, "embed"),
                                                      std=cfg.init_std, **kw)
             self.per_layer_projection_norm = make_norm(cfg, P)
