@@ -261,3 +261,47 @@ def test_serve_chat_stops_at_end_of_turn(chatml_dir):
         assert c.choices[0].finish_reason == "stop" and c.usage.completion_tokens == 3
     finally:
         srv.stop()
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+# Gemma 3's text template (Gemma 3n and 4 keep its turns): the system message folded into the first user turn,
+# roles checked with raise_exception, "assistant" written as "model", contents trimmed
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
+
+
+def test_gemma_template_equals_transformers(tmp_path):
+    """Gemma's layout (BOS from the post-processor and the template alike, <end_of_turn> as the chat's stop): prompts
+    and ids equal transformers'; a conversation the template rejects is an error naming its message."""
+    tok = bpe(GEMMA_SPECIALS, lambda t: processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B:1",
+                                      special_tokens=[("<bos>", t.token_to_id("<bos>"))])]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "chat_template": GEMMA_TEMPLATE}))
+    ids = [tok.token_to_id(t) for t in ("<eos>", "<end_of_turn>")]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": ids}))
+    ours, ref = load_tokenizer(tmp_path), reference(tmp_path)
+    for chat in CHATS:
+        for gen in (True, False):
+            assert ours.apply_chat_template(chat, add_generation_prompt=gen) == ref.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen)
+            assert ours.encode_chat(chat, add_generation_prompt=gen) == ref.apply_chat_template(
+                chat, add_generation_prompt=gen)["input_ids"]
+    assert ours.encode_chat(CHATS[1]).count(ours.token_id("<bos>")) == 1
+    assert ours.eos_ids == set(ids)
+    from jinja2.exceptions import TemplateError  # what transformers raises too; the server answers it with a 400
+
+    with pytest.raises(TemplateError, match="Conversation roles must alternate"):
+        ours.apply_chat_template([{"role": "assistant", "content": "first"}])
