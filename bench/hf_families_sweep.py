@@ -6,7 +6,8 @@ patterns, norm_topk_prob; NoPE layers, per-layer-type RoPE and bias switches for
 Helium, ERNIE 4.5, Seed-OSS, StarCoder2; partial RoPE for GLM-4, muP multipliers for Granite, NTK-alpha RoPE for
 Hunyuan, logit scale and sliding layers for Cohere 2, xIELU for Apertus; for Gemma 4 per-layer inputs, kv-shared
 layers, double-wide MLPs, full layers' head sizes, k = v, proportional RoPE, experts beside the MLP; for Gemma 3n
-AltUp streams and active index, LAuReL ranks, sparse gates, a short per-layer table, kv sharing), builds the random-init model (1-D weights moved off their init), loads it
+AltUp streams and active index, LAuReL ranks, sparse gates, a short per-layer table, kv sharing; for MiniMax-M2
+expert counts, top-k, rotated dims and the router's correction bias), builds the random-init model (1-D weights moved off their init), loads it
 with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
 both ways on a 300-token prompt, and both float32 logits (ours, transformers') against transformers' float64 ones: where
 a random config amplifies rounding past 1e-4, that shows whether ours is rounding or a difference. The last line is
@@ -35,7 +36,7 @@ EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "mixtral", "qwen2_moe", "qwen3_moe",
             "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
-            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text"]
+            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -171,6 +172,13 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
         return "Gemma4TextConfig", draw_gemma4(rng, cfg, window, heads)
     if family == "gemma3n_text":
         return "Gemma3nTextConfig", draw_gemma3n(rng, cfg, window, heads)
+    if family == "minimax_m2":  # sigmoid + correction-bias routing, q/k norms over projections, partial RoPE
+        experts = int(rng.integers(3, 11))
+        rope = draw_rope(rng, cfg, ("default", "linear", "yarn"))
+        return "MiniMaxM2Config", {**cfg, "num_local_experts": experts, "rope_parameters": rope,
+                                   "num_experts_per_tok": int(rng.integers(1, min(4, experts) + 1)),
+                                   "rotary_dim": int(rng.choice([d for d in (4, 8, head_dim // 2, head_dim)
+                                                                 if d % 2 == 0 and d <= head_dim]))}
     experts = int(rng.integers(3, 11))
     moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
     if family == "mixtral":
@@ -259,8 +267,8 @@ def main() -> None:
                 for p in hf.parameters():
                     if p.ndim == 1:
                         p.add_(0.3 * torch.randn_like(p))
-                for name, b in hf.named_buffers():  # Gemma 4's layer scalars are buffers
-                    if name.endswith("layer_scalar"):
+                for name, b in hf.named_buffers():  # Gemma 4's layer scalars, MiniMax-M2's correction biases
+                    if name.endswith(("layer_scalar", "e_score_correction_bias")):
                         b.add_(0.3 * torch.randn_like(b))
             tokens = rng.integers(3, kw["vocab_size"], (2, T))
             ref = logits_hf(hf, tokens)

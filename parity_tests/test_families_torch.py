@@ -215,6 +215,15 @@ CASES = {
                                       activation_sparsity=(0.95, 0.5, 0.0, 0.0), altup=dict(inputs=3, active_idx=1),
                                       layer_types=("sliding_attention", "full_attention") * 2,
                                       attention=GEMMA4_ATTENTION)),
+    # MiniMax-M2: sigmoid + correction-bias routing without groups over every layer's experts, q/k norms over whole
+    # projections, half of each head rotated
+    "minimax_m2": Case("MiniMaxM2ForCausalLM", "MiniMaxM2Config",
+                       dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, rotary_dim=8,
+                            rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+                       ModelConfig.llama(**{**OURS_BASE, "d_ff": 24}, export_as="minimax_m2", qk_norm="proj",
+                                         rope=dict(partial_factor=0.5),
+                                         moe=dict(n_experts=4, n_experts_per_token=2, router="deepseek", n_group=1,
+                                                  topk_group=1))),
     # Hunyuan: per-head q/k norms after RoPE
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
@@ -254,7 +263,8 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
-CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text")
+CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text",
+             "minimax_m2")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

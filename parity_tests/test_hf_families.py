@@ -106,6 +106,10 @@ CASES = {
         head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=40,
         hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24,
         final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention", "full_attention"])),
+    # MiniMax-M2: sigmoid scores + correction bias choose 2 of 8 experts on every layer (no groups, no shared expert),
+    # q/k RMSNorm over whole projections, RoPE on the first half of each head (the released `rotary_dim` spelling)
+    "minimax_m2": ("MiniMaxM2Config", dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8,
+                                           intermediate_size=32)),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(
@@ -356,3 +360,57 @@ def test_gemma3n_published_layout(tmp_path):
     (tmp_path / "text" / "config.json").write_text(json.dumps({**text, "intermediate_size": [96, 96, 96, 64]}))
     with pytest.raises(UnsupportedCheckpointError, match="one MLP width for every layer"):
         load_hf(tmp_path / "text")
+
+
+def test_fp8_block_scaled_checkpoint(tmp_path):
+    """DeepSeek-V3 / MiniMax-M2 ship block-scaled fp8 (`quant_method: fp8`, weight_block_size): every matrix stored as
+    float8_e4m3fn beside a float32 weight_scale_inv per block. Written here with torch's float8 (blocks of 8 x 8, sizes
+    the blocks do not divide), imported, the weights equal torch's W.float() * scale per block, and the logits equal
+    transformers' on those dequantized weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf_model = _hf_model("minimax_m2")
+    hf_model.save_pretrained(tmp_path / "float")
+    sd = load_file(tmp_path / "float" / "model.safetensors")
+    block = 8
+    quantized, dequantized = {}, {}
+    for k, w in sd.items():
+        if w.ndim != 2 or "embed_tokens" in k or "lm_head" in k or ".gate." in k:  # as the releases: embeddings,
+            quantized[k] = dequantized[k] = w  # head and router stay float
+            continue
+        O, I = w.shape
+        blocks = torch.nn.functional.pad(w, (0, -I % block, 0, -O % block)).reshape(-(-O // block), block,
+                                                                                    -(-I // block), block)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # [O/b, I/b]
+        full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:O, :I]
+        w8 = (w / full).to(torch.float8_e4m3fn)
+        quantized[k], quantized[k + "_scale_inv"] = w8, scale
+        dequantized[k] = w8.float() * full
+    (tmp_path / "fp8").mkdir()
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    save_file(quantized, tmp_path / "fp8" / "model.safetensors")
+    model = load_hf(tmp_path / "fp8")
+    (tmp_path / "dequantized").mkdir()  # transformers on the same dequantized weights, from a float checkpoint
+    (tmp_path / "dequantized" / "config.json").write_text((tmp_path / "float" / "config.json").read_text())
+    save_file(dequantized, tmp_path / "dequantized" / "model.safetensors", metadata={"format": "pt"})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized",
+                                                                  attn_implementation="eager").eval()
+    tokens = _tokens(2, seed=4)
+    diff = np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - _hf_logits(reference, tokens)).max()
+    assert diff <= 1e-4, diff
+    from jaxformer.interop import to_numpy_state_dict
+
+    ours = to_numpy_state_dict(model)
+    np.testing.assert_array_equal(ours["layers.0.self_attn.q_proj.weight"],
+                                  dequantized["model.layers.0.self_attn.q_proj.weight"].numpy())
+    assert not np.array_equal(dequantized["model.layers.0.self_attn.q_proj.weight"].numpy(),
+                              sd["model.layers.0.self_attn.q_proj.weight"].numpy())  # fp8 rounding did happen
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedCheckpointError, match="quant_method='awq' is not supported"):
+        load_hf(tmp_path / "fp8")

@@ -58,6 +58,13 @@ PUBLISHED = {
         router_aux_loss_coef=0.001), 106_852_251_264, 13_424_129_664),  # + 45 x 128 correction biases
     "gpt-oss-120b": ("gpt_oss", dict(**GPT_OSS, num_hidden_layers=36, num_local_experts=128), 116_829_156_672,
                      5_711_982_912),
+    # MiniMaxAI/MiniMax-M2: 230B, 10B active (the card's active count leaves out the embedding and output tables,
+    # 2 x 614,596,608)
+    "minimax-m2": ("minimax_m2", dict(
+        vocab_size=200064, hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_attention_heads=48,
+        num_key_value_heads=8, head_dim=128, rotary_dim=64, rope_theta=5000000, max_position_embeddings=196608,
+        num_local_experts=256, num_experts_per_tok=8, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+        router_aux_loss_coef=0.001), 228_689_764_864, 11_030_553_088),  # + 62 x 256 correction biases
 }
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from jaxformer.config import EncDecConfig, ModelConfig
-from jaxformer.interop import (cohere2, exaone4, gemma, gemma3n, gemma4, glm4, glm4_moe, gpt2, gpt_oss, llama, llama_kin, marian, moe,
-                               olmo2, phi3, starcoder2)
+from jaxformer.interop import (cohere2, exaone4, fp8, gemma, gemma3n, gemma4, glm4, glm4_moe, gpt2, gpt_oss, llama,
+                               llama_kin, marian, minimax_m2, moe, olmo2, phi3, starcoder2)
 from jaxformer.interop.hf_config import Family, check_expressible
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.models import DecoderLM
@@ -29,7 +29,7 @@ from jaxformer.models.quant_layers import is_quantized
 FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES, **olmo2.FAMILIES,
                                **moe.FAMILIES, **llama_kin.FAMILIES, **exaone4.FAMILIES, **starcoder2.FAMILIES,
                                **glm4.FAMILIES, **cohere2.FAMILIES, **gpt_oss.FAMILIES, **glm4_moe.FAMILIES,
-                               **gemma4.FAMILIES, **gemma3n.FAMILIES}
+                               **gemma4.FAMILIES, **gemma3n.FAMILIES, **minimax_m2.FAMILIES}
 SUPPORTED = {**{t: f.architecture for t, f in FAMILIES.items()}, "marian": "MarianMTModel"}
 # buffers some transformers versions store beside the weights; they carry no learned values
 IGNORED_HF_KEYS = re.compile(r".*\.attn\.(bias|masked_bias)$|.*rotary_emb\.inv_freq$")
@@ -109,6 +109,10 @@ def _read_file(f: Path) -> dict[str, np.ndarray]:
     if f.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
+        with open(f, "rb") as fh:  # numpy has no float8: such files are read by fp8.read_safetensors
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        if any(str(v.get("dtype", "")).startswith("F8") for k, v in header.items() if k != "__metadata__"):
+            return fp8.read_safetensors(f)
         return load_file(str(f))
     import torch
 
@@ -124,8 +128,17 @@ def load_hf(path: str | Path, **config_overrides: Any) -> DecoderLM:
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}/config.json not found: not a Hugging Face model directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), **config_overrides)
-    weights = (marian.from_hf if isinstance(cfg, EncDecConfig) else family_of(cfg).from_hf)(read_hf_weights(path), cfg)
+    hf = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf, **config_overrides)
+    weights = read_hf_weights(path)
+    quantization = hf.get("quantization_config") or {}
+    if quantization.get("quant_method") == "fp8":  # DeepSeek-V3, MiniMax-M2: block-scaled fp8, dequantized here
+        weights = fp8.dequantize_fp8(weights, quantization)
+    elif quantization and hf.get("model_type") != "gpt_oss":  # gpt-oss's mxfp4 experts: its importer dequantizes them
+        raise UnsupportedCheckpointError(f"{path}: quantization_config.quant_method="
+                                         f"{quantization.get('quant_method')!r} is not supported; jaxformer reads "
+                                         "float checkpoints, block-scaled fp8 and gpt-oss's mxfp4")
+    weights = (marian.from_hf if isinstance(cfg, EncDecConfig) else family_of(cfg).from_hf)(weights, cfg)
     return from_state_dict(cfg, weights, source=str(path))
 
 
