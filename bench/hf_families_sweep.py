@@ -36,7 +36,7 @@ EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "mixtral", "qwen2_moe", "qwen3_moe",
             "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
-            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2"]
+            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2", "llama4_text"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -172,6 +172,18 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
         return "Gemma4TextConfig", draw_gemma4(rng, cfg, window, heads)
     if family == "gemma3n_text":
         return "Gemma3nTextConfig", draw_gemma3n(rng, cfg, window, heads)
+    if family == "llama4_text":  # chunks, NoPE layers with temperature, weightless q/k norms, sigmoid-input routing
+        n = int(rng.integers(2, 7))
+        step = int(rng.integers(1, 3))
+        experts = int(rng.integers(3, 9))
+        return "Llama4TextConfig", {
+            **cfg, "num_hidden_layers": n, "attention_chunk_size": int(rng.integers(17, 120)),
+            "no_rope_layer_interval": int(rng.integers(2, 5)), "use_qk_norm": bool(rng.integers(2)),
+            "attn_temperature_tuning": bool(rng.integers(2)), "floor_scale": int(rng.choice([8, 32, 8192])),
+            "attn_scale": float(rng.uniform(0.05, 1.0)), "num_local_experts": experts,
+            "num_experts_per_tok": int(rng.integers(1, min(3, experts) + 1)), "interleave_moe_layer_step": step,
+            "intermediate_size_mlp": int(rng.integers(50, 160)), "attention_bias": False,
+            "rope_parameters": draw_rope(rng, cfg, ("default", "llama3", "linear"))}
     if family == "minimax_m2":  # sigmoid + correction-bias routing, q/k norms over projections, partial RoPE
         experts = int(rng.integers(3, 11))
         rope = draw_rope(rng, cfg, ("default", "linear", "yarn"))

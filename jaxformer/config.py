@@ -16,16 +16,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
 NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
-QK_NORMS = ("none", "head", "proj")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+QK_NORMS = ("none", "head", "proj", "rms")  # rms: per head, no weight, after RoPE, RoPE layers only
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 BLOCKS = ("standard", "gemma4", "gemma3n")  # the residual block's module: models/decoder.py | gemma4.py | gemma3n.py
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: learned, MLPs only (Apertus)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ROUTERS = ("mixtral", "qwen", "deepseek", "gemma4")  # softmax top-k styles; deepseek: sigmoid, grouped; gemma4: qwen's
-#   on a normed, scaled input, times a learned scale per expert (jaxformer/models/moe.py, models/gemma4.py)
+ROUTERS = ("mixtral", "qwen", "deepseek", "gemma4", "llama4")  # softmax top-k styles; deepseek: sigmoid, grouped; gemma4: qwen's
+#   on a normed, scaled input, times a learned scale per expert (jaxformer/models/moe.py, models/gemma4.py); llama4:
+#   the top-k logits' sigmoids scale the chosen experts' inputs (Llama 4)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -144,14 +145,22 @@ class AttentionConfig:
     global_kv_heads: int | None = None  # full-attention layers' kv heads (Gemma 4); None: n_kv_heads
     k_eq_v: bool = False  # full-attention layers have no v_proj: values are the key projection (Gemma 4)
     v_norm: bool = False  # values RMS-normalised per head, without a weight (Gemma 4)
+    chunk_size: int | None = None  # chunked_attention layers: a query sees the keys of its own chunk of C positions
+    temperature_floor: float | None = None  # NoPE layers' queries times 1 + temperature_scale * log(1 + floor((p + 1)
+    temperature_scale: float = 0.1  # / temperature_floor)) at position p (Llama 4's attention temperature); None: off
 
     def __post_init__(self) -> None:
         _flag("attention.qkv_bias", self.qkv_bias)
         for name in ("k_eq_v", "v_norm"):
             _flag(f"attention.{name}", getattr(self, name))
-        for name in ("global_head_dim", "global_kv_heads"):
+        for name in ("global_head_dim", "global_kv_heads", "chunk_size"):
             if getattr(self, name) is not None:
                 _positive(f"attention.{name}", getattr(self, name))
+        _number("attention.temperature_scale", self.temperature_scale)
+        if self.temperature_floor is not None:
+            _number("attention.temperature_floor", self.temperature_floor)
+            if self.temperature_floor <= 0:
+                raise ValueError(f"attention.temperature_floor must be > 0 (or null), got {self.temperature_floor}")
         _flag("attention.qk_norm_after_rope", self.qk_norm_after_rope)
         _flag("attention.sinks", self.sinks)
         if self.qk_norm_after_rope and self.qk_norm != "head":
@@ -611,12 +620,16 @@ class ModelConfig:
                                  "give one per layer")
             if "sliding_attention" in self.layer_types and attn.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but attention.sliding_window is not set")
+            if "chunked_attention" in self.layer_types and attn.chunk_size is None:
+                raise ValueError("layer_types has chunked_attention layers but attention.chunk_size is not set")
             # one spelling per architecture: uniform layer types are said by attention.sliding_window alone
             if set(self.layer_types) == {"sliding_attention"}:
                 object.__setattr__(self, "layer_types", None)
             elif set(self.layer_types) == {"full_attention"}:
                 object.__setattr__(self, "layer_types", None)
                 self._set("attention", sliding_window=None)
+        if attn.chunk_size is not None and "chunked_attention" not in (self.layer_types or ()):
+            self._set("attention", chunk_size=None)  # one spelling: no chunked layer, no chunk
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'sliding_attention' for block i (the one place that reads layer_types)."""
@@ -630,6 +643,10 @@ class ModelConfig:
         if self.position != "rope" or i in self.rope.nope_layers:
             return None
         return self.layer_type(i)
+
+    def layer_chunk(self, i: int) -> int | None:
+        """Block i's attention chunk (keys of the query's own chunk of C positions, causal), or None."""
+        return self.attention.chunk_size if self.layer_type(i) == "chunked_attention" else None
 
     def layer_window(self, i: int) -> int | None:
         """Block i's sliding window (keys t - W < s <= t), or None for full causal attention."""

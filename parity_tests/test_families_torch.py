@@ -224,7 +224,19 @@ CASES = {
                                          rope=dict(partial_factor=0.5),
                                          moe=dict(n_experts=4, n_experts_per_token=2, router="deepseek", n_group=1,
                                                   topk_group=1))),
-    # Hunyuan: per-head q/k norms after RoPE
+    # Llama 4: chunks of 8 on RoPE layers, NoPE layer 3 with a query temperature, weightless q/k RMS norms, top-2
+    # sigmoid routing onto the experts' inputs plus a shared expert on layers 1 and 3
+    "llama4": Case("Llama4ForCausalLM", "Llama4TextConfig",
+                   dict(num_hidden_layers=4, attention_chunk_size=8, num_local_experts=4, num_experts_per_tok=2,
+                        interleave_moe_layer_step=2, intermediate_size=24, intermediate_size_mlp=64, floor_scale=4,
+                        attn_scale=0.5, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+                   ModelConfig.llama(**{**OURS_BASE, "n_layers": 4}, export_as="llama4_text",
+                                     layer_types=("chunked_attention",) * 3 + ("full_attention",),
+                                     rope=dict(theta=1e4, nope_layers=(3,)),
+                                     attention=dict(qk_norm="rms", chunk_size=8, temperature_floor=4.0,
+                                                    temperature_scale=0.5),
+                                     moe=dict(n_experts=4, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
+                                              router="llama4", dense_layers=(0, 2)))),
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
                                                attention=dict(qk_norm="head", qk_norm_after_rope=True))),
@@ -264,7 +276,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
 CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text",
-             "minimax_m2")
+             "minimax_m2", "llama4_text")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

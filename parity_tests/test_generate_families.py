@@ -62,6 +62,12 @@ CASES = {
                                           num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=3,
                                           activation_sparsity_pattern=[0.9, 0.0, 0.0, 0.0],
                                           layer_types=["sliding_attention", "full_attention"] * 2)),
+    # Llama 4: 12-token chunks (prompt and continuation cross several), a NoPE layer with the query temperature
+    # (floor 8), weightless q/k norms, top-1 routing onto the experts' inputs with a shared expert
+    "llama4": ("Llama4TextConfig", dict(head_dim=8, num_hidden_layers=4, attention_chunk_size=12, num_local_experts=4,
+                                        num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size=32,
+                                        intermediate_size_mlp=64, floor_scale=8, attn_scale=0.5,
+                                        rope_parameters=dict(rope_type="default", rope_theta=1e4))),
     "gemma4_moe": ("Gemma4TextConfig", dict(head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
                                             attention_k_eq_v=True, sliding_window=12, hidden_size_per_layer_input=0,
                                             enable_moe_block=True, num_experts=4, top_k_experts=2,

@@ -110,6 +110,14 @@ CASES = {
     # q/k RMSNorm over whole projections, RoPE on the first half of each head (the released `rotary_dim` spelling)
     "minimax_m2": ("MiniMaxM2Config", dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8,
                                            intermediate_size=32)),
+    # Llama 4: 40-token chunks on RoPE layers (interleaved pairs), NoPE layer 3 with the attention temperature (floor 16
+    # so it grows within 320 tokens), weightless q/k RMS norms, top-1 sigmoid routing onto the experts' inputs with a
+    # shared expert on layers 1 and 3, llama3 RoPE scaling
+    "llama4": ("Llama4TextConfig", dict(
+        head_dim=16, num_hidden_layers=4, attention_chunk_size=40, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, intermediate_size=32, intermediate_size_mlp=96, floor_scale=16, attn_scale=0.5,
+        rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=64))),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(

@@ -336,3 +336,15 @@ def test_gemma4_fields_per_layer():
 def test_gemma4_bad_fields_are_named(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
         ModelConfig.llama(**{**GEMMA4, **changes})
+
+
+def test_chunked_attention_fields():
+    """Llama 4's chunked layers need a chunk; a chunk without chunked layers is dropped (one spelling)."""
+    cfg = ModelConfig.llama(n_layers=2, layer_types=("chunked_attention", "full_attention"),
+                            attention=dict(chunk_size=8, qk_norm="rms"))
+    assert [cfg.layer_chunk(i) for i in range(2)] == [8, None]
+    assert ModelConfig.llama(attention=dict(chunk_size=8)).attention.chunk_size is None
+    with pytest.raises(ValueError, match="chunked_attention layers but attention.chunk_size is not set"):
+        ModelConfig.llama(n_layers=2, layer_types=("chunked_attention", "full_attention"))
+    with pytest.raises(ValueError, match="attention.temperature_floor must be > 0"):
+        ModelConfig.llama(attention=dict(temperature_floor=0.0))

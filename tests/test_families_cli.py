@@ -29,7 +29,7 @@ from tests.test_cli import main_in_process
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2", "glm4", "granite",
-            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2"]
+            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4"]
 PROMPT = "def add(a, b):"
 
 

@@ -10,6 +10,8 @@ Four "maximal" configs cover the families' distinctive fields in as few runs as 
            norms after RoPE (Hunyuan), the learned xIELU activation in a non-gated MLP (Apertus)
   gemma4   Gemma 4's block: per-layer inputs, kv-shared layers with double-wide MLPs, wider k = v full layers with
            proportional RoPE, value norms, experts beside every MLP (with their load-balancing loss), remat
+  llama4   chunked attention on RoPE layers, a NoPE layer with the query temperature, weightless q/k norms, top-1
+           sigmoid routing onto the experts' inputs with a shared expert on every other layer, scan_layers
   gemma3n  Gemma 3n's block: 3 AltUp streams, LAuReL, Gaussian top-k gates, per-layer inputs over a table shorter
            than the vocabulary, kv-shared layers, remat
   llama3   the published Llama 3.2 1B preset (llama3 RoPE scaling, GQA, tied head) shrunk by `--model.*`
@@ -52,6 +54,10 @@ FAMILIES = {
                    attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8, global_head_dim=16,
                                   global_kv_heads=1, k_eq_v=True),
                    moe=dict(n_experts=4, n_experts_per_token=2, d_ff=16, router="gemma4")),
+    "llama4": dict(n_layers=4, layer_types=("chunked_attention",) * 3 + (FULL,), rope=dict(nope_layers=(3,)),
+                   attention=dict(qk_norm="rms", chunk_size=8, temperature_floor=4.0, temperature_scale=0.5),
+                   moe=dict(n_experts=4, n_experts_per_token=1, d_ff=32, shared_d_ff=32, router="llama4", every=2),
+                   export_as="llama4_text", scan_layers=True),
     "gemma3n": dict(n_layers=4, head_dim=8, block="gemma3n", norm_placement="sandwich", scale_embedding=True,
                     activation="gelu_tanh", tie_embeddings=True, final_logit_softcap=30.0, export_as="gemma3n_text",
                     layer_types=(SLIDE, FULL) * 2, per_layer_dim=8, per_layer_vocab_size=400, kv_shared_layers=2,
@@ -60,7 +66,7 @@ FAMILIES = {
                     attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8)),
 }
 FAMILY = {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite",
-          "gemma4": "gemma4_text", "gemma3n": "gemma3n_text"}
+          "gemma4": "gemma4_text", "gemma3n": "gemma3n_text", "llama4": "llama4_text"}
 RUN = dict(steps=20, lr=1e-2, warmup_steps=3, eval_every=20, eval_batches=1, ckpt_every=20, async_checkpoint=False)
 
 

@@ -65,6 +65,18 @@ PUBLISHED = {
         num_key_value_heads=8, head_dim=128, rotary_dim=64, rope_theta=5000000, max_position_embeddings=196608,
         num_local_experts=256, num_experts_per_tok=8, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
         router_aux_loss_coef=0.001), 228_689_764_864, 11_030_553_088),  # + 62 x 256 correction biases
+    # meta-llama/Llama-4-Scout-17B-16E's text model: 109B with the vision encoder, 17B active. Its rope_scaling as
+    # published now (Meta's llama-models PR 322: factor 16, high_freq_factor 1; the April 2025 file had 8 and 4)
+    "llama4-scout": ("llama4_text", dict(
+        vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=262144,
+        rms_norm_eps=1e-5, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0,
+                                                high_freq_factor=1.0, low_freq_factor=1.0,
+                                                original_max_position_embeddings=8192),
+        num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8192,
+        no_rope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+        tie_word_embeddings=False, attention_bias=False, router_aux_loss_coef=0.001), 107_769_861_120,
+        17_172_894_720),
 }
 
 

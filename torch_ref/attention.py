@@ -9,7 +9,8 @@ from jaxformer.config import ModelConfig
 from torch_ref.layers import Linear, apply_rope, make_norm
 
 
-def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window: int | None = None):
+def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window: int | None = None,
+              chunk: int | None = None):
     """Boolean [B or 1, T, S], True where attention is allowed; causal aligned bottom-right.
 
     With `window`, query t sees keys t - window < s <= t (itself and the window - 1 before it).
@@ -21,6 +22,8 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window
         mask = t >= s
         if window is not None:
             mask = mask & (t - s < window)
+        if chunk is not None:  # Llama 4: only the keys of the query's own chunk
+            mask = mask & (torch.div(t, chunk, rounding_mode="floor") == torch.div(s, chunk, rounding_mode="floor"))
         mask = mask[None]
     elif window is not None:
         raise ValueError("a sliding window needs causal attention")
@@ -32,7 +35,7 @@ def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window
 
 
 def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None, window: int | None = None,
-           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+           softcap: float | None = None, sinks: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]; kv heads repeated explicitly for clarity.
 
     Scores are q·k * scale (default H ** -0.5), then softcap * tanh(scores / softcap) when set (Gemma 2),
@@ -47,7 +50,7 @@ def attend(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = Non
     scores = torch.einsum("btnh,bsnh->bnts", q.float(), k.float()) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
+    mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window, chunk=chunk)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], -1e30)
     if sinks is not None:
@@ -79,9 +82,12 @@ class Attention(nn.Module):
         # q/k RMSNorm: per head over H (Qwen3, Gemma 3) or over the whole projection N*H / K*H (OLMo 2)
         self.qk_norm = cfg.attention.qk_norm
         self.qk_norm_after_rope = cfg.attention.qk_norm_after_rope
-        if cfg.attention.qk_norm != "none":
+        if cfg.attention.qk_norm in ("head", "proj"):
             self.q_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
             self.k_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
+        # Llama 4: per-head RMS without weight, after RoPE, on RoPE layers
+        self.qk_rms_eps = cfg.norm_eps if cfg.attention.qk_norm == "rms" and cfg.layer_rope(layer) else None
+        self.chunk = cfg.layer_chunk(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
         custom = cfg.attention.scale is not None or cfg.attention.query_pre_attn_scalar is not None
@@ -113,6 +119,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim)
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q = self.q_norm(q)
+        temperature = None
+        if isinstance(rope, dict):  # a NoPE layer's query temperature (Llama 4)
+            rope, temperature = None, rope["query_scale"]
         if shared is not None:
             k, v = shared
             q = apply_rope(q, *rope) if rope is not None else q
@@ -122,10 +131,14 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if self.qk_norm_after_rope:  # Hunyuan
                 q, k = self.q_norm(q), self.k_norm(k)
+            if self.qk_rms_eps is not None:  # Llama 4
+                q, k = (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + self.qk_rms_eps) for t in (q, k))
         else:
             k, v = kv
+        if temperature is not None:
+            q = q * temperature[:, :, None, None]
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=self.causal, segment_ids=seg, scale=self.scale, window=self.window,
-                     softcap=self.softcap, sinks=self.sinks)
+                     softcap=self.softcap, sinks=self.sinks, chunk=self.chunk)
         out = self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
         return (out, (k, v)) if return_kv else out

@@ -93,11 +93,14 @@ class DecoderLM(nn.Module):
             # sliding layers: their own base, unscaled (Gemma 3), else the same RoPE as full layers
             local = full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.rotary_dim,
                                                                             cfg.rope.local_theta)
-            ropes = {"full_attention": full, "sliding_attention": local}  # 2 x [B, T, H] each
+            ropes = {"full_attention": full, "sliding_attention": local, "chunked_attention": full}  # [B, T, H] each
+            if cfg.attention.temperature_floor is not None:  # Llama 4's NoPE layers: a query temperature
+                p = positions.float()
+                ropes[None] = {"query_scale": 1.0 + cfg.attention.temperature_scale * torch.log1p(
+                    torch.floor((p + 1.0) / cfg.attention.temperature_floor))}
         record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if ropes is None or layer.rope_type is None else ropes[layer.rope_type], segment_ids,
-                      moe_stats)
+            x = layer(x, None if ropes is None else ropes.get(layer.rope_type), segment_ids, moe_stats)
             record(capture, f"layers.{i}", x)
         x = self.norm(x)
         record(capture, "norm", x)

@@ -35,6 +35,9 @@ def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | Non
     if cfg.moe.router == "mixtral":
         top, idx = torch.topk(logits, cfg.moe.n_experts_per_token, dim=-1)
         return torch.softmax(top, dim=-1), idx
+    if cfg.moe.router == "llama4":  # sigmoids of the chosen logits, applied to the experts' inputs (MoE.forward)
+        top, idx = torch.topk(logits, cfg.moe.n_experts_per_token, dim=-1)
+        return torch.sigmoid(top), idx
     weights, idx = torch.topk(torch.softmax(logits, dim=-1), cfg.moe.n_experts_per_token, dim=-1)
     if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -113,8 +116,13 @@ class MoE(nn.Module):
         y = torch.zeros_like(xf)
         for e in range(cfg.moe.n_experts):
             token, slot = torch.where((idx == e) & keep)
-            if len(token):
-                y.index_add_(0, token, self.experts(xf[token], e) * weights[token, slot, None].to(xf.dtype))
+            if not len(token):
+                continue
+            w = weights[token, slot, None].to(xf.dtype)
+            if cfg.moe.router == "llama4":  # Llama 4 weighs the expert's input, not its output
+                y.index_add_(0, token, self.experts(xf[token] * w, e))
+            else:
+                y.index_add_(0, token, self.experts(xf[token], e) * w)
         if self.shared_expert is not None:
             s = self.shared_expert(xf)
             if self.shared_expert_gate is not None:

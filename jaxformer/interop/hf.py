@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxformer.config import EncDecConfig, ModelConfig
 from jaxformer.interop import (cohere2, exaone4, fp8, gemma, gemma3n, gemma4, glm4, glm4_moe, gpt2, gpt_oss, llama,
-                               llama_kin, marian, minimax_m2, moe, olmo2, phi3, starcoder2)
+                               llama4, llama_kin, marian, minimax_m2, moe, olmo2, phi3, starcoder2)
 from jaxformer.interop.hf_config import Family, check_expressible
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.models import DecoderLM
@@ -29,7 +29,8 @@ from jaxformer.models.quant_layers import is_quantized
 FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILIES, **phi3.FAMILIES, **olmo2.FAMILIES,
                                **moe.FAMILIES, **llama_kin.FAMILIES, **exaone4.FAMILIES, **starcoder2.FAMILIES,
                                **glm4.FAMILIES, **cohere2.FAMILIES, **gpt_oss.FAMILIES, **glm4_moe.FAMILIES,
-                               **gemma4.FAMILIES, **gemma3n.FAMILIES, **minimax_m2.FAMILIES}
+                               **gemma4.FAMILIES, **gemma3n.FAMILIES, **minimax_m2.FAMILIES,
+                               **llama4.FAMILIES}
 SUPPORTED = {**{t: f.architecture for t, f in FAMILIES.items()}, "marian": "MarianMTModel"}
 # buffers some transformers versions store beside the weights; they carry no learned values
 IGNORED_HF_KEYS = re.compile(r".*\.attn\.(bias|masked_bias)$|.*rotary_emb\.inv_freq$")

@@ -74,7 +74,8 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
            "no_rope_layers": [int(i not in cfg.rope.nope_layers) for i in range(cfg.n_layers)],
            "layer_types": [cfg.layer_type(i) for i in range(cfg.n_layers)], "attention_chunk_size": a.chunk_size,
            "use_qk_norm": a.qk_norm == "rms", "attn_temperature_tuning": a.temperature_floor is not None,
-           "floor_scale": a.temperature_floor or 8192, "attn_scale": a.temperature_scale, "router_jitter_noise": 0.0}
+           "floor_scale": int(a.temperature_floor or 8192), "attn_scale": a.temperature_scale,
+           "router_jitter_noise": 0.0}
     if m.n_experts:
         out.update(num_local_experts=m.n_experts, num_experts_per_tok=m.n_experts_per_token,
                    intermediate_size=cfg.expert_d_ff, router_aux_loss_coef=m.aux_loss_coef,
@@ -117,4 +118,5 @@ def _to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
 
 
 FAMILY = Family("llama4_text", "Llama4ForCausalLM", _config_from_hf, _config_to_hf, _from_hf, _to_hf)
-FAMILIES = {"llama4_text": FAMILY}
+FAMILIES = {"llama4_text": FAMILY, "llama4": Family("llama4", "Llama4ForConditionalGeneration", _config_from_hf,
+                                                  _config_to_hf, _from_hf, _to_hf)}

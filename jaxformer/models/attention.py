@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.layers import Linear, apply_rope, dtype_of, make_norm, rms_normalize
+from jaxformer.models.layers import Linear, QueryScale, apply_rope, dtype_of, make_norm, rms_normalize
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
 from pallas_kernels.decode_attention import decode_attention
@@ -46,21 +46,24 @@ NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax instead of
 
 
 def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids: SegmentIds | None,
-              window: int | None = None) -> jax.Array | None:
+              window: int | None = None, chunk: int | None = None) -> jax.Array | None:
     """Boolean mask [B or 1, T, S], True where query t may attend key s.
 
     Causal masks align the last query with the last key (query t sits at key position
     p = t + S - T), which is both plain self-attention (T == S) and decoding against a cache.
-    A sliding window W keeps keys p - W < s <= p (transformers' sliding_window_overlay).
+    A sliding window W keeps keys p - W < s <= p (transformers' sliding_window_overlay); a chunk C keeps the keys
+    of the query's own chunk, s // C == p // C (Llama 4's chunked_overlay).
     """
     mask = None
     if causal:
         p = jnp.arange(q_len)[:, None] + (kv_len - q_len)
         s = jnp.arange(kv_len)[None, :]
         mask = (p >= s) if window is None else (p >= s) & (s > p - window)
+        if chunk is not None:
+            mask = mask & (s // chunk == p // chunk)
         mask = mask[None]  # [1, T, S]
-    elif window is not None:
-        raise ValueError("a sliding window needs causal attention")
+    elif window is not None or chunk is not None:
+        raise ValueError("a sliding window or an attention chunk needs causal attention")
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids
         same = q_seg[:, :, None] == kv_seg[:, None, :]  # [B, T, S]
@@ -112,7 +115,7 @@ def _on_gpu() -> bool:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: SegmentIds | None = None,
            impl: str = "xla", scale: float | None = None, window: int | None = None,
-           softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
+           softcap: float | None = None, sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
     """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out.
 
     `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh; `sinks` [N]
@@ -132,13 +135,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     if sinks is not None and impl != "xla":
         _warn_once(f"attention_impl={impl!r} has no attention sinks yet; using the xla implementation for them")
         impl = "xla"
+    if chunk is not None and impl != "xla":
+        _warn_once(f"attention_impl={impl!r} has no chunked attention yet; using the xla implementation for it")
+        impl = "xla"
     if context_size() > 1:  # the sequence is split over the mesh's context axis: ring attention (xla/pallas blocks)
-        if sinks is not None:
-            raise ValueError("attention sinks under context parallelism are not supported: set mesh.context=1")
+        if sinks is not None or chunk is not None:
+            raise ValueError("attention sinks and chunked attention under context parallelism are not supported: set "
+                             "mesh.context=1")
         return ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale, window=window,
                               softcap=softcap, impl=impl)
     if impl == "xla":
-        mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window)
+        mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window, chunk=chunk)
         return xla_attention(q, k, v, mask, scale, softcap, sinks)
     if impl == "pallas":
         extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
@@ -160,7 +167,7 @@ def cache_layout(impl: str) -> str:
 
 def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, impl: str = "xla",
                   scale: float | None = None, window: int | None = None, softcap: float | None = None,
-                  sinks: jax.Array | None = None) -> jax.Array:
+                  sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
     """Queries [B,T,N,H] at positions lengths[b]-T+t attend causally to cache slots [0, lengths[b]).
 
     Caches are laid out as cache_layout(impl) says. impl "pallas" with at most DECODE_KERNEL_MAX_QUERIES
@@ -171,18 +178,18 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     scale = H ** -0.5 if scale is None else scale
     k_cache, v_cache = (c.dequantize(q.dtype) if isinstance(c, QuantKV) else c for c in (k_cache, v_cache))
     if cache_layout(impl) == "bskh":
-        if T <= DECODE_KERNEL_MAX_QUERIES and sinks is None:
+        if T <= DECODE_KERNEL_MAX_QUERIES and sinks is None and chunk is None:
             extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
             return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, **extra)
         S = k_cache.shape[1]
-        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window), scale, softcap, sinks)
+        return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window, chunk), scale, softcap, sinks)
     K, S = k_cache.shape[1], k_cache.shape[2]
     G = N // K
     qg = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
     scores = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(_cache_mask(lengths, T, S, window)[:, None, None], scores, NEG_INF)
+    scores = jnp.where(_cache_mask(lengths, T, S, window, chunk)[:, None, None], scores, NEG_INF)
     if sinks is not None:  # a column per head that joins the softmax and is dropped after it (gpt-oss)
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, G, 1, 1), (B, K, G, T, 1))
         probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1].astype(v_cache.dtype)
@@ -191,10 +198,12 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
 
 
-def _cache_mask(lengths: jax.Array, T: int, S: int, window: int | None = None) -> jax.Array:
+def _cache_mask(lengths: jax.Array, T: int, S: int, window: int | None = None, chunk: int | None = None) -> jax.Array:
     q_pos = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T]
     s = jnp.arange(S)[None, None, :]
     mask = s <= q_pos[:, :, None]  # [B, T, S]
+    if chunk is not None:
+        mask = mask & (s // chunk == q_pos[:, :, None] // chunk)
     return mask if window is None else mask & (s > q_pos[:, :, None] - window)
 
 
@@ -246,20 +255,20 @@ def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths):
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,
                  impl: str = "xla", scale: float | None = None, window: int | None = None,
-                 softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
+                 softcap: float | None = None, sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
     """attend_cached over a paged cache: queries [B,T,N,H] at positions lengths[b]-T+t attend causally to the
     positions [0, lengths[b]) their page tables hold. impl "pallas" with few queries runs the paged decode kernel;
     otherwise each sequence's pages are gathered into a contiguous [B, S, K, H] cache for the xla path."""
     B, T, N, H = q.shape
     scale = H ** -0.5 if scale is None else scale
-    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES and sinks is None:
+    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES and sinks is None and chunk is None:
         extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
         kernel = functools.partial(paged_decode_attention, sm_scale=scale, **extra)
         return per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths)
     _, P, K, _ = k_pages.shape
     S = page_table.shape[1] * P
     k, v = (pages[page_table].reshape(B, S, K, H) for pages in (k_pages, v_pages))  # [B, S, K, H]
-    return xla_attention(q, k, v, _cache_mask(lengths, T, S, window), scale, softcap, sinks)
+    return xla_attention(q, k, v, _cache_mask(lengths, T, S, window, chunk), scale, softcap, sinks)
 
 
 class Attention(nnx.Module):
@@ -286,8 +295,12 @@ class Attention(nnx.Module):
         # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
         self.qk_norm = cfg.attention.qk_norm
         self.qk_norm_after_rope = cfg.attention.qk_norm_after_rope  # Hunyuan: per-head norms of rotated q, k
-        self.q_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H)
-        self.k_norm = None if cfg.attention.qk_norm == "none" else make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H)
+        weighted = cfg.attention.qk_norm in ("head", "proj")
+        self.q_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else N * H) if weighted else None
+        self.k_norm = make_norm(cfg, H if cfg.attention.qk_norm == "head" else K * H) if weighted else None
+        # Llama 4: per-head RMS without a weight, after RoPE, on RoPE layers only
+        self.qk_rms_eps = cfg.norm_eps if cfg.attention.qk_norm == "rms" and cfg.layer_rope(layer) else None
+        self.chunk = cfg.layer_chunk(layer)
         self.v_norm_eps = cfg.norm_eps if cfg.attention.v_norm else None  # Gemma 4: weightless RMSNorm of values
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
@@ -335,10 +348,7 @@ class Attention(nnx.Module):
         q = self.project_q(x)  # [B, T, N, H]
         if kv is None:
             k, v = self.project_kv(x)  # [B, T, K, H]
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if self.qk_norm_after_rope:
-                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotate(q, rope), self.rotate(k, rope, keys=True)
         elif rope is not None or cache is not None:
             raise ValueError("cross-attention (kv given) takes neither rope nor a cache")
         else:
@@ -357,18 +367,26 @@ class Attention(nnx.Module):
               source) -> jax.Array:  # [B, T, D] -> [B, T, D]
         """A kv-shared layer (Gemma 3n / 4): queries of x attend to an earlier layer's keys and values, `source`:
         its (k, v) [B, T, K, H] of these tokens, or its cache (LayerCache / PagedLayer) with these tokens written."""
-        q = self.project_q(x)  # [B, T, N, H]
+        return self._attend(self.rotate(self.project_q(x), rope), source, segment_ids)
+
+    def rotate(self, x: jax.Array, rope, keys: bool = False) -> jax.Array:  # [B, T, heads, H]
+        """Queries or keys positioned: RoPE (cos, sin), then the norms that follow it (Hunyuan's per-head norms, Llama
+        4's weightless RMS). A NoPE layer of Llama 4 gets a QueryScale instead: its queries times that temperature."""
+        if isinstance(rope, QueryScale):
+            return x if keys else (x.astype(jnp.float32) * rope.scale[:, :, None, None]).astype(x.dtype)
         if rope is not None:
-            q = apply_rope(q, *rope)
+            x = apply_rope(x, *rope)
         if self.qk_norm_after_rope:
-            q = self.q_norm(q)
-        return self._attend(q, source, segment_ids)
+            x = (self.k_norm if keys else self.q_norm)(x)
+        if self.qk_rms_eps is not None:
+            x = rms_normalize(x, self.qk_rms_eps)
+        return x
 
     def _attend(self, q: jax.Array, source, segment_ids) -> jax.Array:
         """Queries [B, T, N, H] against `source` -- (k, v) of the same tokens, a cache (k_cache, v_cache, start) or a
         PagedLayer, both already holding these T tokens at start[b] + t -- then o_proj: [B, T, D]."""
         B, T = q.shape[:2]
-        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap,
+        kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap, chunk=self.chunk,
                   sinks=None if self.sinks is None else self.sinks[...])
         if isinstance(source, PagedLayer):
             out = attend_paged(q, source.k_pages, source.v_pages, source.page_table, source.start + T, **kw)

@@ -9,8 +9,8 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.cache import CachedLogits, KVCache
-from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, record, rope_cos_sin,
-                                     sinusoidal_positions)
+from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, query_temperature, record,
+                                     rope_cos_sin, sinusoidal_positions)
 from jaxformer.models.moe import MoE
 from jaxformer.models.paged_cache import PagedKVCache
 from jaxformer.sharding import constrain
@@ -228,13 +228,18 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> dict[str, tuple[jax.A
     local_dim = cfg.type_rotary_dim("sliding_attention")
     local = full if cfg.rope.local_theta is None and local_dim == full[0].shape[-1] else rope_cos_sin(
         positions, local_dim, cfg.rope.local_theta or cfg.rope.theta)
-    return {"full_attention": full, "sliding_attention": local}
+    tables = {"full_attention": full, "sliding_attention": local, "chunked_attention": full}
+    if cfg.attention.temperature_floor is not None and cfg.rope.nope_layers:  # Llama 4's NoPE layers
+        tables["nope"] = query_temperature(positions, cfg.attention.temperature_floor, cfg.attention.temperature_scale)
+    return tables
 
 
-def rope_for(layer: Block, ropes: dict | None) -> tuple[jax.Array, jax.Array] | None:
-    """The (cos, sin) of a block's attention type (sliding layers may have their own RoPE, Gemma 3), or None for a
-    block without RoPE."""
-    return None if ropes is None or layer.rope_type is None else ropes[layer.rope_type]
+def rope_for(layer: Block, ropes: dict | None):
+    """The (cos, sin) of a block's attention type (sliding layers may have their own RoPE, Gemma 3); for a block
+    without RoPE None, or its QueryScale when NoPE layers have an attention temperature (Llama 4)."""
+    if ropes is None:
+        return None
+    return ropes.get("nope") if layer.rope_type is None else ropes[layer.rope_type]
 
 
 def layer_period(cfg: ModelConfig) -> int:

@@ -7,6 +7,8 @@ which jaxformer.sharding maps onto a device mesh; model code never sees a mesh.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import math
 
 import jax
@@ -80,6 +82,19 @@ class LayerNorm(nnx.Module):
         if self.bias is not None:
             h = h + self.bias[...].astype(jnp.float32)
         return h.astype(x.dtype)
+
+
+class QueryScale(NamedTuple):
+    """What a NoPE layer with an attention temperature (Llama 4) takes in RoPE's place: its queries times `scale`
+    [B, T] (float32), 1 + s * log(1 + floor((position + 1) / floor))."""
+
+    scale: jax.Array
+
+
+def query_temperature(positions: jax.Array, floor: float, scale: float) -> QueryScale:
+    """Llama 4's attention temperature for NoPE layers at positions [B, T]."""
+    p = positions.astype(jnp.float32)
+    return QueryScale(1.0 + scale * jnp.log1p(jnp.floor((p + 1.0) / floor)))
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:

@@ -41,7 +41,8 @@ def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = No
     sigmoid scores plus `correction` [E] (e_score_correction_bias) choose the k experts, only within the topk_group
     groups (of n_group) whose two best corrected scores sum highest; the chosen experts' uncorrected scores,
     renormalised when norm_topk_prob, times routed_scaling_factor, weigh them. Ties go to the lower expert id.
-    gemma4: qwen's, then each weight times its expert's `expert_scale` [E] (Gemma 4's per_expert_scale).
+    gemma4: qwen's, then each weight times its expert's `expert_scale` [E] (Gemma 4's per_expert_scale). llama4:
+    sigmoid of the top-k logits, which MoE applies to the expert's input instead of its output.
     """
     logits = logits.astype(jnp.float32)
     moe = cfg.moe
@@ -61,6 +62,9 @@ def route(logits: jax.Array, cfg: ModelConfig, correction: jax.Array | None = No
     if cfg.moe.router == "mixtral":
         top, idx = jax.lax.top_k(logits, cfg.moe.n_experts_per_token)  # [N, k]
         return jax.nn.softmax(top, axis=-1), idx
+    if cfg.moe.router == "llama4":  # the chosen logits' sigmoids, which scale the experts' inputs (MoE.__call__)
+        top, idx = jax.lax.top_k(logits, cfg.moe.n_experts_per_token)  # [N, k]
+        return jax.nn.sigmoid(top), idx
     weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.moe.n_experts_per_token)  # [N, k]
     if cfg.moe.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
@@ -165,10 +169,16 @@ class MoE(nnx.Module):
         logits = self.gate(xf)  # [N, E]
         router = self.router()
         if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
+            if cfg.moe.router == "llama4":
+                raise ValueError("moe.router='llama4' (weights on the experts' inputs) is not supported under expert "
+                                 "parallelism yet: set mesh.expert=1")
             return self._finish(xf, *dispatch(self.experts, x, logits, cfg, router, capacity), logits, x, stats)
         weights, idx = router(logits, cfg)  # [N, k] each
         order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
         xs = xf[order % N]  # [k*N, D] rows grouped by expert
+        if cfg.moe.router == "llama4":  # Llama 4: each row scaled by its weight before its expert, summed plainly after
+            xs = xs * weights.T.reshape(-1)[order][:, None].astype(xs.dtype)
+            weights = jnp.ones_like(weights)
         if cfg.moe.capacity_factor is None:
             ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
             dropped = jnp.zeros((), jnp.float32)

@@ -220,6 +220,8 @@ def hook_points(module: torch.nn.Module) -> list[tuple[str, str, Any, Any]]:
         return [("embed_source_tokens", "encoder.", enc.layers, getattr(enc, "layer_norm", None)),
                 ("embed_tokens", "decoder.", dec.layers, getattr(dec, "layer_norm", None))]
     base = module.base_model  # LlamaModel, GPT2Model, ...
+    if not hasattr(base, "layers") and not hasattr(base, "h"):  # Llama4ForCausalLM names no base model prefix
+        base = module.model
     layers = base.layers if hasattr(base, "layers") else base.h
     return [("embed_tokens", "", layers, base.norm if hasattr(base, "norm") else base.ln_f)]
 
