@@ -4,7 +4,9 @@ Reads what `save_pretrained` writes (model.safetensors, sharded safetensors with
 pytorch_model.bin via torch.load(weights_only=True)) and writes directories that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. config.json's `model_type` picks the importer
 (gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2: jaxformer.interop.<family>;
-mixtral, qwen2_moe, qwen3_moe: jaxformer.interop.moe; marian: the encoder-decoder); the config's `family`
+mixtral, qwen2_moe, qwen3_moe: jaxformer.interop.moe; the families since (llama_kin, olmo2, exaone4, starcoder2,
+glm4, cohere2, gpt_oss, glm4_moe, gemma4, gemma3n, minimax_m2, llama4): their modules; marian: the
+encoder-decoder; block-scaled fp8 weights are dequantized first, interop/fp8.py); the config's `family`
 (export_as, or inferred from its fields) the exporter, which refuses, naming the fields, a config the
 architecture cannot express.
 """
