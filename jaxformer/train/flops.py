@@ -17,13 +17,25 @@ GPU_PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 31
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in matmuls per token (embedding lookups excluded, LM head included); a sparse
-    layer counts its router, its k active experts and its shared expert (and gate)."""
-    D, L, V, F = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
-    attn = D * cfg.n_heads * cfg.head_dim * 2 + D * cfg.n_kv_heads * cfg.head_dim * 2
-    dense = D * F * (3 if cfg.gated_mlp else 2)
-    sparse = D * (cfg.moe.n_experts + 3 * cfg.moe.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.moe.shared_d_ff
-                  + int(cfg.moe.shared_gate))
-    return sum(attn + (sparse if cfg.is_moe_layer(i) else dense) for i in range(L)) + D * V
+    layer counts its router, its k active experts and its shared expert (and gate). Layers are counted one by one:
+    Gemma 4's full layers have their own head sizes (and no v_proj with k = v), kv-shared layers no k/v projections,
+    per-layer inputs their gate and projection, Gemma 3n its AltUp and LAuReL matrices."""
+    D, V, A, P = cfg.d_model, cfg.vocab_size, cfg.altup.inputs, cfg.per_layer_dim
+    total = D * V + D * cfg.n_layers * P + 2 * max(A - 1, 0) * D * D  # head, per-layer input projection, AltUp in/out
+    for i in range(cfg.n_layers):
+        H, K = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        own_kv = cfg.kv_source(i) == i
+        k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(i) == "full_attention"
+        total += 2 * D * cfg.n_heads * H + (D * K * H * (1 if k_eq_v else 2) if own_kv else 0)
+        dense = D * cfg.layer_d_ff(i) * (3 if cfg.gated_mlp else 2)
+        sparse = D * (cfg.moe.n_experts + 3 * cfg.moe.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.moe.shared_d_ff
+                      + int(cfg.moe.shared_gate))
+        if cfg.block == "gemma4":  # the dense MLP runs beside the experts
+            total += dense + (sparse if cfg.moe.n_experts else 0)
+        else:
+            total += sparse if cfg.is_moe_layer(i) else dense
+        total += 2 * D * P + 2 * D * cfg.laurel_rank + (D * A + A * A + A * A * A if A else 0)
+    return total
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
