@@ -75,6 +75,15 @@ def test_deepseek_router_on_expert_parallel_equals_one_device(report):
     assert r["max_abs_diff"] <= 1e-5 * r["max_abs"]
 
 
+def test_llama4_router_on_expert_fsdp_tensor_equals_one_device(report):
+    """Llama 4's weights act on the experts' inputs: on expert 2 x fsdp 2 x tensor 2 the output and every gradient
+    (router, experts, shared expert) equal one device's."""
+    r = report["llama4"]
+    assert {"gate.weight", "experts.gate_proj", "shared_expert.down_proj.weight"} <= set(r["names"])
+    assert r["max_abs_diff"] <= 1e-5 * r["max_abs"]
+    assert r["max_grad_rel"] <= 1e-5, f"{r['worst']}: rel {r['max_grad_rel']}"
+
+
 def test_misfit_meshes_name_the_fix(report):
     assert "does not divide n_experts=4" in report["errors"]["experts"]
 

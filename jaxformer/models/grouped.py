@@ -92,6 +92,12 @@ def capacity_slots(sorted_expert: jax.Array, counts: jax.Array, C: int) -> tuple
     return keep, jnp.where(keep, sorted_expert * C + rank, E * C)
 
 
+def weigh_rows(xs: jax.Array, order: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Llama 4's routing: rows sorted by expert [k*N, D] times their router weight (weights [N, k], assignments
+    slot-major as sort_by_expert orders them); the weights combine then takes are ones."""
+    return xs * weights.T.reshape(-1)[order][:, None].astype(xs.dtype), jnp.ones_like(weights)
+
+
 def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert outputs ys [k*N, D] in sorted order, router weights [N, k] -> [N, D]: each token's weighted sum."""
     N, k = weights.shape

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.grouped import batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert
+from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert,
+                                     weigh_rows)
 from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
@@ -169,16 +170,12 @@ class MoE(nnx.Module):
         logits = self.gate(xf)  # [N, E]
         router = self.router()
         if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
-            if cfg.moe.router == "llama4":
-                raise ValueError("moe.router='llama4' (weights on the experts' inputs) is not supported under expert "
-                                 "parallelism yet: set mesh.expert=1")
             return self._finish(xf, *dispatch(self.experts, x, logits, cfg, router, capacity), logits, x, stats)
         weights, idx = router(logits, cfg)  # [N, k] each
         order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
         xs = xf[order % N]  # [k*N, D] rows grouped by expert
         if cfg.moe.router == "llama4":  # Llama 4: each row scaled by its weight before its expert, summed plainly after
-            xs = xs * weights.T.reshape(-1)[order][:, None].astype(xs.dtype)
-            weights = jnp.ones_like(weights)
+            xs, weights = weigh_rows(xs, order, weights)
         if cfg.moe.capacity_factor is None:
             ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
             dropped = jnp.zeros((), jnp.float32)
