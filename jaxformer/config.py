@@ -660,13 +660,12 @@ class ModelConfig:
             return None
         return s.original_max_position_embeddings or self.max_seq_len
 
-    @property
-    def attention_scale(self) -> float:
-        """The factor on q·k: attention.scale (Granite), else attention.query_pre_attn_scalar ** -0.5 (Gemma), else
-        head_dim ** -0.5."""
+    def layer_attention_scale(self, i: int) -> float:
+        """The factor on q·k in block i: attention.scale (Granite), else attention.query_pre_attn_scalar ** -0.5
+        (Gemma), else the block's head dim ** -0.5 (Gemma 4's full layers have heads of their own size)."""
         if self.attention.scale is not None:
             return self.attention.scale
-        return (self.attention.query_pre_attn_scalar or self.head_dim) ** -0.5
+        return (self.attention.query_pre_attn_scalar or self.layer_head_dim(i)) ** -0.5
 
     @property
     def rotary_dim(self) -> int:

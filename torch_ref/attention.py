@@ -90,8 +90,7 @@ class Attention(nn.Module):
         self.chunk = cfg.layer_chunk(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        custom = cfg.attention.scale is not None or cfg.attention.query_pre_attn_scalar is not None
-        self.scale, self.softcap = cfg.attention_scale if custom else H ** -0.5, cfg.attention.logit_softcap
+        self.scale, self.softcap = cfg.layer_attention_scale(layer), cfg.attention.logit_softcap
         self.sinks = nn.Parameter(torch.zeros(N)) if cfg.attention.sinks else None
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,7 +119,7 @@ def _config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
            "pad_token_id": None}  # the class defaults (SmolLM3's 128004) may lie outside a smaller vocabulary
     if family.model_type == "granite":
         out.update(embedding_multiplier=cfg.scales.embedding, residual_multiplier=cfg.scales.residual,
-                   logits_scaling=1.0 / cfg.scales.logits, attention_multiplier=cfg.attention_scale)
+                   logits_scaling=1.0 / cfg.scales.logits, attention_multiplier=cfg.layer_attention_scale(0))
     if family.model_type == "smollm3":
         out.update(no_rope_layers=[int(i not in cfg.rope.nope_layers) for i in range(cfg.n_layers)],
                    use_sliding_window=cfg.attention.sliding_window is not None,

@@ -284,12 +284,12 @@ class Attention(nnx.Module):
         D, N = cfg.d_model, cfg.n_heads
         K, H = cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)  # Gemma 4's full layers differ from the rest
         # Gemma 4: full-attention layers' values are their keys' projection (no v_proj)
-        self.k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
+        k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
         kw = dict(bias=cfg.use_bias or cfg.attention.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
                   compute_dtype=cfg.compute_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
-        self.v_proj = None if self.k_eq_v else Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = None if k_eq_v else Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
         kw.update(bias=cfg.use_bias, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # residual output (GPT-2 init)
         self.o_proj = Linear(N * H, D, axes=("embed", "heads"), **kw)
         # q/k RMSNorm: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
@@ -304,8 +304,7 @@ class Attention(nnx.Module):
         self.v_norm_eps = cfg.norm_eps if cfg.attention.v_norm else None  # Gemma 4: weightless RMSNorm of values
         self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
         self.causal, self.window = causal, window
-        custom = cfg.attention.scale is not None or cfg.attention.query_pre_attn_scalar is not None
-        self.scale, self.softcap = cfg.attention_scale if custom else H ** -0.5, cfg.attention.logit_softcap
+        self.scale, self.softcap = cfg.layer_attention_scale(layer), cfg.attention.logit_softcap
         # gpt-oss: a learned logit per query head in every softmax denominator (attends to nothing)
         self.sinks = (nnx.Param(jnp.zeros((N,), dtype_of(cfg.param_dtype)), logical_axes=("heads",))
                       if cfg.attention.sinks else None)
