@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from jaxformer.config import ModelConfig
-from torch_ref.attention import Attention
-from torch_ref.layers import ACTIVATIONS, MLP, Embed, Linear, make_norm, record, rope_cos_sin
+from torch_ref.gemma4 import Gemma4LM, KVSharingBlock
+from torch_ref.layers import ACTIVATIONS, MLP, Linear, make_norm
 
 
 class SparseGateMLP(MLP):
@@ -70,37 +70,25 @@ class AltUp(nn.Module):
         return torch.stack([predictions[q] + coefs[..., q, None] * innovation for q in range(self.A)])
 
 
-class Gemma3nBlock(nn.Module):
+class Gemma3nBlock(KVSharingBlock):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.rope_type = cfg.layer_rope(layer)
-        self.kv_source = cfg.kv_source(layer)
-        self.shares_kv = self.kv_source != layer
         self.active, self.correct_scale = cfg.altup.active_idx, cfg.altup.correct_scale
         self.altup = AltUp(cfg)
         self.input_layernorm = make_norm(cfg)
         self.laurel = Laurel(cfg)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer)
-        if self.shares_kv:
-            del self.self_attn.k_proj, self.self_attn.k_norm
-            self.self_attn.v_proj = None
+        self._init_attention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg)
         self.pre_feedforward_layernorm = make_norm(cfg)
         self.mlp = SparseGateMLP(cfg, cfg.activation_sparsity[layer] if cfg.activation_sparsity else 0.0)
         self.post_feedforward_layernorm = make_norm(cfg)
-        self.act = ACTIVATIONS[cfg.activation]
-        self.per_layer_input_gate = Linear(cfg.d_model, cfg.per_layer_dim, bias=False)
-        self.per_layer_projection = Linear(cfg.per_layer_dim, cfg.d_model, bias=False)
-        self.post_per_layer_input_norm = make_norm(cfg)
+        self._init_per_layer_input(cfg)
 
     def forward(self, xs, rope, segment_ids, per_layer_input, shared=None, moe_stats=None):
         predictions = self.altup.predict(xs)
         x = predictions[self.active]
         n = self.input_layernorm(x)
-        if self.shares_kv:
-            h, kv = self.self_attn(n, rope, segment_ids, shared=shared), None
-        else:
-            h, kv = self.self_attn(n, rope, segment_ids, return_kv=True)
+        h, kv = self.attend(n, rope, segment_ids, shared)
         h = x + self.post_attention_layernorm(h)
         h = (h + self.laurel(n)) / math.sqrt(2)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -108,60 +96,31 @@ class Gemma3nBlock(nn.Module):
         first = corrected[self.active]
         if self.correct_scale:
             first = first * self.altup.correct_output_scale
-        g = self.act(self.per_layer_input_gate(first)) * per_layer_input
-        extra = self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return torch.cat([corrected[:1], corrected[1:] + extra]), kv
+        return torch.cat([corrected[:1], corrected[1:] + self.per_layer_branch(first, per_layer_input)]), kv
 
 
 def _rescaled(y, like):
     return y * like.pow(2).mean(-1, keepdim=True).sqrt() / y.pow(2).mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
 
 
-class Gemma3nLM(nn.Module):
+class Gemma3nLM(Gemma4LM):
+    """Gemma4LM over AltUp's streams: made from the embedding by altup_projections, averaged back after the
+    altup_unembed_projections before the final norm; capture records the active stream."""
+
+    block = Gemma3nBlock
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        L, P, D, A = cfg.n_layers, cfg.per_layer_dim, cfg.d_model, cfg.altup.inputs
-        self.embed_tokens = Embed(cfg.vocab_size, D)
-        self.embed_tokens_per_layer = Embed(cfg.per_layer_vocab_size or cfg.vocab_size, L * P)
-        self.per_layer_model_projection = Linear(D, L * P, bias=False)
-        self.per_layer_projection_norm = make_norm(cfg, P)
-        self.layers = nn.ModuleList([Gemma3nBlock(cfg, layer=i) for i in range(L)])
-        self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else Linear(D, cfg.vocab_size, bias=False)
+        super().__init__(cfg)
+        D, A = cfg.d_model, cfg.altup.inputs
         self.altup_projections = nn.ModuleList([Linear(D, D, bias=False) for _ in range(A - 1)])
         self.altup_unembed_projections = nn.ModuleList([Linear(D, D, bias=False) for _ in range(A - 1)])
 
-    def forward(self, tokens, positions=None, segment_ids=None, capture=None, moe_stats=None):
-        cfg = self.config
-        B, T = tokens.shape
-        L, P, active = cfg.n_layers, cfg.per_layer_dim, cfg.altup.active_idx
-        if positions is None:
-            positions = torch.arange(T).expand(B, T)
-        x = self.embed_tokens(tokens) * torch.tensor(math.sqrt(cfg.d_model), dtype=torch.float32)
-        ids = torch.where(tokens < (cfg.per_layer_vocab_size or cfg.vocab_size), tokens, 0)
-        own = self.embed_tokens_per_layer(ids) * math.sqrt(P)
-        projected = self.per_layer_projection_norm((self.per_layer_model_projection(x) * cfg.d_model ** -0.5)
-                                                   .reshape(B, T, L, P))
-        per_layer = (projected + own.reshape(B, T, L, P)) * 2 ** -0.5
-        local_theta = cfg.rope.local_theta or cfg.rope.theta
-        full = rope_cos_sin(positions, cfg.head_dim, cfg.rope.theta, cfg.rope.scaling, cfg.max_seq_len)
-        ropes = {"full_attention": full,
-                 "sliding_attention": full if cfg.rope.local_theta is None else rope_cos_sin(positions, cfg.head_dim,
-                                                                                              local_theta)}
-        xs = torch.stack([x] + [_rescaled(p(x), x) for p in self.altup_projections])
-        record(capture, "embed_tokens", xs[active])
-        kvs = {}
-        for i, layer in enumerate(self.layers):
-            rope = None if layer.rope_type is None else ropes[layer.rope_type]
-            xs, kv = layer(xs, rope, segment_ids, per_layer[:, :, i], shared=kvs.get(layer.kv_source))
-            if kv is not None:
-                kvs[i] = kv
-            record(capture, f"layers.{i}", xs[active])
-        x = torch.stack([xs[0]] + [_rescaled(p(s), xs[0]) for p, s in zip(self.altup_unembed_projections, xs[1:])])
-        x = self.norm(x.mean(0))
-        record(capture, "norm", x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        if cfg.final_logit_softcap is not None:
-            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
-        return logits.float()
+    def streams(self, x):
+        return torch.stack([x] + [_rescaled(p(x), x) for p in self.altup_projections])
+
+    def view(self, xs):
+        return xs[self.config.altup.active_idx]
+
+    def merge(self, xs):
+        return torch.stack([xs[0]] + [_rescaled(p(s), xs[0])
+                                      for p, s in zip(self.altup_unembed_projections, xs[1:])]).mean(0)

@@ -24,10 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import Attention
 from jaxformer.models.decoder import ACT
-from jaxformer.models.gemma4 import Gemma4LM
-from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of, make_norm
+from jaxformer.models.gemma4 import Gemma4LM, KVSharingBlock
+from jaxformer.models.layers import MLP, Linear, dtype_of, make_norm
 from jaxformer.sharding import constrain
 
 STREAMS = (None, *ACT)  # [A, B, T, D]: the AltUp axis is never split
@@ -99,32 +98,23 @@ class AltUp(nnx.Module):
         return predictions + innovation[None] * c.transpose(2, 0, 1)[..., None]
 
 
-class Gemma3nBlock(nnx.Module):
+class Gemma3nBlock(KVSharingBlock):
     """AltUp predict; on the active stream x: h = x + post_attention_layernorm(attn(n)) with n = input_layernorm(x),
     h = (h + laurel(n)) / sqrt 2, h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))); AltUp correct;
     the per-layer input, gated by the (scaled) active corrected stream, added to streams 1..A-1."""
 
     def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
-        kw = dict(bias=False, std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.rope_type = cfg.layer_rope(layer)
-        self.kv_source = cfg.kv_source(layer)
-        self.shares_kv = self.kv_source != layer
         self.active, self.correct_scale = cfg.altup.active_idx, cfg.altup.correct_scale
         self.altup = AltUp(cfg, rngs=rngs)
         self.input_layernorm = make_norm(cfg)
         self.laurel = Laurel(cfg, rngs=rngs)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
-        if self.shares_kv:
-            self.self_attn.k_proj = self.self_attn.v_proj = self.self_attn.k_norm = None
+        self._init_attention(cfg, layer, rngs)
         self.post_attention_layernorm = make_norm(cfg)
         self.pre_feedforward_layernorm = make_norm(cfg)
         sparsity = cfg.activation_sparsity[layer] if cfg.activation_sparsity else 0.0
         self.mlp = SparseGateMLP(cfg, sparsity, rngs=rngs)
         self.post_feedforward_layernorm = make_norm(cfg)
-        self.act = ACTIVATIONS[cfg.activation]
-        self.per_layer_input_gate = Linear(cfg.d_model, cfg.per_layer_dim, axes=(None, "embed"), **kw)
-        self.per_layer_projection = Linear(cfg.per_layer_dim, cfg.d_model, axes=("embed", None), **kw)
-        self.post_per_layer_input_norm = make_norm(cfg)
+        self._init_per_layer_input(cfg, rngs)
 
     def __call__(self, xs: jax.Array, rope, segment_ids, per_layer_input: jax.Array, cache=None, shared=None,
                  *, moe_stats: list | None = None):
@@ -132,12 +122,7 @@ class Gemma3nBlock(nnx.Module):
         predictions = self.altup.predict(xs)
         x = predictions[self.active]  # [B, T, D]
         n = self.input_layernorm(x)
-        if self.shares_kv:
-            h, kv = self.self_attn.reuse(n, rope, segment_ids, shared), None
-        elif cache is not None:
-            h, kv = self.self_attn(n, rope, None, cache)
-        else:
-            h, kv = self.self_attn(n, rope, segment_ids, return_kv=True)
+        h, kv = self.attend(n, rope, segment_ids, cache, shared)
         h = x + self.post_attention_layernorm(h)
         h = (h + self.laurel(n)) * jnp.asarray(2 ** -0.5, h.dtype)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -145,9 +130,7 @@ class Gemma3nBlock(nnx.Module):
         first = corrected[self.active]
         if self.correct_scale:
             first = first * self.altup.correct_output_scale[...].astype(first.dtype)
-        g = self.act(self.per_layer_input_gate(first)) * per_layer_input  # [B, T, P]
-        extra = self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return corrected.at[1:].add(extra[None]), kv
+        return corrected.at[1:].add(self.per_layer_branch(first, per_layer_input)[None]), kv
 
 
 def rescaled(y: jax.Array, like: jax.Array) -> jax.Array:

@@ -53,21 +53,49 @@ class Gemma4Router(nnx.Module):
         return self.proj(h).astype(jnp.float32)
 
 
-class Gemma4Block(nnx.Module):
+class KVSharingBlock(nnx.Module):
+    """What Gemma 4's and Gemma 3n's blocks share: attention that may reuse an earlier block's keys and values (a
+    kv-shared block builds no k/v projections, as transformers builds none), and the per-layer input's gated branch."""
+
+    def _init_attention(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> None:
+        self.rope_type = cfg.layer_rope(layer)
+        self.kv_source = cfg.kv_source(layer)  # != layer: this block reuses that block's keys and values
+        self.shares_kv = self.kv_source != layer
+        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
+        if self.shares_kv:
+            self.self_attn.k_proj = self.self_attn.v_proj = self.self_attn.k_norm = None
+
+    def _init_per_layer_input(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        kw = dict(bias=False, std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.per_layer_input_gate = Linear(cfg.d_model, cfg.per_layer_dim, axes=(None, "embed"), **kw)
+        self.per_layer_projection = Linear(cfg.per_layer_dim, cfg.d_model, axes=("embed", None), **kw)
+        self.post_per_layer_input_norm = make_norm(cfg)
+
+    def attend(self, h: jax.Array, rope, segment_ids, cache, shared):
+        """(attention of h [B, T, D], kv): a kv-shared block reads `shared` (kv None); with `cache` the new keys and
+        values are written (kv: the updated cache); otherwise kv is this block's rotated (k, v) for later blocks."""
+        if self.shares_kv:
+            return self.self_attn.reuse(h, rope, segment_ids, shared), None
+        if cache is not None:
+            return self.self_attn(h, rope, None, cache)
+        return self.self_attn(h, rope, segment_ids, return_kv=True)
+
+    def per_layer_branch(self, x: jax.Array, per_layer_input: jax.Array) -> jax.Array:  # [B, T, D], [B, T, P]
+        """post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(x)) * per_layer_input))."""
+        g = self.act(self.per_layer_input_gate(x)) * per_layer_input  # [B, T, P]
+        return self.post_per_layer_input_norm(self.per_layer_projection(g))
+
+
+class Gemma4Block(KVSharingBlock):
     """x + post_attention_layernorm(attn(input_layernorm(x))), then x + post_feedforward_layernorm(ffn), ffn the MLP of
     pre_feedforward_layernorm(x) (plus, with experts, post_feedforward_layernorm_2 of the experts on
     pre_feedforward_layernorm_2(x), the MLP's output through post_feedforward_layernorm_1), then the per-layer input's
     gated residual, all times layer_scalar."""
 
     def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
-        kw = dict(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.rope_type = cfg.layer_rope(layer)
-        self.kv_source = cfg.kv_source(layer)  # != layer: this block reuses that block's keys and values
-        self.shares_kv = self.kv_source != layer
         self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
-        if self.shares_kv:  # no keys or values of its own (transformers builds none)
-            self.self_attn.k_proj = self.self_attn.v_proj = self.self_attn.k_norm = None
+        self._init_attention(cfg, layer, rngs)
         self.post_attention_layernorm = make_norm(cfg)
         self.pre_feedforward_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg.replace(d_ff=cfg.layer_d_ff(layer)), rngs=rngs)
@@ -80,12 +108,8 @@ class Gemma4Block(nnx.Module):
             self.post_feedforward_layernorm_1 = make_norm(cfg)
             self.pre_feedforward_layernorm_2 = make_norm(cfg)
             self.post_feedforward_layernorm_2 = make_norm(cfg)
-        P = cfg.per_layer_dim
-        if P:
-            self.act = ACTIVATIONS[cfg.activation]
-            self.per_layer_input_gate = Linear(cfg.d_model, P, bias=False, axes=(None, "embed"), std=cfg.init_std, **kw)
-            self.per_layer_projection = Linear(P, cfg.d_model, bias=False, axes=("embed", None), std=cfg.init_std, **kw)
-            self.post_per_layer_input_norm = make_norm(cfg)
+        if cfg.per_layer_dim:
+            self._init_per_layer_input(cfg, rngs)
         self.layer_scalar = nnx.Param(jnp.ones((1,), dtype_of(cfg.param_dtype)), logical_axes=(None,))
 
     def __call__(self, x: jax.Array, rope, segment_ids, per_layer_input: jax.Array | None, cache=None, shared=None,
@@ -93,21 +117,14 @@ class Gemma4Block(nnx.Module):
         """x [B, T, D] -> (x, kv). `shared` is the source block's keys and values for a kv-shared block: (k, v)
         [B, T, K, H] or, decoding, its cache view with these tokens written. kv is this block's own (k, v) (or
         updated cache with `cache`), None for a kv-shared block."""
-        h = self.input_layernorm(x)
-        if self.shares_kv:
-            h, kv = self.self_attn.reuse(h, rope, segment_ids, shared), None
-        elif cache is not None:
-            h, kv = self.self_attn(h, rope, None, cache)
-        else:
-            h, kv = self.self_attn(h, rope, segment_ids, return_kv=True)
+        h, kv = self.attend(self.input_layernorm(x), rope, segment_ids, cache, shared)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.sparse:
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(self._experts(x, moe_stats))
         x = x + self.post_feedforward_layernorm(h)
         if per_layer_input is not None:  # [B, T, P]
-            g = self.act(self.per_layer_input_gate(x)) * per_layer_input
-            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+            x = x + self.per_layer_branch(x, per_layer_input)
         return x * jax.lax.stop_gradient(self.layer_scalar[...]).astype(x.dtype), kv
 
     def _experts(self, x: jax.Array, stats: list | None) -> jax.Array:  # [B, T, D] -> [B, T, D]
