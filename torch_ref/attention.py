@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from jaxformer.config import ModelConfig
-from torch_ref.layers import Linear, apply_rope, make_norm
+from torch_ref.layers import Linear, QueryScale, apply_rope, make_norm
 
 
 def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, window: int | None = None,
@@ -119,8 +119,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q = self.q_norm(q)
         temperature = None
-        if isinstance(rope, dict):  # a NoPE layer's query temperature (Llama 4)
-            rope, temperature = None, rope["query_scale"]
+        if isinstance(rope, QueryScale):  # a NoPE layer's query temperature (Llama 4)
+            rope, temperature = None, rope.scale
         if shared is not None:
             k, v = shared
             q = apply_rope(q, *rope) if rope is not None else q

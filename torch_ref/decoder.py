@@ -9,7 +9,7 @@ from torch import nn
 
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
-from torch_ref.layers import MLP, Embed, Linear, make_norm, record, rope_cos_sin, sinusoidal_positions
+from torch_ref.layers import MLP, Embed, Linear, QueryScale, make_norm, record, rope_cos_sin, sinusoidal_positions
 from torch_ref.moe import MoE
 
 
@@ -96,11 +96,12 @@ class DecoderLM(nn.Module):
             ropes = {"full_attention": full, "sliding_attention": local, "chunked_attention": full}  # [B, T, H] each
             if cfg.attention.temperature_floor is not None:  # Llama 4's NoPE layers: a query temperature
                 p = positions.float()
-                ropes[None] = {"query_scale": 1.0 + cfg.attention.temperature_scale * torch.log1p(
-                    torch.floor((p + 1.0) / cfg.attention.temperature_floor))}
+                ropes["nope"] = QueryScale(1.0 + cfg.attention.temperature_scale * torch.log1p(
+                    torch.floor((p + 1.0) / cfg.attention.temperature_floor)))
         record(capture, "embed_tokens", x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if ropes is None else ropes.get(layer.rope_type), segment_ids, moe_stats)
+            rope = None if ropes is None else ropes.get("nope" if layer.rope_type is None else layer.rope_type)
+            x = layer(x, rope, segment_ids, moe_stats)
             record(capture, f"layers.{i}", x)
         x = self.norm(x)
         record(capture, "norm", x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_
     pos_freqs = theta ** exponent
     extrapolate = 1 - ramp  # 1: keep the frequency, 0: interpolate it by 1 / factor
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate, attention
+
+
+class QueryScale(NamedTuple):
+    """A NoPE layer's query temperature (Llama 4), passed where RoPE's (cos, sin) would be: queries times scale [B, T]."""
+
+    scale: torch.Tensor
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None,
