@@ -104,12 +104,8 @@ def few_rows_case(rng) -> dict:
     return {"max_abs_diff": float(np.abs(np.asarray(y) - ref).max()), "max_abs": float(np.abs(ref).max())}
 
 
-def biased_case(rng) -> dict:
-    """gpt-oss's experts (router, gate/up/down biases, the clamped GLU) on expert 2 x fsdp 2 x tensor 2 against one
-    device: the block's output and the gradients of every parameter (the biases split like their weights)."""
-    cfg = CFG.replace(use_bias=True, moe=dataclasses.replace(CFG.moe, swiglu_limit=1.5))
-    graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(5)), nnx.Param)
-    params = jax.tree.map(lambda p: p + 0.5 * rng.standard_normal(p.shape).astype(p.dtype), params)  # biases != 0
+def block_on_expert_fsdp_tensor(cfg: ModelConfig, graphdef, params, rng) -> dict:
+    """A MoE block's output and the gradient of every parameter on expert 2 x fsdp 2 x tensor 2 against one device."""
     x = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
     r = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
 
@@ -129,6 +125,15 @@ def biased_case(rng) -> dict:
     rel = {k: float(np.abs(g[k] - v).max() / max(np.abs(v).max(), 1e-30)) for k, v in g1.items()}
     return {"max_abs_diff": float(np.abs(y - y1).max()), "max_abs": float(np.abs(y1).max()),
             "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get), "names": sorted(rel)}
+
+
+def biased_case(rng) -> dict:
+    """gpt-oss's experts (router, gate/up/down biases, the clamped GLU) on expert 2 x fsdp 2 x tensor 2 against one
+    device: the block's output and the gradients of every parameter (the biases split like their weights)."""
+    cfg = CFG.replace(use_bias=True, moe=dataclasses.replace(CFG.moe, swiglu_limit=1.5))
+    graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(5)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.5 * rng.standard_normal(p.shape).astype(p.dtype), params)  # biases != 0
+    return block_on_expert_fsdp_tensor(cfg, graphdef, params, rng)
 
 
 def deepseek_case(rng) -> dict:
@@ -154,25 +159,7 @@ def llama4_case(rng) -> dict:
     cfg = CFG.replace(moe=dataclasses.replace(CFG.moe, router="llama4", n_experts_per_token=1, shared_d_ff=16))
     graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(7)), nnx.Param)
     params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype), params)  # O(1) outputs
-    x = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
-    r = rng.standard_normal((B, T, cfg.d_model)).astype(np.float32)
-
-    def objective(p, x):
-        y = nnx.merge(graphdef, p)(x, [])
-        return (y * r).sum(), y
-
-    one_value, one_grads = jax.value_and_grad(objective, has_aux=True)(params, x)
-    mesh = sharding.make_mesh(MESHES["expert2_fsdp2_tensor2"], cfg)
-    with jax.set_mesh(mesh):
-        p_sh = sharding.param_shardings(params, mesh, cfg)
-        value, grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(jax.device_put(params, p_sh),
-                                                                           sharding.global_batch({"x": x}, mesh)["x"])
-    flat = lambda t: {_name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
-    g, g1 = flat(grads), flat(one_grads)
-    rel = {k: float(np.abs(g[k] - v).max() / max(np.abs(v).max(), 1e-30)) for k, v in g1.items()}
-    y, y1 = np.asarray(value[1]), np.asarray(one_value[1])
-    return {"max_abs_diff": float(np.abs(y - y1).max()), "max_abs": float(np.abs(y1).max()),
-            "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get), "names": sorted(rel)}
+    return block_on_expert_fsdp_tensor(cfg, graphdef, params, rng)
 
 
 def error_case(cfg: ModelConfig, rows: int) -> str:

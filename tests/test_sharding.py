@@ -187,6 +187,22 @@ def test_encoder_decoder_on_a_mesh_matches_one_device(tmp_path):
     _assert_trained_alike(got, want, lr, skip=("k_proj.bias",))
 
 
+def _grads_on_a_mesh_and_one_device(tmp_path, cfgs) -> tuple[dict, dict, dict]:
+    """(one device's gradients, data 2 x fsdp 2 x tensor 2's, the mesh's parameter specs) of the run config's model
+    on one batch (tests/sharding_worker.py --grads, 8 fake devices); the two losses agree within 1e-5 relative and
+    the gradients have the same names."""
+    raw = json.loads(json.dumps({name: dataclasses.asdict(c) for name, c in cfgs.items()}))  # tuples as lists
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
+          str(tmp_path / "out"), "2,2,2"], devices=8)
+    got = np.load(tmp_path / "out" / "grads.npz")
+    one = {k.removeprefix("one/"): got[k] for k in got.files if k.startswith("one/")}
+    mesh = {k.removeprefix("mesh/"): got[k] for k in got.files if k.startswith("mesh/")}
+    assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
+    assert sorted(mesh) == sorted(one)
+    return one, mesh, json.loads((tmp_path / "out" / "report.json").read_text())["2,2,2"]
+
+
 FAMILY_FIELDS = dict(  # Gemma 2/3, Qwen2 and OLMo 2 fields in one model: every new parameter kind on the mesh
     qkv_bias=True, qk_norm="proj", norm_placement="sandwich", norm_unit_offset=True, scale_embedding=True,
     sliding_window=8, layer_types=("sliding_attention", "full_attention"), rope_local_theta=1e4,
@@ -199,24 +215,14 @@ def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
     every gradient on data 2 x fsdp 2 x tensor 2 equal one device's, with the layouts the table gives."""
     cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8,
                     model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **FAMILY_FIELDS))
-    raw = {name: dataclasses.asdict(c) for name, c in cfgs.items()}
-    raw["data"]["sources"] = list(raw["data"]["sources"])
-    raw["model"]["layer_types"] = list(raw["model"]["layer_types"])
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
-    _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
-          str(tmp_path / "out"), "2,2,2"], devices=8)
-    got = np.load(tmp_path / "out" / "grads.npz")
-    one = {k.removeprefix("one/"): got[k] for k in got.files if k.startswith("one/")}
-    mesh = {k.removeprefix("mesh/"): got[k] for k in got.files if k.startswith("mesh/")}
-    assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
-    assert sorted(mesh) == sorted(one) and "layers.0.self_attn.q_norm.weight" in one
+    one, mesh, spec = _grads_on_a_mesh_and_one_device(tmp_path, cfgs)
+    assert "layers.0.self_attn.q_norm.weight" in one
     for name, g in one.items():  # k_proj.bias too: k is normed and rotated after it, so its gradient is not zero
         assert np.abs(g).max() > 1e-6, name
         # the project's gradient bound (docs/testing.md); q/k norm weights reach 4.8e-6: each entry is a sum over
         # every token and head that cancels, so its relative error is far above its terms' rounding
         rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)
         assert rel <= 1e-4, f"{name}: relative gradient error {rel:.1e}"
-    spec = json.loads((tmp_path / "out" / "report.json").read_text())["2,2,2"]
     for norm in ("self_attn.q_norm", "self_attn.k_norm", "input_layernorm", "post_attention_layernorm",
                  "pre_feedforward_layernorm", "post_feedforward_layernorm"):
         assert spec[f"layers.1.{norm}.weight"] == [None], norm  # replicated: the same scale on every shard
@@ -291,15 +297,8 @@ def test_gemma_blocks_on_a_mesh_match_one_device(fields, tmp_path, shards_dir):
     device's."""
     cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8, model=dict(
         d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, **{"gemma4": GEMMA4_FIELDS, "gemma3n": GEMMA3N_FIELDS}[fields]))
-    raw = json.loads(json.dumps({name: dataclasses.asdict(c) for name, c in cfgs.items()}))  # tuples as lists
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
-    _run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), "--grads", str(tmp_path / "config.yaml"),
-          str(tmp_path / "out"), "2,2,2"], devices=8)
-    got = np.load(tmp_path / "out" / "grads.npz")
-    one = {k.removeprefix("one/"): got[k] for k in got.files if k.startswith("one/")}
-    mesh = {k.removeprefix("mesh/"): got[k] for k in got.files if k.startswith("mesh/")}
-    assert abs(got["loss/mesh"] - got["loss/one"]) <= 1e-5 * abs(got["loss/one"])
-    assert sorted(mesh) == sorted(one) and "embed_tokens_per_layer.weight" in one
+    one, mesh, _ = _grads_on_a_mesh_and_one_device(tmp_path, cfgs)
+    assert "embed_tokens_per_layer.weight" in one
     for name, g in one.items():
         if name.endswith("layer_scalar"):  # Gemma 4: stored, not trained: no gradient on either side
             assert not np.abs(g).any() and not np.abs(mesh[name]).any(), name
