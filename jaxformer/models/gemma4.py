@@ -18,6 +18,7 @@ scores scaled by 1, embeddings times sqrt(d_model), final logit soft-cap.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,11 +28,9 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.decoder import ACT, REMAT_POLICIES, DecoderLM, rope_for
-from jaxformer.models.grouped import combine, sort_by_expert
 from jaxformer.models.layers import (ACTIVATIONS, MLP, Embed, Linear, dtype_of, make_norm, materialize_cotangent,
                                      record, rms_normalize)
-from jaxformer.models.moe import Experts, route
-from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
+from jaxformer.models.moe import Experts, route, run_experts
 from jaxformer.models.paged_cache import PagedKVCache
 from jaxformer.sharding import constrain
 
@@ -133,15 +132,8 @@ class Gemma4Block(KVSharingBlock):
         B, T, D = x.shape
         logits = self.router(x.reshape(B * T, D))  # [N, E]
         h = self.pre_feedforward_layernorm_2(x)
-        router = lambda lg, c: route(lg, c, expert_scale=self.router.per_expert_scale[...])  # noqa: E731
-        if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis
-            y, dropped, load = dispatch(self.experts, h, logits, cfg, router, None)
-        else:
-            weights, idx = router(logits, cfg)  # [N, k]
-            order, _, load = sort_by_expert(idx, cfg.moe.n_experts)
-            hf = h.reshape(B * T, D)
-            y = combine(self.experts.ragged(hf[order % (B * T)], load), order, weights)  # [N, D]
-            dropped = jnp.zeros((), jnp.float32)
+        router = functools.partial(route, expert_scale=self.router.per_expert_scale[...])
+        y, dropped, load = run_experts(self.experts, h, logits, cfg, router)  # [N, D]
         if stats is not None:
             stats.append({"router_logits": logits, "load": load.astype(jnp.float32), "dropped": dropped})
         return y.reshape(B, T, D).astype(x.dtype)

@@ -144,6 +144,33 @@ class Router(nnx.Module):
         return x.astype(jnp.float32) @ self.weight[...].T
 
 
+def run_experts(experts: Experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, router
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] through the experts its router logits [B*T, E] choose -> (routed output [B*T, D], dropped fraction,
+    load [E] assignments): over the mesh's "expert" axis by all-to-all (moe_parallel.py), else locally, dropless or
+    with capacity. `router(logits, cfg)` -> (weights, ids), route() with the block's own extras bound."""
+    B, T, D = x.shape
+    if expert_parallel_size() > 1:
+        return dispatch(experts, x, logits, cfg, router, capacity)
+    E, N = cfg.moe.n_experts, B * T
+    weights, idx = router(logits, cfg)  # [N, k] each
+    order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
+    xs = x.reshape(N, D)[order % N]  # [k*N, D] rows grouped by expert
+    if cfg.moe.router == "llama4":  # Llama 4: each row scaled by its weight before its expert, summed plainly after
+        xs, weights = weigh_rows(xs, order, weights)
+    if cfg.moe.capacity_factor is None:
+        ys = experts.ragged(xs, group_sizes)  # [k*N, D]
+        dropped = jnp.zeros((), jnp.float32)
+    else:
+        C = capacity(cfg, N)
+        keep, slot = capacity_slots(sorted_expert, group_sizes, C)  # [k*N] each
+        buf = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")
+        out = experts.batched(buf.reshape(E, C, D)).reshape(E * C, D)
+        ys = jnp.where(keep[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)  # [k*N, D]
+        dropped = 1.0 - keep.mean(dtype=jnp.float32)
+    return combine(ys, order, weights), dropped, group_sizes  # [N, D]
+
+
 class MoE(nnx.Module):
     """x [B, T, D] -> [B, T, D]: sum over the token's k experts of weight * expert(x), plus the shared expert
     (times sigmoid(shared_expert_gate(x)) when gated). Names follow transformers: `gate` is the router."""
@@ -162,32 +189,10 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, stats: list | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
         """With `stats` (a list), appends {"router_logits" [N, E] f32, "load" [E] assignments per expert,
         "dropped" fraction of assignments dropped}: what the training losses and metrics read."""
-        cfg = self.config
         B, T, D = x.shape
-        E = cfg.moe.n_experts
         xf = x.reshape(B * T, D)  # [N, D]
-        N = xf.shape[0]
         logits = self.gate(xf)  # [N, E]
-        router = self.router()
-        if expert_parallel_size() > 1:  # experts split over the mesh's "expert" axis: all-to-all (moe_parallel.py)
-            return self._finish(xf, *dispatch(self.experts, x, logits, cfg, router, capacity), logits, x, stats)
-        weights, idx = router(logits, cfg)  # [N, k] each
-        order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
-        xs = xf[order % N]  # [k*N, D] rows grouped by expert
-        if cfg.moe.router == "llama4":  # Llama 4: each row scaled by its weight before its expert, summed plainly after
-            xs, weights = weigh_rows(xs, order, weights)
-        if cfg.moe.capacity_factor is None:
-            ys = self.experts.ragged(xs, group_sizes)  # [k*N, D]
-            dropped = jnp.zeros((), jnp.float32)
-        else:
-            C = capacity(cfg, N)
-            keep, slot = capacity_slots(sorted_expert, group_sizes, C)  # [k*N] each
-            buf = jnp.zeros((E * C, D), xs.dtype).at[slot].set(xs, mode="drop")
-            out = self.experts.batched(buf.reshape(E, C, D)).reshape(E * C, D)
-            ys = jnp.where(keep[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)  # [k*N, D]
-            dropped = 1.0 - keep.mean(dtype=jnp.float32)
-        y = combine(ys, order, weights)  # [N, D]
-        return self._finish(xf, y, dropped, group_sizes, logits, x, stats)
+        return self._finish(xf, *run_experts(self.experts, x, logits, self.config, self.router()), logits, x, stats)
 
     def router(self):
         """route() with this block's correction bias bound (deepseek), for the local and expert-parallel paths."""
