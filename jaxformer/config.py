@@ -39,6 +39,11 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _number(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -479,10 +484,8 @@ class ModelConfig:
     def _check_block_fields(self) -> None:
         _choice("block", self.block, BLOCKS)
         _flag("double_wide_shared_mlp", self.double_wide_shared_mlp)
-        for name in ("per_layer_dim", "kv_shared_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("per_layer_dim", "kv_shared_layers", "laurel_rank"):
+            _non_negative(name, getattr(self, name))
         if self.per_layer_vocab_size is not None:
             _positive("per_layer_vocab_size", self.per_layer_vocab_size)
             if self.per_layer_vocab_size == self.vocab_size:
@@ -492,11 +495,9 @@ class ModelConfig:
             self._set("attention", global_head_dim=None)
         if attn.global_kv_heads == self.n_kv_heads:
             self._set("attention", global_kv_heads=None)
-        if self.attention.global_kv_heads and self.n_heads % self.attention.global_kv_heads:
+        if attn.global_kv_heads and self.n_heads % attn.global_kv_heads:
             raise ValueError(f"attention.global_kv_heads={attn.global_kv_heads} must divide n_heads={self.n_heads}")
         object.__setattr__(self, "activation_sparsity", tuple(float(v) for v in self.activation_sparsity))
-        if not isinstance(self.laurel_rank, int) or isinstance(self.laurel_rank, bool) or self.laurel_rank < 0:
-            raise ValueError(f"laurel_rank must be an integer >= 0, got {self.laurel_rank!r}")
         if self.activation_sparsity and (len(self.activation_sparsity) != self.n_layers
                                          or not all(0 <= v < 1 for v in self.activation_sparsity)):
             raise ValueError(f"activation_sparsity must give one value in [0, 1) per layer (n_layers={self.n_layers})"
@@ -553,10 +554,14 @@ class ModelConfig:
             raise ValueError(f"block={self.block!r} layers differ (per-layer inputs, shared keys/values): set "
                              "scan_layers=false (remat works)")
 
-    def layer_head_dim(self, i: int) -> int:
-        """Block i's head dim: attention.global_head_dim on full-attention layers when set (Gemma 4), else head_dim."""
+    def type_head_dim(self, layer_type: str) -> int:
+        """A layer type's head dim: attention.global_head_dim for full attention when set (Gemma 4), else head_dim."""
         g = self.attention.global_head_dim
-        return g if g is not None and self.layer_type(i) == "full_attention" else self.head_dim
+        return g if g is not None and layer_type == "full_attention" else self.head_dim
+
+    def layer_head_dim(self, i: int) -> int:
+        """Block i's head dim (its layer type's)."""
+        return self.type_head_dim(self.layer_type(i))
 
     def layer_kv_heads(self, i: int) -> int:
         """Block i's kv heads: attention.global_kv_heads on full-attention layers when set, else n_kv_heads."""
@@ -674,9 +679,7 @@ class ModelConfig:
 
     def type_rotary_dim(self, layer_type: str) -> int:
         """rotary_dim for a layer type's head dim (Gemma 4's full layers have heads of their own size)."""
-        g = self.attention.global_head_dim
-        H = g if g is not None and layer_type == "full_attention" else self.head_dim
-        return int(H * self.rope.partial_factor)
+        return int(self.type_head_dim(layer_type) * self.rope.partial_factor)
 
     @classmethod
     def gpt2(cls, **overrides: Any) -> "ModelConfig":
