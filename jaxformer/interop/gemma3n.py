@@ -14,19 +14,18 @@ Scores are scaled by 1 (query_pre_attn_scalar is not read by the model); per-hea
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from jaxformer.config import ModelConfig
+from jaxformer.interop.gemma4 import gemma_text_weights
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
-                                         prefixed, require, rope_by_layer_type, rope_to_hf_by_layer_type, unprefixed)
+                                         prefixed, require, rope_by_layer_type, rope_to_hf_by_layer_type,
+                                         text_model_config, unprefixed)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("model_type") == "gemma3n":  # the multimodal checkpoint: its text model
-        hf = {**hf["text_config"], "model_type": "gemma3n_text",
-              "tie_word_embeddings": hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", True))}
+    hf = text_model_config(hf, "gemma3n", "gemma3n_text", tie_default=True)  # a multimodal checkpoint: its text model
     require(hf, "attention_bias", lambda v: not v, False, "Gemma 3n has no attention biases in jaxformer")
     require(hf, "use_bidirectional_attention", lambda v: not v, None, "only causal text attention")
     L = hf["num_hidden_layers"]
@@ -75,8 +74,7 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    sd = {k.replace("model.language_model.", "model."): v for k, v in sd.items()
-          if not re.match(r"model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.", k)}
+    sd = gemma_text_weights(sd)
     return unprefixed(sd, cfg)
 
 

@@ -23,16 +23,14 @@ import numpy as np
 
 from jaxformer.config import ModelConfig, RopeScaling
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
-                                         prefixed, require, unprefixed)
+                                         prefixed, require, text_model_config, unprefixed)
 from jaxformer.interop.state_dict import UnsupportedCheckpointError
 
 GLOBAL_HEAD_DIM = 512  # Gemma4TextConfig's default when a config names neither it nor per_layer_config
 
 
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("model_type") == "gemma4":  # the multimodal checkpoint: its text model
-        hf = {**hf["text_config"], "model_type": "gemma4_text",
-              "tie_word_embeddings": hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", True))}
+    hf = text_model_config(hf, "gemma4", "gemma4_text", tie_default=True)  # a multimodal checkpoint: its text model
     require(hf, "attention_bias", lambda v: not v, False, "Gemma 4 has no attention biases in jaxformer")
     require(hf, "use_bidirectional_attention", lambda v: v in (None, "vision"), None,
             "only causal text attention ('vision' makes image tokens bidirectional; text stays causal)")
@@ -114,9 +112,15 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def gemma_text_weights(sd: StateDict) -> StateDict:
+    """A Gemma 3n / 4 multimodal checkpoint's text weights (model.language_model. -> model.; the vision and audio
+    towers and their embedders left out); a text checkpoint's as they are."""
+    return {k.replace("model.language_model.", "model."): v for k, v in sd.items()
+            if not re.match(r"model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.", k)}
+
+
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    sd = {k.replace("model.language_model.", "model."): v for k, v in sd.items()
-          if not re.match(r"model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.", k)}
+    sd = gemma_text_weights(sd)
     out = {}
     for key, v in unprefixed(sd, cfg).items():
         if key.endswith(".experts.gate_up_proj"):  # [E, 2F, D]: gate rows, then up rows

@@ -229,6 +229,16 @@ def deinterleave_rope(sd: StateDict, cfg: ModelConfig, inverse: bool = False) ->
     return out
 
 
+def text_model_config(hf: dict[str, Any], wrapper: str, text_type: str, tie_default: bool) -> dict[str, Any]:
+    """The text model's config.json fields of a multimodal checkpoint (model_type `wrapper`: its `text_config`, as
+    `text_type`; the wrapper's tie_word_embeddings decides, as in transformers); any other config as it is."""
+    if hf.get("model_type") != wrapper:
+        return hf
+    text = hf["text_config"]
+    return {**text, "model_type": text_type,
+            "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", tie_default))}
+
+
 def renamed(sd: StateDict, renames: dict[str, str]) -> StateDict:
     """Keys with each `old` substring of renames replaced by its `new` (applied in order), values untouched."""
     out = {}

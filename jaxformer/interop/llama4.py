@@ -27,20 +27,13 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.interop.hf_config import (ACT_TO_HF, Family, StateDict, activation, decoder_fields, decoder_to_hf,
                                          deinterleave_rope, prefixed, renamed, require, rope_from_hf, rope_to_hf,
-                                         unprefixed)
+                                         text_model_config, unprefixed)
 
 RENAMES = {".feed_forward.router.": ".mlp.gate.", ".feed_forward.": ".mlp."}
 
 
-def _text(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("model_type") != "llama4":
-        return hf
-    return {**hf["text_config"], "model_type": "llama4_text",
-            "tie_word_embeddings": hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False))}
-
-
 def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    hf = _text(hf)
+    hf = text_model_config(hf, "llama4", "llama4_text", tie_default=False)  # a multimodal checkpoint: its text model
     require(hf, "attention_bias", lambda v: not v, False, "Llama 4 has no attention biases in jaxformer")
     require(hf, "router_jitter_noise", lambda v: not v, 0.0, "only 0 (a training-time perturbation)")
     L = hf["num_hidden_layers"]
