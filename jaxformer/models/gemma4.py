@@ -211,16 +211,11 @@ class Gemma4LM(DecoderLM):
             else:
                 x, (ks[i], vs[i]) = layer(x, rope_for(layer, ropes), None, ple, cache=view)
             x = self.pin(x)
-        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + cache_len_step(x))
+        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[-2])  # T of [..., B, T, D]
 
     def pin(self, x: jax.Array) -> jax.Array:
         """The residual stream laid out on the mesh (Gemma 3n's has a leading AltUp axis)."""
         return constrain(x, ACT)
-
-
-def cache_len_step(x: jax.Array) -> int:
-    """The new tokens of a residual stream [..., B, T, D]."""
-    return x.shape[-2]
 
 
 def _remat_block(layer: Gemma4Block, policy: str):
