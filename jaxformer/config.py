@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -301,9 +302,35 @@ class AltUpConfig:
             _number("altup.coef_clip", self.coef_clip)
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """Multi-head latent attention (DeepSeek-V2 / V3, Kimi-K2; models/latent_attention.py): keys and values come
+    from a shared low-rank latent of `kv_rank` dims that decoding caches instead of them, each head's q/k split into
+    head_dim - rope_dim dims without position and rope_dim rotated ones (one rotated key shared by all heads)."""
+
+    kv_rank: int = 0  # the latent's width (kv_lora_rank); 0: standard attention
+    q_rank: int = 0  # queries through a rank-q_rank bottleneck with an RMSNorm (q_lora_rank); 0: one q_proj
+    rope_dim: int = 0  # each head's rotated q/k dims (qk_rope_head_dim); the rest of head_dim is qk_nope_head_dim
+    v_head_dim: int | None = None  # each head's value dims; None: head_dim - rope_dim
+    bias: bool = False  # biases on q_a_proj, kv_a_proj_with_mqa and o_proj (DeepSeek's attention_bias)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_rank", "q_rank", "rope_dim"):
+            _non_negative(f"latent.{name}", getattr(self, name))
+        if self.v_head_dim is not None:
+            _positive("latent.v_head_dim", self.v_head_dim)
+        _flag("latent.bias", self.bias)
+        if not self.kv_rank and (self.q_rank or self.rope_dim or self.v_head_dim or self.bias):
+            raise ValueError("latent.q_rank / rope_dim / v_head_dim / bias are latent-attention settings but "
+                             "latent.kv_rank=0 (standard attention); set latent.kv_rank or remove them")
+        if self.kv_rank and (not self.rope_dim or self.rope_dim % 2):
+            raise ValueError(f"latent attention rotates rope_dim dims of each head: set latent.rope_dim to an even "
+                             f"number > 0, got {self.rope_dim}")
+
+
 # The model's sub-configs: ModelConfig field -> its class. Their fields are reached as model.<sub>.<field>.
 SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig,
-                               "scales": ScalesConfig, "altup": AltUpConfig}
+                               "scales": ScalesConfig, "altup": AltUpConfig, "latent": LatentConfig}
 # Flat names of earlier versions (run directories, exported models, configs written before sub-configs) and
 # their place now; every entry point (constructor, files, --model.X overrides) still takes them.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -409,6 +436,7 @@ class ModelConfig:
     moe: MoEConfig = MoEConfig()
     scales: ScalesConfig = ScalesConfig()
     altup: AltUpConfig = AltUpConfig()
+    latent: LatentConfig = LatentConfig()
 
     def __post_init__(self) -> None:
         for sub, cls in SUBCONFIGS.items():
@@ -456,6 +484,7 @@ class ModelConfig:
         self._check_family_fields()
         self._check_moe_fields()
         self._check_block_fields()
+        self._check_latent_fields()
 
     def _set(self, sub: str, **changes: Any) -> None:
         """Replace fields of a frozen sub-config during validation (one spelling per architecture)."""
@@ -554,6 +583,42 @@ class ModelConfig:
             raise ValueError(f"block={self.block!r} layers differ (per-layer inputs, shared keys/values): set "
                              "scan_layers=false (remat works)")
 
+    def _check_latent_fields(self) -> None:
+        lat = self.latent
+        if not lat.kv_rank:
+            return
+        if lat.v_head_dim == self.head_dim - lat.rope_dim:
+            self._set("latent", v_head_dim=None)  # one spelling: None is the nope dims
+        if lat.rope_dim >= self.head_dim:
+            raise ValueError(f"latent.rope_dim={lat.rope_dim} must be below head_dim={self.head_dim} (head_dim is "
+                             "the rotated plus the unrotated q/k dims)")
+        attn = self.attention
+        other = {k: v for k, v in (
+            ("n_kv_heads", self.n_kv_heads != self.n_heads), ("block", self.block != "standard"),
+            ("position", self.position != "rope"), ("rope.partial_factor", self.rope.partial_factor != 1.0),
+            ("attention.qk_norm", attn.qk_norm != "none"), ("attention.qkv_bias", attn.qkv_bias),
+            ("attention.sinks", attn.sinks), ("attention.logit_softcap", attn.logit_softcap is not None),
+            ("attention.chunk_size", attn.chunk_size is not None), ("use_bias", self.use_bias)) if v}
+        if other:
+            raise ValueError(f"latent attention (latent.kv_rank={lat.kv_rank}) has one key per head from a shared "
+                             f"latent, RoPE on latent.rope_dim dims and latent.bias for its biases; {sorted(other)} "
+                             "do not apply to it: set n_kv_heads=n_heads, block='standard', position='rope', "
+                             "rope.partial_factor=1, and leave the others at their defaults")
+
+    @property
+    def v_head_dim(self) -> int:
+        """Each head's value dims: latent.v_head_dim (or head_dim - rope_dim) with latent attention, else head_dim."""
+        lat = self.latent
+        return (lat.v_head_dim or self.head_dim - lat.rope_dim) if lat.kv_rank else self.head_dim
+
+    def layer_cache_dims(self, i: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, dims) of block i's two cache entries: keys and values, or with latent attention the normed latent
+        (1, kv_rank) and the rotated shared key (1, rope_dim), which is all an absorbed decode step reads."""
+        if self.latent.kv_rank:
+            return (1, self.latent.kv_rank), (1, self.latent.rope_dim)
+        kv = (self.layer_kv_heads(i), self.layer_head_dim(i))
+        return kv, kv
+
     def type_head_dim(self, layer_type: str) -> int:
         """A layer type's head dim: attention.global_head_dim for full attention when set (Gemma 4), else head_dim."""
         g = self.attention.global_head_dim
@@ -587,7 +652,8 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """Cache bytes one token takes over all layers, keys and values."""
-        return sum(2 * self.layer_kv_heads(i) * self.layer_head_dim(i) * itemsize for i in range(self.n_cache_layers))
+        return sum((k[0] * k[1] + v[0] * v[1]) * itemsize
+                   for k, v in map(self.layer_cache_dims, range(self.n_cache_layers)))
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block i's MLP slot is a Mixture of Experts (the one place that reads moe.every / dense_layers)."""
@@ -670,15 +736,25 @@ class ModelConfig:
         (Gemma), else the block's head dim ** -0.5 (Gemma 4's full layers have heads of their own size)."""
         if self.attention.scale is not None:
             return self.attention.scale
-        return (self.attention.query_pre_attn_scalar or self.layer_head_dim(i)) ** -0.5
+        scale = (self.attention.query_pre_attn_scalar or self.layer_head_dim(i)) ** -0.5
+        s = self.rope.scaling
+        if self.latent.kv_rank and s is not None and s.rope_type == "yarn" and s.mscale_all_dim:
+            scale *= (0.1 * s.mscale_all_dim * math.log(s.factor) + 1.0) ** 2 if s.factor > 1 else 1.0  # DeepSeek
+        return scale
 
     @property
     def rotary_dim(self) -> int:
-        """How many of each head's dims RoPE rotates (the first ones): head_dim x rope.partial_factor."""
+        """How many of each head's dims RoPE rotates (the first ones): head_dim x rope.partial_factor (latent
+        attention: its latent.rope_dim, the last ones)."""
+        if self.latent.kv_rank:
+            return self.latent.rope_dim
         return int(self.head_dim * self.rope.partial_factor)
 
     def type_rotary_dim(self, layer_type: str) -> int:
-        """rotary_dim for a layer type's head dim (Gemma 4's full layers have heads of their own size)."""
+        """rotary_dim for a layer type's head dim (Gemma 4's full layers have heads of their own size); latent
+        attention rotates latent.rope_dim dims."""
+        if self.latent.kv_rank:
+            return self.latent.rope_dim
         return int(self.type_head_dim(layer_type) * self.rope.partial_factor)
 
     @classmethod

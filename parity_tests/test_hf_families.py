@@ -118,6 +118,20 @@ CASES = {
         interleave_moe_layer_step=2, intermediate_size=32, intermediate_size_mlp=96, floor_scale=16, attn_scale=0.5,
         rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                              original_max_position_embeddings=64))),
+    # DeepSeek-V3: latent attention (rank-24 queries, rank-32 latent, 8 interleaved rope dims of 24, 12-wide values),
+    # yarn whose mscale_all_dim scales the softmax too, the deepseek router over 2 of 4 groups with a shared expert,
+    # the first layer dense, biases on q_a / kv_a / o
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, attention_bias=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+                             original_max_position_embeddings=128, beta_fast=32.0, beta_slow=1.0))),
+    # DeepSeek-V2-Lite-like attention (one q_proj, no q bottleneck), no groups (Kimi-K2's routing)
+    "deepseek_v3_plain_q": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=16, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, routed_scaling_factor=2.827, first_k_dense_replace=1, n_shared_experts=1)),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(

@@ -9,6 +9,7 @@ from torch import nn
 
 from jaxformer.config import ModelConfig
 from torch_ref.attention import Attention
+from torch_ref.latent_attention import LatentAttention
 from torch_ref.layers import MLP, Embed, Linear, QueryScale, make_norm, record, rope_cos_sin, sinusoidal_positions
 from torch_ref.moe import MoE
 
@@ -29,7 +30,8 @@ class Block(nn.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer)
+        attention = LatentAttention if cfg.latent.kv_rank else Attention  # DeepSeek's latent attention, or softmax
+        self.self_attn = attention(cfg, window=cfg.layer_window(layer), layer=layer)
         if self.placement != "parallel":
             self.post_attention_layernorm = make_norm(cfg)
         if self.placement == "sandwich":

@@ -81,7 +81,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     `sinks` [N]: a logit per head that joins each row's softmax denominator and attends to nothing (gpt-oss).
     """
     B, T, N, H = q.shape
-    K = k.shape[2]  # k, v: [B, S, K, H]
+    K, Hv = k.shape[2], v.shape[-1]  # k [B, S, K, H], v [B, S, K, Hv] (latent attention: Hv != H)
     G = N // K
     qh = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # rows (g, t)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
@@ -100,8 +100,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     e = jnp.exp(s - m)
     o = jnp.einsum("bkqs,bksh->bkqh", e.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     denom = e.sum(-1, keepdims=True) + (jnp.exp(sink - m) if sinks is not None else 0.0)
-    o = (o / denom).astype(v.dtype)  # [B, K, G*T, H]
-    return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    o = (o / denom).astype(v.dtype)  # [B, K, G*T, Hv]
+    return o.reshape(B, K, G, T, Hv).transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv)
 
 
 @functools.cache
@@ -116,9 +116,11 @@ def _on_gpu() -> bool:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: SegmentIds | None = None,
            impl: str = "xla", scale: float | None = None, window: int | None = None,
            softcap: float | None = None, sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
-    """Scaled dot-product attention through the chosen implementation; [B,T,N,H] out.
+    """Scaled dot-product attention through the chosen implementation; [B,T,N,Hv] out (v [B,S,K,Hv]).
 
-    `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh; `sinks` [N]
+    Values may be narrower than queries and keys (latent attention): the xla path takes them as they are, the
+    others get them zero-padded to the q/k head dim and drop the padding from their output (exact, forward and
+    backward). `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh; `sinks` [N]
     adds a per-head logit to each softmax denominator (the xla path computes them; other implementations defer to it).
     """
     B, T, N, H = q.shape
@@ -138,6 +140,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     if chunk is not None and impl != "xla":
         _warn_once(f"attention_impl={impl!r} has no chunked attention yet; using the xla implementation for it")
         impl = "xla"
+    Hv = v.shape[-1]
+    if Hv != H and (impl != "xla" or context_size() > 1):  # kernels take one head dim: v zero-padded, then cut
+        if Hv > H:
+            raise ValueError(f"values wider than queries/keys ({Hv} > {H}) run on attention_impl='xla' only")
+        v = jnp.pad(v, ((0, 0),) * 3 + ((0, H - Hv),))
+        return attend(q, k, v, causal=causal, segment_ids=segment_ids, impl=impl, scale=scale, window=window,
+                      softcap=softcap, sinks=sinks, chunk=chunk)[..., :Hv]
     if context_size() > 1:  # the sequence is split over the mesh's context axis: ring attention (xla/pallas blocks)
         if sinks is not None or chunk is not None:
             raise ValueError("attention sinks and chunked attention under context parallelism are not supported: set "
@@ -196,6 +205,29 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     else:
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(B, T, N, H)
+
+
+def attend_latent(q_lat: jax.Array, q_pe: jax.Array, c_cache: jax.Array, pe_cache: jax.Array, lengths: jax.Array, *,
+                  impl: str = "xla", scale: float, window: int | None = None,
+                  page_table: jax.Array | None = None) -> jax.Array:
+    """Latent attention's absorbed form (models/latent_attention.py): queries q_lat [B,T,N,C] and q_pe [B,T,N,R] at
+    positions lengths[b]-T+t attend causally to the cached latents c (also the values) and rotated shared keys pe
+    -- one-head caches in cache_layout(impl), or page pools [pages, P, 1, *] read through `page_table` -- giving the
+    latent-space output o_lat [B, T, N, C]. impl "pallas" with few queries runs the latent decode kernel."""
+    B, T, N, C = q_lat.shape
+    c_cache, pe_cache = (x.dequantize(q_lat.dtype) if isinstance(x, QuantKV) else x for x in (c_cache, pe_cache))
+    if page_table is not None:  # each sequence's pages in order: [B, S, *]
+        c, pe = (pool[page_table].reshape(B, -1, pool.shape[-1]) for pool in (c_cache, pe_cache))
+    else:  # [B, 1, S, *] or [B, S, 1, *]: one head either way
+        c, pe = (x.reshape(B, -1, x.shape[-1]) for x in (c_cache, pe_cache))
+    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES:
+        from pallas_kernels.latent_decode_attention import latent_decode_attention  # TEMP: top-level once written
+        return latent_decode_attention(q_lat, q_pe, c, pe, lengths, sm_scale=scale, window=window)
+    scores = (jnp.einsum("btnc,bsc->bnts", q_lat, c, preferred_element_type=jnp.float32)
+              + jnp.einsum("btnr,bsr->bnts", q_pe, pe, preferred_element_type=jnp.float32)) * scale  # [B, N, T, S]
+    scores = jnp.where(_cache_mask(lengths, T, c.shape[1], window)[:, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+    return jnp.einsum("bnts,bsc->btnc", probs, c)  # [B, T, N, C]
 
 
 def _cache_mask(lengths: jax.Array, T: int, S: int, window: int | None = None, chunk: int | None = None) -> jax.Array:

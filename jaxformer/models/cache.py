@@ -31,7 +31,8 @@ CACHE_AXES = {"bksh": ("batch", "act_kv_heads", "seq", None), "bskh": ("batch", 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys and values ([B, K, S, H] or [B, S, K, H], as `layout` says) and valid lengths [B] int32."""
+    """Per-layer keys and values ([B, K, S, H] or [B, S, K, H], as `layout` says) and valid lengths [B] int32.
+    A latent-attention layer's pair is its normed latents [.., 1, .., C] and rotated shared keys [.., 1, .., R]."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -45,15 +46,15 @@ class KVCache:
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         layout = cache_layout(cfg.attention_impl)
 
-        def zeros(i: int):  # layer i's [B, K, S, H] or [B, S, K, H] (Gemma 4's full layers have their own K, H)
-            sizes = {"b": batch, "s": max_len, "k": cfg.layer_kv_heads(i), "h": cfg.layer_head_dim(i)}
+        def zeros(heads: int, dim: int):  # one layer's [B, K, S, H] or [B, S, K, H] (K, H: cfg.layer_cache_dims)
+            sizes = {"b": batch, "s": max_len, "k": heads, "h": dim}
             shape = tuple(sizes[a] for a in layout)
             if dtype == jnp.int8:
                 return QuantKV(constrain(jnp.zeros(shape, jnp.int8), CACHE_AXES[layout]),
                                constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
             return constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])
-        layers = range(cfg.n_cache_layers)  # kv-shared layers read their source layer's entry
-        return cls(k=tuple(zeros(i) for i in layers), v=tuple(zeros(i) for i in layers),
+        dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
+        return cls(k=tuple(zeros(*k) for k, _ in dims), v=tuple(zeros(*v) for _, v in dims),
                    lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
 
     @property

@@ -9,6 +9,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.cache import CachedLogits, KVCache
+from jaxformer.models.latent_attention import LatentAttention
 from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, query_temperature, record,
                                      rope_cos_sin, sinusoidal_positions)
 from jaxformer.models.moe import MoE
@@ -39,7 +40,8 @@ class Block(nnx.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         self.residual_scale = cfg.scales.residual
         self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
-        self.self_attn = Attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
+        attention = LatentAttention if cfg.latent.kv_rank else Attention  # DeepSeek's latent attention, or softmax
+        self.self_attn = attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
         self.post_attention_layernorm = make_norm(cfg) if self.placement != "parallel" else None
         self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
         self.sparse = cfg.is_moe_layer(layer)  # the MLP slot holds a Mixture of Experts (models/moe.py)

@@ -42,11 +42,10 @@ class PagedKVCache:
             raise ValueError(f"need page_size >= 1 and num_pages >= 2 (page 0 is scratch), got {page_size} and "
                              f"{num_pages}")
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        zeros = lambda i: constrain(jnp.zeros((num_pages, page_size, cfg.layer_kv_heads(i), cfg.layer_head_dim(i)),  # noqa: E731
-                                              dtype), PAGE_AXES)
+        zeros = lambda heads, dim: constrain(jnp.zeros((num_pages, page_size, heads, dim), dtype), PAGE_AXES)  # noqa: E731
         max_pages = -(-max_len // page_size)
-        layers = range(cfg.n_cache_layers)  # kv-shared layers read their source layer's pools
-        return cls(k=tuple(zeros(i) for i in layers), v=tuple(zeros(i) for i in layers),
+        dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
+        return cls(k=tuple(zeros(*k) for k, _ in dims), v=tuple(zeros(*v) for _, v in dims),
                    page_table=jnp.full((batch, max_pages), SCRATCH_PAGE, jnp.int32),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
