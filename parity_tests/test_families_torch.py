@@ -177,6 +177,23 @@ CASES = {
                                        moe=dict(n_experts=8, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
                                                 router="deepseek", n_group=4, topk_group=2,
                                                 routed_scaling_factor=2.5, dense_layers=(0,)))),
+    # DeepSeek-V3: latent attention (rank-20 queries, rank-24 latent, 6 of 16 q/k dims rotated in interleaved pairs,
+    # 12-wide values), yarn with mscale_all_dim, the deepseek router over 2 of 4 groups, a shared expert, layer 0 dense
+    "deepseek_v3": Case("DeepseekV3ForCausalLM", "DeepseekV3Config",
+                        dict(num_key_value_heads=4, head_dim=None, q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=10,
+                             qk_rope_head_dim=6, v_head_dim=12, attention_bias=True, moe_intermediate_size=24,
+                             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                             routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1,
+                             rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, mscale=1.0,
+                                                  mscale_all_dim=1.0, original_max_position_embeddings=16)),
+                        ModelConfig.llama(**{**OURS_BASE, "n_kv_heads": 4}, export_as="deepseek_v3",
+                                          rope=dict(scaling=dict(rope_type="yarn", factor=4.0, mscale=1.0,
+                                                                 mscale_all_dim=1.0,
+                                                                 original_max_position_embeddings=16)),
+                                          latent=dict(kv_rank=24, q_rank=20, rope_dim=6, v_head_dim=12, bias=True),
+                                          moe=dict(n_experts=8, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
+                                                   router="deepseek", n_group=4, topk_group=2,
+                                                   routed_scaling_factor=2.5, dense_layers=(0,)))),
     # Gemma 4: per-layer inputs, layers 2-3 reusing layers 0-1's keys and values with double-wide MLPs, full layers
     # with 32-wide heads and proportional RoPE, value norms, scores scaled by 1, layer scalars
     "gemma4": Case("Gemma4ForCausalLM", "Gemma4TextConfig",
@@ -276,7 +293,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
 CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text",
-             "minimax_m2", "llama4_text")
+             "minimax_m2", "llama4_text", "deepseek_v3")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 Prompts are longer than the window, so every decode step attends through a cache in which old keys must be
 masked; Gemma 2 adds soft-caps and alternating local/global layers, Gemma 3 a second RoPE base, Phi-3
 crosses its original context mid-generation (longrope switches to its long factors, as transformers does);
-SmolLM3, Cohere 2 and EXAONE 4 mix layers with and without RoPE, GLM-4 rotates half of each head.
+SmolLM3, Cohere 2 and EXAONE 4 mix layers with and without RoPE, GLM-4 rotates half of each head; DeepSeek-V3
+decodes from a cache of latents.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ CASES = {
                                         num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size=32,
                                         intermediate_size_mlp=64, floor_scale=8, attn_scale=0.5,
                                         rope_parameters=dict(rope_type="default", rope_theta=1e4))),
+    # DeepSeek-V3: latent attention decoded in its absorbed form from a cache of latents (prefill and every step),
+    # yarn with mscale_all_dim, grouped sigmoid routing with a shared expert
+    "deepseek_v3": ("DeepseekV3Config", dict(q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                             v_head_dim=12, num_key_value_heads=4, moe_intermediate_size=24,
+                                             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                             routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1,
+                                             rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                                  mscale=1.0, mscale_all_dim=1.0,
+                                                                  original_max_position_embeddings=32))),
     "gemma4_moe": ("Gemma4TextConfig", dict(head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
                                             attention_k_eq_v=True, sliding_window=12, hidden_size_per_layer_input=0,
                                             enable_moe_block=True, num_experts=4, top_k_experts=2,

@@ -29,7 +29,7 @@ from tests.test_cli import main_in_process
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2", "glm4", "granite",
-            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4"]
+            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4", "deepseek_v3"]
 PROMPT = "def add(a, b):"
 
 
@@ -105,11 +105,12 @@ def test_family_through_the_commands(name, hf_dirs, tokenizer, tmp_path, capsys)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
     targets = {n.split(".")[-1] for n, _ in lora_modules(model)}
     dense_mlp = not model.config.moe.n_experts  # routed experts take no adapters; attention (and dense MLPs) do
-    assert {"q_proj", "v_proj"} | ({"down_proj"} if dense_mlp else set()) <= targets, targets
+    attention = {"q_b_proj", "kv_b_proj", "o_proj"} if model.config.latent.kv_rank else {"q_proj", "v_proj"}
+    assert attention | ({"down_proj"} if dense_mlp else set()) <= targets, targets
     np.testing.assert_array_equal(np.asarray(model(tokens)), before)
 
 
-@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite", "gemma4"])
+@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite", "gemma4", "deepseek_v3"])
 def test_family_serves(name, hf_dirs, tokenizer):
     from jaxformer.serve import ServerThread, create_app
 

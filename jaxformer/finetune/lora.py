@@ -28,7 +28,9 @@ from jaxformer.models.layers import Linear
 
 # short names users write -> the projection attribute they mean
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-                "up": "up_proj", "down": "down_proj"}
+                "up": "up_proj", "down": "down_proj",
+                # latent attention's (DeepSeek-V3): the query bottleneck and the latent's down/up projections
+                "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj"}
 ALL_TARGETS = tuple(TARGET_NAMES)
 
 
@@ -39,7 +41,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ALL_TARGETS  # any of q k v o gate up down (or q_proj, ...)
+    targets: tuple[str, ...] = ALL_TARGETS  # any of q k v o gate up down q_a q_b kv_a kv_b (or q_proj, ...)
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
     def __post_init__(self) -> None:
@@ -115,6 +117,10 @@ class LoRALinear(nnx.Module):
             h = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), cd))
         a = jnp.einsum("...i,ri->...r", h, self.lora_A.weight[...].astype(cd))  # [..., r]
         return y + jnp.einsum("...r,or->...o", a, self.lora_B.weight[...].astype(cd)) * jnp.asarray(self.scaling, cd)
+
+    def dense_weight(self) -> jax.Array:
+        """W + s B A [out, in] in the compute dtype: the matrix this projection applies without dropout."""
+        return (self.weight[...].astype(jnp.float32) + self.delta()).astype(self.compute_dtype)
 
     def delta(self) -> jax.Array:
         """s * B @ A [out, in] in float32: what merging adds to the base weight."""

@@ -69,8 +69,7 @@ class LatentAttention(nnx.Module):
 
     def up_weights(self) -> tuple[jax.Array, jax.Array]:
         """kv_b_proj split per head: W_UK [N, dn, C] (latent -> key) and W_UV [N, dv, C] (latent -> value)."""
-        w = self.kv_b_proj.weight[...].astype(self.kv_b_proj.compute_dtype)
-        w = w.reshape(self.n_heads, self.nope_dim + self.v_dim, self.rank)
+        w = self.kv_b_proj.dense_weight().reshape(self.n_heads, self.nope_dim + self.v_dim, self.rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids=None, cache=None):

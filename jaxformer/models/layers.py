@@ -41,6 +41,11 @@ class Linear(nnx.Module):
                      if bias else None)
         self.compute_dtype = dtype_of(compute_dtype)
 
+    def dense_weight(self) -> jax.Array:
+        """The [out, in] matrix this projection applies (LoRA and quantized projections have one too), for code
+        that folds it into another product (latent attention's absorbed decoding)."""
+        return self.weight[...].astype(self.compute_dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         w = self.weight[...].astype(self.compute_dtype)
         y = jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w)

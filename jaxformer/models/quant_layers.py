@@ -83,6 +83,10 @@ class QuantLinear(_Quantized):
             out.bias = nnx.Param(lin.bias[...], logical_axes=axes[:1])
         return out
 
+    def dense_weight(self) -> jax.Array:
+        """The dequantized [out, in] matrix, in the compute dtype (as Linear.dense_weight)."""
+        return self.dequantized().astype(self.compute_dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         y = self._matmul(x.astype(self.compute_dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.compute_dtype)
