@@ -77,6 +77,24 @@ PUBLISHED = {
         no_rope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
         tie_word_embeddings=False, attention_bias=False, router_aux_loss_coef=0.001), 107_769_861_120,
         17_172_894_720),
+    # deepseek-ai/DeepSeek-V3: 671B (the 14B multi-token-prediction layer aside), 37B active
+    "deepseek-v3": ("deepseek_v3", dict(**(DEEPSEEK_V3 := dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+        num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+        qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
+        first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", hidden_act="silu",
+        max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000, attention_bias=False,
+        rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                          original_max_position_embeddings=4096, type="yarn"),
+        tie_word_embeddings=False, num_nextn_predict_layers=1))), 671_026_419_200, 37_552_297_472),
+    # moonshotai/Kimi-K2-Instruct: 1T, 32B active; model_type kimi_k2 (its own config class, DeepSeek-V3's fields)
+    "kimi-k2": ("kimi_k2", dict(**{**DEEPSEEK_V3, **dict(
+        vocab_size=163840, num_attention_heads=64, num_key_value_heads=64, n_routed_experts=384,
+        routed_scaling_factor=2.827, n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=131072,
+        rope_theta=50000.0, rope_scaling=dict(beta_fast=1.0, beta_slow=1.0, factor=32.0, mscale=1.0,
+                                              mscale_all_dim=1.0, original_max_position_embeddings=4096, type="yarn"),
+        num_nextn_predict_layers=0)}), 1_026_408_232_448, 32_861_500_928),
 }
 
 
@@ -86,10 +104,12 @@ def _count(cfg) -> int:
     def count(c):
         return count_params(nnx.eval_shape(lambda: DecoderLM(c, rngs=nnx.Rngs(0))))
 
-    if cfg.n_layers <= 2 or cfg.moe.dense_layers or cfg.moe.every != 1 or cfg.layer_types is not None:
+    first = len(cfg.moe.dense_layers)  # dense layers first (DeepSeek's first_k_dense_replace), then alike
+    if cfg.n_layers <= first + 2 or cfg.moe.dense_layers != tuple(range(first)) or cfg.moe.every != 1 \
+            or cfg.layer_types is not None:
         return count(cfg)
-    one, two = count(cfg.replace(n_layers=1)), count(cfg.replace(n_layers=2))
-    return one + (cfg.n_layers - 1) * (two - one)
+    one, two = count(cfg.replace(n_layers=first + 1)), count(cfg.replace(n_layers=first + 2))
+    return one + (cfg.n_layers - first - 1) * (two - one)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -100,8 +120,9 @@ def test_moe_preset_is_the_published_checkpoint(name):
     model_type, published, total, active = PUBLISHED[name]
     assert_importer_gives_preset(name, model_type, published)
     cfg = load_model_config(name)
+    hf_type = {"kimi_k2": "deepseek_v3"}.get(model_type, model_type)  # Kimi-K2 ships its own copy of the class
     with torch.device("meta"):  # shapes only: a 47B model costs no memory
-        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **published))
+        reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_type, **published))
     # transformers keeps the deepseek router's e_score_correction_bias as a buffer, jaxformer as a parameter (moved by
     # the balancing rule, not by gradients): counted here on both sides
     theirs = sum(p.numel() for p in reference.parameters()) + sum(
