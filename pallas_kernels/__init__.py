@@ -5,6 +5,8 @@ Kernels:
   decode_attention  flash-decoding: a few new queries against a KV cache with per-sequence lengths.
   paged_attention   paged_decode_attention: the same over a paged KV cache (a page pool shared by all
                     sequences, one page table per sequence; vLLM's PagedAttention layout).
+  latent_decode_attention  flash-decoding for multi-head latent attention (DeepSeek-V2/V3 MLA) in its
+                    absorbed form: all heads' queries against one shared latent + rope-key cache.
 
 For GPUs that are not here (docs/gpu.md):
   targets           GPU targets as data (H100, H200, A100): compile-only devices, compiling_for, cubins.

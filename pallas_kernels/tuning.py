@@ -6,7 +6,8 @@ tiles from the largest down, through the real XLA:GPU -> Triton -> ptxas pipelin
 GPU needed; pallas_kernels.targets), and keeps the first that (1) fits the target's shared memory and
 (2) has no register spills (ptxas' stack frame is 0 bytes). One `num_stages` serves the three flash
 kernels, so stages are the outer loop; one `num_warps_bwd` serves dK/dV and dQ. The choices, with the
-registers ptxas gave each kernel, are data: targets/blocks.json. tests/gpu recompiles them.
+registers ptxas gave each kernel, are data: targets/blocks.json. tests/gpu recompiles them. The latent (MLA)
+decode kernel's tiles, measured the same way at DeepSeek's widths, are LATENT_DECODE below.
 
 Early errors. Before anything is compiled, `check_flash_fits` / `check_decode_fits` compare a lower
 bound of each kernel's shared memory with the target's per-block limit and raise BlockSizesDoNotFit
@@ -14,6 +15,7 @@ naming the kernel, the bytes and the fix. The bound counts what Triton's softwar
 num_stages - 1 prefetched copies of every streamed tile, plus the resident tiles that the forward and
 dQ matmuls read from shared memory (XLA's reported use was at least this for every tile measured on
 sm_80 and sm_90, bf16 and fp32; for bf16 forward and dQ it is exact with one more stage).
+`check_latent_decode_fits` does the same for the latent decode kernel (its own bound: latent_decode_floor).
 
 The target is the one `compiling_for` names, else the local GPU's; on CPU (interpret mode) nothing is
 checked and the sm_90 defaults are used.
@@ -50,6 +52,13 @@ BWD_WARPS = (8, 4)
 STAGES = (3, 2, 1)
 DECODE_TILES = [(128, 4), (64, 4), (128, 8), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)]  # (block_k, warps)
 DECODE_BLOCK_M = 128  # decode tiles must also compile for the largest query tile (decode_attention)
+# latent_decode_attention (MLA, absorbed) at C = 512, R = 64 (DeepSeek-V2/V3): the first spill-free tiles of the decode
+# search's order (stages 3 -> 1 outer, then block_k, then warps) at 16 query rows, with and without a window, T = 1
+# and 2, the same on sm_90 and sm_80 (registers h100 / a100). 32 or more rows spill at C = 512 in every bf16 tile
+# tried (the fp32 accumulator [block_m, 512] alone is 128 registers a thread at 4 warps); fp32 spills at 2-3 stages.
+LATENT_DECODE = {"bfloat16": dict(block_m=16, block_k=32, num_warps=4, num_stages=3),  # 254 / 255 registers
+                 "float32": dict(block_m=16, block_k=16, num_warps=8, num_stages=1)}  # 88 / 110 registers
+LATENT_DECODE_C = 512
 
 
 class BlockSizesDoNotFit(ValueError):
@@ -171,6 +180,30 @@ def _blocks(**fields) -> Any:
     return _Blocks({**base, **fields})
 
 
+def latent_decode_defaults(latent_dim: int, rope_dim: int, dtype, target: GpuTarget | None = None) -> dict[str, int]:
+    """BlockSizes fields (block_m, block_k, num_warps, num_stages) for latent_decode_attention: LATENT_DECODE's tiles,
+    block_m scaled by 512 / C up to 64 for narrower latents (bf16 measured spill-free at C = 32-256 on both
+    architectures), block_k by 512 / C down to 16 for wider ones (they spill: no MLA model has them), then stages and
+    block_k cut while the shared-memory bound, plus a quarter, exceeds the target's limit."""
+    fields = dict(LATENT_DECODE[_width(dtype)])
+    C = _pad_head_dim(latent_dim)
+    if C < LATENT_DECODE_C:
+        fields["block_m"] = min(64, fields["block_m"] * LATENT_DECODE_C // C)
+    elif C > LATENT_DECODE_C:  # C = 1024 at 16 x 16 spills ~400-700 bytes, and at 3 stages overflows sm_80
+        fields.update(block_k=max(16, fields["block_k"] * LATENT_DECODE_C // C),
+                      num_stages=min(2, fields["num_stages"]))
+    limit = _limit_and_name(target or current_target())[0] or get_target("h100").shared_memory_per_block_optin
+    blocks = _Blocks(fields)
+    while latent_decode_floor(blocks, latent_dim, rope_dim, _itemsize(dtype)) * 5 // 4 > limit:
+        if blocks["num_stages"] > 1:
+            blocks["num_stages"] -= 1
+        elif blocks["block_k"] > 16:
+            blocks["block_k"] //= 2
+        else:
+            break
+    return dict(blocks)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shared-memory lower bounds and the early check.
 
@@ -207,6 +240,14 @@ def decode_floor(block_k: int, block_m: int, head_dim: int, itemsize: int, num_s
     return max(num_stages - 1, 0) * 2 * block_k * H * itemsize + block_m * H * itemsize
 
 
+def latent_decode_floor(blocks, latent_dim: int, rope_dim: int, itemsize: int) -> int:
+    """Lower bound (bytes) of latent_decode_attention's shared memory: num_stages buffers of the [block_k, C] latent
+    and [block_k, R] rope tiles. XLA requested more for every tile measured on sm_90 and sm_80 (bf16 and fp32, C 512
+    and 1024: 1.2-2.4x; the latent is read by two matmuls in two layouts)."""
+    width = (_pad_head_dim(latent_dim) + _pad_head_dim(rope_dim)) * itemsize
+    return max(blocks.num_stages, 1) * blocks.block_k * width
+
+
 def check_flash_fits(blocks, head_dim: int, dtype, target: GpuTarget | None = None) -> None:
     """Raise BlockSizesDoNotFit when a flash kernel's tiles certainly overflow the target's shared memory."""
     limit, where = _limit_and_name(target or current_target())
@@ -234,6 +275,20 @@ def check_decode_fits(blocks, block_m: int, head_dim: int, dtype, target: GpuTar
             f"{kernel} with {blocks} ({block_m} query rows per program, head_dim {head_dim}) needs at "
             f"least {floor} bytes of shared memory per block, more than the {limit} of {where}: use a smaller "
             f"block_k or num_stages, or block_sizes=None ({decode_defaults(head_dim, dtype, target)})")
+
+
+def check_latent_decode_fits(blocks, latent_dim: int, rope_dim: int, dtype, target: GpuTarget | None = None) -> None:
+    """Raise BlockSizesDoNotFit when latent_decode_attention's tiles certainly overflow the target's shared memory."""
+    limit, where = _limit_and_name(target or current_target())
+    if limit is None:
+        return
+    floor = latent_decode_floor(blocks, latent_dim, rope_dim, _itemsize(dtype))
+    if floor > limit:
+        raise BlockSizesDoNotFit(
+            f"latent_decode_attention with {blocks} (latent width {latent_dim}, rope width {rope_dim}) needs at "
+            f"least {floor} bytes of shared memory per block, more than the {limit} of {where}: use a smaller "
+            f"block_k or num_stages, or block_sizes=None "
+            f"({latent_decode_defaults(latent_dim, rope_dim, dtype, target)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
