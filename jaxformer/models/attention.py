@@ -26,6 +26,7 @@ from jaxformer.models.layers import Linear, QueryScale, apply_rope, dtype_of, ma
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.latent_decode_attention import latent_decode_attention
 from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
@@ -221,7 +222,6 @@ def attend_latent(q_lat: jax.Array, q_pe: jax.Array, c_cache: jax.Array, pe_cach
     else:  # [B, 1, S, *] or [B, S, 1, *]: one head either way
         c, pe = (x.reshape(B, -1, x.shape[-1]) for x in (c_cache, pe_cache))
     if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES:
-        from pallas_kernels.latent_decode_attention import latent_decode_attention  # TEMP: top-level once written
         return latent_decode_attention(q_lat, q_pe, c, pe, lengths, sm_scale=scale, window=window)
     scores = (jnp.einsum("btnc,bsc->bnts", q_lat, c, preferred_element_type=jnp.float32)
               + jnp.einsum("btnr,bsr->bnts", q_pe, pe, preferred_element_type=jnp.float32)) * scale  # [B, N, T, S]

@@ -38,6 +38,9 @@ CONFIGS = {
                                attn_logit_softcap=4.0, final_logit_softcap=10.0, qk_norm="head",
                                norm_placement="sandwich", norm_unit_offset=True, query_pre_attn_scalar=24,
                                rope_local_theta=100.0),
+    # DeepSeek-V3 style latent attention: 12-wide values under 24-wide q/k heads through the flash kernel (v padded)
+    "latent": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, head_dim=24, d_ff=128, max_seq_len=48,
+                                latent=dict(kv_rank=32, q_rank=16, rope_dim=8, v_head_dim=12)),
 }
 
 
@@ -69,6 +72,20 @@ def test_windowed_soft_capped_generation_with_the_decode_kernel_matches_xla(monk
     monkeypatch.setenv(INTERPRET_ENV, "1")
     cfg = CONFIGS["gemma"]
     prompts = [np.random.default_rng(3).integers(0, cfg.vocab_size, n).tolist() for n in (20, 7)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    runs = {}
+    for impl in ("xla", "pallas"):
+        model = DecoderLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+        runs[impl] = [s.tokens for s in generate(Engine(model, max_batch=2, max_len=40), prompts, params)]
+    assert runs["pallas"] == runs["xla"]
+
+
+def test_latent_generation_with_the_latent_decode_kernel_matches_xla(monkeypatch):
+    """The engine over latent caches decoded by pallas_kernels.latent_decode_attention picks the xla engine's
+    tokens (ragged prompts: per-row lengths)."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    cfg = CONFIGS["latent"]
+    prompts = [np.random.default_rng(4).integers(0, cfg.vocab_size, n).tolist() for n in (21, 6)]
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     runs = {}
     for impl in ("xla", "pallas"):
