@@ -48,7 +48,7 @@ def _collectives(hlo: str, op: str) -> list[list[int]]:
     return [[int(d) for d in dims.split(",") if d] for dims in found]
 
 
-def model_case(params, graphdef, batch, mesh) -> dict:
+def model_case(params, graphdef, batch, mesh, cfg: ModelConfig = CFG) -> dict:
     """Objective, gradients, per-device expert bytes and collectives of one train-step gradient on `mesh`."""
     loss = lm_loss(graphdef, packed=True)
 
@@ -57,7 +57,7 @@ def model_case(params, graphdef, batch, mesh) -> dict:
         return value / n
 
     with jax.set_mesh(mesh):
-        p_sh = sharding.param_shardings(params, mesh, CFG)
+        p_sh = sharding.param_shardings(params, mesh, cfg)
         fn = jax.jit(jax.value_and_grad(objective), out_shardings=(None, p_sh))
         laid_out = jax.device_put(params, p_sh)
         gb = sharding.global_batch(batch, mesh)
@@ -153,6 +153,29 @@ def deepseek_case(rng) -> dict:
     return {"max_abs_diff": float(np.abs(y - ref).max()), "max_abs": float(np.abs(ref).max())}
 
 
+# DeepSeek-V3 in small: latent attention (rank-12 queries, rank-16 latent, 4 rotated dims, 8-wide values), layer 0
+# dense, then the deepseek router over 2 of 4 groups with a shared expert
+DEEPSEEK = ModelConfig.llama(vocab_size=128, d_model=32, n_layers=3, n_heads=4, head_dim=12, d_ff=64, max_seq_len=32,
+                             latent=dict(kv_rank=16, q_rank=12, rope_dim=4, v_head_dim=8),
+                             moe=dict(n_experts=8, n_experts_per_token=2, d_ff=16, shared_d_ff=16, router="deepseek",
+                                      n_group=4, topk_group=2, routed_scaling_factor=2.5, dense_layers=(0,),
+                                      aux_loss_coef=0.02))
+
+
+def deepseek_model_case(rng, batch) -> dict:
+    """A DeepSeek-V3-like model's objective and every gradient on each mesh of MESHES against one device."""
+    graphdef, params = nnx.split(DecoderLM(DEEPSEEK, rngs=nnx.Rngs(8)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype), params)
+    one = model_case(params, graphdef, batch, sharding.make_mesh(MeshConfig(), DEEPSEEK, devices=jax.devices()[:1]),
+                     DEEPSEEK)
+    out = {"one_loss": one["loss"], "names": sorted(one["grads"])}
+    for label, mc in MESHES.items():
+        r = model_case(params, graphdef, batch, sharding.make_mesh(mc, DEEPSEEK), DEEPSEEK)
+        rel = {k: float(np.abs(r["grads"][k] - g).max() / max(np.abs(g).max(), 1e-30)) for k, g in one["grads"].items()}
+        out[label] = {"loss": r["loss"], "max_grad_rel": max(rel.values()), "worst": max(rel, key=rel.get)}
+    return out
+
+
 def llama4_case(rng) -> dict:
     """Llama 4's router (top-1 by logit, its sigmoid on the expert's input) with a shared expert on expert 2 x fsdp 2
     x tensor 2 against one device: the block's output and every parameter's gradient."""
@@ -194,6 +217,7 @@ def main() -> None:
     report["biased"] = biased_case(rng)
     report["deepseek"] = deepseek_case(rng)
     report["llama4"] = llama4_case(rng)
+    report["deepseek_model"] = deepseek_model_case(rng, batch)
     report["errors"] = {"experts": error_case(CFG.replace(n_experts=4), B)}
     with open(sys.argv[1], "w") as f:
         json.dump(report, f)
