@@ -7,7 +7,8 @@ Helium, ERNIE 4.5, Seed-OSS, StarCoder2; partial RoPE for GLM-4, muP multipliers
 Hunyuan, logit scale and sliding layers for Cohere 2, xIELU for Apertus; for Gemma 4 per-layer inputs, kv-shared
 layers, double-wide MLPs, full layers' head sizes, k = v, proportional RoPE, experts beside the MLP; for Gemma 3n
 AltUp streams and active index, LAuReL ranks, sparse gates, a short per-layer table, kv sharing; for MiniMax-M2
-expert counts, top-k, rotated dims and the router's correction bias), builds the random-init model (1-D weights moved off their init), loads it
+expert counts, top-k, rotated dims and the router's correction bias; for gpt-oss sinks, windows, clamp limits; for
+GLM-4.5 and DeepSeek-V3 groups, shared experts, leading dense layers, and DeepSeek's latent attention sizes), builds the random-init model (1-D weights moved off their init), loads it
 with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
 both ways on a 300-token prompt, and both float32 logits (ours, transformers') against transformers' float64 ones: where
 a random config amplifies rounding past 1e-4, that shows whether ours is rounding or a difference. The last line is
@@ -36,7 +37,8 @@ EAGER = dict(attn_implementation="eager", experts_implementation="eager")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
             "mixtral", "qwen2_moe", "qwen3_moe",
             "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
-            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2", "llama4_text"]
+            "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2", "llama4_text",
+            "gpt_oss", "glm4_moe", "deepseek_v3"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -191,6 +193,14 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                                    "num_experts_per_tok": int(rng.integers(1, min(4, experts) + 1)),
                                    "rotary_dim": int(rng.choice([d for d in (4, 8, head_dim // 2, head_dim)
                                                                  if d % 2 == 0 and d <= head_dim]))}
+    if family in ("glm4_moe", "deepseek_v3"):
+        return draw_deepseek_routed(family, rng, cfg, heads, head_dim)
+    if family == "gpt_oss":  # sinks, biases everywhere, alternating windows, biased clamped experts, yarn
+        experts = int(rng.integers(3, 9))
+        return "GptOssConfig", {**cfg, "num_local_experts": experts, "sliding_window": window, "layer_types": mixed,
+                                "num_experts_per_tok": int(rng.integers(1, min(4, experts) + 1)),
+                                "swiglu_limit": float(rng.uniform(0.5, 7.0)), "attention_bias": True,
+                                "rope_parameters": {**draw_rope(rng, cfg, ("default", "yarn")), "truncate": False}}
     experts = int(rng.integers(3, 11))
     moe = dict(num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)), router_aux_loss_coef=0.02)
     if family == "mixtral":
@@ -208,6 +218,33 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                                       "qkv_bias": bool(rng.integers(2))}
         return "Qwen3MoeConfig", qwen
     return "Olmo2Config", cfg  # olmo2
+
+
+def draw_deepseek_routed(family: str, rng: np.random.Generator, cfg: dict, heads: int, head_dim: int) -> tuple[str, dict]:
+    """GLM-4.5 and DeepSeek-V3: the deepseek router (groups, correction bias, scaling, top-k renormalised or not),
+    shared experts, leading dense layers; GLM's partial RoPE, q/k norms and biases; DeepSeek's latent attention
+    (a query bottleneck or not, latent rank, rotated / unrotated / value dims, yarn with mscale_all_dim)."""
+    n = cfg["num_hidden_layers"]
+    group = int(rng.choice([1, 2, 4]))
+    experts = group * int(rng.integers(2, 5))
+    routed = dict(n_routed_experts=experts, num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)),
+                  n_group=group, topk_group=int(rng.integers(1, group + 1)), n_shared_experts=int(rng.integers(0, 3)),
+                  routed_scaling_factor=float(rng.uniform(1.0, 3.0)), norm_topk_prob=bool(rng.integers(2)),
+                  moe_intermediate_size=int(rng.integers(16, 80)), first_k_dense_replace=int(rng.integers(0, n)))
+    if family == "glm4_moe":
+        return "Glm4MoeConfig", {**cfg, **routed, "use_qk_norm": bool(rng.integers(2)),
+                                 "attention_bias": bool(rng.integers(2)), "rope_parameters": {
+                                     **draw_rope(rng, cfg, ("default", "yarn")),
+                                     "partial_rotary_factor": float(rng.choice([0.25, 0.5, 1.0]))}}
+    rope_dim = int(rng.choice([4, 8, 12]))
+    rope = draw_rope(rng, cfg, ("default", "yarn"))
+    if rope["rope_type"] == "yarn" and rng.integers(2):
+        rope.update(mscale=1.0, mscale_all_dim=float(rng.choice([0.707, 1.0])))
+    return "DeepseekV3Config", {
+        **cfg, **routed, "num_key_value_heads": heads, "head_dim": rope_dim, "qk_rope_head_dim": rope_dim,
+        "qk_nope_head_dim": int(rng.choice([8, 12, 16])), "v_head_dim": int(rng.choice([8, 12, 20])),
+        "kv_lora_rank": int(rng.choice([12, 24, 40])), "q_lora_rank": [None, 16, 28][int(rng.integers(3))],
+        "attention_bias": bool(rng.integers(2)), "rope_parameters": rope}
 
 
 def draw_gemma4(rng: np.random.Generator, cfg: dict, window: int, heads: int) -> dict:

@@ -127,11 +127,12 @@ CASES = {
         routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, attention_bias=True,
         rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, mscale=1.0, mscale_all_dim=1.0,
                              original_max_position_embeddings=128, beta_fast=32.0, beta_slow=1.0))),
-    # DeepSeek-V2-Lite-like attention (one q_proj, no q bottleneck), no groups (Kimi-K2's routing)
+    # DeepSeek-V2-Lite-like attention (one q_proj, no q bottleneck), no groups (Kimi-K2's routing), no shared expert
+    # (transformers keeps a 0-wide one: found by bench/hf_families_sweep.py)
     "deepseek_v3_plain_q": ("DeepseekV3Config", dict(
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
         v_head_dim=16, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, routed_scaling_factor=2.827, first_k_dense_replace=1, n_shared_experts=1)),
+        n_group=1, topk_group=1, routed_scaling_factor=2.827, first_k_dense_replace=1, n_shared_experts=0)),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(

@@ -57,7 +57,8 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def _from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     mtp = re.compile(rf"^model\.layers\.({'|'.join(str(cfg.n_layers + i) for i in range(4))})\.")  # past the last
-    sd = {k: v for k, v in sd.items() if not mtp.match(k)}
+    # n_shared_experts = 0: transformers still builds the shared expert, 0 wide (empty tensors); jaxformer has none
+    sd = {k: v for k, v in sd.items() if not mtp.match(k) and not (SHARED[0] in k and v.size == 0)}
     return {k.replace(*SHARED): v for k, v in moe.FAMILIES["qwen3_moe"].from_hf(sd, cfg).items()}
 
 
