@@ -135,6 +135,34 @@ def test_viz_on_gemma4(tokenizer, tmp_path):
         assert_not_blank(tmp_path / "viz" / f"{name}.png")
 
 
+def test_viz_on_latent_attention(tokenizer, tmp_path):
+    """DeepSeek's latent attention: each map, mixing the values expanded from the latent, gives the layer's own
+    attention output; the command writes every figure for a DeepSeek-V3-like model (a dense layer, then experts)."""
+    cfg = ModelConfig.llama(vocab_size=tokenizer.vocab_size, **SMALL, head_dim=12,
+                            latent=dict(kv_rank=16, q_rank=12, rope_dim=4, v_head_dim=8),
+                            moe=dict(n_experts=4, n_experts_per_token=2, router="deepseek", n_group=2, topk_group=1,
+                                     shared_d_ff=16, dense_layers=(0,)))
+    model = random_model(cfg, seed=3)
+    T = 12
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)).astype(np.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+    hidden, _ = analysis.capture(model, tokens)
+    probs = analysis.attention_probs(model, hidden, positions)  # [L, B, N, T, T]
+    assert probs.shape == (2, 2, 4, T, T) and (probs.reshape(-1, T * T).var(-1) > 0).all()
+    ropes = rope_tables(cfg, positions)
+    for layer, x, p in zip(model.layers, analysis.block_inputs(model, hidden), probs):
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        _, _, v = attn.query_key_value(h, rope_for(layer, ropes))  # [B, T, N, dv]
+        got = np.asarray(attn.o_proj(jnp.einsum("bnts,bsnh->btnh", p, v).reshape(2, T, -1)))
+        want = np.asarray(attn(h, rope_for(layer, ropes)))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    src = jaxformer.save(model, tmp_path / "model")
+    tokenizer.save(src)
+    cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
+    for name in FIGURES:
+        assert_not_blank(tmp_path / "viz" / f"{name}.png")
+
+
 def test_viz_refuses_gemma3n_by_name(tokenizer, tmp_path, capsys):
     from jaxformer.models import model_class
     from tests.test_cli import main_in_process

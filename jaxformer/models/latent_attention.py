@@ -94,12 +94,20 @@ class LatentAttention(nnx.Module):
         out = jnp.einsum("btnc,nvc->btnv", o_lat, w_uv)  # [B, T, N, dv]
         return self.o_proj(out.reshape(B, T, -1)), new
 
-    def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids) -> jax.Array:
-        """Training's form: per-head keys [k_nope ; k_pe] and values from the latent, then attention [B, T, N, dv]."""
+    def query_key_value(self, x: jax.Array, rope) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The expanded form of [B, T, D]: each head's rotated query and key [B, T, N, H] and value [B, T, N, dv]
+        (training attends with them; viz reads its attention maps from them)."""
+        q_nope, q_pe = self.project_q(x, rope)
+        return self._expand(q_nope, q_pe, *self.project_latent(x, rope))
+
+    def _expand(self, q_nope, q_pe, c, k_pe) -> tuple[jax.Array, jax.Array, jax.Array]:
         B, T, N = q_nope.shape[:3]
         kv = self.kv_b_proj(c[:, :, 0]).reshape(B, T, N, self.nope_dim + self.v_dim)  # [B, T, N, dn + dv]
         k = jnp.concatenate([kv[..., :self.nope_dim], jnp.broadcast_to(k_pe, (B, T, N, self.rope_dim))], -1)
-        q = jnp.concatenate([q_nope, q_pe], -1)  # [B, T, N, H]
+        return jnp.concatenate([q_nope, q_pe], -1), k, kv[..., self.nope_dim:]
+
+    def _expanded(self, q_nope, q_pe, c, k_pe, segment_ids) -> jax.Array:
+        """Training's form: per-head keys [k_nope ; k_pe] and values from the latent, then attention [B, T, N, dv]."""
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-        return attend(q, k, kv[..., self.nope_dim:], causal=self.causal, segment_ids=seg, impl=self.impl,
+        return attend(*self._expand(q_nope, q_pe, c, k_pe), causal=self.causal, segment_ids=seg, impl=self.impl,
                       scale=self.scale, window=self.window)

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.models.attention import make_mask
+from jaxformer.models.latent_attention import LatentAttention
 from jaxformer.models.decoder import DecoderLM, rope_for, rope_tables
 from jaxformer.models.layers import apply_rope, rope_inv_freq
 from jaxformer.sharding import fitted_spec
@@ -55,6 +56,12 @@ def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.A
     for i, (layer, x) in enumerate(zip(model.layers, inputs)):
         attn = layer.self_attn
         h = x if layer.input_layernorm is None else layer.input_layernorm(x)  # OLMo 2's post-norm blocks: x itself
+        if isinstance(attn, LatentAttention):  # DeepSeek: each head's key expanded from the latent, already rotated
+            q, k, _ = attn.query_key_value(h, rope_for(layer, ropes))
+            scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * attn.scale
+            mask = make_mask(x.shape[1], x.shape[1], causal=attn.causal, segment_ids=None, window=attn.window)
+            out.append(jax.nn.softmax(jnp.where(mask[:, None], scores, NEG_INF), axis=-1))
+            continue
         shared = getattr(layer, "shares_kv", False)
         q, k = attn.project_q(h), None if shared else attn.project_kv(h)[0]  # [B, T, N, H], [B, T, K, H]
         rope = rope_for(layer, ropes)
