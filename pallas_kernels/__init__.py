@@ -1,7 +1,8 @@
 """Pallas GPU kernels (Triton backend), proven on CPU in interpret mode.
 
 Kernels:
-  flash_attention   FlashAttention-2 forward + backward (causal, segment ids, GQA/MQA, any length).
+  flash_attention   FlashAttention-2 forward + backward (causal, segment ids, GQA/MQA, any length, sliding
+                    windows, soft-caps, chunks, attention sinks with their gradient).
   decode_attention  flash-decoding: a few new queries against a KV cache with per-sequence lengths.
   paged_attention   paged_decode_attention: the same over a paged KV cache (a page pool shared by all
                     sequences, one page table per sequence; vLLM's PagedAttention layout).

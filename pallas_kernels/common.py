@@ -155,6 +155,35 @@ def check_window_softcap(window, softcap, causal: bool = True) -> tuple[int | No
     return window, softcap
 
 
+def check_chunk(chunk, causal: bool = True) -> int | None:
+    """chunk as a Python int (or None) after checking it; raises ValueError naming the fix."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be a Python int >= 1 (a query at position p sees the keys s <= p of its own "
+                         f"chunk, s // chunk == p // chunk) or None for no chunking; got {chunk!r}")
+    if not causal:
+        raise ValueError(f"chunk={chunk} is chunked causal attention (Llama 4) and needs causal=True; pass "
+                         "causal=True or drop the chunk")
+    return int(chunk)
+
+
+def check_sinks(sinks, n_heads: int) -> jax.Array | None:
+    """sinks [N] as float32 (or None) after checking shape and dtype; raises ValueError naming the fix."""
+    if sinks is None:
+        return None
+    if getattr(sinks, "shape", None) != (n_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks must be a float array of shape ({n_heads},): one logit per query head; got "
+                         f"{getattr(sinks, 'dtype', type(sinks))} {getattr(sinks, 'shape', '')}")
+    return sinks.astype(jnp.float32)
+
+
+def chunk_start(p, chunk: int):
+    """(p // chunk) * chunk, the first position of p's chunk, for a Python or traced int p (0 for p < 0: such a
+    query sits before every key and sees none anyway). Non-negative operands: Triton lowers lax.div only."""
+    return idiv(imax(p, 0), chunk) * chunk
+
+
 def check_block(name: str, value: int) -> None:
     if not isinstance(value, int) or not is_power_of_2(value) or value < 16:
         raise ValueError(f"{name} must be a power of two >= 16 (Triton tiles), got {value!r}")

@@ -6,16 +6,18 @@ https://crfm.stanford.edu/2023/10/12/flashdecoding.html.
 q [B, Tq, N, H] are the last Tq positions of each sequence: query i sits at p = lengths[b] - Tq + i and
 attends causally to cache positions [0, lengths[b]); cache entries at or past lengths[b] are never
 read into the result (even NaN there is harmless). A sliding window W keeps only keys p - W < s <= p;
-a soft-cap C turns scores into C tanh(scores / C) before masking (as flash_attention).
+a chunk C only keys (p // C) * C <= s <= p (Llama 4); a soft-cap C turns scores into C tanh(scores / C)
+before masking (as flash_attention); attention sinks [N] (gpt-oss) join each row's softmax denominator.
 
   split     grid (B, K, row tiles, n_splits): the Tq * G query rows that share kv head k form
             [block_m, H] tiles (block_m = Tq * G padded to a power of two in [16, 128]), so GQA
             decoding is matmuls rather than matrix-vector products; each program walks its share of
             the cache in [block_k, H] tiles with an online softmax and writes a normalised partial
             output and its log2-sum-exp. Tiles past lengths[b] are skipped: work follows the lengths.
-            With a window the splits share out only the band of tiles the window reaches (at most
-            ceil((W + Tq - 2) / block_k) + 1 of them, wherever it lies), not the whole cache.
-  combine   one XLA reduction over splits: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
+            With a window (or a chunk) the splits share out only the band of tiles it reaches (at most
+            ceil((W + Tq - 2) / block_k) + 1 of them, W -> C for a chunk, wherever it lies), not the whole cache.
+  combine   one XLA reduction over splits: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max); a row's
+            sink enters here, once: one more term 2^(sink - max) in the denominator (max including it).
 
 Forward only: decoding needs no gradient.
 """
@@ -33,9 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tuning
-from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
-                                   clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
-                                   resolve_interpret, round_up)
+from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_chunk, check_sinks,
+                                   check_window_softcap, chunk_start, clamp_band, fit_block, floor_blocks, idiv, imax,
+                                   imin, next_power_of_2, pad_axis, resolve_interpret, round_up)
 
 LOG2_E = math.log2(math.e)
 TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs): split the cache until the grid has this many
@@ -74,6 +76,7 @@ class _Static:
     block_m: int  # query rows per program
     window: int | None = None  # query at position p sees cache positions (p - window, p]
     softcap: float | None = None  # scores = softcap * tanh(scores / softcap)
+    chunk: int | None = None  # query at position p sees cache positions [(p // chunk) * chunk, p]
 
 
 def _dot(a, b, *, trans_b=False):
@@ -85,18 +88,20 @@ def _band(length, row_tile, split, st: _Static):
     """(lo, clear_lo, clear_hi, hi): the cache tiles program (row_tile, split) visits; [clear_lo, clear_hi) unmasked.
 
     The row tile's queries sit at positions p_first .. p_last (its padded rows are ignored: they are
-    sliced off); it needs tiles from the one holding p_first - W + 1 (0 without a window) to the one
-    holding p_last, and split s takes the s-th run of tiles_per_split of them. A tile is clear when
-    p_first sees its last key and p_last its first.
+    sliced off); it needs tiles from the one holding p_first's oldest key (p_first - W + 1 with a window,
+    the start of p_first's chunk with a chunk, else 0) to the one holding p_last, and split s takes the
+    s-th run of tiles_per_split of them. A tile is clear when p_first sees its last key and p_last its first.
     """
     M, bk = st.block_m, st.block_k
     p_first = length - st.n_new + idiv(row_tile * M, st.group)  # row r holds token r // G
     p_last = imin(length - st.n_new + idiv(row_tile * M + M - 1, st.group), length - 1)
     end = imin(ceil_blocks(p_last + 1, bk), st.n_tiles)
-    start, clear_lo = 0, 0
+    first, last = 0, 0  # the oldest key p_first / p_last sees
     if st.window is not None:
-        start = floor_blocks(p_first - st.window + 1, bk)
-        clear_lo = ceil_blocks(p_last - st.window + 1, bk)
+        first, last = p_first - st.window + 1, p_last - st.window + 1
+    if st.chunk is not None:
+        first, last = imax(first, chunk_start(p_first, st.chunk)), imax(last, chunk_start(p_last, st.chunk))
+    start, clear_lo = floor_blocks(first, bk), ceil_blocks(last, bk)
     lo = start + split * st.tiles_per_split
     hi = imin(lo + st.tiles_per_split, end)
     return clamp_band(lo, clear_lo, floor_blocks(p_first + 1, bk), hi)
@@ -120,6 +125,8 @@ def _tile_step(carry, q, k, v, kv_start, q_pos, length, st: _Static, masked: boo
         visible = (kv_pos[None, :] <= q_pos[:, None]) & live[None, :]
         if st.window is not None:
             visible = visible & (kv_pos[None, :] > q_pos[:, None] - st.window)
+        if st.chunk is not None:
+            visible = visible & (kv_pos[None, :] >= chunk_start(q_pos, st.chunk)[:, None])
         s = jnp.where(visible, s, -jnp.inf)
         v = jnp.where(live[:, None], v, 0)  # stale cache rows may hold anything, even NaN
     m_new = jnp.maximum(m, s.max(axis=1))
@@ -188,31 +195,53 @@ def _split_call(q_rows, k_cache, v_cache, lengths, st: _Static, blocks: BlockSiz
     )(lengths, q_rows, k_cache, v_cache)
 
 
-def _combine(o, lse):
-    """Merge split partials: o [B, K, P, M, H], lse [B, K, P, M] (log2) -> [B, K, M, H] float32."""
+def _combine(o, lse, sink_rows=None):
+    """Merge split partials: o [B, K, P, M, H], lse [B, K, P, M] (log2) -> [B, K, M, H] float32.
+
+    sink_rows [K, M] (log2 units): each row's sink joins the denominator once, as one more partial with no value:
+    out = sum_s 2^(lse_s - m) o_s / (sum_s 2^(lse_s - m) + 2^(sink - m)), m the max over lse_s and the sink.
+    """
     m = lse.max(axis=2, keepdims=True)
-    w = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [B, K, P, M]; 0 for empty splits
+    if sink_rows is not None:
+        m = jnp.maximum(m, sink_rows[None, :, None, :])  # finite: every row has its sink
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(lse - m)  # [B, K, P, M]; 0 for empty splits
     total = w.sum(axis=2)
+    if sink_rows is not None:
+        total = total + jnp.exp2(sink_rows[None] - m[:, :, 0])
     return (w[..., None] * o).sum(axis=2) / jnp.where(total == 0.0, 1.0, total)[..., None]  # exact fp32, no TF32
 
 
+def _sink_rows(sinks, K: int, G: int, rows: int):
+    """[N] sinks (natural log) -> [K, rows] in log2 units, row r of kv head k holding query head k * G + r % G."""
+    if sinks is None:
+        return None
+    return sinks.reshape(K, G)[:, jnp.arange(rows) % G] * LOG2_E
+
+
 def _band_tiles(st: _Static) -> int:
-    """Most cache tiles one program can need: all of them, or those a window of W over Tq queries reaches."""
-    if st.window is None:
+    """Most cache tiles one program can need: all of them, or those a window of W (or a chunk of C) over Tq
+    queries reaches: keys from p_first - W + 1 (or p_first's chunk start, at most C - 1 back) to p_last."""
+    reach = [r for r in (st.window, st.chunk) if r is not None]
+    if not reach:
         return st.n_tiles
-    return min(st.n_tiles, ceil_blocks(st.window + st.n_new - 2, st.block_k) + 1)
+    return min(st.n_tiles, ceil_blocks(min(reach) + st.n_new - 2, st.block_k) + 1)
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      sm_scale: float | None = None, window: int | None = None, softcap: float | None = None,
+                     sinks: jax.Array | None = None, chunk: int | None = None,
                      block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
     """Attention of the last Tq tokens over a cache of per-sequence length; q [B, Tq, N, H] -> [B, Tq, N, H].
 
     window W: the query at position p = lengths[b] - Tq + t sees cache positions p - W < s <= p.
     softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
+    sinks [N] (gpt-oss): head n's logit joins each of its rows' softmax denominators (in the combine).
+    chunk C (Llama 4): the query at position p sees cache positions (p // C) * C <= s <= p.
     """
     _check_inputs(q, k_cache, v_cache, lengths)
     window, softcap = check_window_softcap(window, softcap)
+    chunk, sinks = check_chunk(chunk), check_sinks(sinks, q.shape[2])
     interpret = resolve_interpret(interpret, "decode_attention")
     B, Tq, N, H = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
@@ -228,7 +257,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     k_cache, v_cache = (pad_axis(pad_axis(c, 1, S_pad), 3, H_pad) for c in (k_cache, v_cache))
     st = _Static(sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale), n_new=Tq, group=G,
                  block_k=block_k, tiles_per_split=1, n_tiles=S_pad // block_k, block_m=block_m,
-                 window=window, softcap=softcap)
+                 window=window, softcap=softcap, chunk=chunk)
     n_band = _band_tiles(st)  # the splits share out this many tiles
     n_splits = blocks.num_splits or max(1, TARGET_PROGRAMS // (B * K * -(-M // block_m)))
     st = dataclasses.replace(st, tiles_per_split=-(-n_band // min(n_splits, n_band)))
@@ -237,7 +266,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     q_rows = pad_axis(pad_axis(q_rows, 2, round_up(M, block_m)), 3, H_pad)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)
     o, lse = _split_call(q_rows, k_cache, v_cache, lengths, st, blocks, interpret)
-    out = _combine(o, lse)[:, :, :M, :H]  # [B, K, M, H]
+    out = _combine(o, lse, _sink_rows(sinks, K, G, q_rows.shape[2]))[:, :, :M, :H]  # [B, K, M, H]
     return out.reshape(B, K, Tq, G, H).transpose(0, 2, 1, 3, 4).reshape(B, Tq, N, H).astype(q.dtype)
 
 
@@ -264,9 +293,11 @@ def _check_inputs(q, k_cache, v_cache, lengths) -> None:
 
 def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                                sm_scale: float | None = None, window: int | None = None,
-                               softcap: float | None = None) -> jax.Array:
+                               softcap: float | None = None, sinks: jax.Array | None = None,
+                               chunk: int | None = None) -> jax.Array:
     """Plain-jnp decode attention with the kernel's semantics (fp32 math; queries seeing no key give 0)."""
     window, softcap = check_window_softcap(window, softcap)
+    chunk = check_chunk(chunk)
     B, Tq, N, H = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
@@ -276,6 +307,8 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
     mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < lengths[:, None, None])  # [B,Tq,S]
     if window is not None:
         mask = mask & (kv_pos[None, None, :] > q_pos[:, :, None] - window)
+    if chunk is not None:
+        mask = mask & (kv_pos[None, None, :] // chunk == q_pos[:, :, None] // chunk)
     live = (kv_pos[None, :] < lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
     v = jnp.where(live, v_cache.astype(jnp.float32), 0.0)
     qg = q.astype(jnp.float32).reshape(B, Tq, K, N // K, H)
@@ -285,8 +318,14 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Ar
         logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    if sinks is not None:
+        sink = check_sinks(sinks, N).reshape(1, K, N // K, 1, 1)
+        m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(logits - m)
     denom = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=lax.Precision.HIGHEST)
     return out.reshape(B, Tq, N, H).astype(q.dtype)

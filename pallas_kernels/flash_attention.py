@@ -31,6 +31,18 @@ that sees no key returns zeros with zero gradients.
 Soft-capping (Gemma 2): scores = C tanh(q k^T sm_scale / C), capped before masking and softmax; the
 backward multiplies dS by the cap's derivative 1 - tanh^2, recomputed from the same tile.
 
+Chunked attention (Llama 4's attention_chunk_size C, causal only): the query at key position p sees keys
+(p // C) * C <= s <= p. The oldest key a row sees (chunk start, or window start, whichever is later) never
+decreases down a tile, so the bands start at the first row's and stop being clear at the last row's; in dK/dV
+a key tile's rows end where its last key's chunk ends. Tiles wholly outside every row's chunk are skipped.
+
+Attention sinks (gpt-oss): a logit sink_n per query head joins every row's softmax denominator and attends to
+nothing, out = sum_s e^(x_s - m) v_s / (sum_s e^(x_s - m) + e^(sink_n - m)). The forward adds it once, after the
+tile loop, to the running max and sum (so m includes it), and its lse residual includes it: the backward's
+P = exp2(S - lse) are then the true probabilities, and dS = P (dP - delta) with delta = rowsum(dO * O) holds as is
+(the sink has no value, so it adds nothing to dP or delta). The sink's own gradient is one XLA reduction:
+dL/dsink_n = -sum over head n's rows of p_sink * delta, p_sink = exp(sink_n - lse) (padded rows have delta 0).
+
 Ring attention (jaxformer.models.ring_attention) calls the same kernels block by block:
 flash_block_forward returns O with the forward's own lse residual (natural log), and flash_block_backward
 runs the dK/dV and dQ kernels against the lse and delta of the whole merged softmax.
@@ -49,9 +61,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tuning
-from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_window_softcap,
-                                   clamp_band, fit_block, floor_blocks, idiv, imin, next_power_of_2, pad_axis,
-                                   resolve_interpret, round_up)
+from pallas_kernels.common import (band_loop, ceil_blocks, check_addressable, check_block, check_chunk, check_sinks,
+                                   check_window_softcap, chunk_start, clamp_band, fit_block, floor_blocks, idiv, imax,
+                                   imin, next_power_of_2, pad_axis, resolve_interpret, round_up)
 
 SegmentIds = tuple[jax.Array, jax.Array]  # (q_segment_ids [B, T], kv_segment_ids [B, S])
 LOG2_E = math.log2(math.e)
@@ -102,6 +114,7 @@ class _Static:
     kv_len: int
     window: int | None = None  # sliding window (causal only): query at position p sees keys (p - window, p]
     softcap: float | None = None  # scores = softcap * tanh(scores / softcap)
+    chunk: int | None = None  # chunked (causal only): query at position p sees keys (p // chunk) * chunk <= s <= p
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,6 +143,8 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg, st: _Static):
         mask = mask & (kv_pos[None, :] <= p)
         if st.window is not None:
             mask = mask & (kv_pos[None, :] > p - st.window)
+        if st.chunk is not None:
+            mask = mask & (kv_pos[None, :] >= chunk_start(p, st.chunk))
     if q_seg is not None:
         mask = mask & (q_seg[:, None] == kv_seg[None, :])
     return mask
@@ -141,6 +156,8 @@ def _kv_band(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
     Rows of the tile sit at key positions p0 .. p0 + block_q - 1 (padded rows included, so every row the
     kernels compute follows _visible exactly): the band runs from the first row's oldest key to the last
     row's newest; a tile is clear when the first row sees its last key and the last row its first key.
+    A row's oldest key (window start, chunk start) never decreases down the tile, so the first and last
+    rows bound them all.
     """
     lo, clear_lo = 0, 0
     clear_hi, hi = st.kv_len // block_k, ceil_blocks(st.kv_len, block_k)
@@ -148,9 +165,13 @@ def _kv_band(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
         p0 = q_tile * block_q + (st.kv_len - st.q_len)
         hi = imin(ceil_blocks(p0 + block_q, block_k), hi)
         clear_hi = imin(floor_blocks(p0 + 1, block_k), clear_hi)
+        first, last = 0, 0  # the oldest key the first / the last row sees
         if st.window is not None:
-            lo = floor_blocks(p0 - st.window + 1, block_k)
-            clear_lo = ceil_blocks(p0 + block_q - st.window, block_k)
+            first, last = p0 - st.window + 1, p0 + block_q - st.window
+        if st.chunk is not None:
+            first = imax(first, chunk_start(p0, st.chunk))
+            last = imax(last, chunk_start(p0 + block_q - 1, st.chunk))
+        lo, clear_lo = floor_blocks(first, block_k), ceil_blocks(last, block_k)
     if segmented:
         clear_lo = hi  # every visited tile compares segment ids
     return clamp_band(lo, clear_lo, clear_hi, hi)
@@ -159,8 +180,9 @@ def _kv_band(q_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
 def _q_band(kv_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
     """(lo, clear_lo, clear_hi, hi): the query tiles kv tile kv_tile visits; [clear_lo, clear_hi) need no mask.
 
-    Query row t sees key s iff s - offset <= t < s - offset + window (offset = S - T): the band runs from
-    the row that first sees the tile's first key to the last row that still sees its last key.
+    Query row t sees key s iff s - offset <= t < s - offset + window (offset = S - T) and, with a chunk C,
+    t + offset < (s // C + 1) * C (the end of s's chunk): the band runs from the row that first sees the
+    tile's first key to the last row that still sees its last key.
     """
     lo, clear_lo = 0, 0
     clear_hi = hi = ceil_blocks(st.q_len, block_q)
@@ -171,6 +193,10 @@ def _q_band(kv_tile, block_q: int, block_k: int, st: _Static, segmented: bool):
         if st.window is not None:
             hi = imin(ceil_blocks(r0 + block_k - 1 + st.window, block_q), hi)
             clear_hi = floor_blocks(r0 + st.window, block_q)  # rows before r0 + window see its first key
+        if st.chunk is not None:  # rows past the end of a key's chunk no longer see it
+            k0, off = kv_tile * block_k, st.kv_len - st.q_len
+            hi = imin(ceil_blocks(chunk_start(k0 + block_k - 1, st.chunk) + st.chunk - off, block_q), hi)
+            clear_hi = imin(floor_blocks(chunk_start(k0, st.chunk) + st.chunk - off, block_q), clear_hi)
     # Scalar max, not jnp.where: Triton's select_n lowering mistypes two literal operands as i1.
     has_padding = jnp.asarray((kv_tile + 1) * block_k > st.kv_len, jnp.int32)  # mask every q tile
     all_padding = jnp.asarray(kv_tile * block_k >= st.kv_len, jnp.int32)  # skip every q tile
@@ -191,8 +217,9 @@ def _iota(n: int, start):
 # ----------------------------------------------------------------------------------------------------------
 # Kernels.
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, st: _Static):
-    # q_ref [bq, H]; k_ref, v_ref [S, H]; q_seg_ref [bq]; kv_seg_ref [S]; o_ref [bq, H]; lse_ref [bq]
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, sink_ref, o_ref, lse_ref, *, st: _Static):
+    # q_ref [bq, H]; k_ref, v_ref [S, H]; q_seg_ref [bq]; kv_seg_ref [S]; sink_ref [] float32 (natural log);
+    # o_ref [bq, H]; lse_ref [bq]
     bq, bk = st.blocks.block_q, st.blocks.block_k
     q_tile = _q_tile_id(pl.program_id(0), pl.num_programs(0), st)
     q = q_ref[...]
@@ -217,14 +244,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
     band = _kv_band(q_tile, bq, bk, st, segmented=q_seg_ref is not None)
     acc, m, l = band_loop(band, step, carry)
+    if sink_ref is not None:  # gpt-oss: one more term in each row's denominator, attending to nothing
+        sink = sink_ref[()] * LOG2_E
+        m_new = jnp.maximum(m, sink)
+        alpha = jnp.exp2(m - m_new)
+        acc, l, m = alpha[:, None] * acc, alpha * l + jnp.exp2(sink - m_new), m_new
 
-    seen = l > 0.0  # False only for rows that see no key at all
+    seen = l > 0.0  # False only for rows that see no key (and no sink) at all
     l = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(l), jnp.inf)  # +inf: exp2(s - lse) = 0 in the backward
 
 
-def _score_grad(s, t, do, v, lse, delta):
+def _score_grad(s, t, do, v, lse, delta):  # lse includes the sink: p are the true probabilities
     """(p, ds): probabilities and dL/d(q k^T sm_scale) [bq, bk] of one tile pair; t is tanh of the capped scores."""
     p = jnp.exp2(s - lse[:, None])  # softmax probabilities
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])  # dL/d(capped scores)
@@ -296,8 +328,8 @@ def _params(st: _Static, num_warps: int) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=st.blocks.num_stages)
 
 
-def _forward_call(q, k, v, q_seg, kv_seg, st: _Static):
-    """(o [B, T, N, H], lse [B, N, T] float32 log2-sum-exp) for padded inputs."""
+def _forward_call(q, k, v, q_seg, kv_seg, sinks, st: _Static):
+    """(o [B, T, N, H], lse [B, N, T] float32 log2-sum-exp, the sink's term included) for padded inputs."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G, bq = N // K, st.blocks.block_q
@@ -308,16 +340,17 @@ def _forward_call(q, k, v, q_seg, kv_seg, st: _Static):
     if q_seg is not None:
         seg_specs = [pl.BlockSpec((None, bq), lambda i, b, n: (b, tile(i))),
                      pl.BlockSpec((None, S), lambda i, b, n: (b, 0))]
+    sink_spec = None if sinks is None else pl.BlockSpec((None,), lambda i, b, n: (n,))
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         grid=(T // bq, B, N),
-        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+        in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, sink_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, tile(i)))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         compiler_params=_params(st, st.blocks.num_warps),
         interpret=st.interpret,
         name="flash_attention_forward",
-    )(q, k, v, q_seg, kv_seg)
+    )(q, k, v, q_seg, kv_seg, sinks)
 
 
 def _dkdv_call(q, k, v, do, lse, delta, q_seg, kv_seg, st: _Static):
@@ -382,29 +415,33 @@ def _pad(x, length: int, head_dim: int):  # [B, L, heads, H] -> [B, length, head
     return pad_axis(pad_axis(x, 1, length), 3, head_dim)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, st: _Static):
-    return _flash_fwd(q, k, v, q_seg, kv_seg, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, kv_seg, sinks, st: _Static):
+    return _flash_fwd(q, k, v, q_seg, kv_seg, sinks, st)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
+def _flash_fwd(q, k, v, q_seg, kv_seg, sinks, st: _Static):
     T, H = q.shape[1], q.shape[3]
     T_pad, S_pad, H_pad = _padded_shape(st, H)
     q_p, k_p, v_p = _pad(q, T_pad, H_pad), _pad(k, S_pad, H_pad), _pad(v, S_pad, H_pad)
     if q_seg is not None:
         q_seg, kv_seg = pad_axis(q_seg.astype(jnp.int32), 1, T_pad), pad_axis(kv_seg.astype(jnp.int32), 1, S_pad)
-    o_p, lse = _forward_call(q_p, k_p, v_p, q_seg, kv_seg, st)
-    return o_p[:, :T, :, :H], (q_p, k_p, v_p, q_seg, kv_seg, o_p, lse)
+    o_p, lse = _forward_call(q_p, k_p, v_p, q_seg, kv_seg, sinks, st)
+    return o_p[:, :T, :, :H], (q_p, k_p, v_p, q_seg, kv_seg, sinks, o_p, lse)
 
 
 def _flash_bwd(st: _Static, residuals, do):
-    q_p, k_p, v_p, q_seg, kv_seg, o_p, lse = residuals
+    q_p, k_p, v_p, q_seg, kv_seg, sinks, o_p, lse = residuals
     T, S, H = st.q_len, st.kv_len, do.shape[3]
     do_p = _pad(do.astype(q_p.dtype), q_p.shape[1], q_p.shape[3])  # zero rows: padded queries add nothing
     delta = (o_p.astype(jnp.float32) * do_p.astype(jnp.float32)).sum(axis=3).transpose(0, 2, 1)  # [B, N, T_pad]
     dk, dv = _dkdv_call(q_p, k_p, v_p, do_p, lse, delta, q_seg, kv_seg, st)
     dq = _dq_call(q_p, k_p, v_p, do_p, lse, delta, q_seg, kv_seg, st)
-    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H], None, None
+    dsinks = None
+    if sinks is not None:  # dL/dsink_n = -sum over head n's rows of p_sink * delta, p_sink = exp(sink - lse)
+        p_sink = jnp.exp2(sinks[None, :, None] * LOG2_E - lse)  # [B, N, T_pad]; padded rows have delta 0
+        dsinks = -(p_sink * delta).sum(axis=(0, 2))
+    return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H], None, None, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -412,16 +449,20 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                     segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
-                    window: int | None = None, softcap: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool = False) -> jax.Array:
+                    window: int | None = None, softcap: float | None = None, sinks: jax.Array | None = None,
+                    chunk: int | None = None, block_sizes: BlockSizes | None = None,
+                    interpret: bool = False) -> jax.Array:
     """softmax(mask(cap(q k^T * sm_scale))) v, fused; q [B, T, N, H], k/v [B, S, K, H] (K divides N) -> [B, T, N, H].
 
     window W (causal only): the query at key position p = t + S - T sees keys p - W < s <= p.
     softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
+    sinks [N] (gpt-oss): head n's logit joins each of its rows' softmax denominators and attends to nothing:
+    out = sum_s e^(x_s) v_s / (sum_s e^(x_s) + e^(sinks[n])); differentiable (d sinks too).
+    chunk C (causal only; Llama 4): the query at key position p sees keys (p // C) * C <= s <= p.
     """
-    st = _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret)
+    st = _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret, chunk)
     q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    return _flash(q, k, v, q_seg, kv_seg, st)
+    return _flash(q, k, v, q_seg, kv_seg, check_sinks(sinks, q.shape[2]), st)
 
 
 def flash_block_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
@@ -434,7 +475,7 @@ def flash_block_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     """
     st = _static(q, k, v, segment_ids, causal, sm_scale, None, softcap, block_sizes, interpret)
     q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
-    o, residuals = _flash_fwd(q, k, v, q_seg, kv_seg, st)
+    o, residuals = _flash_fwd(q, k, v, q_seg, kv_seg, None, st)
     lse2 = residuals[-1][:, :, :q.shape[1]]  # log2 units, +inf where no key is seen
     return o, jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 / LOG2_E)
 
@@ -462,17 +503,19 @@ def flash_block_backward(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array
     return dq[:, :T, :, :H], dk[:, :S, :, :H], dv[:, :S, :, :H]
 
 
-def _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret) -> _Static:
+def _static(q, k, v, segment_ids, causal, sm_scale, window, softcap, block_sizes, interpret,
+            chunk=None) -> _Static:
     """The checked, hashable description of one call (raises ValueError on bad shapes or options)."""
     _check_inputs(q, k, v, segment_ids)
     window, softcap = check_window_softcap(window, softcap, causal)
+    chunk = check_chunk(chunk, causal)
     T, H, S = q.shape[1], q.shape[3], k.shape[1]
     st = _Static(
         causal=bool(causal),
         sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale),
         blocks=(block_sizes or BlockSizes.default(H, q.dtype)).fitted(T, S),
         interpret=resolve_interpret(interpret, "flash_attention"),
-        q_len=T, kv_len=S, window=window, softcap=softcap)
+        q_len=T, kv_len=S, window=window, softcap=softcap, chunk=chunk)
     if not st.interpret:  # tiles that cannot fit the target's shared memory fail here, before any compile
         tuning.check_flash_fits(st.blocks, H, q.dtype)
     T_pad, S_pad, H_pad = _padded_shape(st, H)
@@ -510,9 +553,11 @@ def _check_inputs(q, k, v, segment_ids) -> None:
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
                               segment_ids: SegmentIds | None = None, sm_scale: float | None = None,
-                              window: int | None = None, softcap: float | None = None) -> jax.Array:
+                              window: int | None = None, softcap: float | None = None,
+                              sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
     """Plain-jnp attention with the kernel's exact semantics (fp32 math; rows seeing no key give 0)."""
     window, softcap = check_window_softcap(window, softcap, causal)
+    chunk = check_chunk(chunk, causal)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     sm_scale = H ** -0.5 if sm_scale is None else sm_scale
@@ -527,13 +572,21 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causa
         mask = mask & (s <= p)[None]
         if window is not None:
             mask = mask & (s > p - window)[None]
+        if chunk is not None:
+            mask = mask & (s // chunk == p // chunk)[None]
     if segment_ids is not None:
         mask = mask & (segment_ids[0][:, :, None] == segment_ids[1][:, None, :])  # [B, T, S]
     mask = mask[:, None, None]  # [B or 1, 1, 1, T, S]
     logits = jnp.where(mask, logits, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = check_sinks(sinks, N).reshape(1, K, N // K, 1, 1)
+        m = jnp.maximum(m, sink)
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return out.reshape(B, T, N, H).astype(q.dtype)

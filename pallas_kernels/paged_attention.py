@@ -7,11 +7,13 @@ Layout. Keys and values live in a pool of fixed-size pages shared by every seque
 k_pages, v_pages [num_pages, P, K, H]; sequence b's position s is slot s % P of page page_table[b, s // P]
 (page_table [B, max_pages] int32). Pages may sit anywhere in the pool, in any order, and several sequences
 may share a page (a common prefix). Table entries for pages at or past ceil(lengths[b] / P), and with a
-window those of pages wholly before every query's window, are never read: they may hold any index.
+window (or a chunk) those of pages wholly before every query's window (or chunk), are never read: they may
+hold any index.
 
 Semantics are decode_attention's: q [B, Tq, N, H] are the last Tq positions of each sequence (query i sits
 at p = lengths[b] - Tq + i) and attend causally to positions [0, lengths[b]); GQA (K divides N), a sliding
-window W (keys p - W < s <= p), a soft-cap C (C tanh(scores / C) before masking), fp32 accumulation.
+window W (keys p - W < s <= p), a chunk C (keys (p // C) * C <= s <= p), a soft-cap C (C tanh(scores / C) before
+masking), attention sinks (in the combine), fp32 accumulation.
 
   split     grid (B, K, row tiles, n_splits), as decode_attention: the Tq * G query rows sharing kv head k
             form [block_m, H] tiles. A program walks its share of the sequence's cache tiles; tile t reads
@@ -20,7 +22,7 @@ window W (keys p - W < s <= p), a soft-cap C (C tanh(scores / C) before masking)
             longer than the target's measured decode tile (BlockSizes.block_k), a power-of-two slice of it,
             so no tile holds more registers or shared memory than decode_attention's spill-free ones.
             Tiles past lengths[b] are never visited, nor, with a window, tiles before the band it reaches.
-  combine   decode_attention's XLA reduction over the splits' normalised partials and log2-sum-exps.
+  combine   decode_attention's XLA reduction over the splits' normalised partials and log2-sum-exps (and sinks).
 
 Forward only.
 """
@@ -38,8 +40,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import decode_attention as _decode
 from pallas_kernels import tuning
-from pallas_kernels.common import (band_loop, check_addressable, check_block, check_window_softcap, idiv,
-                                   is_power_of_2, next_power_of_2, pad_axis, resolve_interpret, round_up)
+from pallas_kernels.common import (band_loop, check_addressable, check_block, check_chunk, check_sinks,
+                                   check_window_softcap, chunk_start, idiv, is_power_of_2, next_power_of_2, pad_axis,
+                                   resolve_interpret, round_up)
 from pallas_kernels.decode_attention import decode_attention_reference
 
 
@@ -124,8 +127,8 @@ def _split_call(q_rows, k_pages, v_pages, page_table, lengths, st: _Static, bloc
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
                            lengths: jax.Array, *, sm_scale: float | None = None, window: int | None = None,
-                           softcap: float | None = None, block_sizes: BlockSizes | None = None,
-                           interpret: bool | None = None) -> jax.Array:
+                           softcap: float | None = None, sinks: jax.Array | None = None, chunk: int | None = None,
+                           block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
     """q [B, Tq, N, H]: the last Tq positions of each sequence (query i sits at p = lengths[b] - Tq + i) attend
     causally to the sequence's positions [0, lengths[b]); position s of sequence b is stored at
     k_pages[page_table[b, s // P], s % P] (k_pages, v_pages: [num_pages, P, K, H], P the page size, a power of
@@ -135,10 +138,13 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     window W: the query at position p sees positions p - W < s <= p (pages wholly older are not read either).
     softcap C: scores become C * tanh(scores / C) before masking (Gemma 2).
+    sinks [N] (gpt-oss): head n's logit joins each of its rows' softmax denominators (in the combine).
+    chunk C (Llama 4): the query at position p sees positions (p // C) * C <= s <= p (older pages are not read).
     interpret: run in Pallas interpret mode (CPU); None/False compiles, unless JAXFORMER_PALLAS_INTERPRET is set.
     """
     _check_inputs(q, k_pages, v_pages, page_table, lengths)
     window, softcap = check_window_softcap(window, softcap)
+    chunk, sinks = check_chunk(chunk), check_sinks(sinks, q.shape[2])
     interpret = resolve_interpret(bool(interpret), "paged_decode_attention")
     B, Tq, N, H = q.shape
     num_pages, P, K = k_pages.shape[:3]
@@ -155,7 +161,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     k_pages, v_pages = (pad_axis(p, 3, H_pad) for p in (k_pages, v_pages))
     st = _Static(sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale), n_new=Tq, group=G, block_k=tile,
                  tiles_per_split=1, n_tiles=max_pages * (P // tile), block_m=block_m, window=window, softcap=softcap,
-                 tiles_per_page=P // tile)
+                 chunk=chunk, tiles_per_page=P // tile)
     n_band = _decode._band_tiles(st)  # the splits share out this many tiles
     n_splits = blocks.num_splits or max(1, _decode.TARGET_PROGRAMS // (B * K * -(-M // block_m)))
     st = dataclasses.replace(st, tiles_per_split=-(-n_band // min(n_splits, n_band)))
@@ -164,7 +170,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     q_rows = pad_axis(pad_axis(q_rows, 2, round_up(M, block_m)), 3, H_pad)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_pages * P)
     o, lse = _split_call(q_rows, k_pages, v_pages, page_table.astype(jnp.int32), lengths, st, blocks, interpret)
-    out = _decode._combine(o, lse)[:, :, :M, :H]  # [B, K, M, H]
+    out = _decode._combine(o, lse, _decode._sink_rows(sinks, K, G, q_rows.shape[2]))[:, :, :M, :H]  # [B, K, M, H]
     return out.reshape(B, K, Tq, G, H).transpose(0, 2, 1, 3, 4).reshape(B, Tq, N, H).astype(q.dtype)
 
 
@@ -206,18 +212,23 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
 
 def paged_decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
                                      lengths: jax.Array, *, sm_scale: float | None = None,
-                                     window: int | None = None, softcap: float | None = None) -> jax.Array:
+                                     window: int | None = None, softcap: float | None = None,
+                                     sinks: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
     """Plain jnp: each sequence's pages gathered into a contiguous cache, then decode_attention_reference.
 
-    Positions no query sees (past the length; with a window, before the oldest query's window) are zeroed
-    first: their pages may be unused or freed and hold anything, even NaN, as the kernel allows.
+    Positions no query sees (past the length; with a window or a chunk, before the oldest query's window or
+    chunk) are zeroed first: their pages may be unused or freed and hold anything, even NaN, as the kernel allows.
     """
     window, softcap = check_window_softcap(window, softcap)
+    chunk = check_chunk(chunk)
     k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # [B, S, K, H]
     S, Tq = k.shape[1], q.shape[1]
     pos, lengths = jnp.arange(S)[None, :], jnp.clip(lengths, 0, S)[:, None]
     seen = pos < lengths
     if window is not None:
         seen = seen & (pos > lengths - Tq - window)  # the first query, at lengths - Tq, sees the oldest keys
+    if chunk is not None:
+        seen = seen & (pos >= chunk_start(lengths - Tq, chunk))
     k, v = (jnp.where(seen[:, :, None, None], x, 0) for x in (k, v))
-    return decode_attention_reference(q, k, v, lengths[:, 0], sm_scale=sm_scale, window=window, softcap=softcap)
+    return decode_attention_reference(q, k, v, lengths[:, 0], sm_scale=sm_scale, window=window, softcap=softcap,
+                                      sinks=sinks, chunk=chunk)
