@@ -5,7 +5,9 @@ here, and the cubins are read back from XLA's kernel cache file (pallas_kernels.
 is one (target, dtype, head dim) and compiles, in one program, flash attention's forward, dK/dV and dQ
 kernels and the decode kernel. The masking variants (causal or not, GQA group, segment ids, sliding
 window, soft-cap, several new decode tokens) rotate over the cells, so every variant meets both targets,
-every dtype and every head dim. A cell passes when each kernel is a cubin for the target's architecture
+every dtype and every head dim. Attention sinks and chunks have bf16 cells of their own on both targets: gpt-oss's
+shape (sinks and a sliding window, head dim 64, 8 query heads per kv head; the backward's d sinks included) and
+Llama 4's (chunked causal attention, head dim 128). A cell passes when each kernel is a cubin for the target's architecture
 and, for bf16 and fp16, ptxas spills at most a few bytes more at the default tiles than the tuning table
 measured (nothing, except where no candidate avoided spills). fp32 cells prove the compile and the fit
 only: fp32's full-precision tile matmuls spill at most tiles from head dim 128 up, and how much swings
@@ -86,6 +88,35 @@ def test_kernels_compile_to_cubins(target, dtype, head_dim):
                          shapes(dtype, head_dim, group, T=700, new_tokens=new_tokens, S=3000), target)
     assert_cubins(result, target, dtype, head_dim)
     print(f"{target.name} {jnp.dtype(dtype).name} H={head_dim}: {time.process_time() - start:.1f} CPU s")
+
+
+# name: (head dim, query heads per kv head, window, chunk, sinks, new decode tokens)
+FAMILY_VARIANTS = {"gpt-oss": (64, 8, 128, None, True, 1), "llama4": (128, 4, None, 256, False, 2)}
+FAMILY_CELLS = [(t, name) for t in TARGETS for name in FAMILY_VARIANTS]
+
+
+def family_program(window: int | None, chunk: int | None, sinks: bool):
+    """(dq, dk, dv[, d sinks]) of causal flash attention with a window / chunk / sinks, and a decode step with them."""
+    def fn(q, k, v, sink_logits, q_new, k_cache, v_cache, lengths):
+        s = sink_logits if sinks else None
+        attention = lambda q, k, v, s: flash_attention(q, k, v, causal=True, window=window, chunk=chunk, sinks=s)
+        grads = jax.grad(lambda *a: attention(*a).astype(jnp.float32).sum(),
+                         argnums=(0, 1, 2, 3) if sinks else (0, 1, 2))(q, k, v, s)
+        return grads, decode_attention(q_new, k_cache, v_cache, lengths, window=window, chunk=chunk, sinks=s)
+    return fn
+
+
+@pytest.mark.parametrize("target,family", FAMILY_CELLS, ids=[f"{t}-bfloat16-{f}" for t, f in FAMILY_CELLS])
+def test_sinks_and_chunks_compile_to_cubins(target, family):
+    head_dim, group, window, chunk, sinks, new_tokens = FAMILY_VARIANTS[family]
+    target = get_target(target)
+    start = time.process_time()
+    args = shapes(jnp.bfloat16, head_dim, group, T=700, new_tokens=new_tokens, S=3000)
+    args[3] = jax.ShapeDtypeStruct((2 * group,), jnp.float32)  # sinks [N] in place of the segment ids
+    result = compile_for(family_program(window, chunk, sinks), args, target)
+    assert_cubins(result, target, jnp.bfloat16, head_dim)
+    regs = ", ".join(f"{TABLE_NAMES[n]} {result.kernel(n).registers}/{result.kernel(n).frame_bytes}" for n in KERNELS)
+    print(f"{target.name} bfloat16 {family} (registers/spill bytes: {regs}): {time.process_time() - start:.1f} CPU s")
 
 
 def test_variants_meet_every_target_dtype_and_head_dim():

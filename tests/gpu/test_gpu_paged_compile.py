@@ -4,7 +4,8 @@ As tests/gpu/test_gpu_kernels_compile.py: jax's compile-only CUDA devices run XL
 and the cubin is read back (pallas_kernels.targets.cubin); no GPU needed. The kernel's tile is the page, or a
 slice of it no longer than decode_attention's measured tile (BlockSizes.default: the tuning table's decode
 entry), so the cells cover page sizes 16 to 128 on both sides of that tile (pages cut into slices: a100 bf16
-H=128 P=128, h100 fp32 H=256 P=64), every dtype on each target, windows, soft-caps and GQA. As for
+H=128 P=128, h100 fp32 H=256 P=64), every dtype on each target, windows, soft-caps and GQA, and in bf16 on both
+targets attention sinks with a window (gpt-oss) and chunks (Llama 4). As for
 decode_attention's table entries, the query tile is 16 rows (Tq * G <= 16) and bf16/fp16 kernels may spill
 at most what the table records for the decode kernel (nothing) plus SPILL_SLACK; fp32 cells prove the
 compile and the fit (docs/gpu.md), though at these shapes they measured no spills either. Measured (jax
@@ -45,15 +46,36 @@ def shapes(dtype, H: int, P: int, Tq: int, G: int, B: int = 4, K: int = 2) -> li
     return [sds((B, Tq, K * G, H), dtype), pool, pool, sds((B, max_pages), jnp.int32), sds((B,), jnp.int32)]
 
 
+# target, head dim, page size, new tokens, query heads per kv head, window, chunk, sinks: bf16
+FAMILY_CELLS = [("h100", 64, 16, 1, 8, 128, None, True), ("a100", 64, 32, 2, 8, 128, None, True),  # gpt-oss
+                ("h100", 128, 64, 1, 4, None, 8192, False), ("a100", 128, 128, 3, 4, None, 1000, True)]  # Llama 4
+
+
 @pytest.mark.parametrize("target,dtype,head_dim,page,new_tokens,group,window,softcap", CELLS,
                          ids=[f"{c[0]}-{jnp.dtype(c[1]).name}-H{c[2]}-P{c[3]}" for c in CELLS])
 def test_paged_kernel_compiles_to_cubins(target, dtype, head_dim, page, new_tokens, group, window, softcap):
+    compile_and_check(target, dtype, head_dim, page, shapes(dtype, head_dim, page, new_tokens, group),
+                      functools.partial(paged_decode_attention, window=window, softcap=softcap))
+
+
+@pytest.mark.parametrize("target,head_dim,page,new_tokens,group,window,chunk,sinks", FAMILY_CELLS,
+                         ids=[f"{c[0]}-bfloat16-H{c[1]}-P{c[2]}-{'chunk' if c[6] else 'window'}"
+                              f"{'-sinks' if c[7] else ''}" for c in FAMILY_CELLS])
+def test_sinks_and_chunks_compile_to_cubins(target, head_dim, page, new_tokens, group, window, chunk, sinks):
+    args = shapes(jnp.bfloat16, head_dim, page, new_tokens, group)
+    if sinks:
+        args.append(jax.ShapeDtypeStruct((args[0].shape[2],), jnp.float32))  # [N]
+    compile_and_check(target, jnp.bfloat16, head_dim, page, args, lambda *a: paged_decode_attention(
+        *a[:5], window=window, chunk=chunk, sinks=a[5] if sinks else None))
+
+
+def compile_and_check(target, dtype, head_dim: int, page: int, args: list, fn) -> None:
+    """fn compiled for the target: a cubin of its arch, bf16/fp16 spilling no more than the decode entry allows."""
     target = get_target(target)
     with compiling_for(target):
         blocks = BlockSizes.default(head_dim, dtype)
     start = time.process_time()
-    result = compile_for(functools.partial(paged_decode_attention, window=window, softcap=softcap),
-                         shapes(dtype, head_dim, page, new_tokens, group), target)
+    result = compile_for(fn, args, target)
     kernel = result.kernel(KERNEL)
     print(f"{target.name} {jnp.dtype(dtype).name} H={head_dim} P={page} tile={min(page, blocks.block_k)}: "
           f"{kernel.registers} registers, {kernel.frame_bytes} spill bytes, {time.process_time() - start:.1f} CPU s")
