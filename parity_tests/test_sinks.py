@@ -59,8 +59,10 @@ def test_sinks_match_transformers_gpt_oss_attention(window):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_cached_and_paged_paths_equal_the_full_forward(impl):
-    """Decode paths (a cache of T slots, the last 3 queries; a paged cache of 8-token pages) equal the full attend."""
+def test_cached_and_paged_paths_equal_the_full_forward(impl, monkeypatch):
+    """Decode paths (a cache of T slots, the last 3 queries; a paged cache of 8-token pages, 16 for the Pallas
+    kernel's tiles) equal the full attend; "pallas" runs the decode and paged kernels (interpreted)."""
+    monkeypatch.setenv("JAXFORMER_PALLAS_INTERPRET", "1")
     q, k, v, sinks = (jnp.asarray(a) for a in _inputs(seed=3))
     full = np.asarray(jattn.attend(q, k, v, causal=True, window=9, sinks=sinks))[:, -3:]
     lengths = jnp.full((B,), T, jnp.int32)
@@ -68,7 +70,8 @@ def test_cached_and_paged_paths_equal_the_full_forward(impl):
     kc, vc = (c if layout == "bskh" else c.transpose(0, 2, 1, 3) for c in (k, v))
     cached = jattn.attend_cached(q[:, -3:], kc, vc, lengths, impl=impl, window=9, sinks=sinks)
     assert_outputs_close(np.asarray(cached), full, f"cached {impl}")
-    P, pages = 8, -(-T // 8)
+    P = 16 if impl == "pallas" else 8
+    pages = -(-T // P)
     pad = pages * P - T
     kp, vp = (jnp.pad(c, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B * pages, P, K, H) for c in (k, v))
     table = jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)

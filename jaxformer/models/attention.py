@@ -122,7 +122,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     Values may be narrower than queries and keys (latent attention): the xla path takes them as they are, the
     others get them zero-padded to the q/k head dim and drop the padding from their output (exact, forward and
     backward). `window` keeps each query's last W keys (itself included); `softcap` bounds the scores with tanh; `sinks` [N]
-    adds a per-head logit to each softmax denominator (the xla path computes them; other implementations defer to it).
+    adds a per-head logit to each softmax denominator and `chunk` keeps the keys of the query's own chunk (xla and
+    pallas compute them; cudnn/auto defer to xla).
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -135,10 +136,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
     if impl in ("auto", "cudnn") and softcap is not None:
         _warn_once(f"attention_impl={impl!r} has no logit soft-capping; using the xla implementation for it")
         impl = "xla"
-    if sinks is not None and impl != "xla":
+    if sinks is not None and impl not in ("xla", "pallas"):
         _warn_once(f"attention_impl={impl!r} has no attention sinks yet; using the xla implementation for them")
         impl = "xla"
-    if chunk is not None and impl != "xla":
+    if chunk is not None and impl not in ("xla", "pallas"):
         _warn_once(f"attention_impl={impl!r} has no chunked attention yet; using the xla implementation for it")
         impl = "xla"
     Hv = v.shape[-1]
@@ -158,7 +159,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
         mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, window=window, chunk=chunk)
         return xla_attention(q, k, v, mask, scale, softcap, sinks)
     if impl == "pallas":
-        extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+        extra = {k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks), ("chunk", chunk))
+                 if v is not None}
         return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=scale, **extra)
     if impl == "auto":
         impl = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else None
@@ -188,8 +190,9 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths:
     scale = H ** -0.5 if scale is None else scale
     k_cache, v_cache = (c.dequantize(q.dtype) if isinstance(c, QuantKV) else c for c in (k_cache, v_cache))
     if cache_layout(impl) == "bskh":
-        if T <= DECODE_KERNEL_MAX_QUERIES and sinks is None and chunk is None:
-            extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+        if T <= DECODE_KERNEL_MAX_QUERIES:
+            extra = {k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks), ("chunk", chunk))
+                     if v is not None}
             return decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, **extra)
         S = k_cache.shape[1]
         return xla_attention(q, k_cache, v_cache, _cache_mask(lengths, T, S, window, chunk), scale, softcap, sinks)
@@ -271,18 +274,21 @@ def write_paged(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Arr
             v_pages.at[at].set(v.astype(v_pages.dtype), mode="drop"))
 
 
-def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths):
+def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths, sinks=None):
     """A decode kernel on each device's own kv heads: under a mesh whose "tensor" axis splits the heads (queries
     [B,T,N,H] and pools [P,S,K,H] alike, so each device keeps whole GQA groups), one kernel per shard; a Pallas
-    call has no partitioning rule of its own."""
+    call has no partitioning rule of its own. `sinks` [N] (passed as kernel(..., sinks=)) split with the heads."""
+    heads = jax.sharding.PartitionSpec(None, None, "tensor", None)
+    whole = jax.sharding.PartitionSpec()
+    args, specs, call = (q, k_pages, v_pages, page_table, lengths), (heads, heads, heads, whole, whole), kernel
+    if sinks is not None:
+        args, specs = args + (sinks,), specs + (jax.sharding.PartitionSpec("tensor"),)
+        call = lambda *a: kernel(*a[:-1], sinks=a[-1])  # noqa: E731
     mesh = jax.sharding.get_abstract_mesh()
     tp = 1 if mesh.empty else dict(mesh.shape).get("tensor", 1)
     if tp == 1 or k_pages.shape[2] % tp:
-        return kernel(q, k_pages, v_pages, page_table, lengths)
-    heads = jax.sharding.PartitionSpec(None, None, "tensor", None)
-    whole = jax.sharding.PartitionSpec()
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, whole, whole), out_specs=heads,
-                         check_vma=False)(q, k_pages, v_pages, page_table, lengths)
+        return call(*args)
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
 
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,
@@ -293,10 +299,10 @@ def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_tabl
     otherwise each sequence's pages are gathered into a contiguous [B, S, K, H] cache for the xla path."""
     B, T, N, H = q.shape
     scale = H ** -0.5 if scale is None else scale
-    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES and sinks is None and chunk is None:
-        extra = {k: v for k, v in (("window", window), ("softcap", softcap)) if v is not None}
+    if impl == "pallas" and T <= DECODE_KERNEL_MAX_QUERIES:
+        extra = {k: v for k, v in (("window", window), ("softcap", softcap), ("chunk", chunk)) if v is not None}
         kernel = functools.partial(paged_decode_attention, sm_scale=scale, **extra)
-        return per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths)
+        return per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths, sinks)
     _, P, K, _ = k_pages.shape
     S = page_table.shape[1] * P
     k, v = (pages[page_table].reshape(B, S, K, H) for pages in (k_pages, v_pages))  # [B, S, K, H]

@@ -10,6 +10,8 @@ from flax import nnx
 
 from jaxformer import DecoderLM, ModelConfig
 from jaxformer.infer import Engine, SamplingParams, generate
+from jaxformer.infer.paged_engine import PagedEngine
+from jaxformer.models import attention as attention_module
 from jaxformer.models.attention import attend
 from pallas_kernels import INTERPRET_ENV, PallasUnavailableError
 
@@ -17,9 +19,25 @@ from pallas_kernels import INTERPRET_ENV, PallasUnavailableError
 FAST_COMPILE = {} if jax.default_backend() == "gpu" else {"xla_backend_optimization_level": 0}
 
 
+def random_sinks(params):
+    """params with every attention sink (zero at init) drawn at random, the same draw for every call, so the sinks
+    weigh on the softmax like trained ones."""
+    draw = np.random.default_rng(2)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(draw.normal(size=x.shape) * 2.0, x.dtype) if "sinks" in jax.tree_util.keystr(path)
+        else x, params)
+
+
+def fresh_model(cfg: ModelConfig) -> DecoderLM:
+    """DecoderLM(cfg) from seed 0, its sinks (if any) drawn by random_sinks."""
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, random_sinks(nnx.state(model, nnx.Param)))
+    return model
+
+
 def loss_and_grads(cfg: ModelConfig, tokens, positions, segment_ids):
-    """(loss, logits [B, T, V], parameter grads) of a fresh model (same seed for every cfg)."""
-    graphdef, params = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    """(loss, logits [B, T, V], parameter grads) of a fresh model (same seed for every cfg, sinks drawn at random)."""
+    graphdef, params = nnx.split(fresh_model(cfg), nnx.Param)
 
     def loss(params):
         logits = nnx.merge(graphdef, params)(tokens, positions, segment_ids)
@@ -41,12 +59,26 @@ CONFIGS = {
     # DeepSeek-V3 style latent attention: 12-wide values under 24-wide q/k heads through the flash kernel (v padded)
     "latent": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, head_dim=24, d_ff=128, max_seq_len=48,
                                 latent=dict(kv_rank=32, q_rank=16, rope_dim=8, v_head_dim=12)),
+    # gpt-oss style: attention sinks in every layer, sliding (window 12 < T) and full layers alternating, GQA
+    "gpt_oss": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                 max_seq_len=48, sliding_window=12, layer_types=("sliding_attention", "full_attention"),
+                                 attention=dict(sinks=True)),
+    # Llama 4 style: a chunked layer (chunks of 8 < T, across the packed documents' boundary) beside a full one
+    "chunked": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                 max_seq_len=48, layer_types=("chunked_attention", "full_attention"),
+                                 attention=dict(chunk_size=8)),
 }
+
+
+def no_fallback(msg: str) -> None:
+    raise AssertionError(f"attention_impl='pallas' fell back: {msg}")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_decoder_lm_pallas_matches_xla(monkeypatch, name):
+    """Logits and every gradient (sinks' included); the pallas model runs the kernels, never the xla fallback."""
     monkeypatch.setenv(INTERPRET_ENV, "1")
+    monkeypatch.setattr(attention_module, "_warn_once", no_fallback)
     cfg = CONFIGS[name]
     B, T = 2, 40
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -78,6 +110,23 @@ def test_windowed_soft_capped_generation_with_the_decode_kernel_matches_xla(monk
         model = DecoderLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
         runs[impl] = [s.tokens for s in generate(Engine(model, max_batch=2, max_len=40), prompts, params)]
     assert runs["pallas"] == runs["xla"]
+
+
+def test_sink_and_chunked_generation_with_the_decode_kernels_matches_xla(monkeypatch):
+    """A layer with sinks and a window beside one with sinks and chunks (of 8, crossed while decoding): the engine over
+    Pallas caches (decode_attention) and the paged engine (paged_decode_attention, its prefill chunks too) pass sinks
+    and chunks to the kernels, never falling back, and pick the xla engine's greedy tokens."""
+    monkeypatch.setenv(INTERPRET_ENV, "1")
+    monkeypatch.setattr(attention_module, "_warn_once", no_fallback)
+    cfg = CONFIGS["gpt_oss"].replace(layer_types=("sliding_attention", "chunked_attention"),
+                                     attention=dict(sinks=True, sliding_window=12, chunk_size=8))
+    prompts = [np.random.default_rng(5).integers(0, cfg.vocab_size, n).tolist() for n in (20, 7)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    tokens = lambda engine: [s.tokens for s in generate(engine, prompts, params)]  # noqa: E731
+    want = tokens(Engine(fresh_model(cfg), max_batch=2, max_len=40))
+    pallas = cfg.replace(attention_impl="pallas")
+    assert tokens(Engine(fresh_model(pallas), max_batch=2, max_len=40)) == want
+    assert tokens(PagedEngine(fresh_model(pallas), max_batch=2, max_len=40, page_size=16)) == want
 
 
 def test_latent_generation_with_the_latent_decode_kernel_matches_xla(monkeypatch):
