@@ -235,7 +235,8 @@ def draw_deepseek_routed(family: str, rng: np.random.Generator, cfg: dict, heads
         return "Glm4MoeConfig", {**cfg, **routed, "use_qk_norm": bool(rng.integers(2)),
                                  "attention_bias": bool(rng.integers(2)), "rope_parameters": {
                                      **draw_rope(rng, cfg, ("default", "yarn")),
-                                     "partial_rotary_factor": float(rng.choice([0.25, 0.5, 1.0]))}}
+                                     "partial_rotary_factor": float(rng.choice([f for f in (0.25, 0.5, 1.0)
+                                                                                if (head_dim * f) % 2 == 0]))}}
     rope_dim = int(rng.choice([4, 8, 12]))
     rope = draw_rope(rng, cfg, ("default", "yarn"))
     if rope["rope_type"] == "yarn" and rng.integers(2):
@@ -263,7 +264,8 @@ def draw_gemma4(rng: np.random.Generator, cfg: dict, window: int, heads: int) ->
            "final_logit_softcapping": float(rng.uniform(5, 40)) if rng.integers(2) else None,
            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": float(rng.choice([1e4, 1e5]))},
                                "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
-                                                  "partial_rotary_factor": float(rng.choice([0.25, 0.5, 1.0]))}}}
+                                                  "partial_rotary_factor": float(rng.choice([f for f in (0.25, 0.5, 1.0)
+                                                                                if (head_dim * f) % 2 == 0]))}}}
     if k_eq_v:
         out["num_global_key_value_heads"] = int(rng.choice([k for k in (1, 2, 3) if heads % k == 0]))
     if rng.integers(2):
