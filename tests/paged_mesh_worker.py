@@ -26,7 +26,23 @@ CASES = {"dense_tensor4": (ModelConfig.llama(**BASE), MeshConfig(data=1, fsdp=1,
          "moe_expert2_tensor2": (ModelConfig.llama(**BASE, n_experts=4, n_experts_per_token=2, moe_d_ff=64),
                                  MeshConfig(data=1, fsdp=1, tensor=2, expert=2)),
          # the Pallas paged decode kernel (interpreted), one per tensor shard of the kv heads
-         "pallas_tensor2": (ModelConfig.llama(**BASE, attention_impl="pallas"), MeshConfig(data=1, fsdp=1, tensor=2))}
+         "pallas_tensor2": (ModelConfig.llama(**BASE, attention_impl="pallas"), MeshConfig(data=1, fsdp=1, tensor=2)),
+         # gpt-oss's sinks through the Pallas paged kernel: each tensor shard takes its own heads' sinks
+         "pallas_sinks_tensor2": (ModelConfig.llama(**BASE, attention_impl="pallas", attention=dict(sinks=True)),
+                                  MeshConfig(data=1, fsdp=1, tensor=2)),
+         # DeepSeek's latent attention: one-head latent pages (replicated), heads split over tensor
+         "latent_tensor2": (ModelConfig.llama(**{**BASE, "n_kv_heads": 8}, head_dim=12,
+                                              latent=dict(kv_rank=16, q_rank=12, rope_dim=4)),
+                            MeshConfig(data=1, fsdp=1, tensor=2))}
+
+
+def build(cfg: ModelConfig) -> DecoderLM:
+    """The case's model; attention sinks drawn away from zero (a shard given another head's sinks would show)."""
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    for i, layer in enumerate(model.layers):
+        if getattr(layer.self_attn, "sinks", None) is not None:
+            layer.self_attn.sinks[...] = 2.0 * jax.random.normal(jax.random.key(i), (cfg.n_heads,))
+    return model
 
 
 def main() -> None:
@@ -38,9 +54,9 @@ def main() -> None:
         if cfg.attention_impl == "pallas":
             os.environ["JAXFORMER_PALLAS_INTERPRET"] = "1"
         page = 16 if cfg.attention_impl == "pallas" else 4
-        one = generate(PagedEngine(DecoderLM(cfg.replace(attention_impl="xla"), rngs=nnx.Rngs(0)), max_batch=4,
-                                   page_size=page), prompts, params)
-        model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+        one = generate(PagedEngine(build(cfg.replace(attention_impl="xla")), max_batch=4, page_size=page), prompts,
+                       params)
+        model = build(cfg)
         n = mesh_cfg.tensor * mesh_cfg.expert
         mesh = sharding.make_mesh(mesh_cfg, cfg, devices=jax.devices()[:n])
         engine = PagedEngine(model, max_batch=4, page_size=page, mesh=mesh)

@@ -191,7 +191,8 @@ def test_server_reports_cached_prompt_tokens(tmp_path):
 
 def test_sharded_engine_on_eight_fake_devices_matches_one(tmp_path):
     """Tensor parallel 4 (heads, MLP, vocab, the pages' kv heads); for a MoE model, expert 2 x tensor 2; the Pallas
-    paged kernel (interpreted) per tensor shard: the greedy tokens equal the single-device engine's
+    paged kernel (interpreted) per tensor shard, with and without attention sinks; latent attention on tensor 2:
+    the greedy tokens equal the single-device engine's
     (tests/paged_mesh_worker.py runs both in one process)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
@@ -201,7 +202,10 @@ def test_sharded_engine_on_eight_fake_devices_matches_one(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["devices"] == 8
-    for case in ("dense_tensor4", "moe_expert2_tensor2", "pallas_tensor2"):
+    for case in ("dense_tensor4", "moe_expert2_tensor2", "pallas_tensor2", "pallas_sinks_tensor2", "latent_tensor2"):
         r = report[case]
         assert r["tokens"] == r["tokens_one_device"] and len(r["tokens"][0]) == 10, case
-        assert r["pool_spec"][2] == "tensor"  # the pages' kv-head axis
+        if case.startswith("latent"):  # a latent page holds one head: the same on every device
+            assert "tensor" not in r["pool_spec"], case
+        else:
+            assert r["pool_spec"][2] == "tensor", case  # the pages' kv-head axis
