@@ -227,8 +227,10 @@ def draw_deepseek_routed(family: str, rng: np.random.Generator, cfg: dict, heads
     n = cfg["num_hidden_layers"]
     group = int(rng.choice([1, 2, 4]))
     experts = group * int(rng.integers(2, 5))
-    routed = dict(n_routed_experts=experts, num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)),
-                  n_group=group, topk_group=int(rng.integers(1, group + 1)), n_shared_experts=int(rng.integers(0, 3)),
+    topk_group = int(rng.integers(1, group + 1))
+    routed = dict(n_routed_experts=experts, n_group=group, topk_group=topk_group,
+                  num_experts_per_tok=int(rng.integers(1, min(4, topk_group * experts // group) + 1)),
+                  n_shared_experts=int(rng.integers(0, 3)),
                   routed_scaling_factor=float(rng.uniform(1.0, 3.0)), norm_topk_prob=bool(rng.integers(2)),
                   moe_intermediate_size=int(rng.integers(16, 80)), first_k_dense_replace=int(rng.integers(0, n)))
     if family == "glm4_moe":

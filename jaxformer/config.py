@@ -242,6 +242,10 @@ class MoEConfig:
         if self.bias_update_rate < 0 or (self.bias_update_rate and self.router != "deepseek"):
             raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} must be >= 0, and > 0 only with "
                              "router='deepseek' (the only router with a correction bias to move)")
+        if self.router == "deepseek" and self.n_experts_per_token > self.topk_group * (self.n_experts // self.n_group):
+            raise ValueError(f"moe.n_experts_per_token={self.n_experts_per_token} exceeds the experts of the "
+                             f"moe.topk_group={self.topk_group} groups a token may choose from ({self.topk_group} x "
+                             f"{self.n_experts // self.n_group}); raise topk_group or lower n_experts_per_token")
         if self.router == "deepseek" and self.n_experts // self.n_group < 2:
             raise ValueError("the deepseek router ranks each group by its two best experts: give every group at "
                              "least 2 (n_experts / n_group >= 2)")

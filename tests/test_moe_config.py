@@ -27,6 +27,10 @@ def test_sparse_layers_follow_moe_every_and_dense_layers():
     (dict(n_experts=4, aux_loss_coef=-1.0), r"moe\.aux_loss_coef must be >= 0"),
     (dict(n_experts=-1), r"moe\.n_experts must be an integer >= 0"),
     (dict(n_expert=4), r"unknown model\.moe key\(s\) \['n_expert'\]"),
+    # 3 of the 2 experts the one allowed group holds (found by bench/hf_families_sweep.py: transformers then takes an
+    # arbitrary masked expert)
+    (dict(n_experts=4, n_experts_per_token=3, router="deepseek", n_group=2, topk_group=1),
+     r"n_experts_per_token=3 exceeds the experts of the moe\.topk_group=1 groups"),
 ])
 def test_bad_moe_settings_are_named(moe, match):
     with pytest.raises(ValueError, match=match):
