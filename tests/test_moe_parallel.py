@@ -169,3 +169,174 @@ def test_grouped_biased_clamped_glu_matches_per_group_reference():
     ref_b = np.stack([[expert(r.astype(np.float64), g) for r in xb[g]] for g in range(G)])
     got_b = np.asarray(batched_swiglu(xb, wg, wu, wd, fn, (bg, bu)))
     np.testing.assert_allclose(got_b, ref_b, rtol=1e-5, atol=1e-5 * np.abs(ref_b).max())
+
+
+def masked_dense(x, sizes, wg, wu, wd, glu, biases=None):
+    """Every row through every expert, masked to its own (rows past sum(sizes): none, so zero): a jnp reference."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    G = wg.shape[0]
+    group = np.concatenate([np.repeat(np.arange(G), sizes), np.full(x.shape[0] - sizes.sum(), G)])
+    gate, up = jnp.einsum("md,gfd->gmf", x, wg), jnp.einsum("md,gfd->gmf", x, wu)
+    if biases is not None:
+        gate, up = gate + biases[0][:, None], up + biases[1][:, None]
+    h = glu(gate, up) * (jnp.arange(G)[:, None] == group[None, :])[..., None]
+    return jnp.einsum("gmf,gdf->md", h, wd)
+
+
+@pytest.mark.parametrize("tile", [None, 4, 7])
+def test_gpu_tile_loop_matches_per_group_reference(tile):
+    """models/grouped.py's GPU path (looped_swiglu, run here on CPU), tiles of 4 (several per group: a group's
+    weight gradient summed over its run of tiles), 7 and the default (16 at this size): forward vs numpy per
+    group, every gradient vs the masked dense reference; an empty group first and last, rows past sum(sizes) (the
+    last tiles' windows then move back from the end)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxformer.models.grouped import looped_swiglu
+
+    rng = np.random.default_rng(9)
+    G, D, F = 7, 12, 20
+    sizes = np.array([0, 9, 0, 31, 1, 14, 0], np.int32)
+    M = int(sizes.sum()) + 5  # 5 rows past every group (their output is zero)
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    wg, wu = (rng.standard_normal((G, F, D)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.standard_normal((G, D, F)).astype(np.float32) * 0.3
+    group = np.repeat(np.arange(G), sizes)
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    ref = np.stack([wd[g] @ (silu(wg[g] @ r) * (wu[g] @ r)) for r, g in zip(x, group)])
+    out = np.asarray(jax.jit(lambda *a: looped_swiglu(*a, SWIGLU, tile=tile))(x, sizes, wg, wu, wd))
+    np.testing.assert_allclose(out[:len(ref)], ref, rtol=1e-5, atol=1e-5)
+    assert not out[len(ref):].any()
+
+    gy = rng.standard_normal((M, D)).astype(np.float32)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * gy), argnums=(0, 1, 2, 3)))(x, wg, wu, wd)  # noqa
+    got = grad(lambda x, *w: looped_swiglu(x, sizes, *w, SWIGLU, tile=tile))
+    want = grad(lambda x, *w: masked_dense(x, sizes, *w, SWIGLU))
+    for name, a, b in zip(("x", "gate", "up", "down"), got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not np.asarray(got[1])[[0, 2, 6]].any(), "empty groups get zero weight gradients"
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile):
+    """gpt-oss's experts through the GPU path: gate/up biases and the clamped GLU, forward vs the numpy loop of
+    transformers' GptOssExperts, gradients (biases too) vs the masked dense reference; rows past sum(sizes)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxformer.models.grouped import looped_swiglu
+    from jaxformer.models.moe import glu
+
+    rng = np.random.default_rng(10)
+    G, D, F, L, alpha = 4, 12, 20, 1.5, 1.702
+    sizes = np.array([7, 0, 23, 12], np.int32)
+    M = int(sizes.sum()) + 3
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    wg, wu = (rng.standard_normal((G, F, D)).astype(np.float32) * 0.5 for _ in range(2))
+    wd = rng.standard_normal((G, D, F)).astype(np.float32) * 0.3
+    bg, bu = (rng.standard_normal((G, F)).astype(np.float32) for _ in range(2))
+    fn = functools.partial(glu, act=None, limit=L, alpha=alpha)
+
+    def expert(r, g):  # numpy, float64: transformers' GptOssExperts._apply_gate
+        gate, up = wg[g] @ r + bg[g], wu[g] @ r + bu[g]
+        gate, up = np.minimum(gate, L), np.clip(up, -L, L)
+        return wd[g] @ ((up + 1) * gate / (1 + np.exp(-alpha * gate)))
+
+    ref = np.stack([expert(r.astype(np.float64), g) for r, g in zip(x, np.repeat(np.arange(G), sizes))])
+    out = np.asarray(jax.jit(lambda *a: looped_swiglu(*a[:5], fn, a[5:], tile=tile))(x, sizes, wg, wu, wd, bg, bu))
+    np.testing.assert_allclose(out[:len(ref)], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert not out[len(ref):].any()
+
+    gy = rng.standard_normal((M, D)).astype(np.float32)
+    args = (x, wg, wu, wd, bg, bu)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * gy), argnums=tuple(range(6))))(*args)  # noqa
+    got = grad(lambda x, a, b, c, d, e: looped_swiglu(x, sizes, a, b, c, fn, (d, e), tile=tile))
+    want = grad(lambda x, a, b, c, d, e: masked_dense(x, sizes, a, b, c, fn, (d, e)))
+    for name, a, b in zip(("x", "gate", "up", "down", "gate_bias", "up_bias"), got, want):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+    assert np.abs(np.asarray(got[4])).max() > 0 and not np.asarray(got[4])[1].any()
+
+
+def test_gpu_tile_loop_bf16_matches_float32_reference():
+    """bf16 through the GPU path, 8 tiles in one group's run (its weight gradient summed over them in float32, then
+    rounded once): every gradient bf16 and within bf16 compute's bound (1e-2 of the norm) of a float32 reference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxformer.models.grouped import looped_swiglu
+
+    rng = np.random.default_rng(11)
+    G, D, F = 3, 16, 24
+    sizes = np.array([5, 64, 11], np.int32)
+    M = int(sizes.sum())
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((G, F, D), (G, F, D), (G, D, F))]
+    gy = rng.standard_normal((M, D)).astype(np.float32)
+
+    def grads(dtype, fn):
+        loss = lambda x, *w: jnp.sum(fn(x, *w).astype(jnp.float32) * gy)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*(jnp.asarray(a, dtype) for a in (x, *ws)))
+
+    got = grads(jnp.bfloat16, lambda x, *w: looped_swiglu(x, sizes, *w, SWIGLU, tile=8))
+    want = grads(jnp.float32, lambda x, *w: masked_dense(x, sizes, *w, SWIGLU))
+    for name, a, b in zip(("x", "gate", "up", "down"), got, want):
+        assert a.dtype == jnp.bfloat16, name
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), (name, np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_gpu_tile_loop_fewer_rows_than_a_tile():
+    """Decode-sized inputs: 4 rows over 5 experts (3 of them empty) take one 4-row tile per expert in use; no rows,
+    no tiles."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxformer.models.grouped import looped_swiglu
+
+    rng = np.random.default_rng(12)
+    G, D, F = 5, 8, 6
+    sizes = np.array([0, 3, 0, 1, 0], np.int32)
+    x = rng.standard_normal((4, D)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in ((G, F, D), (G, F, D), (G, D, F))]
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    got = jax.value_and_grad(loss(lambda x, *w: looped_swiglu(x, sizes, *w, SWIGLU)), argnums=(0, 1, 2, 3))(x, *ws)
+    want = jax.value_and_grad(loss(lambda x, *w: masked_dense(x, sizes, *w, SWIGLU)), argnums=(0, 1, 2, 3))(x, *ws)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
+    assert looped_swiglu(x[:0], np.zeros(G, np.int32), *ws, SWIGLU).shape == (0, D)
+
+
+GPU_PATH_ON_MESHES = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import moe_worker
+from jaxformer.models import grouped, moe_parallel
+moe_parallel.grouped_swiglu = lambda *a, **k: grouped.looped_swiglu(*a, **k, tile=4)  # the GPU path, 4-row tiles
+rng = np.random.default_rng(0)
+print(json.dumps({"biased": moe_worker.biased_case(rng), "llama4": moe_worker.llama4_case(rng)}))
+"""
+
+
+def test_gpu_tile_loop_on_expert_fsdp_tensor_equals_one_device():
+    """The GPU path inside the expert-parallel shard_map (its custom VJP sums each cotangent over the mesh axes its
+    primal does not vary over: dx over "tensor", the weights' over the token axes), run on 8 CPU devices in place of
+    the CPU tiles: gpt-oss's biased clamped experts and Llama 4's on expert 2 x fsdp 2 x tensor 2 against one device
+    (tests/moe_worker.py's cases), outputs and every parameter's gradient."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", GPU_PATH_ON_MESHES, str(ROOT / "tests")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name, r in json.loads(res.stdout.strip().splitlines()[-1]).items():
+        assert r["max_abs_diff"] <= 1e-5 * r["max_abs"], name
+        assert r["max_grad_rel"] <= 1e-5, f"{name}: {r['worst']}: rel {r['max_grad_rel']}"

@@ -3,11 +3,16 @@
 `glu(gate, up)` combines the two projections (act(gate) * up for SwiGLU; gpt-oss clamps first: moe.py: glu);
 `biases` (gate [G, F], up [G, F]), when given, are added to the projections of each row's group.
 
-GPU and TPU lower `jax.lax.ragged_dot` to a native grouped matmul. XLA:CPU has none: jax expands the
-rows to a dense [G, M, D] masked copy, G times the work (8 experts: 8x). On CPU the rows are instead
-laid out in tiles of m rows, each group's rows padded to whole tiles (at most G * (m - 1) padding rows
-in all, a static bound), and each tile runs one batched matmul with its group's weights: the routed
-FLOPs plus the padding. `jax.lax.platform_dependent` picks the path when the computation is lowered.
+TPUs lower `jax.lax.ragged_dot` to a native grouped matmul. XLA:CPU has none, and neither has XLA:GPU
+in jax 0.10.2: both expand the rows to a dense [G, M, D] masked copy, G times the work (8 experts: 8x;
+docs/gpu.md has the measured bytes and FLOPs). Both therefore lay the rows out in tiles of m rows, each
+group's rows padded to whole tiles (a static bound on the padding), and run each tile with its own
+group's weights: the routed FLOPs plus the padding. On CPU (`_tiled`) each tile is one batched matmul
+with its group's weights gathered per tile (n_tiles x F x D: small at CPU sizes). On GPUs
+(`looped_swiglu`) a `jax.lax.scan` over the tiles slices one tile's weights at a time, so nothing of
+size n_tiles x F x D exists, forward or backward: its custom VJP writes each group's weight gradient
+once per tile into [G, F, D], summed in float32 over the group's run of tiles. `jax.lax.platform_dependent`
+picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`), which they lower natively.
 """
 
 from __future__ import annotations
@@ -62,6 +67,153 @@ def _tiled(xs, group_sizes, wg, wu, wd, glu, biases):
     return y.at[dest].get(mode="fill", fill_value=0)  # [M, D]; rows past every group: 0
 
 
+def loop_tile_rows(m_rows: int, groups: int) -> int:
+    """GPU rows per tile: the power of two at or below M / (4 G), within [16, 1024].
+
+    The static padding, at most min(G, M) * (m - 1) rows, is then at most a quarter of M (1.25x the routed
+    FLOPs) wherever the bounds do not bind; taller tiles read each weight slice for more rows (a [m, D] x
+    [D, F] bf16 tile matmul does m FLOPs per weight byte: an H100 needs about 300 to be compute-bound)."""
+    target = max(1, m_rows // (4 * groups))
+    return min(1024, max(16, 1 << (target.bit_length() - 1)))
+
+
+def _tiles(group_sizes, M: int, m: int, n_tiles: int):
+    """Each tile's (group, window, first, end) [n_tiles]: tile j of group g holds the group's rows [first, end)
+    (at most m, from its start + j * m), read through the m-row window [window, window + m) of the rows (the
+    window moved back from `first` where it would pass row M). The unused tiles at the end hold no rows."""
+    G = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    padded = (group_sizes + m - 1) // m * m  # [G] each group's rows padded to whole tiles
+    pends = jnp.cumsum(padded)
+    tile_start = jnp.arange(n_tiles) * m  # in the padded layout
+    group = jnp.minimum(jnp.searchsorted(pends, tile_start, side="right"), G - 1)  # the unused tiles: G - 1
+    first = (ends - group_sizes)[group] + tile_start - (pends - padded)[group]
+    return group, jnp.clip(first, 0, M - m), first, jnp.minimum(first + m, ends[group])
+
+
+def looped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                  glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None
+                  ) -> jax.Array:
+    """grouped_swiglu's GPU path (same arguments and result; rows past sum(group_sizes) give 0): a scan over
+    tiles of `tile` rows (default loop_tile_rows), each group's rows cut into whole tiles, each tile through its
+    own group's weights.
+
+    Work and memory follow the rows: 3 tile matmuls forward and 6 backward per tile, n_tiles <= (M + min(G, M) *
+    (m - 1)) / m tiles. A tile reads its rows as an m-row window of xs (rows of other groups masked to zero) and
+    writes its outputs back into [M, D] in place; the residuals are the tiles' gate/up projections. The
+    backward's weight gradients are summed in float32 over each group's run of consecutive tiles and written into
+    [G, F, D] (bias [G, F]) by one dynamic_update_slice per tile."""
+    M = xs.shape[0]
+    G = wg.shape[0]
+    if M == 0:
+        return jnp.zeros_like(xs)
+    m = min(tile or loop_tile_rows(M, G), M)
+    n_tiles = (M + min(G, M) * (m - 1)) // m  # >= sum over groups of ceil(size / m), whatever the sizes
+    return _tile_loop(glu, m, xs, _tiles(group_sizes, M, m, n_tiles), (wg, wu, wd), biases)
+
+
+def _varying(*trees) -> tuple[str, ...]:
+    """The mesh axes over which any array of `trees` varies (inside jax.shard_map; none outside)."""
+    axes = set()
+    for a in jax.tree.leaves(trees):
+        t = jax.typeof(a)
+        axes |= set(t.mat.varying if hasattr(t, "mat") else getattr(t, "vma", ()))
+    return tuple(sorted(axes))
+
+
+def _vary(tree, axes: tuple[str, ...]):
+    """Every array of `tree` made varying over `axes`: a loop carry's type must match what the loop writes into it."""
+    return jax.tree.map(lambda a: jax.lax.pcast(a, tuple(x for x in axes if x not in _varying(a)), to="varying"), tree)
+
+
+def _reduce_like(ct, primal):
+    """A cotangent summed over the axes its primal does not vary over (the transpose of the implicit pvary that
+    met the primal with varying operands: e.g. a weight's gradient over the token axes), typed as the primal."""
+    extra = tuple(x for x in _varying(ct) if x not in _varying(primal))
+    return _vary(jax.lax.psum(ct, extra) if extra else ct, _varying(primal))
+
+
+def _tile_loop(glu, m, xs, tiles, ws, bs):
+    """The scan over tiles with its custom VJP (glu and the tile height m closed over)."""
+    fn = jax.custom_vjp(lambda xs, tiles, ws, bs: _loop_fwd(glu, m, xs, tiles, ws, bs, keep=False))
+    fn.defvjp(lambda xs, tiles, ws, bs: _loop_fwd_res(glu, m, xs, tiles, ws, bs),
+              lambda res, dy: _loop_bwd(glu, m, res, dy))
+    return fn(xs, tiles, ws, bs)
+
+
+def _window(a, mask, start, m):
+    """Rows [start, start + m) of a [M, ...], zero where mask [m, 1] is False."""
+    return jnp.where(mask, jax.lax.dynamic_slice_in_dim(a, start, m), 0)
+
+
+def _write(a, rows, mask, start):
+    """a with rows [start, start + m) replaced by `rows` where mask [m, 1] (in place in a loop carry)."""
+    old = jax.lax.dynamic_slice_in_dim(a, start, rows.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(mask, rows.astype(a.dtype), old), start, 0)
+
+
+def _mask(m, window, first, end):
+    row = window + jnp.arange(m)
+    return ((row >= first) & (row < end))[:, None]  # [m, 1] the window's rows that are the tile's
+
+
+def _loop_fwd(glu, m, xs, tiles, ws, bs, keep: bool):
+    def step(y, tile):
+        g, window, first, end = tile
+        mask = _mask(m, window, first, end)
+        x = _window(xs, mask, window, m)  # [m, D]
+        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws)  # [F, D], [F, D], [D, F]
+        gate, up = jnp.einsum("md,fd->mf", x, wg), jnp.einsum("md,fd->mf", x, wu)
+        if bs is not None:
+            gate, up = gate + bs[0][g], up + bs[1][g]
+        out = jnp.einsum("mf,df->md", glu(gate, up), wd)
+        return _write(y, out, mask, window), (gate, up) if keep else None
+
+    dtype = jnp.result_type(xs, *ws, *(bs or ()))
+    y0 = _vary(jnp.zeros(xs.shape[:1] + ws[2].shape[1:2], dtype), _varying(xs, tiles, ws, bs))  # [M, D]
+    y, res = jax.lax.scan(step, y0, tiles)
+    return (y, *res) if keep else y
+
+
+def _loop_fwd_res(glu, m, xs, tiles, ws, bs):
+    y, gt, ut = _loop_fwd(glu, m, xs, tiles, ws, bs, keep=True)
+    return y, (xs, tiles, ws, bs, gt, ut)
+
+
+def _loop_bwd(glu, m, res, dy):
+    """Per tile: its rows' dx written into [M, D]; weight (and bias) gradients summed in float32 over the group's
+    run of tiles, the running sum written to its group's slot each tile (the run's last tile writes the whole sum)."""
+    xs, tiles, ws, bs, gt, ut = res
+    f32 = jnp.float32
+    group = tiles[0]
+    new_run = jnp.concatenate([jnp.ones((1,), bool), group[1:] != group[:-1]])  # [n] a group's first tile
+
+    def step(carry, tile):
+        dx, grads, sums = carry
+        (g, window, first, end), new, gate, up = tile
+        mask = _mask(m, window, first, end)
+        x, dyt = _window(xs, mask, window, m), _window(dy, mask, window, m)  # [m, D]; other rows 0
+        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws)
+        h, glu_vjp = jax.vjp(glu, gate, up)  # [m, F]
+        dgate, dup = glu_vjp(jnp.einsum("md,df->mf", dyt, wd))
+        dx = _write(dx, jnp.einsum("mf,fd->md", dgate, wg) + jnp.einsum("mf,fd->md", dup, wu), mask, window)
+        parts = [jnp.einsum("mf,md->fd", dgate, x, preferred_element_type=f32),
+                 jnp.einsum("mf,md->fd", dup, x, preferred_element_type=f32),
+                 jnp.einsum("md,mf->df", dyt, h, preferred_element_type=f32)]
+        if bs is not None:
+            parts += [dgate.sum(0, dtype=f32), dup.sum(0, dtype=f32)]
+        sums = tuple(jnp.where(new, 0, s) + p for s, p in zip(sums, parts))
+        grads = tuple(jax.lax.dynamic_update_index_in_dim(a, s.astype(a.dtype), g, 0) for a, s in zip(grads, sums))
+        return (dx, grads, sums), None
+
+    leaves = list(ws) + ([] if bs is None else list(bs))
+    init = (jnp.zeros_like(xs), tuple(jnp.zeros_like(a) for a in leaves),
+            tuple(jnp.zeros(a.shape[1:], f32) for a in leaves))
+    (dx, grads, _), _ = jax.lax.scan(step, _vary(init, _varying(res, dy)), (tiles, new_run, gt, ut))
+    grads = [_reduce_like(g, a) for g, a in zip(grads, leaves)]
+    return _reduce_like(dx, xs), None, tuple(grads[:3]), None if bs is None else tuple(grads[3:])
+
+
 def batched_swiglu(xb: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, glu: Callable,
                    biases: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Buffers xb [G, C, D], gate/up [G, F, D], down [G, D, F] (gate/up biases [G, F]) -> [G, C, D]: buffer g
@@ -101,7 +253,7 @@ def weigh_rows(xs: jax.Array, order: jax.Array, weights: jax.Array) -> tuple[jax
 def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert outputs ys [k*N, D] in sorted order, router weights [N, k] -> [N, D]: each token's weighted sum."""
     N, k = weights.shape
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(k, N, ys.shape[-1])  # back to (slot, token) order
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(k, N, ys.shape[-1])  # (slot, token) order
     return jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))
 
 
@@ -112,5 +264,6 @@ def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax
     Row r of group g: wd[g] @ glu(wg[g] @ x_r + bg[g], wu[g] @ x_r + bu[g]); rows past sum(group_sizes) are
     unspecified.
     """
+    gpu = lambda *a: looped_swiglu(*a, glu, biases)  # noqa: E731 - one branch object: traced once for both
     return jax.lax.platform_dependent(xs, group_sizes, wg, wu, wd, cpu=lambda *a: _tiled(*a, glu, biases),
-                                      default=lambda *a: _ragged(*a, glu, biases))
+                                      cuda=gpu, rocm=gpu, default=lambda *a: _ragged(*a, glu, biases))

@@ -13,7 +13,7 @@ ragged matmul and the all-to-all out of the partitioner, whose handling of ragge
 
 Buffers are static. Dropless: each device sends every destination a block of n * min(k, E/ep) rows, the
 most that n tokens with k distinct experts can put on one device's E/ep experts, so nothing is dropped
-whatever the routing (the price: ep / k times the k * n rows actually routed when E/ep >= k). Capacity
+whatever the routing (the price: ep * min(k, E/ep) / k times the k * n rows actually routed). Capacity
 factor: each device's tokens are one GShard group; expert e takes at most C = capacity(n) of a device's n
 tokens' assignments (top-1 choices first, earlier tokens first), so a block is exactly one device running
 moe.py's capacity path on its own tokens. With drops this differs from one device over the whole batch,
@@ -55,7 +55,8 @@ def _dropless(xs, sorted_expert, counts, ws, glu, biases, ep: int, k: int):
     starts = jnp.cumsum(counts) - counts  # [E]
     dest = sorted_expert // El  # [A] destination device
     pos = dest * C + jnp.arange(A) - starts[dest * El]  # [A] row of the send buffer
-    send = jnp.zeros((ep * C, D), xs.dtype).at[pos].set(xs)  # [ep*C, D], block j for device j
+    # unique rows: without unique_indices, the scatter's JVP holds two u32 [ep*C, D] copies to settle collisions
+    send = jnp.zeros((ep * C, D), xs.dtype).at[pos].set(xs, unique_indices=True)  # [ep*C, D], block j for device j
     recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [ep*C, D], block s from device s
     rcounts = jax.lax.all_to_all(counts.reshape(ep, El), "expert", 0, 0, tiled=True)  # [ep, El] per source
     # the local expert of received row o of block s: first group whose cumulative count exceeds o (El: padding)
@@ -63,7 +64,7 @@ def _dropless(xs, sorted_expert, counts, ws, glu, biases, ep: int, k: int):
     local = jax.vmap(lambda c: jnp.searchsorted(c, offsets, side="right"))(jnp.cumsum(rcounts, 1)).reshape(-1)
     rorder = jnp.argsort(local, stable=True)  # [ep*C] rows grouped by local expert, padding last
     out = grouped_swiglu(recv[rorder], rcounts.sum(0).astype(jnp.int32), *ws, glu, biases)  # [ep*C, D]
-    back = jnp.zeros_like(out).at[rorder].set(out)
+    back = jnp.zeros_like(out).at[rorder].set(out, unique_indices=True)  # rorder: a permutation
     ret = jax.lax.all_to_all(back, "expert", 0, 0, tiled=True)  # [ep*C, D] in the send buffer's layout
     return ret[pos], jnp.zeros((), jnp.float32)
 
