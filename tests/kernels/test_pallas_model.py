@@ -99,11 +99,13 @@ def test_decoder_lm_pallas_matches_xla(monkeypatch, name):
         assert err <= 1e-4, f"{jax.tree_util.keystr(path)}: relative grad error {err:.2e}"
 
 
-def test_windowed_soft_capped_generation_with_the_decode_kernel_matches_xla(monkeypatch):
-    """The engine over the Pallas caches (decode kernel: window and soft-cap) picks the xla engine's tokens."""
+@pytest.mark.parametrize("name,seed,lengths", [("gemma", 3, (20, 7)), ("latent", 4, (21, 6))])
+def test_generation_with_the_decode_kernels_matches_xla(monkeypatch, name, seed, lengths):
+    """The engine over the Pallas caches picks the xla engine's tokens on ragged prompts: the decode kernel with a
+    window and soft-cap (gemma), latent caches through pallas_kernels.latent_decode_attention (latent)."""
     monkeypatch.setenv(INTERPRET_ENV, "1")
-    cfg = CONFIGS["gemma"]
-    prompts = [np.random.default_rng(3).integers(0, cfg.vocab_size, n).tolist() for n in (20, 7)]
+    cfg = CONFIGS[name]
+    prompts = [np.random.default_rng(seed).integers(0, cfg.vocab_size, n).tolist() for n in lengths]
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     runs = {}
     for impl in ("xla", "pallas"):
@@ -127,20 +129,6 @@ def test_sink_and_chunked_generation_with_the_decode_kernels_matches_xla(monkeyp
     pallas = cfg.replace(attention_impl="pallas")
     assert tokens(Engine(fresh_model(pallas), max_batch=2, max_len=40)) == want
     assert tokens(PagedEngine(fresh_model(pallas), max_batch=2, max_len=40, page_size=16)) == want
-
-
-def test_latent_generation_with_the_latent_decode_kernel_matches_xla(monkeypatch):
-    """The engine over latent caches decoded by pallas_kernels.latent_decode_attention picks the xla engine's
-    tokens (ragged prompts: per-row lengths)."""
-    monkeypatch.setenv(INTERPRET_ENV, "1")
-    cfg = CONFIGS["latent"]
-    prompts = [np.random.default_rng(4).integers(0, cfg.vocab_size, n).tolist() for n in (21, 6)]
-    params = SamplingParams(max_new_tokens=10, temperature=0.0)
-    runs = {}
-    for impl in ("xla", "pallas"):
-        model = DecoderLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
-        runs[impl] = [s.tokens for s in generate(Engine(model, max_batch=2, max_len=40), prompts, params)]
-    assert runs["pallas"] == runs["xla"]
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the no-GPU error")
