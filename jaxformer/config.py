@@ -332,9 +332,53 @@ class LatentConfig:
                              f"number > 0, got {self.rope_dim}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet layers (Qwen3-Next, Qwen3.5; models/delta_net.py): linear attention whose decode state is a
+    [value_heads, key_head_dim, value_head_dim] matrix per sequence instead of a growing KV cache. Its key_heads
+    query/key heads are shared by value_heads / key_heads value heads each; q, k and v pass a causal depthwise
+    convolution of conv_kernel taps first. Names follow transformers' linear_num_key_heads, linear_key_head_dim..."""
+
+    key_heads: int = 0  # linear_num_key_heads; 0: no Gated DeltaNet layers
+    value_heads: int = 0  # linear_num_value_heads (a multiple of key_heads)
+    key_head_dim: int = 0  # linear_key_head_dim
+    value_head_dim: int = 0  # linear_value_head_dim
+    conv_kernel: int = 4  # linear_conv_kernel_dim: taps of the causal depthwise conv1d on q, k, v
+    chunk_size: int = 64  # training's chunked form: tokens per chunk (how it runs, not what it computes)
+
+    def __post_init__(self) -> None:
+        for name in ("key_heads", "value_heads", "key_head_dim", "value_head_dim"):
+            _non_negative(f"linear.{name}", getattr(self, name))
+        _positive("linear.conv_kernel", self.conv_kernel)
+        _positive("linear.chunk_size", self.chunk_size)
+        sizes = (self.key_heads, self.value_heads, self.key_head_dim, self.value_head_dim)
+        if any(sizes) and not all(sizes):
+            raise ValueError(f"Gated DeltaNet layers need linear.key_heads, value_heads, key_head_dim and "
+                             f"value_head_dim all > 0, got {sizes}")
+        if self.key_heads and self.value_heads % self.key_heads:
+            raise ValueError(f"linear.key_heads={self.key_heads} must divide linear.value_heads={self.value_heads} "
+                             "(each query/key head serves a whole group of value heads)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShortConvConfig:
+    """LFM2's gated short convolution layers (models/short_conv.py): in_proj to (b, c, x), b * x through a causal
+    depthwise conv1d of `kernel` taps (conv_L_cache), times c, out_proj; decoding keeps the last kernel - 1 inputs."""
+
+    kernel: int = 0  # conv_L_cache; 0: no short-convolution layers
+    bias: bool = False  # conv_bias: biases on in_proj, the conv and out_proj
+
+    def __post_init__(self) -> None:
+        _non_negative("conv.kernel", self.kernel)
+        _flag("conv.bias", self.bias)
+        if self.bias and not self.kernel:
+            raise ValueError("conv.bias is a short-convolution setting but conv.kernel=0; set conv.kernel or remove it")
+
+
 # The model's sub-configs: ModelConfig field -> its class. Their fields are reached as model.<sub>.<field>.
 SUBCONFIGS: dict[str, type] = {"rope": RopeConfig, "attention": AttentionConfig, "moe": MoEConfig,
-                               "scales": ScalesConfig, "altup": AltUpConfig, "latent": LatentConfig}
+                               "scales": ScalesConfig, "altup": AltUpConfig, "latent": LatentConfig,
+                               "linear": LinearAttentionConfig, "conv": ShortConvConfig}
 # Flat names of earlier versions (run directories, exported models, configs written before sub-configs) and
 # their place now; every entry point (constructor, files, --model.X overrides) still takes them.
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -441,6 +485,8 @@ class ModelConfig:
     scales: ScalesConfig = ScalesConfig()
     altup: AltUpConfig = AltUpConfig()
     latent: LatentConfig = LatentConfig()
+    linear: LinearAttentionConfig = LinearAttentionConfig()
+    conv: ShortConvConfig = ShortConvConfig()
 
     def __post_init__(self) -> None:
         for sub, cls in SUBCONFIGS.items():
