@@ -7,8 +7,8 @@ logical axis is the expert-parallel axis of jaxformer.sharding.
 
 Dropless (capacity_factor None, the default): the N*k (token, expert) assignments are sorted by expert
 and run as one grouped matmul over the E contiguous groups (MegaBlocks, Gale et al. 2022; models/grouped.py:
-`jax.lax.ragged_dot` on TPU, a scan over one expert's tiles on GPU, where XLA expands ragged_dot densely, batched
-tiles of one expert each on CPU). With a capacity factor each expert takes at
+`jax.lax.ragged_dot` on TPU; on GPU and CPU, where XLA expands ragged_dot densely, a scan over tiles of one
+expert's rows). With a capacity factor each expert takes at
 most C = ceil(cf * N * k / E) assignments into a static [E, C, D] buffer (GShard, Lepikhin et al. 2020):
 top-1 choices first, then top-2..., earlier tokens first within each; the rest are dropped (their expert
 output is zero) and the dropped fraction is reported.
