@@ -185,9 +185,13 @@ def masked_dense(x, sizes, wg, wu, wd, glu, biases=None):
     return jnp.einsum("gmf,gdf->md", h, wd)
 
 
+TILE_LOOPS = ["looped_swiglu", "expert_loop_swiglu"]  # models/grouped.py's GPU path and CPU path
+
+
+@pytest.mark.parametrize("impl", TILE_LOOPS)
 @pytest.mark.parametrize("tile", [None, 4, 7])
-def test_gpu_tile_loop_matches_per_group_reference(tile):
-    """models/grouped.py's GPU path (looped_swiglu, run here on CPU), tiles of 4 (several per group: a group's
+def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
+    """models/grouped.py's GPU path (looped_swiglu) and CPU path (expert_loop_swiglu), tiles of 4 (several per group: a group's
     weight gradient summed over its run of tiles), 7 and the default (16 at this size): forward vs numpy per
     group, every gradient vs the masked dense reference; an empty group first and last, rows past sum(sizes) (the
     last tiles' windows then move back from the end)."""
@@ -195,7 +199,9 @@ def test_gpu_tile_loop_matches_per_group_reference(tile):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer.models.grouped import looped_swiglu
+    from jaxformer.models import grouped
+
+    looped_swiglu = getattr(grouped, impl)
 
     rng = np.random.default_rng(9)
     G, D, F = 7, 12, 20
@@ -220,8 +226,9 @@ def test_gpu_tile_loop_matches_per_group_reference(tile):
     assert not np.asarray(got[1])[[0, 2, 6]].any(), "empty groups get zero weight gradients"
 
 
+@pytest.mark.parametrize("impl", TILE_LOOPS)
 @pytest.mark.parametrize("tile", [None, 4])
-def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile):
+def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile, impl):
     """gpt-oss's experts through the GPU path: gate/up biases and the clamped GLU, forward vs the numpy loop of
     transformers' GptOssExperts, gradients (biases too) vs the masked dense reference; rows past sum(sizes)."""
     import functools
@@ -230,7 +237,9 @@ def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer.models.grouped import looped_swiglu
+    from jaxformer.models import grouped
+
+    looped_swiglu = getattr(grouped, impl)
     from jaxformer.models.moe import glu
 
     rng = np.random.default_rng(10)
@@ -264,14 +273,17 @@ def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile):
     assert np.abs(np.asarray(got[4])).max() > 0 and not np.asarray(got[4])[1].any()
 
 
-def test_gpu_tile_loop_bf16_matches_float32_reference():
+@pytest.mark.parametrize("impl", TILE_LOOPS)
+def test_gpu_tile_loop_bf16_matches_float32_reference(impl):
     """bf16 through the GPU path, 8 tiles in one group's run (its weight gradient summed over them in float32, then
     rounded once): every gradient bf16 and within bf16 compute's bound (1e-2 of the norm) of a float32 reference."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer.models.grouped import looped_swiglu
+    from jaxformer.models import grouped
+
+    looped_swiglu = getattr(grouped, impl)
 
     rng = np.random.default_rng(11)
     G, D, F = 3, 16, 24
@@ -293,14 +305,17 @@ def test_gpu_tile_loop_bf16_matches_float32_reference():
         assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), (name, np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_gpu_tile_loop_fewer_rows_than_a_tile():
+@pytest.mark.parametrize("impl", TILE_LOOPS)
+def test_gpu_tile_loop_fewer_rows_than_a_tile(impl):
     """Decode-sized inputs: 4 rows over 5 experts (3 of them empty) take one 4-row tile per expert in use; no rows,
     no tiles."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer.models.grouped import looped_swiglu
+    from jaxformer.models import grouped
+
+    looped_swiglu = getattr(grouped, impl)
 
     rng = np.random.default_rng(12)
     G, D, F = 5, 8, 6

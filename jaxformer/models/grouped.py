@@ -5,16 +5,17 @@
 
 TPUs lower `jax.lax.ragged_dot` to a native grouped matmul. XLA:CPU has none, and neither has XLA:GPU
 in jax 0.10.2: both expand the rows to a dense [G, M, D] masked copy, G times the work (8 experts: 8x;
-docs/gpu.md has the measured bytes and FLOPs). On CPU and GPU (`looped_swiglu`) each group's rows are
-therefore cut into tiles of m rows (padded to whole tiles: a static bound on the padding) and a
-`jax.lax.scan` over the tiles runs each with its own group's weights, sliced one tile at a time, so
-nothing of size n_tiles x F x D exists, forward or backward: its custom VJP writes each group's weight
-gradient once per tile into [G, F, D], summed in float32 over the group's run of tiles. The routed FLOPs
-plus the padding. GPUs take tall tiles (loop_tile_rows); CPUs CPU_TILE_ROWS = 64, fastest on XLA:CPU for
-every shape measured (fwd+bwd of 4096 rows, D 256, F 512, 8 experts: 75.8 ms at 64 rows, 81.0 at 128, 83.4
-at 256, against 125 ms for batched tiles with their weights gathered per tile, this path's predecessor, and
-67.8 ms for the dense MLP of equal active parameters). `jax.lax.platform_dependent` picks the path when the
-computation is lowered; TPUs keep `ragged_dot` (`_ragged`), which they lower natively.
+docs/gpu.md has the measured bytes and FLOPs). Both therefore cut each group's rows into tiles of m rows and run
+each tile through its own group's weights: the routed FLOPs plus each group's last partial tile.
+
+GPUs (`looped_swiglu`): one `jax.lax.scan` over a static count of tiles (tall ones, loop_tile_rows), weights
+sliced one tile at a time, so nothing of size n_tiles x F x D exists, forward or backward, and XLA's cost
+analysis sees every tile; its custom VJP writes each group's weight gradient once per tile into [G, F, D],
+summed in float32 over the group's run of tiles.
+CPUs (`expert_loop_swiglu`): a loop over the groups around a loop over each group's own tiles, both of the
+data's length (CPU_TILE_ROWS rows a tile): weights sliced and weight-gradient sums written once per group, not
+once per tile, which on XLA:CPU cost as much as the tile matmuls themselves.
+`jax.lax.platform_dependent` picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-CPU_TILE_ROWS = 64
+CPU_TILE_ROWS = 128
 # ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -189,6 +190,102 @@ def _loop_bwd(glu, m, res, dy):
     return _reduce_like(dx, xs), None, tuple(grads[:3]), None if bs is None else tuple(grads[3:])
 
 
+def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                       glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None
+                       ) -> jax.Array:
+    """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
+    groups, each slicing its weights once, around a loop over that group's own ceil(size / tile) tiles.
+
+    Both trip counts are the data's, so the padding is each group's last partial tile only, and a tile's work is
+    its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running [F, D] gradient sum as
+    multiplying a short tile by it, which a loop over all tiles (looped_swiglu) pays per tile. The residuals are
+    every row's gate/up projections ([M, F] each); the backward keeps each group's weight-gradient sums (float32)
+    in its inner loop's carry and writes them once per group."""
+    M = xs.shape[0]
+    if M == 0:
+        return jnp.zeros_like(xs)
+    m = min(tile or CPU_TILE_ROWS, M)
+    fn = jax.custom_vjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, m, xs, sizes, ws, bs)[0])
+    fn.defvjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, m, xs, sizes, ws, bs),
+              lambda res, dy: _groups_bwd(glu, m, res, dy))
+    return fn(xs, jnp.asarray(group_sizes), (wg, wu, wd), biases)
+
+
+def _group(ws, sizes, g, m):
+    """Group g's weights (gate [F, D], up [F, D], down [D, F]), its rows [first, end) and its tile count."""
+    end = jnp.cumsum(sizes)[g]
+    return tuple(jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws), end - sizes[g], end, (
+        sizes[g] + m - 1) // m
+
+
+def _tile_rows(M, m, first, end, j):
+    """Tile j of the rows [first, end): its m-row window's start (moved back to fit in M rows) and row mask."""
+    start = first + j * m
+    window = jnp.clip(start, 0, M - m)
+    return window, _mask(m, window, start, end)
+
+
+def _groups_fwd(glu, m, xs, sizes, ws, bs):
+    M = xs.shape[0]
+    F = ws[0].shape[1]
+    dtype = jnp.result_type(xs, *ws, *(bs or ()))
+
+    def group(g, carry):
+        (wg, wu, wd), first, end, n = _group(ws, sizes, g, m)
+
+        def tile(j, carry):
+            y, gates, ups = carry
+            window, mask = _tile_rows(M, m, first, end, j)
+            x = _window(xs, mask, window, m)  # [m, D]
+            gate, up = jnp.einsum("md,fd->mf", x, wg), jnp.einsum("md,fd->mf", x, wu)  # [m, F]
+            if bs is not None:
+                gate, up = gate + bs[0][g], up + bs[1][g]
+            out = jnp.einsum("mf,df->md", glu(gate, up), wd)  # [m, D]
+            return _write(y, out, mask, window), _write(gates, gate, mask, window), _write(ups, up, mask, window)
+
+        return jax.lax.fori_loop(0, n, tile, carry)
+
+    init = (jnp.zeros((M, ws[2].shape[1]), dtype), jnp.zeros((M, F), dtype), jnp.zeros((M, F), dtype))
+    y, gates, ups = jax.lax.fori_loop(0, ws[0].shape[0], group, _vary(init, _varying(xs, sizes, ws, bs)))
+    return y, (xs, sizes, ws, bs, gates, ups)
+
+
+def _groups_bwd(glu, m, res, dy):
+    xs, sizes, ws, bs, gates, ups = res
+    M = xs.shape[0]
+    f32 = jnp.float32
+    leaves = list(ws) + ([] if bs is None else list(bs))
+    axes = _varying(res, dy)
+
+    def group(g, carry):
+        dx, grads = carry
+        (wg, wu, wd), first, end, n = _group(ws, sizes, g, m)
+
+        def tile(j, carry):
+            dx, sums = carry
+            window, mask = _tile_rows(M, m, first, end, j)
+            x, dyt = _window(xs, mask, window, m), _window(dy, mask, window, m)  # [m, D]; other rows 0
+            h, glu_vjp = jax.vjp(glu, _window(gates, mask, window, m), _window(ups, mask, window, m))  # [m, F]
+            dgate, dup = glu_vjp(jnp.einsum("md,df->mf", dyt, wd))
+            dx = _write(dx, jnp.einsum("mf,fd->md", dgate, wg) + jnp.einsum("mf,fd->md", dup, wu), mask, window)
+            parts = [jnp.einsum("mf,md->fd", dgate, x, preferred_element_type=f32),
+                     jnp.einsum("mf,md->fd", dup, x, preferred_element_type=f32),
+                     jnp.einsum("md,mf->df", dyt, h, preferred_element_type=f32)]
+            if bs is not None:
+                parts += [dgate.sum(0, dtype=f32), dup.sum(0, dtype=f32)]
+            return dx, tuple(s + p for s, p in zip(sums, parts))
+
+        sums = _vary(tuple(jnp.zeros(a.shape[1:], f32) for a in leaves), axes)
+        dx, sums = jax.lax.fori_loop(0, n, tile, (dx, sums))
+        grads = tuple(jax.lax.dynamic_update_index_in_dim(a, s.astype(a.dtype), g, 0) for a, s in zip(grads, sums))
+        return dx, grads
+
+    init = _vary((jnp.zeros_like(xs), tuple(jnp.zeros_like(a) for a in leaves)), axes)
+    dx, grads = jax.lax.fori_loop(0, ws[0].shape[0], group, init)
+    grads = [_reduce_like(g, a) for g, a in zip(grads, leaves)]
+    return _reduce_like(dx, xs), None, tuple(grads[:3]), None if bs is None else tuple(grads[3:])
+
+
 def batched_swiglu(xb: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, glu: Callable,
                    biases: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Buffers xb [G, C, D], gate/up [G, F, D], down [G, D, F] (gate/up biases [G, F]) -> [G, C, D]: buffer g
@@ -240,6 +337,6 @@ def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax
     unspecified.
     """
     gpu = lambda *a: looped_swiglu(*a, glu, biases)  # noqa: E731 - one branch object: traced once for both
-    cpu = lambda *a: looped_swiglu(*a, glu, biases, tile=CPU_TILE_ROWS)  # noqa: E731
+    cpu = lambda *a: expert_loop_swiglu(*a, glu, biases, tile=CPU_TILE_ROWS)  # noqa: E731
     return jax.lax.platform_dependent(xs, group_sizes, wg, wu, wd, cpu=cpu, cuda=gpu, rocm=gpu,
                                       default=lambda *a: _ragged(*a, glu, biases))
