@@ -154,10 +154,12 @@ class AttentionConfig:
     chunk_size: int | None = None  # chunked_attention layers: a query sees the keys of its own chunk of C positions
     temperature_floor: float | None = None  # NoPE layers' queries times 1 + temperature_scale * log(1 + floor((p + 1)
     temperature_scale: float = 0.1  # / temperature_floor)) at position p (Llama 4's attention temperature); None: off
+    output_gate: bool = False  # q_proj also emits a gate per head; sigmoid(gate) multiplies the attention output
+    #   before o_proj (Qwen3-Next, Qwen3.5's gated attention)
 
     def __post_init__(self) -> None:
         _flag("attention.qkv_bias", self.qkv_bias)
-        for name in ("k_eq_v", "v_norm"):
+        for name in ("k_eq_v", "v_norm", "output_gate"):
             _flag(f"attention.{name}", getattr(self, name))
         for name in ("global_head_dim", "global_kv_heads", "chunk_size"):
             if getattr(self, name) is not None:
