@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxformer.models.gated_delta import _chunk_decays, gated_delta_chunked, l2norm, unit_lower_inverse
+from pallas_kernels import tuning
 from pallas_kernels.common import (check_addressable, check_block, idiv, next_power_of_2, pad_axis, resolve_interpret,
                                    round_up)
 
@@ -64,7 +65,7 @@ class BlockSizes:
     """Tiles (powers of two >= 16; clipped to the padded Dv, Dk) and Triton launch parameters: num_warps for the
     forward, num_warps_bwd for the three backward kernels."""
 
-    block_v: int = 32  # forward and the reverse state walk: state columns per program
+    block_v: int = 16  # forward and the reverse state walk: state columns per program
     block_v_bwd: int = 16  # the chunk-parallel gradient kernels: state columns per step of their loop over Dv
     block_k: int = 64  # dq/dk kernel: key columns per program
     num_warps: int = 4
@@ -78,9 +79,13 @@ class BlockSizes:
 
     @classmethod
     def default(cls, key_dim: int, dtype=jnp.bfloat16) -> "BlockSizes":
-        """One set for every target and width so far: the first tiles found spill-free on sm_90 at Dk = Dv = 128,
-        chunk 64, bf16 (tests/gpu/test_gpu_gated_delta_compile.py; sm_80 spills a few hundred bytes with them)."""
+        """The current GPU target's tiles (sm_90 where none is known), found by compiling at Dk = Dv = 128, chunk 64,
+        bf16 (tests/gpu/test_gpu_gated_delta_compile.py): on sm_90 every kernel is spill-free with these; on sm_80
+        (mma operands in registers) no tile tried was, and 8 forward warps spilled least."""
         del key_dim, dtype
+        target = tuning.current_target()
+        if target is not None and target.arch == "sm_80":
+            return cls(num_warps=8)
         return cls()
 
 
@@ -444,7 +449,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size, scal
         raise ValueError(f"segment_ids must be integers of shape {(B, T)}, got {segment_ids.dtype} {segment_ids.shape}")
     if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
             or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size must be a power of two >= 16 (a Triton tile; 64 is the usual), got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a power of two >= 16 (a Triton tile; 64 is usual), got {chunk_size!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite Python float or None (Dk ** -0.5), got {scale!r}")
