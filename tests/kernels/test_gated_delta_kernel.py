@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jaxformer.models.gated_delta import gated_delta_chunked
-from pallas_kernels import PallasUnavailableError
+from pallas_kernels import INTERPRET_ENV, PallasUnavailableError
 from pallas_kernels.gated_delta import BlockSizes, gated_delta, gated_delta_reference
 from tests.test_gated_delta import numpy_gated_delta, rel_err, segments
 
@@ -138,7 +138,7 @@ def test_reference_is_the_chunked_model_function():
     assert max(rel_err(out, ref_out), rel_err(S, ref_S)) < OUT_TOL
 
 
-def test_argument_errors():
+def test_argument_errors(monkeypatch):
     q, k, v, g, beta, S0 = draw(5, 1, 8, 2, 4, 16, 16)
     call = functools.partial(gated_delta, interpret=True)
     with pytest.raises(ValueError, match="do not agree"):
@@ -156,5 +156,6 @@ def test_argument_errors():
     big = np.zeros((1, 8, 2, 300), np.float32)
     with pytest.raises(ValueError, match="too large for gated_delta's kernel.*gated_delta_chunked"):
         call(big, big, v, g, beta)
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
     with pytest.raises(PallasUnavailableError, match="interpret=True"):
         gated_delta(q, k, v, g, beta)  # no GPU, no interpret: the error names the fix
