@@ -18,7 +18,9 @@ POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
 NORM_PLACEMENTS = ("pre", "sandwich", "post", "parallel")
 QK_NORMS = ("none", "head", "proj", "rms")  # rms: per head, no weight, after RoPE, RoPE layers only
-LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention", "conv")
+STATE_LAYER_TYPES = ("linear_attention", "conv")  # token mixers with a recurrent state, no keys/values:
+#   Gated DeltaNet (models/delta_net.py, model.linear.*) and LFM2's short convolution (models/short_conv.py, model.conv.*)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 BLOCKS = ("standard", "gemma4", "gemma3n")  # the residual block's module: models/decoder.py | gemma4.py | gemma3n.py
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "relu2", "xielu")  # xielu: learned, MLPs only (Apertus)
@@ -464,7 +466,8 @@ class ModelConfig:
     remat: str = "none"  # activation checkpointing per block: none | full | save_dots
     scan_layers: bool = False  # lax.scan over blocks: one compiled body however deep the model
     # --- the open families (docs/models.md): each field is read in one place of models/ and torch_ref/
-    layer_types: tuple[str, ...] | None = None  # per layer full_attention | sliding_attention; None: all full,
+    layer_types: tuple[str, ...] | None = None  # per layer full_attention | sliding_attention | chunked_attention |
+    #   linear_attention | conv (LAYER_TYPES); None: all full,
     #   or all sliding when attention.sliding_window is set (Mistral)
     norm_placement: str = "pre"  # pre (Llama) | sandwich (Gemma 2/3: norms before and after) | post (OLMo 2)
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma); weights start at 0
@@ -650,7 +653,8 @@ class ModelConfig:
             ("position", self.position != "rope"), ("rope.partial_factor", self.rope.partial_factor != 1.0),
             ("attention.qk_norm", attn.qk_norm != "none"), ("attention.qkv_bias", attn.qkv_bias),
             ("attention.sinks", attn.sinks), ("attention.logit_softcap", attn.logit_softcap is not None),
-            ("attention.chunk_size", attn.chunk_size is not None), ("use_bias", self.use_bias)) if v}
+            ("attention.chunk_size", attn.chunk_size is not None), ("attention.output_gate", attn.output_gate),
+            ("use_bias", self.use_bias)) if v}
         if other:
             raise ValueError(f"latent attention (latent.kv_rank={lat.kv_rank}) has one key per head from a shared "
                              f"latent, RoPE on latent.rope_dim dims and latent.bias for its biases; {sorted(other)} "
@@ -753,9 +757,25 @@ class ModelConfig:
                 self._set("attention", sliding_window=None)
         if attn.chunk_size is not None and "chunked_attention" not in (self.layer_types or ()):
             self._set("attention", chunk_size=None)  # one spelling: no chunked layer, no chunk
+        types = set(self.layer_types or ())
+        for kind, sub, field, value in (("linear_attention", "linear", "key_heads", self.linear.key_heads),
+                                        ("conv", "conv", "kernel", self.conv.kernel)):
+            if kind in types and not value:
+                raise ValueError(f"layer_types has {kind} layers but {sub}.{field}=0: set model.{sub}.* for them")
+            if value and kind not in types:
+                raise ValueError(f"model.{sub}.{field}={value} but no layer is of type {kind!r}: list them in "
+                                 f"layer_types or remove model.{sub}.*")
+        if types & set(STATE_LAYER_TYPES):
+            if types <= set(STATE_LAYER_TYPES):
+                raise ValueError(f"layer_types has no attention layer ({sorted(types)}); hybrid models put at least "
+                                 "one attention layer among their linear_attention / conv layers")
+            if self.block != "standard" or self.latent.kv_rank or self.kv_shared_layers:
+                raise ValueError("linear_attention / conv layers go in the standard block, beside softmax attention "
+                                 "layers (block='standard', no latent attention, no kv sharing)")
 
     def layer_type(self, i: int) -> str:
-        """'full_attention' or 'sliding_attention' for block i (the one place that reads layer_types)."""
+        """Block i's token mixer: full / sliding / chunked softmax attention, linear_attention (Gated DeltaNet) or
+        conv (LFM2's short convolution); the one place that reads layer_types."""
         if self.layer_types is not None:
             return self.layer_types[i]
         return "full_attention" if self.attention.sliding_window is None else "sliding_attention"
@@ -763,9 +783,22 @@ class ModelConfig:
     def layer_rope(self, i: int) -> str | None:
         """Which RoPE table block i rotates by (its layer type's: sliding layers may have their own base), or None
         for no RoPE (a NoPE layer, or a model without RoPE); the one place that reads rope.nope_layers."""
-        if self.position != "rope" or i in self.rope.nope_layers:
+        if self.position != "rope" or i in self.rope.nope_layers or self.layer_type(i) in STATE_LAYER_TYPES:
             return None
         return self.layer_type(i)
+
+    @property
+    def has_state_layers(self) -> bool:
+        """Whether some block mixes tokens with a recurrent state (linear_attention / conv) instead of attention."""
+        return bool(set(self.layer_types or ()) & set(STATE_LAYER_TYPES))
+
+    def check_kv_decoding(self) -> None:
+        """Refuse a key/value cache for a model whose linear_attention / conv layers decode from a recurrent state."""
+        if self.has_state_layers:
+            raise ValueError(f"this model's {sorted(set(self.layer_types) & set(STATE_LAYER_TYPES))} layers keep a "
+                             "recurrent state, not keys and values, and cached decoding (generate, serve, the "
+                             "engine) does not carry such states yet; the forward pass (train, parity, "
+                             "evaluation, finetune) works")
 
     def layer_chunk(self, i: int) -> int | None:
         """Block i's attention chunk (keys of the query's own chunk of C positions, causal), or None."""
@@ -831,6 +864,8 @@ class ModelConfig:
         """
         if self.export_as is not None:
             return self.export_as
+        if "conv" in (self.layer_types or ()):
+            return "lfm2"
         if (self.position, self.norm, self.gated_mlp, self.use_bias) == ("learned", "layernorm", False, True) \
                 and self.n_kv_heads == self.n_heads and self.head_dim * self.n_heads == self.d_model:
             return "gpt2"

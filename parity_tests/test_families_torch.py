@@ -254,6 +254,14 @@ CASES = {
                                                     temperature_scale=0.5),
                                      moe=dict(n_experts=4, n_experts_per_token=2, d_ff=24, shared_d_ff=24,
                                               router="llama4", dense_layers=(0, 2)))),
+    # LFM2: a short convolution (3 taps, biases) before an attention layer with per-head q/k norms; an MLP whose
+    # width transformers derives (96 -> 2/3 -> a multiple of 32 = 64)
+    "lfm2": Case("Lfm2ForCausalLM", "Lfm2Config",
+                 dict(layer_types=["conv", "full_attention"], conv_bias=True, conv_L_cache=3, intermediate_size=96,
+                      block_multiple_of=32, norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+                 ModelConfig.llama(**OURS_BASE, export_as="lfm2", layer_types=("conv", "full_attention"),
+                                   attention=dict(qk_norm="head"), conv=dict(kernel=3, bias=True),
+                                   rope=dict(theta=1e4))),
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
                                                attention=dict(qk_norm="head", qk_norm_after_rope=True))),
@@ -293,7 +301,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
 CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text",
-             "minimax_m2", "llama4_text", "deepseek_v3")
+             "minimax_m2", "llama4_text", "deepseek_v3", "lfm2")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

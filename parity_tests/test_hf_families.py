@@ -133,6 +133,11 @@ CASES = {
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
         v_head_dim=16, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, routed_scaling_factor=2.827, first_k_dense_replace=1, n_shared_experts=0)),
+    # LFM2: gated short convolutions (3 taps, biased) around two attention layers with per-head q/k norms;
+    # intermediate_size shrunk to 2/3 and rounded up to a multiple of 32
+    "lfm2": ("Lfm2Config", dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                                conv_bias=True, conv_L_cache=3, block_multiple_of=32, norm_eps=1e-5,
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(

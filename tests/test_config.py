@@ -348,3 +348,32 @@ def test_chunked_attention_fields():
         ModelConfig.llama(n_layers=2, layer_types=("chunked_attention", "full_attention"))
     with pytest.raises(ValueError, match="attention.temperature_floor must be > 0"):
         ModelConfig.llama(attention=dict(temperature_floor=0.0))
+
+
+HYBRID = dict(n_layers=3, layer_types=("linear_attention", "conv", "full_attention"),
+              linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=8), conv=dict(kernel=3))
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(linear={}), r"linear_attention layers but linear.key_heads=0"),
+    (dict(conv={}), r"conv layers but conv.kernel=0"),
+    (dict(layer_types=("linear_attention", "full_attention", "full_attention"), conv=dict(kernel=3)),
+     r"conv.kernel=3 but no layer is of type 'conv'"),
+    (dict(layer_types=("linear_attention", "conv", "conv")), r"no attention layer"),
+    (dict(linear=dict(key_heads=3, value_heads=4, key_head_dim=8, value_head_dim=8)), r"key_heads=3 must divide"),
+    (dict(linear=dict(key_heads=2, value_heads=4, key_head_dim=8)), r"all > 0"),
+])
+def test_hybrid_layers_need_their_settings_and_only_then(change, pattern):
+    """linear_attention / conv layer types and their sub-configs come together; a hybrid keeps an attention layer."""
+    ModelConfig.llama(**HYBRID)
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig.llama(**{**HYBRID, **change})
+
+
+def test_hybrid_models_refuse_a_kv_cache_by_name():
+    from jaxformer.models.cache import KVCache
+
+    cfg = ModelConfig.llama(**HYBRID)
+    assert cfg.layer_rope(0) is None and cfg.layer_rope(2) == "full_attention"
+    with pytest.raises(ValueError, match=r"\['conv', 'linear_attention'\] layers keep a recurrent state"):
+        KVCache.init(cfg, batch=1, max_len=8)

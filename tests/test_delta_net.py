@@ -28,8 +28,8 @@ torch.set_num_threads(1)
 
 D, K, H, DK, DV, W, CHUNK = 32, 2, 4, 8, 6, 4, 16  # value_heads = 2 x key_heads; T below never divisible by CHUNK
 C = 2 * K * DK + H * DV
-CFG = ModelConfig.llama(vocab_size=50, d_model=D, n_layers=1, n_heads=4, head_dim=8, d_ff=64, norm_eps=1e-6,
-                        linear=dict(key_heads=K, value_heads=H, key_head_dim=DK, value_head_dim=DV, conv_kernel=W,
+CFG = ModelConfig.llama(vocab_size=50, d_model=D, n_layers=2, n_heads=4, head_dim=8, d_ff=64, norm_eps=1e-6,
+                        layer_types=("linear_attention", "full_attention"), linear=dict(key_heads=K, value_heads=H, key_head_dim=DK, value_head_dim=DV, conv_kernel=W,
                                     chunk_size=CHUNK))
 
 

@@ -25,6 +25,10 @@ CONFIGS = {
     "llama4": dict(layer_types=("chunked_attention",) * 3 + ("full_attention",), rope=dict(nope_layers=(3,)),
                    attention=dict(qk_norm="rms", chunk_size=8),
                    moe=dict(n_experts=4, n_experts_per_token=1, d_ff=16, shared_d_ff=16, router="llama4", every=2)),
+    # hybrids: Gated DeltaNet and short-convolution layers (their depthwise conv taps count) beside gated attention
+    "hybrid": dict(layer_types=("linear_attention", "conv", "linear_attention", "full_attention"),
+                   linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=6, conv_kernel=4),
+                   conv=dict(kernel=3), attention=dict(output_gate=True, qk_norm="head")),
 }
 
 

@@ -31,7 +31,7 @@ D = 32
 
 def _cfg(kernel: int = 3, bias: bool = True) -> ModelConfig:
     return ModelConfig.llama(vocab_size=64, d_model=D, n_layers=2, n_heads=4, d_ff=64,
-                             conv=dict(kernel=kernel, bias=bias))
+                             layer_types=("conv", "full_attention"), conv=dict(kernel=kernel, bias=bias))
 
 
 def rel(got, ref) -> float:

@@ -7,11 +7,13 @@ import math
 import torch
 from torch import nn
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import STATE_LAYER_TYPES, ModelConfig
 from torch_ref.attention import Attention
+from torch_ref.delta_net import GatedDeltaNet
 from torch_ref.latent_attention import LatentAttention
 from torch_ref.layers import MLP, Embed, Linear, QueryScale, make_norm, record, rope_cos_sin, sinusoidal_positions
 from torch_ref.moe import MoE
+from torch_ref.short_conv import ShortConv
 
 
 class Block(nn.Module):
@@ -30,8 +32,12 @@ class Block(nn.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         if self.placement != "post":
             self.input_layernorm = make_norm(cfg)
+        kind = cfg.layer_type(layer)  # the token mixer: self_attn, linear_attn (Qwen3.5) or conv (LFM2)
         attention = LatentAttention if cfg.latent.kv_rank else Attention  # DeepSeek's latent attention, or softmax
-        self.self_attn = attention(cfg, window=cfg.layer_window(layer), layer=layer)
+        self.self_attn = None if kind in STATE_LAYER_TYPES else attention(cfg, window=cfg.layer_window(layer),
+                                                                          layer=layer)
+        self.linear_attn = GatedDeltaNet(cfg) if kind == "linear_attention" else None
+        self.conv = ShortConv(cfg) if kind == "conv" else None
         if self.placement != "parallel":
             self.post_attention_layernorm = make_norm(cfg)
         if self.placement == "sandwich":
@@ -41,19 +47,24 @@ class Block(nn.Module):
         self.sparse = cfg.is_moe_layer(layer)
         self.mlp = MoE(cfg) if self.sparse else MLP(cfg)
 
+    def mix(self, h, rope, segment_ids):
+        if self.self_attn is not None:
+            return self.self_attn(h, rope, segment_ids)
+        return (self.linear_attn if self.linear_attn is not None else self.conv)(h, segment_ids)
+
     def forward(self, x, rope=None, segment_ids=None, moe_stats=None):  # [B, T, D] -> [B, T, D]
         mlp = (lambda h: self.mlp(h, moe_stats)) if self.sparse else self.mlp
         s = self.residual_scale
         if self.placement == "pre":
-            x = x + s * self.self_attn(self.input_layernorm(x), rope, segment_ids)
+            x = x + s * self.mix(self.input_layernorm(x), rope, segment_ids)
             return x + s * mlp(self.post_attention_layernorm(x))
         if self.placement == "sandwich":
-            x = x + s * self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, segment_ids))
+            x = x + s * self.post_attention_layernorm(self.mix(self.input_layernorm(x), rope, segment_ids))
             return x + s * self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         if self.placement == "parallel":  # Cohere: one norm feeds both branches
             n = self.input_layernorm(x)
-            return x + s * self.self_attn(n, rope, segment_ids) + s * mlp(n)
-        x = x + s * self.post_attention_layernorm(self.self_attn(x, rope, segment_ids))
+            return x + s * self.mix(n, rope, segment_ids) + s * mlp(n)
+        x = x + s * self.post_attention_layernorm(self.mix(x, rope, segment_ids))
         return x + s * self.post_feedforward_layernorm(mlp(x))
 
 

@@ -43,6 +43,7 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         """Zeros for `batch` sequences of up to `max_len` tokens, in the compute dtype; dtype "int8" stores
         int8 with a scale per position and kv head (jaxformer.models.quant.QuantKV)."""
+        cfg.check_kv_decoding()
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         layout = cache_layout(cfg.attention_impl)
 

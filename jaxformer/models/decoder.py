@@ -6,14 +6,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import STATE_LAYER_TYPES, ModelConfig
 from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.cache import CachedLogits, KVCache
+from jaxformer.models.delta_net import GatedDeltaNet
 from jaxformer.models.latent_attention import LatentAttention
 from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, query_temperature, record,
                                      rope_cos_sin, sinusoidal_positions)
 from jaxformer.models.moe import MoE
 from jaxformer.models.paged_cache import PagedKVCache
+from jaxformer.models.short_conv import ShortConv
 from jaxformer.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # the residual stream's logical axes
@@ -40,13 +42,27 @@ class Block(nnx.Module):
         self.rope_type = cfg.layer_rope(layer)  # the RoPE table it takes (full / sliding attention's), None: no RoPE
         self.residual_scale = cfg.scales.residual
         self.input_layernorm = make_norm(cfg) if self.placement != "post" else None
+        # the token mixer, named as transformers names it: self_attn, linear_attn (Qwen3.5), conv (LFM2)
+        kind = cfg.layer_type(layer)
         attention = LatentAttention if cfg.latent.kv_rank else Attention  # DeepSeek's latent attention, or softmax
-        self.self_attn = attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs)
+        self.self_attn = (None if kind in STATE_LAYER_TYPES else
+                          attention(cfg, window=cfg.layer_window(layer), layer=layer, rngs=rngs))
+        self.linear_attn = GatedDeltaNet(cfg, rngs=rngs) if kind == "linear_attention" else None
+        self.conv = ShortConv(cfg, rngs=rngs) if kind == "conv" else None
         self.post_attention_layernorm = make_norm(cfg) if self.placement != "parallel" else None
         self.pre_feedforward_layernorm = make_norm(cfg) if self.placement == "sandwich" else None
         self.sparse = cfg.is_moe_layer(layer)  # the MLP slot holds a Mixture of Experts (models/moe.py)
         self.mlp = MoE(cfg, rngs=rngs) if self.sparse else MLP(cfg, rngs=rngs)
         self.post_feedforward_layernorm = make_norm(cfg) if self.placement in ("sandwich", "post") else None
+
+    def mix(self, h: jax.Array, rope, segment_ids: jax.Array | None, cache=None):
+        """The block's token mixer over the normed stream h [B, T, D]: softmax attention (with `cache`: returns
+        (out, (k_cache, v_cache))), or a Gated DeltaNet / short-convolution layer (documents kept apart by
+        segment_ids)."""
+        if self.self_attn is not None:
+            return self.self_attn(h, rope, segment_ids, cache)
+        mixer = self.linear_attn if self.linear_attn is not None else self.conv
+        return mixer(h, segment_ids)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
                  cache=None, *, moe_stats: list | None = None):  # [B, T, D] -> [B, T, D]
@@ -57,23 +73,23 @@ class Block(nnx.Module):
         s = self.residual_scale
         branch = (lambda h: h) if s == 1.0 else (lambda h: h * jnp.asarray(s, h.dtype))
         if self.placement == "pre":
-            h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            h = self.mix(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + branch(h)
             x = x + branch(mlp(self.post_attention_layernorm(x)))
         elif self.placement == "sandwich":
-            h = self.self_attn(self.input_layernorm(x), rope, segment_ids, cache)
+            h = self.mix(self.input_layernorm(x), rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + branch(self.post_attention_layernorm(h))
             x = x + branch(self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x))))
         elif self.placement == "post":
-            h = self.self_attn(x, rope, segment_ids, cache)
+            h = self.mix(x, rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + branch(self.post_attention_layernorm(h))
             x = x + branch(self.post_feedforward_layernorm(mlp(x)))
         else:  # parallel: one norm feeds both branches
             n = self.input_layernorm(x)
-            h = self.self_attn(n, rope, segment_ids, cache)
+            h = self.mix(n, rope, segment_ids, cache)
             h, kv = h if cache is not None else (h, kv)
             x = x + branch(h) + branch(mlp(n))
         return x if cache is None else (x, kv)

@@ -38,6 +38,7 @@ class PagedKVCache:
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, num_pages: int, page_size: int,
              dtype=None) -> "PagedKVCache":
         """Zero pools of num_pages pages (page 0 is scratch), tables for `batch` rows of up to max_len tokens."""
+        cfg.check_kv_decoding()
         if page_size < 1 or num_pages < 2:
             raise ValueError(f"need page_size >= 1 and num_pages >= 2 (page 0 is scratch), got {page_size} and "
                              f"{num_pages}")

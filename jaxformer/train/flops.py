@@ -22,11 +22,19 @@ def matmul_params(cfg: ModelConfig) -> int:
     per-layer inputs their gate and projection, Gemma 3n its AltUp and LAuReL matrices."""
     D, V, A, P = cfg.d_model, cfg.vocab_size, cfg.altup.inputs, cfg.per_layer_dim
     total = D * V + D * cfg.n_layers * P + 2 * max(A - 1, 0) * D * D  # head, per-layer input projection, AltUp in/out
+    lin = cfg.linear
     for i in range(cfg.n_layers):
         H, K = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
         own_kv = cfg.kv_source(i) == i
         k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(i) == "full_attention"
-        total += 2 * D * cfg.n_heads * H + (D * K * H * (1 if k_eq_v else 2) if own_kv else 0)
+        if cfg.layer_type(i) == "linear_attention":  # in_proj_qkv, in_proj_z, in_proj_b / a, out_proj; conv taps
+            qkv = 2 * lin.key_heads * lin.key_head_dim + lin.value_heads * lin.value_head_dim
+            total += D * (qkv + 2 * lin.value_heads * lin.value_head_dim + 2 * lin.value_heads) + qkv * lin.conv_kernel
+        elif cfg.layer_type(i) == "conv":  # in_proj (D -> 3D), out_proj; the depthwise conv's taps
+            total += 4 * D * D + D * cfg.conv.kernel
+        else:
+            gate = 2 if cfg.attention.output_gate else 1  # q_proj also emits the output gate
+            total += (1 + gate) * D * cfg.n_heads * H + (D * K * H * (1 if k_eq_v else 2) if own_kv else 0)
         dense = D * cfg.layer_d_ff(i) * (3 if cfg.gated_mlp else 2)
         sparse = D * (cfg.moe.n_experts + 3 * cfg.moe.n_experts_per_token * cfg.expert_d_ff + 3 * cfg.moe.shared_d_ff
                       + int(cfg.moe.shared_gate))
@@ -39,8 +47,14 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6N for the weights (forward + backward) + 12 L T (N_heads H) for attention scores/values."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    """6N for the weights (forward + backward) + 12 T (N_heads H) per attention layer for scores/values; a Gated
+    DeltaNet layer's state reads and writes, 3 x 6 H_v Dk Dv per token (chunked: within 2x of it while the chunk
+    is shorter than Dk), replace the T-long term."""
+    lin = cfg.linear
+    kinds = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+    attention = sum(k not in ("linear_attention", "conv") for k in kinds)
+    delta = kinds.count("linear_attention") * 18.0 * lin.value_heads * lin.key_head_dim * lin.value_head_dim
+    return 6.0 * matmul_params(cfg) + 12.0 * attention * seq_len * cfg.n_heads * cfg.head_dim + delta
 
 
 @functools.cache
