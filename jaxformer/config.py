@@ -866,6 +866,8 @@ class ModelConfig:
             return self.export_as
         if "conv" in (self.layer_types or ()):
             return "lfm2"
+        if "linear_attention" in (self.layer_types or ()):
+            return "qwen3_5_moe_text" if self.moe.n_experts else "qwen3_5_text"
         if (self.position, self.norm, self.gated_mlp, self.use_bias) == ("learned", "layernorm", False, True) \
                 and self.n_kv_heads == self.n_heads and self.head_dim * self.n_heads == self.d_model:
             return "gpt2"

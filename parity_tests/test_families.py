@@ -44,9 +44,11 @@ def _batch(cfg: ModelConfig, T: int, seed: int, packed: bool):
 # one config per family at its longest prompt (Llama's other RoPE scalings: test_rope_scaling_cos_sin below);
 # Gemma 3 on packed rows: segments through sliding windows and the local RoPE
 FAMILIES = ["llama_yarn", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3_longrope", "olmo2", "smollm3", "exaone4",
-            "arcee", "starcoder2", "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4", "deepseek_v3", "lfm2"]
+            "arcee", "starcoder2", "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4", "deepseek_v3", "lfm2", "qwen3_5_text",
+            "qwen3_next"]
 MODEL_CASES = [(name, max(CASES[name].lengths), False) for name in FAMILIES] + [("gemma3_text", 40, True),
-                                                                                 ("lfm2", 40, True)]
+                                                                                 ("lfm2", 40, True),
+                                                                                 ("qwen3_5_text", 40, True)]
 
 
 @pytest.mark.parametrize("name,T,packed", MODEL_CASES,

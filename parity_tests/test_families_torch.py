@@ -262,6 +262,31 @@ CASES = {
                  ModelConfig.llama(**OURS_BASE, export_as="lfm2", layer_types=("conv", "full_attention"),
                                    attention=dict(qk_norm="head"), conv=dict(kernel=3, bias=True),
                                    rope=dict(theta=1e4))),
+    # Qwen3.5: a Gated DeltaNet layer (2 key heads, 4 value heads, 4 conv taps) before a gated full-attention layer
+    # with per-head q/k norms and a quarter of each head rotated; (1 + w) norms
+    "qwen3_5_text": Case("Qwen3_5ForCausalLM", "Qwen3_5TextConfig",
+                         dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                              linear_value_head_dim=6, layer_types=["linear_attention", "full_attention"],
+                              rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25)),
+                         ModelConfig.llama(**OURS_BASE, export_as="qwen3_5_text", norm_unit_offset=True,
+                                           layer_types=("linear_attention", "full_attention"),
+                                           attention=dict(qk_norm="head", output_gate=True),
+                                           rope=dict(theta=1e4, partial_factor=0.25),
+                                           linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=6))),
+    # Qwen3-Next: the same mixers from fused projections, experts beside a gated shared expert
+    "qwen3_next": Case("Qwen3NextForCausalLM", "Qwen3NextConfig",
+                       dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                            linear_value_head_dim=6, layer_types=["linear_attention", "full_attention"],
+                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                            shared_expert_intermediate_size=32, norm_topk_prob=True,
+                            rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25)),
+                       ModelConfig.llama(**OURS_BASE, export_as="qwen3_next", norm_unit_offset=True,
+                                         layer_types=("linear_attention", "full_attention"),
+                                         attention=dict(qk_norm="head", output_gate=True),
+                                         rope=dict(theta=1e4, partial_factor=0.25),
+                                         linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=6),
+                                         moe=dict(n_experts=4, n_experts_per_token=2, d_ff=24, shared_d_ff=32,
+                                                  shared_gate=True, router="qwen", norm_topk_prob=True))),
     "hunyuan_v1_dense": Case("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", dict(),
                              ModelConfig.llama(**OURS_BASE, export_as="hunyuan_v1_dense",
                                                attention=dict(qk_norm="head", qk_norm_after_rope=True))),
@@ -301,7 +326,7 @@ def hf_model(case: Case, seed: int, std: float = 0.2):
 # layouts beyond renaming (interleaved RoPE rows, GLM's norm names): the importer's own conversion, which the
 # transformers comparison below then checks as much as torch_ref
 CONVERTED = ("glm4", "cohere2", "hunyuan_v1_dense", "apertus", "gpt_oss", "glm4_moe", "gemma4_text", "gemma3n_text",
-             "minimax_m2", "llama4_text", "deepseek_v3", "lfm2")
+             "minimax_m2", "llama4_text", "deepseek_v3", "lfm2", "qwen3_next")
 
 
 def hf_to_torch_ref(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

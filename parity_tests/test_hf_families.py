@@ -138,6 +138,29 @@ CASES = {
     "lfm2": ("Lfm2Config", dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
                                 conv_bias=True, conv_L_cache=3, block_multiple_of=32, norm_eps=1e-5,
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    # Qwen3.5: Gated DeltaNet layers (2 key heads of 16, 4 value heads of 12, 4 conv taps) and a gated full-attention
+    # layer (q/k norms, a quarter of each head rotated), (1 + w) norms. Weights of std 0.05: at 0.1 the decays reach
+    # e^-60 a token and both float32 implementations sit ~3e-5 from transformers' float64 (ours 3.1e-5, its 3.8e-5)
+    "qwen3_5_text": ("Qwen3_5TextConfig", dict(
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=12, initializer_range=0.05,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25))),
+    # Qwen3-Next: the fused DeltaNet projections, experts with a gated shared expert, one dense layer
+    "qwen3_next": ("Qwen3NextConfig", dict(
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=12, initializer_range=0.05,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        mlp_only_layers=[2], norm_topk_prob=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),
+    # Qwen3.5-MoE: every layer sparse, the same mixers
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=12, initializer_range=0.05,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25))),
     # Gemma 3n: 4 AltUp streams, LAuReL, Gaussian top-k gates on two layers, per-layer inputs over a table shorter
     # than the vocabulary, the last 2 layers reusing keys/values
     "gemma3n": ("Gemma3nTextConfig", dict(

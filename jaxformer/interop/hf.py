@@ -5,7 +5,8 @@ pytorch_model.bin via torch.load(weights_only=True)) and writes directories that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. config.json's `model_type` picks the importer
 (gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2: jaxformer.interop.<family>;
 mixtral, qwen2_moe, qwen3_moe: jaxformer.interop.moe; the families since (llama_kin, olmo2, exaone4, starcoder2,
-glm4, cohere2, gpt_oss, glm4_moe, gemma4, gemma3n, minimax_m2, llama4, deepseek_v3 / kimi_k2, lfm2): their modules; marian: the
+glm4, cohere2, gpt_oss, glm4_moe, gemma4, gemma3n, minimax_m2, llama4, deepseek_v3 / kimi_k2, lfm2, qwen3_5 /
+qwen3_5_moe / qwen3_next): their modules; marian: the
 encoder-decoder; block-scaled fp8 weights are dequantized first, interop/fp8.py); the config's `family`
 (export_as, or inferred from its fields) the exporter, which refuses, naming the fields, a config the
 architecture cannot express.
@@ -23,7 +24,7 @@ import numpy as np
 from jaxformer.config import EncDecConfig, ModelConfig
 from jaxformer.interop import (cohere2, deepseek_v3, exaone4, fp8, gemma, gemma3n, gemma4, glm4, glm4_moe, gpt2,
                                gpt_oss, lfm2, llama, llama4, llama_kin, marian, minimax_m2, moe, olmo2, phi3,
-                               starcoder2)
+                               qwen3_5, starcoder2)
 from jaxformer.interop.hf_config import Family, check_expressible
 from jaxformer.interop.state_dict import UnsupportedCheckpointError, from_state_dict, to_numpy_state_dict
 from jaxformer.models import DecoderLM
@@ -33,7 +34,8 @@ FAMILIES: dict[str, Family] = {**gpt2.FAMILIES, **llama.FAMILIES, **gemma.FAMILI
                                **moe.FAMILIES, **llama_kin.FAMILIES, **exaone4.FAMILIES, **starcoder2.FAMILIES,
                                **glm4.FAMILIES, **cohere2.FAMILIES, **gpt_oss.FAMILIES, **glm4_moe.FAMILIES,
                                **gemma4.FAMILIES, **gemma3n.FAMILIES, **minimax_m2.FAMILIES,
-                               **llama4.FAMILIES, **deepseek_v3.FAMILIES, **lfm2.FAMILIES}
+                               **llama4.FAMILIES, **deepseek_v3.FAMILIES, **lfm2.FAMILIES,
+                               **qwen3_5.FAMILIES}
 SUPPORTED = {**{t: f.architecture for t, f in FAMILIES.items()}, "marian": "MarianMTModel"}
 # buffers some transformers versions store beside the weights; they carry no learned values
 IGNORED_HF_KEYS = re.compile(r".*\.attn\.(bias|masked_bias)$|.*rotary_emb\.inv_freq$")
