@@ -1,20 +1,23 @@
 """pallas_kernels.gated_delta compiles, forward and backward, to sm_90 (H100) and sm_80 (A100) cubins.
 
 As tests/gpu/test_gpu_latent_compile.py: jax's compile-only CUDA devices run XLA:GPU, Triton and ptxas here and the
-cubins are read back (pallas_kernels.targets.cubin); no GPU needed. One program per cell: jax.grad of the fused rule
-through every kernel (the forward, the forward that writes the chunk states, the reverse state-gradient walk, the
-chunk-parallel gradient kernel and the dq/dk kernel). The bf16 cells are Qwen3.5-like Gated DeltaNet layers
-(Qwen3-Next: 16 q/k heads, 32 value heads, Dk = Dv = 128, chunk 64) over 1000 packed tokens (not a multiple of 64),
-with the in-kernel l2-norm, segment ids and an initial state, at the default tiles. On sm_90 every kernel must be
+cubins are read back (pallas_kernels.targets.cubin); no GPU needed. One program per cell: jax.value_and_grad of the
+rule through every kernel (the forward, the forward that writes the chunk states, the reverse state-gradient walk, the
+chunk-parallel gradient kernel and the dq/dk kernel). The first two cells are Qwen3.5-like Gated DeltaNet layers in
+bf16 (Qwen3-Next: 16 q/k heads, 32 value heads, Dk = Dv = 128, chunk 64), the next two Dk = Dv = 64 (bf16 on h100,
+fp16 on a100), all over 1000 packed tokens (not a multiple of 64) with the l2-norm, segment ids and an initial
+state, at the default tiles. On sm_90 every kernel must be
 spill-free; on sm_80 (no wgmma: mma operands live in registers) the default tiles spill, and the cells hold each
 kernel to what was measured plus SPILL_SLACK. The fp32 cell proves the compile only (full-precision tile matmuls;
 as for the attention kernels, docs/gpu.md). Measured (jax 0.10.2), registers / spill bytes:
   h100 bf16  forward 194 / 0, forward_states 224 / 0, state_grad 169 / 0, chunk_grad 242 / 0, qk_grad 111 / 0
   a100 bf16  forward 255 / 304, forward_states 255 / 280, state_grad 255 / 56, chunk_grad 255 / 272, qk_grad 180 / 0
+  at Dk = Dv = 64: h100 bf16 110-201 registers, no spills; a100 fp16 forward 16 bytes, chunk_grad 80, the others 0
   h100 fp32  forward 255 / 1768, forward_states 255 / 1800, state_grad 255 / 176, chunk_grad 32 / 3688,
              qk_grad 255 / 232
-(sm_80 forward tiles tried: 16 or 32 state columns x 4 or 8 warps spilled 304-832 bytes, 64 x 8 about 2.3 KB.)
-About 5-10 CPU seconds per cell.
+(sm_80 forward tiles tried: 16 or 32 state columns x 4 or 8 warps spilled 304-832 bytes, 64 x 8 about 2.3 KB.
+Dk = Dv = 256, the largest the kernel accepts, compiles too, with spills: h100 up to 112 bytes, a100 1.6-3.4 KB.)
+About 5-10 CPU seconds per cell (the fp32 one is at Dk = Dv = 64 and holds no spill bound).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ SPILLS = {"sm_90": dict.fromkeys(KERNELS, 0),  # measured at the default tiles o
 CELLS = [  # target, dtype, batch, tokens, q/k heads K, value heads H, Dk, Dv, chunk
     ("h100", jnp.bfloat16, 2, 1000, 16, 32, 128, 128, 64),
     ("a100", jnp.bfloat16, 2, 1000, 16, 32, 128, 128, 64),
+    ("h100", jnp.bfloat16, 2, 1000, 8, 16, 64, 64, 64),
+    ("a100", jnp.float16, 2, 1000, 8, 16, 64, 64, 64),
     ("h100", jnp.float32, 1, 300, 2, 4, 64, 64, 64),
 ]
 
