@@ -72,7 +72,9 @@ class Attention(nn.Module):
         D, N = cfg.d_model, cfg.n_heads
         K, H = cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)  # Gemma 4's full layers: their own sizes
         qkv_bias = cfg.use_bias or cfg.attention.qkv_bias  # Qwen2: biases on q/k/v only
-        self.q_proj = Linear(D, N * H, bias=qkv_bias)
+        # Qwen3-Next / Qwen3.5: q_proj also emits an output gate, per head [query_h | gate_h]
+        self.output_gate = cfg.attention.output_gate
+        self.q_proj = Linear(D, N * H * (2 if self.output_gate else 1), bias=qkv_bias)
         self.k_proj = Linear(D, K * H, bias=qkv_bias)
         # Gemma 4: full layers' values are the key projection
         k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
@@ -112,7 +114,9 @@ class Attention(nn.Module):
         """`kv`: cross-attention to another sequence's (k, v). `shared`: a kv-shared layer's source layer's rotated
         (k, v) of the same tokens (Gemma 4). `return_kv`: also return this layer's rotated (k, v)."""
         B, T, _ = x.shape
-        q = self.q_proj(x)  # [B, T, N*H]
+        q, gate = self.q_proj(x), None  # [B, T, N*H], or [B, T, N*2H] with a gate
+        if self.output_gate:  # norms and RoPE touch the query half only
+            q, gate = (t.reshape(B, T, -1) for t in q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1))
         if self.qk_norm == "proj":
             q = self.q_norm(q)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -139,5 +143,8 @@ class Attention(nn.Module):
         seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         out = attend(q, k, v, causal=self.causal, segment_ids=seg, scale=self.scale, window=self.window,
                      softcap=self.softcap, sinks=self.sinks, chunk=self.chunk)
-        out = self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        out = out.reshape(B, T, self.n_heads * self.head_dim)  # [B, T, N*H]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        out = self.o_proj(out)
         return (out, (k, v)) if return_kv else out

@@ -325,7 +325,9 @@ class Attention(nnx.Module):
         k_eq_v = cfg.attention.k_eq_v and cfg.layer_type(layer) == "full_attention"
         kw = dict(bias=cfg.use_bias or cfg.attention.qkv_bias, std=cfg.init_std, param_dtype=cfg.param_dtype,
                   compute_dtype=cfg.compute_dtype, rngs=rngs)
-        self.q_proj = Linear(D, N * H, axes=("heads", "embed"), **kw)
+        # Qwen3-Next / Qwen3.5: q_proj also emits an output gate, laid out per head as [query_h | gate_h] (2H wide)
+        self.output_gate = cfg.attention.output_gate
+        self.q_proj = Linear(D, N * H * (2 if self.output_gate else 1), axes=("heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
         self.v_proj = None if k_eq_v else Linear(D, K * H, axes=("kv_heads", "embed"), **kw)
         kw.update(bias=cfg.use_bias, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)  # residual output (GPT-2 init)
@@ -362,14 +364,19 @@ class Attention(nnx.Module):
             v = rms_normalize(v, self.v_norm_eps)
         return k, v
 
-    def project_q(self, x: jax.Array) -> jax.Array:
-        """Queries [B, T, N, H] of [B, T, D], q-normed when the config says so."""
+    def project_q(self, x: jax.Array, *, with_gate: bool = False):
+        """Queries [B, T, N, H] of [B, T, D], q-normed when the config says so; `with_gate`: (queries, output gate
+        [B, T, N*H] or None), the gate's pre-sigmoid logits that multiply the attention output (attention.output_gate)."""
         B, T, _ = x.shape
-        q = self.q_proj(x)  # [B, T, N*H]
+        N, H = self.n_heads, self.head_dim
+        q, gate = self.q_proj(x), None  # [B, T, N*H], or [B, T, N*2H] with a gate
+        if self.output_gate:  # per head [query_h | gate_h]; norms and RoPE touch the query half only
+            q, gate = (t.reshape(B, T, N * H) for t in jnp.split(q.reshape(B, T, N, 2 * H), 2, axis=-1))
         if self.qk_norm == "proj":
             q = self.q_norm(q)
-        q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, N, H]
-        return self.q_norm(q) if self.qk_norm == "head" and not self.qk_norm_after_rope else q
+        q = q.reshape(B, T, N, H)  # [B, T, N, H]
+        q = self.q_norm(q) if self.qk_norm == "head" and not self.qk_norm_after_rope else q
+        return (q, gate) if with_gate else q
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None,
                  segment_ids: jax.Array | SegmentIds | None = None, cache: LayerCache | None = None,
@@ -382,7 +389,7 @@ class Attention(nnx.Module):
         without a cache) returns (out, (k, v)) with this layer's rotated keys and values, for layers that reuse them.
         """
         B, T, _ = x.shape
-        q = self.project_q(x)  # [B, T, N, H]
+        q, gate = self.project_q(x, with_gate=True)  # [B, T, N, H], [B, T, N*H] or None
         if kv is None:
             k, v = self.project_kv(x)  # [B, T, K, H]
             q, k = self.rotate(q, rope), self.rotate(k, rope, keys=True)
@@ -392,19 +399,20 @@ class Attention(nnx.Module):
             k, v = kv  # [B, S, K, H]
         if isinstance(cache, PagedLayer):
             k_pages, v_pages = write_paged(cache.k_pages, cache.v_pages, k, v, cache.page_table, cache.start)
-            return self._attend(q, cache._replace(k_pages=k_pages, v_pages=v_pages), None), (k_pages, v_pages)
+            return self._attend(q, cache._replace(k_pages=k_pages, v_pages=v_pages), None, gate), (k_pages, v_pages)
         if cache is not None:
             k_cache, v_cache, start = cache
             k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start, self.impl)
-            return self._attend(q, (k_cache, v_cache, start), None), (k_cache, v_cache)
-        out = self._attend(q, (k, v), segment_ids)
+            return self._attend(q, (k_cache, v_cache, start), None, gate), (k_cache, v_cache)
+        out = self._attend(q, (k, v), segment_ids, gate)
         return (out, (k, v)) if return_kv else out
 
     def reuse(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
               source) -> jax.Array:  # [B, T, D] -> [B, T, D]
         """A kv-shared layer (Gemma 3n / 4): queries of x attend to an earlier layer's keys and values, `source`:
         its (k, v) [B, T, K, H] of these tokens, or its cache (LayerCache / PagedLayer) with these tokens written."""
-        return self._attend(self.rotate(self.project_q(x), rope), source, segment_ids)
+        q, gate = self.project_q(x, with_gate=True)
+        return self._attend(self.rotate(q, rope), source, segment_ids, gate)
 
     def rotate(self, x: jax.Array, rope, keys: bool = False) -> jax.Array:  # [B, T, heads, H]
         """Queries or keys positioned: RoPE (cos, sin), then the norms that follow it (Hunyuan's per-head norms, Llama
@@ -419,9 +427,10 @@ class Attention(nnx.Module):
             x = rms_normalize(x, self.qk_rms_eps)
         return x
 
-    def _attend(self, q: jax.Array, source, segment_ids) -> jax.Array:
+    def _attend(self, q: jax.Array, source, segment_ids, gate: jax.Array | None = None) -> jax.Array:
         """Queries [B, T, N, H] against `source` -- (k, v) of the same tokens, a cache (k_cache, v_cache, start) or a
-        PagedLayer, both already holding these T tokens at start[b] + t -- then o_proj: [B, T, D]."""
+        PagedLayer, both already holding these T tokens at start[b] + t -- then times sigmoid(gate) [B, T, N*H] when
+        there is an output gate, then o_proj: [B, T, D]."""
         B, T = q.shape[:2]
         kw = dict(impl=self.impl, scale=self.scale, window=self.window, softcap=self.softcap, chunk=self.chunk,
                   sinks=None if self.sinks is None else self.sinks[...])
@@ -433,4 +442,7 @@ class Attention(nnx.Module):
         else:
             seg = segment_ids if segment_ids is None or isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
             out = attend(q, *source, causal=self.causal, segment_ids=seg, **kw)  # [B, T, N, H]
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        out = out.reshape(B, T, self.n_heads * self.head_dim)  # [B, T, N*H]
+        if gate is not None:  # Qwen3-Next: attn_output * sigmoid(gate), in the compute dtype
+            out = out * jax.nn.sigmoid(gate)
+        return self.o_proj(out)
