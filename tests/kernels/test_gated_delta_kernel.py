@@ -4,7 +4,7 @@ gated_delta_chunked, bf16 against float32, and argument errors.
 
 Errors are elementwise, relative to the reference's max |value|; bounds keep >= 4x margin over what was measured.
 Measured on a 2-core x86 CPU (jax 0.10.2), identical pinned to one core (taskset -c 0), printed with pytest -s:
-  float32 outputs / final states vs float64 numpy   <= 1.9e-7   (bound 1e-6)
+  float32 outputs / final states vs float64 numpy   <= 2.3e-7   (bound 1e-6)
   float32 gradients vs gated_delta_chunked's        <= 2.1e-7   (bound 1e-6; q 2.1e-7, k 2.0e-7, g 2.0e-7)
   at Dk = Dv = 128, chunk 64, default tiles: outputs 1.5e-7, state 1.3e-7; gradients <= 7.2e-7 (dg; bound 3e-6)
   bf16 (inputs and tile matmuls) vs the float32 kernel on the same rounded inputs, ||x - ref|| / ||ref||:
@@ -45,36 +45,39 @@ def draw(seed, B, T, K, H, Dk, Dv, *, state=True, unit_k=True):
     return tuple(None if x is None else x.astype(np.float32) for x in (q, k, v, g, beta, S0))
 
 
-def numpy_reference(q, k, v, g, beta, S0, seg, use_qk_l2norm):
-    """The float64 loop of tests/test_gated_delta.py, after the kernel's l2-norm and q/k head repeat in float64."""
+def numpy_reference(q, k, v, g, beta, S0, seg, use_qk_l2norm, scale=None):
+    """The float64 loop of tests/test_gated_delta.py (which scales q by Dk ** -0.5), after the l2-norm, a scale
+    other than Dk ** -0.5 and the q/k head repeat, in float64."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     if use_qk_l2norm:
         q, k = (x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6) for x in (q, k))
+    if scale is not None:
+        q = q * scale * np.sqrt(q.shape[-1])
     G = v.shape[2] // q.shape[2]
     q, k = np.repeat(q, G, axis=2), np.repeat(k, G, axis=2)  # value head h reads q/k head h // G
     return numpy_gated_delta(q, k, v, g, beta, S0=S0, seg=seg)
 
 
-def kernel(chunk_size, use_qk_l2norm=False, block_sizes=None):
-    return functools.partial(gated_delta, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+def kernel(chunk_size, use_qk_l2norm=False, block_sizes=None, scale=None):
+    return functools.partial(gated_delta, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
                              block_sizes=block_sizes, interpret=True)
 
 
-# B, T, K, H, Dk, Dv, C, packed, initial state, l2norm, block sizes: lengths the chunk does not divide (45, 37, 1),
-# Dk/Dv padded (12 -> 16, 20 -> 32, 48 -> 64), grouped heads (H / K = 2), several Dv tiles and Dk tiles
+# B, T, K, H, Dk, Dv, C, packed, initial state, l2norm, scale, block sizes: lengths the chunk does not divide (45,
+# 37, 1), Dk/Dv padded (12 -> 16, 20 -> 32, 48 -> 64), grouped heads (H / K = 2), several Dv tiles and Dk tiles
 SMALL = BlockSizes(block_v=16, block_v_bwd=16, block_k=16)
-CASES = [(2, 45, 2, 2, 12, 20, 16, True, True, False, None),
-         (1, 64, 2, 4, 16, 16, 16, False, False, True, None),
-         (2, 37, 1, 2, 32, 48, 32, True, True, True, SMALL),
-         (1, 1, 1, 2, 8, 8, 64, False, True, False, None)]
+CASES = [(2, 45, 2, 2, 12, 20, 16, True, True, False, None, None),
+         (1, 64, 2, 4, 16, 16, 16, False, False, True, 0.4, None),
+         (2, 37, 1, 2, 32, 48, 32, True, True, True, None, SMALL),
+         (1, 1, 1, 2, 8, 8, 64, False, True, False, 0.1, None)]
 
 
-@pytest.mark.parametrize("B,T,K,H,Dk,Dv,C,packed,state,l2,blocks", CASES)
-def test_forward_matches_float64_loop(B, T, K, H, Dk, Dv, C, packed, state, l2, blocks):
+@pytest.mark.parametrize("B,T,K,H,Dk,Dv,C,packed,state,l2,scale,blocks", CASES)
+def test_forward_matches_float64_loop(B, T, K, H, Dk, Dv, C, packed, state, l2, scale, blocks):
     q, k, v, g, beta, S0 = draw(T * 13 + H, B, T, K, H, Dk, Dv, state=state, unit_k=not l2)
     seg = segments(T + 1, B, T, max(1, T // 12), forced=(1, C, C + 1, T - 1)) if packed else None
-    out, S = jax.jit(kernel(C, l2, blocks))(q, k, v, g, beta, initial_state=S0, segment_ids=seg)
-    ref_out, ref_S = numpy_reference(q, k, v, g, beta, S0, seg, l2)
+    out, S = jax.jit(kernel(C, l2, blocks, scale))(q, k, v, g, beta, initial_state=S0, segment_ids=seg)
+    ref_out, ref_S = numpy_reference(q, k, v, g, beta, S0, seg, l2, scale)
     assert out.shape == (B, T, H, Dv) and out.dtype == jnp.float32 and S.shape == (B, H, Dk, Dv)
     errs = rel_err(out, ref_out), rel_err(S, ref_S)
     print(errs)
