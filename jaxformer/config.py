@@ -670,6 +670,8 @@ class ModelConfig:
     def layer_cache_dims(self, i: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, dims) of block i's two cache entries: keys and values, or with latent attention the normed latent
         (1, kv_rank) and the rotated shared key (1, rope_dim), which is all an absorbed decode step reads."""
+        if self.layer_type(i) in STATE_LAYER_TYPES:  # a recurrent state per sequence instead (cache.layer_states)
+            return (0, 0), (0, 0)
         if self.latent.kv_rank:
             return (1, self.latent.kv_rank), (1, self.latent.rope_dim)
         kv = (self.layer_kv_heads(i), self.layer_head_dim(i))
@@ -791,14 +793,6 @@ class ModelConfig:
     def has_state_layers(self) -> bool:
         """Whether some block mixes tokens with a recurrent state (linear_attention / conv) instead of attention."""
         return bool(set(self.layer_types or ()) & set(STATE_LAYER_TYPES))
-
-    def check_kv_decoding(self) -> None:
-        """Refuse a key/value cache for a model whose linear_attention / conv layers decode from a recurrent state."""
-        if self.has_state_layers:
-            raise ValueError(f"this model's {sorted(set(self.layer_types) & set(STATE_LAYER_TYPES))} layers keep a "
-                             "recurrent state, not keys and values, and cached decoding (generate, serve, the "
-                             "engine) does not carry such states yet; the forward pass (train, parity, "
-                             "evaluation, finetune) works")
 
     def layer_chunk(self, i: int) -> int | None:
         """Block i's attention chunk (keys of the query's own chunk of C positions, causal), or None."""

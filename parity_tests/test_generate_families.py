@@ -83,6 +83,22 @@ CASES = {
                                             enable_moe_block=True, num_experts=4, top_k_experts=2,
                                             moe_intermediate_size=16, final_logit_softcapping=30.0, num_hidden_layers=3,
                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    # hybrids: decoding carries each Gated DeltaNet layer's conv tail and delta-rule matrix (Qwen3.5, Qwen3-Next with
+    # experts) or each short convolution's tail (LFM2) from the prefill through every step, beside attention caches
+    "qwen3_5_text": ("Qwen3_5TextConfig", dict(head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                                               linear_key_head_dim=8, linear_value_head_dim=8, num_hidden_layers=3,
+                                               layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                               rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                    partial_rotary_factor=0.5))),
+    "qwen3_next": ("Qwen3NextConfig", dict(head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                                           linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=16,
+                                           layer_types=["linear_attention", "full_attention"],
+                                           rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                partial_rotary_factor=0.5))),
+    "lfm2": ("Lfm2Config", dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_bias=True,
+                                block_multiple_of=16, rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }
 
 
@@ -110,3 +126,32 @@ def test_cached_greedy_generation_matches_transformers(name, tmp_path):
     (seq, _) = generate(engine, [prompt[0].tolist(), prompt[0, :9].tolist()],
                         SamplingParams(max_new_tokens=NEW, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(seq.tokens), hf_new)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_text", "lfm2"])
+def test_hybrid_paged_generation_matches_transformers(name, tmp_path):
+    """The paged engine on a hybrid model: three prompts of different lengths batched continuously, prefilled 7
+    tokens a chunk (each chunk continuing the rows' recurrent states, its padding moving none), with a pool small
+    enough that a row is preempted and re-prefilled; every row token-identical to transformers' generate."""
+    from jaxformer.infer.paged_engine import PagedEngine
+
+    cls_name, extra = CASES[name]
+    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**{**BASE, **extra}),
+                                                       attn_implementation="eager")
+    hf = randomize_torch(hf.eval(), seed=23, std=0.5)
+    hf.generation_config.eos_token_id = None
+    hf.save_pretrained(tmp_path)
+    rng = np.random.default_rng(24)
+    prompts = [rng.integers(3, V, n).tolist() for n in (PROMPT, 17, 29)]
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW, pad_token_id=0)
+            refs.append(out[0, len(p):].numpy())
+    model = jaxformer.load_hf(tmp_path)
+    engine = PagedEngine(model, max_batch=3, max_len=PROMPT + NEW + 8, page_size=4, num_pages=30)
+    assert not engine.prefix_cache, "a prefix's pages hold no recurrent state: hybrids prefill every prompt"
+    seqs = generate(engine, prompts, SamplingParams(max_new_tokens=NEW, temperature=0.0), chunk=7)
+    for seq, ref in zip(seqs, refs):
+        np.testing.assert_array_equal(np.asarray(seq.tokens), ref)
+    assert sum(s.preemptions for s in seqs) > 0, "the pool was meant to force a preemption"

@@ -370,10 +370,6 @@ def test_hybrid_layers_need_their_settings_and_only_then(change, pattern):
         ModelConfig.llama(**{**HYBRID, **change})
 
 
-def test_hybrid_models_refuse_a_kv_cache_by_name():
-    from jaxformer.models.cache import KVCache
-
+def test_hybrid_layer_types_have_no_rope():
     cfg = ModelConfig.llama(**HYBRID)
-    assert cfg.layer_rope(0) is None and cfg.layer_rope(2) == "full_attention"
-    with pytest.raises(ValueError, match=r"\['conv', 'linear_attention'\] layers keep a recurrent state"):
-        KVCache.init(cfg, batch=1, max_len=8)
+    assert [cfg.layer_rope(i) for i in range(3)] == [None, None, "full_attention"]

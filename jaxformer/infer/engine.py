@@ -250,11 +250,13 @@ def prefill_step(model, slots: Slots, slot, tokens, length, seed, row: RowSettin
     # padding sits at the last real position: RoPE scalings that read the sequence length (dynamic NTK,
     # longrope) then see the prompt's length, not the bucket's
     positions = jnp.minimum(jnp.arange(T, dtype=jnp.int32), length - 1)[None]  # [1, T]
-    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T, slots.cache.dtype), positions)  # [1, T, V]
+    valid = (jnp.arange(T) < length)[None]  # [1, T]: the padding moves no linear_attention / conv state
+    logits, fresh = model.extend(tokens, KVCache.init(cfg, 1, T, slots.cache.dtype), positions, valid)  # [1, T, V]
     put = lambda big, new: jax.tree.map(  # noqa: E731  (an int8 cache entry is values and scales)
         lambda b, n: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (slot,) + (0,) * (b.ndim - 1)), big, new)
     cache = slots.cache.replace(k=tuple(map(put, slots.cache.k, fresh.k)),
                                 v=tuple(map(put, slots.cache.v, fresh.v)),
+                                states=tuple(map(put, slots.cache.states, fresh.states)),
                                 lengths=slots.cache.lengths.at[slot].set(length))
     last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)  # [1, V]
     key = jax.random.key(seed)[None]
@@ -296,7 +298,7 @@ def decode_step(model, slots: Slots, active, *, n_top):
         cache = jax.lax.cond(crossing.any(), functools.partial(_reencode, model, slots.history, crossing, switch),
                              lambda c: c, cache)
     positions = jnp.where(active, lengths, 0)[:, None]  # idle rows must not lengthen what longrope/NTK see
-    logits, cache = model.extend(last, cache, positions)  # [B, 1, V]
+    logits, cache = model.extend(last, cache, positions, active[:, None])  # [B, 1, V]; idle rows' states stay
     cache = cache.replace(lengths=jnp.where(active, cache.lengths, lengths))
     out = choose(logits[:, 0], slots.history, lengths + 1, slots.prompt_len, slots.settings, slots.keys, n_top)
     at = jnp.where(active, lengths + 1, S)  # S: dropped (inactive rows, or a row that filled its context)

@@ -40,6 +40,10 @@ class PagedBatcher:
         if drafter is not None and engine.config.rope_switch_len is not None:
             raise ValueError("speculative decoding does not cover longrope models (generation re-encodes the cache "
                              "once it passes the original context); serve this model without --speculate")
+        if drafter is not None and engine.config.has_state_layers:
+            raise ValueError("speculative decoding does not cover models with linear_attention / conv layers (a "
+                             "rejected draft token would have to be taken back out of their recurrent state); serve "
+                             "this model without --speculate")
         self.engine, self.chunk, self.drafter = engine, chunk, drafter
         self.drafted = self.accepted = 0  # draft tokens proposed / kept by the target
         self.verify_steps = 0  # target calls that checked drafts

@@ -92,7 +92,8 @@ class PagedEngine:
                              f"smaller max_len")
         # a RoPE that depends on the sequence's length makes a page's keys depend on the prompt that wrote it
         scaling = cfg.rope.scaling.rope_type if cfg.rope.scaling is not None else None
-        self.prefix_cache = prefix_cache and scaling not in ("dynamic", "longrope")
+        # and a linear_attention / conv layer's state after a prefix lives in no page: such models prefill it all
+        self.prefix_cache = prefix_cache and scaling not in ("dynamic", "longrope") and not cfg.has_state_layers
         self.sliding_only = all(cfg.layer_window(i) is not None for i in range(cfg.n_layers))
         self.pool = PagePool(int(num_pages), self.page_size)
         self.buckets = prompt_buckets(self.max_len, smallest_bucket)
@@ -400,10 +401,14 @@ def prefill_chunk(model, slots: Slots, row, tokens, history_row, start, n, promp
     T = tokens.shape[1]
     positions = (start + jnp.minimum(jnp.arange(T, dtype=jnp.int32), n - 1))[None]  # padding repeats the last
     cache = slots.cache
-    view = cache.replace(page_table=jax.lax.dynamic_slice_in_dim(cache.page_table, row, 1),
-                         lengths=start[None])
-    logits, written = model.extend(tokens, view, positions)  # [1, T, V]
-    cache = cache.replace(k=written.k, v=written.v, lengths=cache.lengths.at[row].set(start + n))
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1)  # noqa: E731 - the row's table, its layers' states
+    view = cache.replace(page_table=take(cache.page_table), lengths=start[None],
+                         states=jax.tree.map(take, cache.states))
+    valid = (jnp.arange(T) < n)[None]  # [1, T]: the padding moves no linear_attention / conv state
+    logits, written = model.extend(tokens, view, positions, valid)  # [1, T, V]
+    put = lambda big, new: jax.lax.dynamic_update_slice_in_dim(big, new, row, 0)  # noqa: E731
+    cache = cache.replace(k=written.k, v=written.v, states=jax.tree.map(put, cache.states, written.states),
+                          lengths=cache.lengths.at[row].set(start + n))
     history = jax.lax.dynamic_update_slice(slots.history, history_row, (row, 0))
     put_row = lambda big, new: big.at[row].set(new[0])  # noqa: E731
     key = jax.random.key(seed)

@@ -20,9 +20,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import STATE_LAYER_TYPES, ModelConfig
 from jaxformer.models.attention import cache_layout
+from jaxformer.models.delta_net import DeltaNetState
 from jaxformer.models.quant import QuantKV
+from jaxformer.models.short_conv import ConvState
 from jaxformer.sharding import constrain
 
 CACHE_AXES = {"bksh": ("batch", "act_kv_heads", "seq", None), "bskh": ("batch", "seq", "act_kv_heads", None)}
@@ -32,18 +34,19 @@ CACHE_AXES = {"bksh": ("batch", "act_kv_heads", "seq", None), "bskh": ("batch", 
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Per-layer keys and values ([B, K, S, H] or [B, S, K, H], as `layout` says) and valid lengths [B] int32.
-    A latent-attention layer's pair is its normed latents [.., 1, .., C] and rotated shared keys [.., 1, .., R]."""
+    A latent-attention layer's pair is its normed latents [.., 1, .., C] and rotated shared keys [.., 1, .., R]; a
+    linear_attention / conv layer keeps a fixed-size state per sequence in `states` instead (layer_states)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array | None, ...]
+    v: tuple[jax.Array | None, ...]
     lengths: jax.Array
+    states: tuple = ()  # per layer: None, or a linear_attention / conv layer's recurrent state (its k, v: None)
     layout: str = dataclasses.field(default="bksh", metadata=dict(static=True))
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         """Zeros for `batch` sequences of up to `max_len` tokens, in the compute dtype; dtype "int8" stores
         int8 with a scale per position and kv head (jaxformer.models.quant.QuantKV)."""
-        cfg.check_kv_decoding()
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         layout = cache_layout(cfg.attention_impl)
 
@@ -55,8 +58,10 @@ class KVCache:
                                constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
             return constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])
         dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
-        return cls(k=tuple(zeros(*k) for k, _ in dims), v=tuple(zeros(*v) for _, v in dims),
-                   lengths=jnp.zeros((batch,), jnp.int32), layout=layout)
+        attends = [cfg.layer_type(i) not in STATE_LAYER_TYPES for i in range(cfg.n_cache_layers)]
+        return cls(k=tuple(zeros(*k) if a else None for (k, _), a in zip(dims, attends)),
+                   v=tuple(zeros(*v) if a else None for (_, v), a in zip(dims, attends)),
+                   lengths=jnp.zeros((batch,), jnp.int32), states=layer_states(cfg, batch), layout=layout)
 
     @property
     def batch(self) -> int:
@@ -64,15 +69,15 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[self.layout.index("s")]
+        return next(k for k in self.k if k is not None).shape[self.layout.index("s")]
 
     @property
     def dtype(self) -> jnp.dtype:
         """What the entries are stored as (int8 for a QuantKV cache)."""
-        return self.k[0].dtype
+        return next(k for k in self.k if k is not None).dtype
 
     def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v)))
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v, self.states)))
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
@@ -82,8 +87,17 @@ class KVCache:
         axes = CACHE_AXES[self.layout]
         one = lambda x: (QuantKV(constrain(x.values, axes), constrain(x.scale, axes[:-1]))  # noqa: E731
                          if isinstance(x, QuantKV) else constrain(x, axes))
-        pin = lambda xs: tuple(one(x) for x in xs)  # noqa: E731
+        pin = lambda xs: tuple(None if x is None else one(x) for x in xs)  # noqa: E731
         return self.replace(k=pin(self.k), v=pin(self.v))
+
+
+def layer_states(cfg: ModelConfig, batch: int) -> tuple:
+    """Each layer's decode state before a sequence's first token: a Gated DeltaNet layer's (conv tail, delta-rule
+    matrix), a short-convolution layer's conv tail, None for an attention layer; () for a model of attention only."""
+    if not cfg.has_state_layers:
+        return ()
+    init = {"linear_attention": lambda: DeltaNetState.init(cfg, batch), "conv": lambda: ConvState.init(cfg, batch)}
+    return tuple(init[cfg.layer_type(i)]() if cfg.layer_type(i) in init else None for i in range(cfg.n_cache_layers))
 
 
 

@@ -58,11 +58,14 @@ class Block(nnx.Module):
     def mix(self, h: jax.Array, rope, segment_ids: jax.Array | None, cache=None):
         """The block's token mixer over the normed stream h [B, T, D]: softmax attention (with `cache`: returns
         (out, (k_cache, v_cache))), or a Gated DeltaNet / short-convolution layer (documents kept apart by
-        segment_ids)."""
+        segment_ids; with `cache` = (state, valid [B, T] or None): returns (out, the state after the valid tokens))."""
         if self.self_attn is not None:
             return self.self_attn(h, rope, segment_ids, cache)
         mixer = self.linear_attn if self.linear_attn is not None else self.conv
-        return mixer(h, segment_ids)
+        if cache is None:
+            return mixer(h, segment_ids)
+        state, valid = cache
+        return mixer(h, segment_ids, state=state, valid=valid)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, segment_ids: jax.Array | None,
                  cache=None, *, moe_stats: list | None = None):  # [B, T, D] -> [B, T, D]
@@ -138,19 +141,22 @@ class DecoderLM(nnx.Module):
         """The [B, T, D] residual stream that `capture` records (Gemma 3n's is its active AltUp stream)."""
         return x
 
-    def extend(self, tokens: jax.Array, cache: KVCache | PagedKVCache, positions: jax.Array | None = None
-               ) -> CachedLogits:
+    def extend(self, tokens: jax.Array, cache: KVCache | PagedKVCache, positions: jax.Array | None = None,
+               valid: jax.Array | None = None) -> CachedLogits:
         """Continue each cached sequence b with tokens [B, T] after its cache.lengths[b] tokens (a KVCache, or a
         PagedKVCache whose page tables hold the pages those positions go to).
 
         Positions default to lengths[b] + t. Returns the logits [B, T, V] and the cache with the new
-        keys/values written and lengths advanced by T.
+        keys/values written and lengths advanced by T. `valid` [B, T] bool marks the real tokens of rows padded at
+        their end (bucketed prefill; an idle row: none): a linear_attention / conv layer's state moves over those
+        alone (attention's padded writes lie past the lengths the caller sets). A row whose length is 0 starts its
+        states from zeros.
         """
         check_inputs(self.config, tokens, positions, None)
         if positions is None:
             positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
         x, ropes = self._embed(tokens, positions)
-        x, cache = self._cached_blocks(x, ropes, cache)
+        x, cache = self._cached_blocks(x, ropes, cache, valid)
         return CachedLogits(self._logits(x), cache)
 
     def _embed(self, tokens: jax.Array, positions: jax.Array):
@@ -180,10 +186,21 @@ class DecoderLM(nnx.Module):
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         return constrain(logits, ("batch", "seq", "act_vocab"))
 
-    def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache) -> tuple[jax.Array, KVCache]:
-        """All blocks over new tokens, each writing its keys/values into its layer of the cache."""
-        ks, vs = [], []
+    def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache, valid: jax.Array | None = None
+                       ) -> tuple[jax.Array, KVCache]:
+        """All blocks over new tokens, each writing its keys/values (or its recurrent state) into its layer of the
+        cache."""
+        ks, vs, states = [], [], []
+        fresh = cache.lengths == 0  # [B] rows starting a sequence: their states start from zeros
         for i, layer in enumerate(self.layers):
+            if layer.self_attn is None:  # linear_attention / conv: a state per row, no keys or values
+                state = jax.tree.map(lambda s: jnp.where(fresh.reshape((-1,) + (1,) * (s.ndim - 1)), 0, s),
+                                     cache.states[i])
+                x, state = layer(x, None, None, (state, valid))
+                ks.append(None)
+                vs.append(None)
+                states.append(state)
+                continue
             if isinstance(cache, PagedKVCache):
                 layer_cache = PagedLayer(cache.k[i], cache.v[i], cache.page_table, cache.lengths)
             else:
@@ -192,7 +209,9 @@ class DecoderLM(nnx.Module):
             x = constrain(x, ACT)
             ks.append(k)
             vs.append(v)
-        return x, cache.replace(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + x.shape[1])
+            states.append(None)
+        return x, cache.replace(k=tuple(ks), v=tuple(vs), states=tuple(states) if cache.states else (),
+                                lengths=cache.lengths + x.shape[1])
 
     def _blocks(self, x: jax.Array, ropes, segment_ids, capture: dict | None = None,
                 moe_stats: list | None = None) -> jax.Array:

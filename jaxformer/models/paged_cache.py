@@ -17,7 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import STATE_LAYER_TYPES, ModelConfig
+from jaxformer.models.cache import layer_states
 from jaxformer.sharding import constrain
 
 PAGE_AXES = (None, None, "act_kv_heads", None)  # [num_pages, P, K, H]
@@ -29,16 +30,17 @@ SCRATCH_PAGE = 0  # never given to a sequence
 class PagedKVCache:
     """Per-layer page pools, page tables [B, max_pages] int32 and cached lengths [B] int32."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array | None, ...]
+    v: tuple[jax.Array | None, ...]
     page_table: jax.Array
     lengths: jax.Array
+    states: tuple = ()  # per layer: None, or a linear_attention / conv layer's state for each row (cache.layer_states)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, num_pages: int, page_size: int,
              dtype=None) -> "PagedKVCache":
-        """Zero pools of num_pages pages (page 0 is scratch), tables for `batch` rows of up to max_len tokens."""
-        cfg.check_kv_decoding()
+        """Zero pools of num_pages pages (page 0 is scratch), tables for `batch` rows of up to max_len tokens; a
+        linear_attention / conv layer has no pool but a state per row."""
         if page_size < 1 or num_pages < 2:
             raise ValueError(f"need page_size >= 1 and num_pages >= 2 (page 0 is scratch), got {page_size} and "
                              f"{num_pages}")
@@ -46,21 +48,27 @@ class PagedKVCache:
         zeros = lambda heads, dim: constrain(jnp.zeros((num_pages, page_size, heads, dim), dtype), PAGE_AXES)  # noqa: E731
         max_pages = -(-max_len // page_size)
         dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
-        return cls(k=tuple(zeros(*k) for k, _ in dims), v=tuple(zeros(*v) for _, v in dims),
+        attends = [cfg.layer_type(i) not in STATE_LAYER_TYPES for i in range(cfg.n_cache_layers)]
+        return cls(k=tuple(zeros(*k) if a else None for (k, _), a in zip(dims, attends)),
+                   v=tuple(zeros(*v) if a else None for (_, v), a in zip(dims, attends)),
                    page_table=jnp.full((batch, max_pages), SCRATCH_PAGE, jnp.int32),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+                   lengths=jnp.zeros((batch,), jnp.int32), states=layer_states(cfg, batch))
 
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
 
     @property
+    def _pool(self) -> jax.Array:
+        return next(k for k in self.k if k is not None)
+
+    @property
     def page_size(self) -> int:
-        return self.k[0].shape[1]
+        return self._pool.shape[1]
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[0]
+        return self._pool.shape[0]
 
     @property
     def max_len(self) -> int:
@@ -68,23 +76,24 @@ class PagedKVCache:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.k[0].dtype
+        return self._pool.dtype
 
     def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v)))
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v, self.states)))
 
     def page_bytes(self) -> int:
         """Bytes of one page across all layers, keys and values."""
-        return self.nbytes() // self.num_pages
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v))) // self.num_pages
 
     def replace(self, **changes) -> "PagedKVCache":
         return dataclasses.replace(self, **changes)
 
     def constrained(self) -> "PagedKVCache":
         """The same cache with its pools laid out on PAGE_AXES (inside jit, under a mesh)."""
-        pin = lambda xs: tuple(constrain(x, PAGE_AXES) for x in xs)  # noqa: E731
+        pin = lambda xs: tuple(None if x is None else constrain(x, PAGE_AXES) for x in xs)  # noqa: E731
         return self.replace(k=pin(self.k), v=pin(self.v))
 
     def rows(self, rows: jax.Array) -> "PagedKVCache":
         """A view for some rows (their tables and lengths) over the same pools."""
-        return self.replace(page_table=self.page_table[rows], lengths=self.lengths[rows])
+        return self.replace(page_table=self.page_table[rows], lengths=self.lengths[rows],
+                            states=jax.tree.map(lambda s: s[rows], self.states))
