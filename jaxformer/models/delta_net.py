@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from pallas_kernels.gated_delta import gated_delta as pallas_gated_delta
 from jaxformer.models.layers import Linear, dtype_of
 
 
@@ -129,6 +130,7 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(H * Dv, D, axes=("embed", "heads"), **kw)
         self.key_heads, self.value_heads, self.key_dim, self.value_dim = K, H, Dk, Dv
         self.chunk_size = lin.chunk_size
+        self.fused = cfg.attention_impl == "pallas"  # the chunked rule through pallas_kernels.gated_delta
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, state: DeltaNetState | None = None,
                  valid: jax.Array | None = None) -> jax.Array | tuple[jax.Array, DeltaNetState]:
@@ -165,6 +167,8 @@ class GatedDeltaNet(nnx.Module):
         kw = dict(initial_state=S0, segment_ids=segment_ids, use_qk_l2norm=True)
         if state is not None and T == 1:
             core, S = gated_delta_recurrent(q, k, v, g, beta, **kw)  # core [B, T, H, Dv]
+        elif self.fused:
+            core, S = pallas_gated_delta(q, k, v, g, beta, chunk_size=self.chunk_size, **kw)
         else:
             core, S = gated_delta_chunked(q, k, v, g, beta, chunk_size=self.chunk_size, **kw)
         y = self.norm(core, z).reshape(B, T, H * Dv)  # [B, T, H*Dv]

@@ -67,6 +67,13 @@ CONFIGS = {
     "chunked": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                                  max_seq_len=48, layer_types=("chunked_attention", "full_attention"),
                                  attention=dict(chunk_size=8)),
+    # Qwen3.5 style: Gated DeltaNet layers through pallas_kernels.gated_delta (chunks of 16 < T, reset at the packed
+    # documents' boundary) before a gated full-attention layer through the flash kernel
+    "hybrid": ModelConfig.llama(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                                max_seq_len=48, layer_types=("linear_attention", "full_attention"),
+                                attention=dict(output_gate=True, qk_norm="head"),
+                                linear=dict(key_heads=2, value_heads=4, key_head_dim=16, value_head_dim=16,
+                                            chunk_size=16)),
 }
 
 
