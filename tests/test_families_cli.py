@@ -29,7 +29,8 @@ from tests.test_cli import main_in_process
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2", "glm4", "granite",
-            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4", "deepseek_v3"]
+            "hunyuan_v1_dense", "cohere2", "apertus", "gpt_oss", "glm4_moe", "gemma4", "gemma4_moe", "gemma3n", "minimax_m2", "llama4", "deepseek_v3",
+            "qwen3_5_text", "lfm2"]  # qwen3_next: test_hf_families, test_generate_families (its fused import, experts)
 PROMPT = "def add(a, b):"
 
 
@@ -48,6 +49,9 @@ def hf_dirs(tokenizer, tmp_path_factory):
             extra.update(no_rope_layers=[1, 0], layer_types=["full_attention", "sliding_attention"])
         if name in ("olmo3", "cohere2"):
             extra.update(layer_types=["sliding_attention", "full_attention"])
+        if name in ("qwen3_5_text", "lfm2"):  # hybrids: a state layer, then an attention layer
+            mixer = "conv" if name == "lfm2" else "linear_attention"
+            extra.update(layer_types=[mixer, "full_attention"] * (extra.get("num_hidden_layers", 2) // 2))
         if name.startswith(("gemma4", "gemma3n")):  # kv-shared layers need an earlier layer of each type
             extra.update(layer_types=["sliding_attention", "full_attention"] * (extra.get("num_hidden_layers", 2) // 2),
                          vocab_size_per_layer_input=tokenizer.vocab_size)
@@ -110,7 +114,7 @@ def test_family_through_the_commands(name, hf_dirs, tokenizer, tmp_path, capsys)
     np.testing.assert_array_equal(np.asarray(model(tokens)), before)
 
 
-@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite", "gemma4", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["cohere2", "glm4", "granite", "gemma4", "deepseek_v3", "qwen3_5_text"])
 def test_family_serves(name, hf_dirs, tokenizer):
     from jaxformer.serve import ServerThread, create_app
 

@@ -60,7 +60,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                              d_ff=hf["moe_intermediate_size"], shared_d_ff=hf["shared_expert_intermediate_size"],
                              shared_gate=True, router="qwen", aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
                              norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                             every=hf.get("decoder_sparse_step", 1), dense_layers=tuple(hf.get("mlp_only_layers") or ()))
+                             every=hf.get("decoder_sparse_step", 1),  # transformers skips indices past the last layer
+                             dense_layers=tuple(i for i in hf.get("mlp_only_layers") or () if i < n))
         fields["d_ff"] = hf.get("intermediate_size") or hf["moe_intermediate_size"]
     return ModelConfig.llama(**fields)
 

@@ -223,7 +223,8 @@ def hook_points(module: torch.nn.Module) -> list[tuple[str, str, Any, Any]]:
     if not hasattr(base, "layers") and not hasattr(base, "h"):  # Llama4ForCausalLM names no base model prefix
         base = module.model
     layers = base.layers if hasattr(base, "layers") else base.h
-    return [("embed_tokens", "", layers, base.norm if hasattr(base, "norm") else base.ln_f)]
+    final = next(getattr(base, n) for n in ("norm", "ln_f", "embedding_norm") if hasattr(base, n))  # LFM2: the last
+    return [("embed_tokens", "", layers, final)]
 
 
 def _first(out) -> torch.Tensor:
