@@ -15,6 +15,7 @@ import jaxformer
 from jaxformer import cli
 from jaxformer.config import ModelConfig
 from jaxformer.models.decoder import rope_for, rope_tables
+from jaxformer.models.delta_net import DeltaNetState
 from jaxformer.viz import analysis
 from jaxformer.viz.command import positions_figure
 from parity_tests.conftest import random_jax_module
@@ -160,6 +161,42 @@ def test_viz_on_latent_attention(tokenizer, tmp_path):
     tokenizer.save(src)
     cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
     for name in FIGURES:
+        assert_not_blank(tmp_path / "viz" / f"{name}.png")
+
+
+def test_viz_on_a_hybrid(tokenizer, tmp_path):
+    """Qwen3.5-like layers with an LFM2-like conv layer: attention maps for the attending block only; each Gated
+    DeltaNet layer's decay is exp(-exp(A_log) softplus(x W_a + dt_bias)) (numpy, float64) and its state norm after
+    token t that of the final state of the layer's own chunked form run over the first t tokens."""
+    cfg = ModelConfig.llama(vocab_size=tokenizer.vocab_size, **{**SMALL, "n_layers": 3}, head_dim=8,
+                            layer_types=("linear_attention", "conv", "full_attention"), conv=dict(kernel=3),
+                            attention=dict(output_gate=True, qk_norm="head"),
+                            linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=8, chunk_size=4))
+    model = random_model(cfg, seed=4)
+    T = 11
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    hidden, _ = analysis.capture(model, tokens)
+    assert analysis.attention_layers(model) == [2]
+    assert analysis.attention_probs(model, hidden, positions).shape == (1, 1, 4, T, T)
+    ids, decay, norm = analysis.delta_net_dynamics(model, hidden)
+    assert ids == [0] and decay.shape == norm.shape == (1, 1, T, 4)
+    layer = model.layers[0]
+    h = layer.input_layernorm(analysis.block_inputs(model, hidden)[0])  # [1, T, D]
+    net = layer.linear_attn
+    a = np.asarray(h, np.float64) @ np.asarray(net.in_proj_a.weight[...], np.float64).T  # [1, T, H]
+    softplus = np.log1p(np.exp(a + np.asarray(net.dt_bias[...], np.float64)))
+    want = np.exp(-np.exp(np.asarray(net.A_log[...], np.float64)) * softplus)
+    np.testing.assert_allclose(decay[0], want, rtol=1e-5, atol=1e-6)
+    assert 0 < decay.min() and decay.max() < 1
+    for t in (1, 5, T):
+        _, state = net(h[:, :t], state=DeltaNetState.init(cfg, 1))
+        s = np.linalg.norm(np.asarray(state.recurrent, np.float64), axis=(-2, -1))[0]  # [H]
+        np.testing.assert_allclose(norm[0, 0, t - 1], s, rtol=1e-5)
+    src = jaxformer.save(model, tmp_path / "model")
+    tokenizer.save(src)
+    cli.main(["viz", str(src), "--prompt", PROMPT, "--out", str(tmp_path / "viz")])
+    for name in FIGURES + ["delta_net"]:
         assert_not_blank(tmp_path / "viz" / f"{name}.png")
 
 

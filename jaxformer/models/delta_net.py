@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from jaxformer.models.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_state_norms
 from pallas_kernels.gated_delta import gated_delta as pallas_gated_delta
 from jaxformer.models.layers import Linear, dtype_of
 
@@ -132,14 +132,9 @@ class GatedDeltaNet(nnx.Module):
         self.chunk_size = lin.chunk_size
         self.fused = cfg.attention_impl == "pallas"  # the chunked rule through pallas_kernels.gated_delta
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, state: DeltaNetState | None = None,
-                 valid: jax.Array | None = None) -> jax.Array | tuple[jax.Array, DeltaNetState]:
-        """x [B,T,D] -> y [B,T,D]; with `state`, (y, new state) continuing each row from it.
-
-        segment_ids [B,T]: packed documents (conv taps and the delta-rule state do not cross a change of id; the
-        first segment continues `state`). valid [B,T] bool: False positions leave the state as it was (their output is
-        unspecified; their conv inputs read as zeros, as transformers' masked padding).
-        """
+    def _rule_inputs(self, x, segment_ids, state, valid):
+        """The delta rule's inputs from x [B, T, D]: (qkv [B, T, C] before the conv, the conv tail it continues,
+        z [B, T, H, Dv], q, k [B, T, K, Dk], v [B, T, H, Dv], g [B, T, H] float32 log-decays, beta [B, T, H])."""
         B, T, _ = x.shape
         K, H, Dk, Dv = self.key_heads, self.value_heads, self.key_dim, self.value_dim
         qkv = self.in_proj_qkv(x)  # [B, T, C]
@@ -163,6 +158,26 @@ class GatedDeltaNet(nnx.Module):
             g = jnp.where(valid[..., None], g, 0.0)
             beta = jnp.where(valid[..., None], beta, 0)
 
+        return qkv, tail, z, q, k, v, g, beta
+
+    def dynamics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What the layer does with a prompt x [B, T, D], for learners (jaxformer viz): each value head's decay
+        exp(g_t) [B, T, H] (the share of its state kept from one token to the next) and the Frobenius norm of its
+        state matrix after each token [B, T, H] (how much the layer holds in memory)."""
+        _, _, _, q, k, v, g, beta = self._rule_inputs(x, None, None, None)
+        return jnp.exp(g), gated_delta_state_norms(q, k, v, g, beta, use_qk_l2norm=True)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, state: DeltaNetState | None = None,
+                 valid: jax.Array | None = None) -> jax.Array | tuple[jax.Array, DeltaNetState]:
+        """x [B,T,D] -> y [B,T,D]; with `state`, (y, new state) continuing each row from it.
+
+        segment_ids [B,T]: packed documents (conv taps and the delta-rule state do not cross a change of id; the
+        first segment continues `state`). valid [B,T] bool: False positions leave the state as it was (their output is
+        unspecified; their conv inputs read as zeros, as transformers' masked padding).
+        """
+        B, T, _ = x.shape
+        H, Dv = self.value_heads, self.value_dim
+        qkv, tail, z, q, k, v, g, beta = self._rule_inputs(x, segment_ids, state, valid)
         S0 = None if state is None else state.recurrent
         kw = dict(initial_state=S0, segment_ids=segment_ids, use_qk_l2norm=True)
         if state is not None and T == 1:

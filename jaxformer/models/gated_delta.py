@@ -77,6 +77,22 @@ def gated_delta_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array
     return jnp.moveaxis(out, 0, 1).astype(out_dtype), S
 
 
+def gated_delta_state_norms(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
+                            use_qk_l2norm: bool = False) -> jax.Array:
+    """The Frobenius norm of each value head's state after every token [B, T, H] (float32): the scan's states,
+    never materialised all at once (jaxformer viz's picture of what a layer holds)."""
+    q, k, v, g, beta, resets, S0 = _prepare(q, k, v, g, beta, None, None, use_qk_l2norm, None)
+
+    def step(S, x):
+        k_t, v_t, g_t, b_t = x
+        S = S * jnp.exp(g_t)[..., None, None]
+        S = S + k_t[..., :, None] * ((v_t - jnp.einsum("bhkv,bhk->bhv", S, k_t)) * b_t[..., None])[..., None, :]
+        return S, jnp.sqrt(jnp.sum(S * S, axis=(-2, -1)))  # [B, H]
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (k, v, g, beta))  # time axis first
+    return jnp.moveaxis(jax.lax.scan(step, S0, xs)[1], 0, 1)  # [B, T, H]
+
+
 def unit_lower_inverse(L: jax.Array) -> jax.Array:
     """(I + L)^-1 for strictly lower-triangular L [..., C, C], by recursive 2x2 block inversion (matmuls only).
 

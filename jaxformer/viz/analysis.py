@@ -41,9 +41,30 @@ def block_inputs(model: DecoderLM, hidden: dict[str, jax.Array]) -> list[jax.Arr
     return [hidden["embed_tokens"]] + [hidden[f"layers.{i}"] for i in range(len(model.layers) - 1)]
 
 
+def attention_layers(model: DecoderLM) -> list[int]:
+    """The blocks that attend (a hybrid's linear_attention / conv blocks have no attention weights)."""
+    return [i for i, layer in enumerate(model.layers) if layer.self_attn is not None]
+
+
 def attention_probs(model: DecoderLM, hidden: dict[str, jax.Array], positions: jax.Array) -> np.ndarray:
-    """Each layer's attention weights [L, B, N, T, T] (float32); see _attention_probs."""
+    """Each attending layer's weights [L, B, N, T, T] (float32), in attention_layers order; see _attention_probs."""
     return np.asarray(_attention_probs(model, block_inputs(model, hidden), positions))
+
+
+def delta_net_dynamics(model: DecoderLM, hidden: dict[str, jax.Array]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(Gated DeltaNet layer ids, each one's per-head decay exp(g) [L, B, T, H], state norm after each token
+    [L, B, T, H]): what such a layer keeps of its memory from token to token, and how much it holds."""
+    ids = [i for i, layer in enumerate(model.layers) if getattr(layer, "linear_attn", None) is not None]
+    if not ids:
+        return ids, np.zeros((0,)), np.zeros((0,))
+    decay, norm = _delta_net_dynamics(model, [block_inputs(model, hidden)[i] for i in ids], tuple(ids))
+    return ids, np.asarray(decay), np.asarray(norm)
+
+
+@nnx.jit(static_argnums=2)
+def _delta_net_dynamics(model: DecoderLM, inputs: list[jax.Array], ids: tuple[int, ...] | list[int]):
+    out = [model.layers[i].linear_attn.dynamics(model.layers[i].input_layernorm(x)) for i, x in zip(ids, inputs)]
+    return jnp.stack([d for d, _ in out]), jnp.stack([n for _, n in out])
 
 
 @nnx.jit
@@ -55,6 +76,8 @@ def _attention_probs(model: DecoderLM, inputs: list[jax.Array], positions: jax.A
     out, keys = [], {}
     for i, (layer, x) in enumerate(zip(model.layers, inputs)):
         attn = layer.self_attn
+        if attn is None:  # a hybrid's linear_attention / conv block: no attention weights
+            continue
         h = x if layer.input_layernorm is None else layer.input_layernorm(x)  # OLMo 2's post-norm blocks: x itself
         if isinstance(attn, LatentAttention):  # DeepSeek: each head's key expanded from the latent, already rotated
             q, k, _ = attn.query_key_value(h, rope_for(layer, ropes))

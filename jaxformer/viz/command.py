@@ -33,6 +33,9 @@ CAPTIONS = {
                 "logical axes (vocab, embed, heads, mlp) map onto mesh axes through jaxformer.sharding's one table.",
     "flash_tiles": "How the Pallas FlashAttention kernel walks causal attention in tiles: tiles above the diagonal "
                    "are never computed, so a long context costs about half of the full T x T.",
+    "delta_net": "Gated DeltaNet layers (linear attention, Qwen3.5 / Qwen3-Next): instead of attention weights, each "
+                 "value head keeps one matrix of memory. Left: the decay exp(g) that scales it before each token is "
+                 "written (near 1 remembers, near 0 forgets); right: how large the matrix is after each token.",
     "logit_lens": "Logit lens: the final norm and output head applied after every block. Each cell is the token "
                   "that stage would predict next, shaded by its probability; the last row is the model's output.",
 }
@@ -81,7 +84,11 @@ def visualize(source: str | Path, prompt: str, out: str | Path, *, tokenizer: st
              "embeddings": figures.embeddings_figure(table[ids], labels, np.linalg.norm(table, axis=-1),
                                                      out / "embeddings.png"),
              "attention": figures.attention_maps(analysis.attention_probs(model, hidden, positions), labels,
-                                                 out / "attention.png", kv_group=cfg.n_heads // cfg.n_kv_heads)}
+                                                 out / "attention.png", kv_group=cfg.n_heads // cfg.n_kv_heads,
+                                                 layer_ids=analysis.attention_layers(model))}
+    delta_ids, decay, state_norm = analysis.delta_net_dynamics(model, hidden)
+    if delta_ids:  # Qwen3.5 / Qwen3-Next: their linear_attention layers have a decay and a state, not a softmax
+        paths["delta_net"] = figures.delta_net_figure(delta_ids, decay, state_norm, labels, out / "delta_net.png")
     if cfg.position in POSITION_CAPTIONS:
         paths["positions"] = positions_figure(model, out / "positions.png")
     paths["residual_norms"] = figures.residual_norms_figure(*analysis.residual_norms(hidden), labels,

@@ -88,9 +88,12 @@ def next_token_loss_figure(nll: np.ndarray, prob: np.ndarray, labels: list[str],
     return _save(fig, path)
 
 
-def attention_maps(probs: np.ndarray, labels: list[str], path: Path, kv_group: int = 1) -> Path:
-    """Grid of attention maps (rows: layers, columns: heads) of batch row 0; probs [L, B, N, T, T]; heads h and h'
-    share a key/value head when h // kv_group == h' // kv_group (GQA)."""
+def attention_maps(probs: np.ndarray, labels: list[str], path: Path, kv_group: int = 1,
+                   layer_ids: list[int] | None = None) -> Path:
+    """Grid of attention maps (rows: layers, columns: heads) of batch row 0; probs [L, B, N, T, T] of the blocks
+    layer_ids (default: 0..L-1; a hybrid's attending blocks); heads h and h' share a key/value head when
+    h // kv_group == h' // kv_group (GQA)."""
+    layer_ids = list(range(probs.shape[0])) if layer_ids is None else layer_ids
     plt = _plt()
     layers, heads = _pick(probs.shape[0], MAX_LAYERS), _pick(probs.shape[2], MAX_HEADS)
     T = probs.shape[-1]
@@ -101,7 +104,8 @@ def attention_maps(probs: np.ndarray, labels: list[str], path: Path, kv_group: i
         for c, hi in enumerate(heads):
             ax = axes[r, c]
             ax.imshow(probs[li, 0, hi], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(f"layer {li} head {hi}" + (f" (kv {hi // kv_group})" if kv_group > 1 else ""), fontsize=8)
+            ax.set_title(f"layer {layer_ids[li]} head {hi}" + (f" (kv {hi // kv_group})" if kv_group > 1 else ""),
+                         fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -111,6 +115,31 @@ def attention_maps(probs: np.ndarray, labels: list[str], path: Path, kv_group: i
     fig.suptitle("attention weights (row: query token, column: key token; softmax, 0 to 1)", fontsize=10)
     fig.supxlabel("key token", fontsize=9)
     fig.supylabel("query token", fontsize=9)
+    return _save(fig, path)
+
+
+def delta_net_figure(layer_ids: list[int], decay: np.ndarray, norm: np.ndarray, labels: list[str],
+                     path: Path) -> Path:
+    """Gated DeltaNet layers over the prompt (batch row 0): per value head, the decay exp(g_t) that scales its state
+    before token t is written (left; 1: keeps everything, 0: forgets) and the state's Frobenius norm after token t
+    (right). decay, norm [L, B, T, H]."""
+    plt = _plt()
+    rows = _pick(len(layer_ids), MAX_LAYERS)
+    T = decay.shape[2]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(max(8.0, 0.2 * T + 4), 1.2 + 1.6 * len(rows)), squeeze=False)
+    for r, li in enumerate(rows):
+        for c, (data, title, cmap, vmax) in enumerate(((decay, "decay exp(g)", "viridis", 1.0),
+                                                       (norm, "state norm", "magma", None))):
+            ax = axes[r, c]
+            im = ax.imshow(data[li, 0].T, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.set_title(f"layer {layer_ids[li]}: {title}", fontsize=8)
+            ax.set_ylabel("value head", fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.03)
+            if r == len(rows) - 1:
+                _ticks(ax, labels, "x")
+            else:
+                ax.set_xticks([])
+    fig.suptitle("Gated DeltaNet layers: what each head keeps of its memory, and how much it holds", fontsize=10)
     return _save(fig, path)
 
 
