@@ -4,9 +4,13 @@
   python bench/linear_attention.py --quick    # T = 256, 512, small heads: proves the script runs
 
 Each mixer's jitted forward+backward (grads of a random projection of its output w.r.t. all inputs) is compiled,
-warmed up, then timed --reps times; reported: median seconds, tokens/s, and the ratio of each to the chunked form.
-A case whose estimated working set exceeds --max-gib is skipped and named so. The load average is printed before
-and after, since the machine may be shared. The last line printed is one JSON object.
+warmed up, then timed --reps times; reported: median seconds, tokens/s, the ratio of each to the chunked form, and
+where softmax attention's time line crosses the chunked form's (log-log interpolation between measured lengths).
+A case whose estimated working set exceeds --max-gib is skipped and named so. Then, for a hybrid preset (--preset,
+default the Qwen3.5 ones in configs/), a sequence's decode state: every layer's recurrent state (fixed size) against
+the key/value cache its attention layers fill at --context tokens, and against a model of attention layers only.
+The load average is printed before and after, since the machine may be shared. The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -66,6 +70,31 @@ def time_one(fn, args, proj, reps):
     return statistics.median(times)
 
 
+def crossing(results: list[dict], a: str = "softmax_xla", b: str = "chunked") -> float | None:
+    """The length where mixer a's time first exceeds b's, by log-log interpolation between measured lengths."""
+    pts = [(r["T"], r[a]["seconds"], r[b]["seconds"]) for r in results if "seconds" in r[a] and "seconds" in r[b]]
+    for (t0, a0, b0), (t1, a1, b1) in zip(pts, pts[1:]):
+        d0, d1 = np.log(a0 / b0), np.log(a1 / b1)
+        if d0 <= 0 < d1:
+            return float(np.exp(np.log(t0) + (np.log(t1) - np.log(t0)) * -d0 / (d1 - d0)))
+    return None
+
+
+def decode_state_bytes(preset: str, context: int) -> dict:
+    """A sequence's decode memory for a hybrid preset (bf16 caches, the recurrent matrices float32): its layers'
+    states, its attention layers' keys/values at `context` tokens, and all-attention layers' at the same shapes."""
+    from jaxformer.config import load_model_config
+    from jaxformer.models.cache import layer_states
+
+    cfg = load_model_config(preset)
+    states = jax.eval_shape(lambda: layer_states(cfg.replace(compute_dtype="bfloat16"), 1))
+    state = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(states))
+    kv = context * cfg.kv_bytes_per_token(2)
+    dense = context * 2 * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # every layer full attention
+    return {"preset": preset, "context": context, "state_bytes": state, "kv_bytes": kv, "total_bytes": state + kv,
+            "all_attention_kv_bytes": dense, "ratio_vs_all_attention": round(dense / (state + kv), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -75,6 +104,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-gib", type=float, default=4.0)
+    ap.add_argument("--preset", nargs="*", default=None, help="hybrid presets for decode-state bytes (default: "
+                    "configs/qwen3.5-*.yaml and qwen3-next-*.yaml)")
+    ap.add_argument("--context", type=int, default=32768)
     a = ap.parse_args()
     if a.quick:
         a.lengths, a.heads, a.head_dim, a.reps = [256, 512], 2, 32, 2
@@ -100,8 +132,21 @@ def main() -> None:
         results.append(row)
     load_after = os.getloadavg()
     print(f"load average after: {load_after}", flush=True)
+    cross = crossing(results)
+    print(f"softmax attention becomes slower than the chunked rule at T ~ {cross:.0f}" if cross else
+          "softmax attention and the chunked rule do not cross within the measured lengths", flush=True)
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    presets = a.preset if a.preset is not None else sorted(
+        p.stem for pattern in ("qwen3.5-*.yaml", "qwen3-next-*.yaml") for p in configs.glob(pattern))
+    states = [decode_state_bytes(p, a.context) for p in presets]
+    for d in states:
+        print(f"{d['preset']}: decode state {d['state_bytes'] / 2**20:.1f} MiB + KV cache {d['kv_bytes'] / 2**20:.1f} "
+              f"MiB at {d['context']} tokens = {d['total_bytes'] / 2**20:.1f} MiB per sequence; all-attention "
+              f"layers would hold {d['all_attention_kv_bytes'] / 2**20:.1f} MiB ({d['ratio_vs_all_attention']}x)",
+              flush=True)
     print(json.dumps({"batch": B, "heads": a.heads, "head_dim": a.head_dim, "chunk_size": a.chunk_size,
-                      "device": str(jax.devices()[0]), "load_after": load_after, "results": results}))
+                      "device": str(jax.devices()[0]), "load_after": load_after, "results": results,
+                      "softmax_slower_from_T": cross, "decode_state": states}))
 
 
 if __name__ == "__main__":
