@@ -14,6 +14,8 @@ Four "maximal" configs cover the families' distinctive fields in as few runs as 
            sigmoid routing onto the experts' inputs with a shared expert on every other layer, scan_layers
   gemma3n  Gemma 3n's block: 3 AltUp streams, LAuReL, Gaussian top-k gates, per-layer inputs over a table shorter
            than the vocabulary, kv-shared layers, remat
+  hybrid   Qwen3-Next's layers: Gated DeltaNet beside gated full attention, experts with a gated shared expert, remat
+           and scan_layers over the repeating pair; lfm2: a short convolution beside attention with q/k norms
   llama3   the published Llama 3.2 1B preset (llama3 RoPE scaling, GQA, tied head) shrunk by `--model.*`
            overrides through the command line's own entry point
 """
@@ -64,8 +66,18 @@ FAMILIES = {
                     laurel_rank=4, activation_sparsity=(0.9, 0.5, 0.0, 0.0), altup=dict(inputs=3), remat="full",
                     rope=dict(theta=1e6, local_theta=1e4),
                     attention=dict(qk_norm="head", v_norm=True, scale=1.0, sliding_window=8)),
+    # hybrids: Gated DeltaNet layers and a short convolution around a gated full-attention layer, (1 + w) norms,
+    # Qwen3-Next's experts with a gated shared expert, remat and scan_layers over a repeating pair of layer types
+    "hybrid": dict(n_layers=4, head_dim=8, norm_unit_offset=True, remat="full", scan_layers=True,
+                   layer_types=("linear_attention", FULL) * 2, attention=dict(qk_norm="head", output_gate=True),
+                   rope=dict(partial_factor=0.5),
+                   linear=dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=8, chunk_size=16),
+                   moe=dict(n_experts=4, n_experts_per_token=2, d_ff=16, shared_d_ff=16, shared_gate=True,
+                            router="qwen", norm_topk_prob=True), export_as="qwen3_next"),
+    "lfm2": dict(layer_types=("conv", FULL), conv=dict(kernel=3, bias=True), attention=dict(qk_norm="head"),
+                 tie_embeddings=True, export_as="lfm2"),
 }
-FAMILY = {"gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite",
+FAMILY = {"hybrid": "qwen3_next", "lfm2": "lfm2", "gemma3": "gemma3_text", "olmo2": "olmo2", "qwen2": "qwen2", "cohere2": "cohere2", "granite": "granite",
           "gemma4": "gemma4_text", "gemma3n": "gemma3n_text", "llama4": "llama4_text"}
 RUN = dict(steps=20, lr=1e-2, warmup_steps=3, eval_every=20, eval_batches=1, ckpt_every=20, async_checkpoint=False)
 
