@@ -8,7 +8,10 @@ Hunyuan, logit scale and sliding layers for Cohere 2, xIELU for Apertus; for Gem
 layers, double-wide MLPs, full layers' head sizes, k = v, proportional RoPE, experts beside the MLP; for Gemma 3n
 AltUp streams and active index, LAuReL ranks, sparse gates, a short per-layer table, kv sharing; for MiniMax-M2
 expert counts, top-k, rotated dims and the router's correction bias; for gpt-oss sinks, windows, clamp limits; for
-GLM-4.5 and DeepSeek-V3 groups, shared experts, leading dense layers, and DeepSeek's latent attention sizes), builds the random-init model (1-D weights moved off their init), loads it
+GLM-4.5 and DeepSeek-V3 groups, shared experts, leading dense layers, and DeepSeek's latent attention sizes; for
+Qwen3.5, Qwen3.5-MoE and Qwen3-Next Gated DeltaNet / gated full-attention layer mixes, DeltaNet head counts and
+sizes, conv taps, partial RoPE, experts with a gated shared expert; for LFM2 conv / attention mixes, conv taps and
+biases, the MLP width rule), builds the random-init model (1-D weights moved off their init), loads it
 with `jaxformer.load_hf`, exports it with `save_hf`, reloads that with transformers, and prints max|logits diff|
 both ways on a 300-token prompt, and both float32 logits (ours, transformers') against transformers' float64 ones: where
 a random config amplifies rounding past 1e-4, that shows whether ours is rounding or a difference. The last line is
@@ -38,7 +41,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
             "mixtral", "qwen2_moe", "qwen3_moe",
             "olmo3", "smollm3", "exaone4", "arcee", "helium", "ernie4_5", "seed_oss", "starcoder2",
             "glm4", "granite", "hunyuan_v1_dense", "cohere2", "apertus", "gemma4_text", "gemma3n_text", "minimax_m2", "llama4_text",
-            "gpt_oss", "glm4_moe", "deepseek_v3"]
+            "gpt_oss", "glm4_moe", "deepseek_v3", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2"]
 
 
 def draw_rope(rng: np.random.Generator, cfg: dict, kinds=("default", "linear", "dynamic", "llama3", "yarn")) -> dict:
@@ -195,6 +198,10 @@ def draw(family: str, rng: np.random.Generator) -> tuple[str, dict]:
                                                                  if d % 2 == 0 and d <= head_dim]))}
     if family in ("glm4_moe", "deepseek_v3"):
         return draw_deepseek_routed(family, rng, cfg, heads, head_dim)
+    if family in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
+        return draw_gated_delta(family, rng, cfg)
+    if family == "lfm2":
+        return "Lfm2Config", draw_lfm2(rng, cfg, heads)
     if family == "gpt_oss":  # sinks, biases everywhere, alternating windows, biased clamped experts, yarn
         experts = int(rng.integers(3, 9))
         return "GptOssConfig", {**cfg, "num_local_experts": experts, "sliding_window": window, "layer_types": mixed,
@@ -250,6 +257,72 @@ def draw_deepseek_routed(family: str, rng: np.random.Generator, cfg: dict, heads
         "attention_bias": bool(rng.integers(2)), "rope_parameters": rope}
 
 
+def hybrid_types(rng: np.random.Generator, n: int, kinds: tuple[str, str]) -> list[str]:
+    """n layer types of the two kinds at random, each kind at least once."""
+    types = [str(rng.choice(kinds)) for _ in range(n)]
+    first, second = rng.choice(n, 2, replace=False)
+    types[first], types[second] = kinds
+    return types
+
+
+def draw_gated_delta(family: str, rng: np.random.Generator, cfg: dict) -> tuple[str, dict]:
+    """Qwen3.5 / Qwen3.5-MoE / Qwen3-Next: 2-6 layers mixing Gated DeltaNet (linear_attention) and gated full
+    attention; 1-3 key heads with 1-3 value heads each, key / value head dims, 2-5 conv taps; partial RoPE of 0.25 /
+    0.5 / 1.0 (or the family's 0.25 default) with rotated dims even; default / linear / yarn RoPE; experts beside a
+    gated shared expert (Qwen3-Next: sparse step, mlp_only_layers, norm_topk_prob). Weights of std 0.02-0.06: at
+    0.1 the DeltaNet's decays grow so strong that transformers' own float32 drifts ~3e-5 from its float64."""
+    n = int(rng.integers(2, 7))
+    head_dim = int(rng.choice([8, 12, 16, 20, 24, 32]))
+    key_heads = int(rng.integers(1, 4))
+    rope = draw_rope(rng, cfg, ("default", "linear", "yarn"))
+    factors = [f for f in (0.25, 0.5, 1.0) if int(head_dim * f) % 2 == 0]
+    if rng.integers(4):  # else the configs' own default, 0.25 (head_dim 8, 16, 24, 32: rotated dims even)
+        rope["partial_rotary_factor"] = float(rng.choice(factors))
+    elif int(head_dim * 0.25) % 2:
+        head_dim = 16
+    out = {**cfg, "num_hidden_layers": n, "head_dim": head_dim, "initializer_range": float(rng.uniform(0.02, 0.06)),
+           "layer_types": hybrid_types(rng, n, ("linear_attention", "full_attention")), "rope_parameters": rope,
+           "linear_num_key_heads": key_heads, "linear_num_value_heads": key_heads * int(rng.integers(1, 4)),
+           "linear_key_head_dim": int(rng.choice([8, 12, 16, 24])),
+           "linear_value_head_dim": int(rng.choice([8, 12, 16, 20])),
+           "linear_conv_kernel_dim": int(rng.integers(2, 6)), "attention_bias": False}
+    if family == "qwen3_5_text":
+        return "Qwen3_5TextConfig", out
+    experts = int(rng.integers(3, 11))
+    out.update(num_experts=experts, num_experts_per_tok=int(rng.integers(1, min(4, experts) + 1)),
+               moe_intermediate_size=int(rng.integers(16, 80)),
+               shared_expert_intermediate_size=int(rng.integers(16, 96)))
+    if family == "qwen3_5_moe_text":  # every layer sparse, top-k always renormalised
+        return "Qwen3_5MoeTextConfig", out  # intermediate_size kept (an extra field: the importer needs it)
+    step = int(rng.integers(1, 3))
+    out.update(decoder_sparse_step=step, norm_topk_prob=bool(rng.integers(2)),
+               mlp_only_layers=[int(i) for i in range(n) if rng.random() < 0.25])
+    if not any((i + 1) % step == 0 and i not in out["mlp_only_layers"] for i in range(n)):
+        out["mlp_only_layers"] = []  # at least one sparse layer
+    return "Qwen3NextConfig", out
+
+
+def draw_lfm2(rng: np.random.Generator, cfg: dict, heads: int) -> dict:
+    """LFM2: 2-6 layers mixing gated short convolutions and attention (per-head q/k norms), by layer_types or by
+    full_attn_idxs; 2-5 conv taps, conv biases (in/out projections too) either way; the MLP width rule on (2/3,
+    a multiplier of None / 1 / 0.5-1.5, rounded up to a multiple of 1-256) or off; default / linear / yarn RoPE.
+    No head_dim in the config (transformers takes D / N, as the published ones do)."""
+    n = int(rng.integers(2, 7))
+    types = hybrid_types(rng, n, ("conv", "full_attention"))
+    out = {k: v for k, v in cfg.items() if k not in ("rms_norm_eps", "head_dim")}
+    out.update(num_hidden_layers=n, hidden_size=heads * cfg["head_dim"], norm_eps=float(rng.choice([1e-5, 1e-6])),
+               initializer_range=float(rng.uniform(0.02, 0.1)), conv_L_cache=int(rng.integers(2, 6)),
+               conv_bias=bool(rng.integers(2)), block_auto_adjust_ff_dim=bool(rng.integers(2)),
+               block_multiple_of=int(rng.choice([1, 8, 32, 256])),
+               block_ffn_dim_multiplier=[None, 1.0, float(rng.uniform(0.5, 1.5))][int(rng.integers(3))],
+               rope_parameters=draw_rope(rng, cfg, ("default", "linear", "yarn")))
+    if rng.integers(2):
+        out["layer_types"] = types
+    else:  # the older spelling: the attention layers' indices
+        out["full_attn_idxs"] = [i for i, t in enumerate(types) if t == "full_attention"]
+    return out
+
+
 def draw_gemma4(rng: np.random.Generator, cfg: dict, window: int, heads: int) -> dict:
     """Gemma 4: 2-6 layers of mixed types ending full; kv sharing over a tail whose types all appear before it."""
     n = int(rng.integers(2, 7))
@@ -296,6 +369,19 @@ def draw_gemma3n(rng: np.random.Generator, cfg: dict, window: int, heads: int) -
                                 "full_attention": draw_rope(rng, cfg, ("default", "linear", "yarn"))}}
 
 
+# None where transformers 5's strict field types refuse it but its model reads it: LFM2's MLP takes 2/3 of
+# intermediate_size and skips the multiplier and the rounding (set past the validator; transformers then writes null)
+NONE_PAST_VALIDATOR = ("block_ffn_dim_multiplier",)
+
+
+def make_config(cls: str, kw: dict):
+    none = [k for k in NONE_PAST_VALIDATOR if k in kw and kw[k] is None]
+    config = getattr(transformers, cls)(**{k: v for k, v in kw.items() if k not in none})
+    for k in none:
+        object.__setattr__(config, k, None)
+    return config
+
+
 def logits_hf(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(tokens)).logits.float().numpy()
@@ -315,7 +401,7 @@ def main() -> None:
         for _ in range(args.per_family):
             cls, kw = draw(family, rng)
             torch.manual_seed(int(rng.integers(1 << 30)))
-            hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw), **EAGER).eval()
+            hf = transformers.AutoModelForCausalLM.from_config(make_config(cls, kw), **EAGER).eval()
             with torch.no_grad():
                 for p in hf.parameters():
                     if p.ndim == 1:
@@ -342,8 +428,11 @@ def main() -> None:
                      max(worst[4], ours64 / max(hf64, 1e-7))]
             print(f"{family:12s} {cls:17s} import {d_in:.1e} export {d_out:.1e} vs float64: ours {ours64:.1e} "
                   f"transformers' float32 {hf64:.1e}  max|logit| {np.abs(ref).max():6.1f} "
-                  f"layers {kw['num_hidden_layers']} D {kw['hidden_size']} H {kw['head_dim']} "
+                  f"layers {kw['num_hidden_layers']} D {kw['hidden_size']} "
+                  f"H {kw.get('head_dim', kw['hidden_size'] // kw['num_attention_heads'])} "
                   f"N:K {kw['num_attention_heads']}:{kw['num_key_value_heads']} V {kw['vocab_size']}", flush=True)
+            if max(d_in, d_out) > 1e-4:  # the whole config, to reproduce the draw
+                print(f"  over 1e-4: {cls} {json.dumps(kw)}", flush=True)
         results[family] = {"import_max_abs": worst[0], "export_max_abs": worst[1], "ours_vs_float64": worst[2],
                            "transformers_float32_vs_float64": worst[3], "worst_ratio_to_transformers_float32": worst[4]}
     print(json.dumps({"tokens": T, "per_family": args.per_family, "families": results,
