@@ -30,8 +30,17 @@ from jaxformer.models.layers import Linear
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj",
                 # latent attention's (DeepSeek-V3): the query bottleneck and the latent's down/up projections
-                "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj"}
+                "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj",
+                # Gated DeltaNet's (linear_attn: Qwen3.5, Qwen3-Next): q/k/v into the conv, the output gate z, the
+                # per-head write strength b (beta) and decay input a; short convolution's (conv: LFM2): in_proj
+                # (b, c, x); both mixers' output projection out_proj
+                "in_qkv": "in_proj_qkv", "in_z": "in_proj_z", "in_b": "in_proj_b", "in_a": "in_proj_a",
+                "in": "in_proj", "out": "out_proj"}
 ALL_TARGETS = tuple(TARGET_NAMES)
+# the default: every mixer's input and output projections (as q k v o) and the MLP's. Not in_b / in_a: one row per
+# value head (beta and the decay's input), rank r would be near full rank there, and like MoE routers they are
+# gates whose small changes move the recurrent state a lot; name them to adapt them
+DEFAULT_TARGETS = tuple(t for t in ALL_TARGETS if t not in ("in_b", "in_a"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +50,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ALL_TARGETS  # any of q k v o gate up down q_a q_b kv_a kv_b (or q_proj, ...)
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # any of ALL_TARGETS (or the attribute names: q_proj, in_proj_qkv, ...)
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
     def __post_init__(self) -> None:

@@ -12,7 +12,9 @@ Which Hugging Face module holds which of our projections is read off the family'
   * a fused module stacking several projections' rows (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn):
     written as one adapter of rank m*r (m of its parts adapted), A = [A_1; ...; A_m] and B block-diagonal,
     which gives exactly each part's update; rank_pattern / alpha_pattern hold the fused module's rank and the
-    alpha that keeps the scale. Loading splits B's rows back (and, for such a block-diagonal B, A's rows);
+    alpha that keeps the scale. Loading splits B's rows back (and, for such a block-diagonal B, A's rows).
+    A module interleaving its parts' rows (Qwen3-Next's in_proj_qkvz / in_proj_ba, per key head) takes B's rows
+    in its own order (HFProjection.order): the same update, row for row;
   * a Conv1D stored [in, out] (GPT-2): fan_in_fan_out, PEFT transposes the update, the factors keep their layout.
 """
 
@@ -46,6 +48,21 @@ class HFProjection:
     name: str  # e.g. "model.layers.0.self_attn.qkv_proj"
     parts: tuple[tuple[str, int], ...]  # (our module path, its output rows), top to bottom
     fan_in_fan_out: bool  # stored [in, out] (a GPT-2 Conv1D)
+    # the module's row i is row order[i] of the parts stacked top to bottom; None: in that order (a plain stack).
+    # Qwen3-Next's in_proj_qkvz / in_proj_ba interleave their parts' rows per key head
+    order: tuple[int, ...] | None = None
+
+    def stacked(self, b: np.ndarray) -> np.ndarray:
+        """B [module rows, r] -> its rows in the parts' stacked order."""
+        if self.order is None:
+            return b
+        out = np.empty_like(b)
+        out[list(self.order)] = b
+        return out
+
+    def interleaved(self, b: np.ndarray) -> np.ndarray:
+        """The inverse of stacked: B in the parts' stacked order -> the module's row order."""
+        return b if self.order is None else b[list(self.order)]
 
 
 def _block_projections(model: nnx.Module) -> list[tuple[str, int]]:
@@ -78,14 +95,18 @@ def hf_projections(model: nnx.Module) -> dict[str, HFProjection]:
                              "follow (not a rename, row stack or transpose of jaxformer's projections)")
         code = (w if normal else w.T)[:, 0] >> ROW_SHIFT  # [rows of the Hugging Face module]
         module, row = (code >> (MODULE_SHIFT - ROW_SHIFT)) - 1, code & ((1 << (MODULE_SHIFT - ROW_SHIFT)) - 1)
-        parts, start = [], 0
-        for j in np.flatnonzero(np.diff(module, append=-2)):  # the last row of each run of one module
-            name, rows = ours[int(module[j])] if module[j] >= 0 else ("", 0)
-            if not rows or not np.array_equal(row[start:j + 1], np.arange(rows)):
-                raise ValueError(f"{family.model_type} export of {key} does not hold whole projections in order")
-            parts.append((name, rows))
-            start = j + 1
-        out[key.removesuffix(".weight")] = HFProjection(key.removesuffix(".weight"), tuple(parts), not normal)
+        if np.any(module < 0):
+            raise ValueError(f"{family.model_type} export of {key} holds rows of no jaxformer projection")
+        first = sorted(np.unique(module, return_index=True)[1])  # each module's first row: the parts in order
+        parts = tuple(ours[int(module[j])] for j in first)
+        offset = dict(zip((int(module[j]) for j in first), np.cumsum([0] + [rows for _, rows in parts])))
+        for m, (_, rows) in zip((int(module[j]) for j in first), parts):
+            if not np.array_equal(np.sort(row[module == m]), np.arange(rows)):
+                raise ValueError(f"{family.model_type} export of {key} does not hold whole projections")
+        order = np.asarray([offset[int(m)] for m in module]) + row  # [module rows] -> stacked row
+        plain = np.array_equal(order, np.arange(len(order)))
+        out[key.removesuffix(".weight")] = HFProjection(key.removesuffix(".weight"), parts, not normal,
+                                                        None if plain else tuple(int(i) for i in order))
     return out
 
 
@@ -111,7 +132,7 @@ def _hf_modules(model: nnx.Module) -> tuple[list[tuple[str, np.ndarray, np.ndarr
             continue
         if len(hf.parts) == 1:
             [(name, m)] = adapted
-            out.append((hf.name, _np(m.lora_A.weight), _np(m.lora_B.weight), m.scaling))
+            out.append((hf.name, _np(m.lora_A.weight), hf.interleaved(_np(m.lora_B.weight)), m.scaling))
         else:  # one adapter for the fused module: A stacked, B block-diagonal
             scales = {m.scaling for _, m in adapted}
             if len(scales) > 1:
@@ -126,7 +147,7 @@ def _hf_modules(model: nnx.Module) -> tuple[list[tuple[str, np.ndarray, np.ndarr
                     b[row:row + rows, col:col + r] = _np(mods[name].lora_B.weight)
                     col += r
                 row += rows
-            out.append((hf.name, a, b, scales.pop()))
+            out.append((hf.name, a, hf.interleaved(b), scales.pop()))
         exported.update(name for name, _ in adapted)
     missing = sorted(set(mods) - exported)
     if missing:
@@ -251,11 +272,14 @@ def _split(hf: HFProjection, b: np.ndarray) -> list[tuple[str, np.ndarray, np.nd
     part keeps only its own columns; parts whose rows of B are all zero get no adapter, unless all are.
     """
     every = np.arange(b.shape[1])
-    if len(hf.parts) == 1:
+    if len(hf.parts) == 1 and hf.order is None:
         return [(hf.parts[0][0], every, b)]
     bounds = np.cumsum([0] + [rows for _, rows in hf.parts])
     if bounds[-1] != b.shape[0]:
         raise ValueError(f"PEFT module {hf.name}: lora_B has {b.shape[0]} rows, the module {bounds[-1]}")
+    b = hf.stacked(b)
+    if len(hf.parts) == 1:
+        return [(hf.parts[0][0], every, b)]
     rows = [b[bounds[j]:bounds[j + 1]] for j in range(len(hf.parts))]
     cols = [np.flatnonzero(np.any(x != 0, axis=0)) for x in rows]
     if not any(len(c) for c in cols):  # an untrained adapter: every part, all of A
