@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("qwen3_5", "lfm2", "qwen3_next")
 # the mixers' parameters and how the logical-axis table lays them out (D = 64 over fsdp, heads / channels over tensor)
@@ -37,9 +35,8 @@ SPECS = {
 GRAD_BOUND = 1e-5
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("hybrid") / "report.json"
+def _report(tmp_path) -> dict:
+    out = tmp_path / "report.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(ROOT / "tests" / "hybrid_mesh_worker.py"), str(out)], env=env,
@@ -48,25 +45,27 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_hybrid_model_on_data_fsdp_tensor_equals_one_device(report, case):
-    """The objective and every parameter's gradient on data 2 x fsdp 2 x tensor 2 equal one device's, for a packed
-    batch whose documents restart the conv taps and the delta-rule state inside rows and chunks."""
-    assert report["devices"] == 8
-    r = report[case]
-    assert r["segments_per_row"] == 3
-    assert abs(r["loss_mesh"] - r["loss_one"]) <= 1e-5 * abs(r["loss_one"])
+def _equals_one_device(r: dict, case: str) -> None:
+    assert r["segments_per_row"] == 3, case
+    assert abs(r["loss_mesh"] - r["loss_one"]) <= 1e-5 * abs(r["loss_one"]), case
     grads = r["grads"]
-    assert sorted(grads) == r["mesh_names"], "the same parameters on both sides"
-    assert set(SPECS[case]) <= set(grads)
+    assert sorted(grads) == r["mesh_names"], f"{case}: the same parameters on both sides"
     for name, g in grads.items():
-        assert g["max_abs"] > 0, f"{name}: no gradient reaches it"
-        assert g["rel"] <= GRAD_BOUND, f"{name}: max|g_mesh - g_one| = {g['rel']:.2e} x max|g_one| ({g['max_abs']:.1e})"
+        assert g["max_abs"] > 0, f"{case} {name}: no gradient reaches it"
+        assert g["rel"] <= GRAD_BOUND, (f"{case} {name}: max|g_mesh - g_one| = {g['rel']:.2e} x max|g_one| "
+                                        f"({g['max_abs']:.1e})")
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_mixer_parameters_are_split_by_the_table(report, case):
-    """The DeltaNet / short-convolution parameters are really split: heads and channels over tensor, D over fsdp."""
-    grads = report[case]["grads"]
-    for name, spec in SPECS[case].items():
-        assert grads[name]["spec"] + [None] * (len(spec) - len(grads[name]["spec"])) == spec, name
+def test_hybrid_models_on_data_fsdp_tensor_equal_one_device(tmp_path):
+    """For each of the three models (one test, so that pytest-xdist runs the 8-device subprocess once): the objective
+    and every parameter's gradient on data 2 x fsdp 2 x tensor 2 equal one device's, for a packed batch whose
+    documents restart the conv taps and the delta-rule state inside rows and chunks; and the DeltaNet / short-
+    convolution parameters are really split (heads and channels over tensor, D over fsdp)."""
+    report = _report(tmp_path)
+    assert report["devices"] == 8
+    for case in CASES:
+        _equals_one_device(report[case], case)
+        grads = report[case]["grads"]
+        for name, spec in SPECS[case].items():
+            got = grads[name]["spec"]
+            assert got + [None] * (len(spec) - len(got)) == spec, f"{case} {name}: {got}"
