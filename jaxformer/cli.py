@@ -57,8 +57,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def attention_pattern(cfg) -> str:
-    """Layer types in words: 'all full', 'all sliding (window 4096)', '5 sliding (window 512) : 1 full'."""
+    """Layer types in words: 'all full', 'all sliding (window 4096)', '5 sliding (window 512) : 1 full'; a
+    hybrid's by count in order of first appearance: '18 linear_attention, 6 full_attention (period 4)'."""
     types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+    if cfg.has_state_layers or "chunked_attention" in types:
+        period = next(p for p in range(1, len(types) + 1)
+                      if len(types) % p == 0 and all(t == types[i % p] for i, t in enumerate(types)))
+        counts = ", ".join(f"{types.count(t)} {t}" for t in dict.fromkeys(types))
+        return counts + (f" (period {period}: {' '.join(types[:period])})" if period < len(types) else "")
     n_sliding = types.count("sliding_attention")
     if n_sliding in (0, len(types)):
         return "all full" if n_sliding == 0 else f"all sliding (window {cfg.attention.sliding_window})"

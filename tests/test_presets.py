@@ -171,7 +171,10 @@ def test_inspect_prints_family_attention_pattern_and_count(capsys):
     assert (info["family"], info["attention"], info["heads"], info["params"]) == (
         "gemma3_text", "5 sliding (window 512) : 1 full", "MQA 4:1", PUBLISHED["gemma3-1b"][2])
     expected = {"gemma2-2b": ("1 sliding (window 4096) : 1 full", "GQA 8:4"),
-                "mistral-7b": ("all sliding (window 4096)", "GQA 32:8"), "olmo2-1b": ("all full", "MHA 16:16")}
+                "mistral-7b": ("all sliding (window 4096)", "GQA 32:8"), "olmo2-1b": ("all full", "MHA 16:16"),
+                "qwen3.5-2b": ("18 linear_attention, 6 full_attention (period 4: linear_attention linear_attention "
+                               "linear_attention full_attention)", "GQA 8:2"),
+                "lfm2-1.2b": ("10 conv, 6 full_attention", "GQA 32:8")}
     for name, want in expected.items():
         cfg = load_model_config(name)
         assert (attention_pattern(cfg), head_sharing(cfg)) == want

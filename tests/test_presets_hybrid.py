@@ -65,12 +65,6 @@ PUBLISHED = {
         full_attn_idxs=[2, 5, 8, 10, 12, 14], rope_theta=1000000.0, tie_embedding=True), 1_170_340_608, None),
 }
 
-# jaxformer/interop/qwen3_5.py's _config_from_hf reads decoder_fields(hf) (hf_config.py: hf["intermediate_size"])
-# before its MoE branch's `hf.get("intermediate_size") or hf["moe_intermediate_size"]` fallback is reached
-QWEN3_5_MOE_NO_INTERMEDIATE = pytest.mark.xfail(
-    strict=True, raises=KeyError, reason="importer bug: qwen3_5_moe_text config.json has no intermediate_size")
-
-
 def _count(cfg) -> int:
     """DecoderLM's parameter count under nnx.eval_shape; for a stack of identical 4-layer periods (3 DeltaNet + 1
     attention, every layer alike in its MLP/MoE) from abstract 1- and 2-period models, which is exact (eval_shape's
@@ -94,8 +88,7 @@ def _comment(name: str) -> str:
     return " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=QWEN3_5_MOE_NO_INTERMEDIATE) if n == "qwen3.5-397b-a17b"
-                                  else n for n in sorted(PUBLISHED)])
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_importer_reads_the_published_config_as_the_preset(name):
     model_type, published, _, _ = PUBLISHED[name]
     assert_importer_gives_preset(name, model_type, published)
@@ -112,10 +105,8 @@ def test_qwen3_5_multimodal_wrapper_reads_as_its_text_model():
     assert config_from_hf(wrapped) == config_from_hf({"model_type": "qwen3_5_text", **text})
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="importer bug: interop/lfm2.py mlp_width reads intermediate_size only; transformers' "
-                          "Lfm2Config also takes block_ff_dim")
 def test_lfm2_config_with_block_ff_dim_only_reads_as_the_preset():
+    """LFM2's older spelling of intermediate_size (transformers' Lfm2Config takes it too)."""
     _, published, _, _ = PUBLISHED["lfm2-1.2b"]
     assert_importer_gives_preset("lfm2-1.2b", "lfm2", {k: v for k, v in published.items() if k != "intermediate_size"})
 

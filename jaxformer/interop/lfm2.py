@@ -27,7 +27,7 @@ FINAL_NORM = ("embedding_norm.weight", "norm.weight")  # transformers' final nor
 
 def mlp_width(hf: dict[str, Any]) -> int:
     """The MLP's hidden width as Lfm2MLP computes it from intermediate_size."""
-    width = hf["intermediate_size"]
+    width = hf.get("block_ff_dim", hf.get("intermediate_size"))  # older configs' name for it, which wins there
     if hf.get("block_auto_adjust_ff_dim", True):
         width = int(2 * width / 3)
         if hf.get("block_ffn_dim_multiplier", 1.0) is not None:

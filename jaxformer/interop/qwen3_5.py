@@ -47,6 +47,8 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     theta, scaling = rope_from_hf(hf, {k: v for k, v in params.items()
                                        if k not in ("mrope_section", "mrope_interleaved", "partial_rotary_factor")},
                                   partial_ok=True)
+    if not hf.get("intermediate_size"):  # Qwen3.5-MoE's config.json has none: every layer is sparse
+        hf = {**hf, "intermediate_size": hf["moe_intermediate_size"]}
     fields = dict(decoder_fields(hf), activation=activation(hf, "hidden_act"), norm_unit_offset=True,
                   export_as=model_type if model_type not in WRAPPED else WRAPPED[model_type],
                   layer_types=tuple(types), attention=dict(qk_norm="head", output_gate=True),
@@ -62,7 +64,6 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                              norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                              every=hf.get("decoder_sparse_step", 1),  # transformers skips indices past the last layer
                              dense_layers=tuple(i for i in hf.get("mlp_only_layers") or () if i < n))
-        fields["d_ff"] = hf.get("intermediate_size") or hf["moe_intermediate_size"]
     return ModelConfig.llama(**fields)
 
 
