@@ -23,7 +23,6 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.gated_delta import gated_delta_chunked, gated_delta_recurrent, gated_delta_state_norms
-from pallas_kernels.gated_delta import gated_delta as pallas_gated_delta
 from jaxformer.models.layers import Linear, dtype_of
 
 
@@ -182,8 +181,10 @@ class GatedDeltaNet(nnx.Module):
         kw = dict(initial_state=S0, segment_ids=segment_ids, use_qk_l2norm=True)
         if state is not None and T == 1:
             core, S = gated_delta_recurrent(q, k, v, g, beta, **kw)  # core [B, T, H, Dv]
-        elif self.fused:
-            core, S = pallas_gated_delta(q, k, v, g, beta, chunk_size=self.chunk_size, **kw)
+        elif self.fused:  # imported here: the kernel file reads models/gated_delta.py (its reference, chunk decays)
+            from pallas_kernels.gated_delta import gated_delta as fused_gated_delta
+
+            core, S = fused_gated_delta(q, k, v, g, beta, chunk_size=self.chunk_size, **kw)
         else:
             core, S = gated_delta_chunked(q, k, v, g, beta, chunk_size=self.chunk_size, **kw)
         y = self.norm(core, z).reshape(B, T, H * Dv)  # [B, T, H*Dv]
