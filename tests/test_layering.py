@@ -96,3 +96,19 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     f.write_text("def f():\n    from jaxformer.serve.app import create_app\n    from jaxformer import sharding\n")
     assert [(m, n) for _, m, n in jaxformer_imports(f)] == [("jaxformer.serve.app", ["create_app"]),
                                                             ("jaxformer.sharding", [])]
+
+
+def test_kernel_files_that_read_jaxformer_import_first():
+    """A pallas_kernels file that imports from jaxformer (gated_delta reads its reference there) must import in a
+    fresh interpreter before anything else: jaxformer's models import the kernels back, and a module-level import
+    there would meet the kernel file half initialised (CI collected it first once)."""
+    import subprocess
+    import sys
+
+    kernels = PACKAGE.parent / "pallas_kernels"
+    readers = sorted(p.stem for p in kernels.glob("*.py") if "from jaxformer" in p.read_text())
+    assert readers, "no kernel file reads jaxformer: drop this test"
+    for name in readers:
+        done = subprocess.run([sys.executable, "-c", f"import pallas_kernels.{name}"], cwd=PACKAGE.parent,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"pallas_kernels.{name} does not import first:\n{done.stderr[-2000:]}"
