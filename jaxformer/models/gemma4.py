@@ -194,7 +194,7 @@ class Gemma4LM(DecoderLM):
             record(capture, f"layers.{i}", self.residual_view(x))
         return x
 
-    def _cached_blocks(self, x: jax.Array, context, cache):
+    def _cached_blocks(self, x: jax.Array, context, cache, valid=None):  # valid: no recurrent states here
         """All blocks over new tokens: each writes its keys/values into its cache layer; kv-shared blocks read their
         source's layer (written earlier in this call)."""
         ropes, per_layer = context
