@@ -188,20 +188,13 @@ def masked_dense(x, sizes, wg, wu, wd, glu, biases=None):
 TILE_LOOPS = ["looped_swiglu", "expert_loop_swiglu"]  # models/grouped.py's GPU path and CPU path
 
 
-@pytest.mark.parametrize("impl", TILE_LOOPS)
-@pytest.mark.parametrize("tile", [None, 4, 7])
-def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
-    """models/grouped.py's GPU path (looped_swiglu) and CPU path (expert_loop_swiglu), tiles of 4 (several per group: a group's
-    weight gradient summed over its run of tiles), 7 and the default (16 at this size): forward vs numpy per
-    group, every gradient vs the masked dense reference; an empty group first and last, rows past sum(sizes) (the
-    last tiles' windows then move back from the end)."""
+def check_tile_loop(looped_swiglu):
+    """looped_swiglu(x, sizes, wg, wu, wd) (SwiGLU) forward vs numpy per group, every gradient vs the masked dense
+    reference; an empty group first and last, rows past sum(sizes) (the last tiles' windows then move back from
+    the end)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-
-    from jaxformer.models import grouped
-
-    looped_swiglu = getattr(grouped, impl)
 
     rng = np.random.default_rng(9)
     G, D, F = 7, 12, 20
@@ -213,17 +206,39 @@ def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
     group = np.repeat(np.arange(G), sizes)
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
     ref = np.stack([wd[g] @ (silu(wg[g] @ r) * (wu[g] @ r)) for r, g in zip(x, group)])
-    out = np.asarray(jax.jit(lambda *a: looped_swiglu(*a, SWIGLU, tile=tile))(x, sizes, wg, wu, wd))
+    out = np.asarray(jax.jit(looped_swiglu)(x, sizes, wg, wu, wd))
     np.testing.assert_allclose(out[:len(ref)], ref, rtol=1e-5, atol=1e-5)
     assert not out[len(ref):].any()
 
     gy = rng.standard_normal((M, D)).astype(np.float32)
     grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * gy), argnums=(0, 1, 2, 3)))(x, wg, wu, wd)  # noqa
-    got = grad(lambda x, *w: looped_swiglu(x, sizes, *w, SWIGLU, tile=tile))
+    got = grad(lambda x, *w: looped_swiglu(x, sizes, *w))
     want = grad(lambda x, *w: masked_dense(x, sizes, *w, SWIGLU))
     for name, a, b in zip(("x", "gate", "up", "down"), got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
     assert not np.asarray(got[1])[[0, 2, 6]].any(), "empty groups get zero weight gradients"
+
+
+@pytest.mark.parametrize("impl", TILE_LOOPS)
+@pytest.mark.parametrize("tile", [None, 4, 7])
+def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
+    """models/grouped.py's GPU path (looped_swiglu) and CPU path (expert_loop_swiglu), tiles of 4 (several per
+    group: a group's weight gradient summed over its run of tiles), 7 and the default (the whole 60 rows: one tile
+    per group, its window moved back) against the per-group references."""
+    from jaxformer.models import grouped
+
+    check_tile_loop(lambda *a: getattr(grouped, impl)(*a, SWIGLU, tile=tile))
+
+
+@pytest.mark.parametrize("tile, shortest, heights", [(16, 1, [16, 4, 1]), (16, 2, [16, 4]), (64, 4, [60, 15])])
+def test_cpu_tile_ladder_matches_per_group_reference(tile, shortest, heights):
+    """The CPU path's tiles of several heights: 16-row tiles, then up to three of 4 rows and of 1 row (31 rows = 16
+    + 3 x 4 + 3 x 1, 14 = 3 x 4 + 2 x 1: no padding); without 1-row tiles a group's last 4-row tile is padded; a
+    tallest height over the 60 rows becomes 60, then 15 (not a multiple of 4: no shorter one)."""
+    from jaxformer.models import grouped
+
+    assert grouped.tile_heights(60, tile, shortest) == heights  # what each case exercises
+    check_tile_loop(lambda *a: grouped.expert_loop_swiglu(*a, SWIGLU, tile=tile, shortest=shortest))
 
 
 @pytest.mark.parametrize("impl", TILE_LOOPS)

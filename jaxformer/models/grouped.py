@@ -12,9 +12,10 @@ GPUs (`looped_swiglu`): one `jax.lax.scan` over a static count of tiles (tall on
 sliced one tile at a time, so nothing of size n_tiles x F x D exists, forward or backward, and XLA's cost
 analysis sees every tile; its custom VJP writes each group's weight gradient once per tile into [G, F, D],
 summed in float32 over the group's run of tiles.
-CPUs (`expert_loop_swiglu`): a loop over the groups around a loop over each group's own tiles, both of the
-data's length (CPU_TILE_ROWS rows a tile): weights sliced and weight-gradient sums written once per group, not
-once per tile, which on XLA:CPU cost as much as the tile matmuls themselves.
+CPUs (`expert_loop_swiglu`): a loop over the groups around loops over each group's own tiles, of the data's
+length: tall tiles (CPU_TILE_ROWS) while the rows fill them, then shorter ones, so the padding stays under
+CPU_SHORTEST_TILE rows a group; weights sliced and weight-gradient sums written once per group, not once per tile,
+which on XLA:CPU cost as much as the tile matmuls themselves.
 `jax.lax.platform_dependent` picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`).
 """
 
@@ -25,7 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-CPU_TILE_ROWS = 128
+CPU_TILE_ROWS = 1024  # the CPU path's tallest tile: XLA:CPU's [m, D] x [D, F] runs faster the taller m is
+CPU_SHORTEST_TILE = 16  # and its shortest: a group's last tile pads fewer rows than this
 # ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -51,6 +53,15 @@ def loop_tile_rows(m_rows: int, groups: int) -> int:
     [D, F] bf16 tile matmul does m FLOPs per weight byte: an H100 needs about 300 to be compute-bound)."""
     target = max(1, m_rows // (4 * groups))
     return min(1024, max(16, 1 << (target.bit_length() - 1)))
+
+
+def tile_heights(M: int, tallest: int, shortest: int) -> list[int]:
+    """The CPU path's tile heights, tallest first: min(tallest, M), then quarters while they stay >= shortest
+    (a group's rows take at most three tiles of each shorter height)."""
+    heights = [min(tallest, M)]
+    while heights[-1] % 4 == 0 and heights[-1] // 4 >= shortest:
+        heights.append(heights[-1] // 4)
+    return heights
 
 
 def _tiles(group_sizes, M: int, m: int, n_tiles: int):
@@ -133,16 +144,31 @@ def _mask(m, window, first, end):
     return ((row >= first) & (row < end))[:, None]  # [m, 1] the window's rows that are the tile's
 
 
+def _group_weights(ws, g):
+    """Group g's weights: gate [F, D], up [F, D], down [D, F]."""
+    return tuple(jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws)
+
+
+def _group_biases(bs, g):
+    """Group g's gate and up biases [F] each, or None."""
+    return None if bs is None else (bs[0][g], bs[1][g])
+
+
+def _tile_forward(glu, x, ws, bs):
+    """One tile's rows x [m, D] through its group's expert (weights ws, biases bs or None) -> (output [m, D], gate
+    and up projections [m, F])."""
+    wg, wu, wd = ws
+    gate, up = jnp.einsum("md,fd->mf", x, wg), jnp.einsum("md,fd->mf", x, wu)
+    if bs is not None:
+        gate, up = gate + bs[0], up + bs[1]
+    return jnp.einsum("mf,df->md", glu(gate, up), wd), gate, up
+
+
 def _loop_fwd(glu, m, xs, tiles, ws, bs, keep: bool):
     def step(y, tile):
         g, window, first, end = tile
         mask = _mask(m, window, first, end)
-        x = _window(xs, mask, window, m)  # [m, D]
-        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws)  # [F, D], [F, D], [D, F]
-        gate, up = jnp.einsum("md,fd->mf", x, wg), jnp.einsum("md,fd->mf", x, wu)
-        if bs is not None:
-            gate, up = gate + bs[0][g], up + bs[1][g]
-        out = jnp.einsum("mf,df->md", glu(gate, up), wd)
+        out, gate, up = _tile_forward(glu, _window(xs, mask, window, m), _group_weights(ws, g), _group_biases(bs, g))
         return _write(y, out, mask, window), (gate, up) if keep else None
 
     dtype = jnp.result_type(xs, *ws, *(bs or ()))
@@ -168,19 +194,11 @@ def _loop_bwd(glu, m, res, dy):
         dx, grads, sums = carry
         (g, window, first, end), new, gate, up = tile
         mask = _mask(m, window, first, end)
-        x, dyt = _window(xs, mask, window, m), _window(dy, mask, window, m)  # [m, D]; other rows 0
-        wg, wu, wd = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws)
-        h, glu_vjp = jax.vjp(glu, gate, up)  # [m, F]
-        dgate, dup = glu_vjp(jnp.einsum("md,df->mf", dyt, wd))
-        dx = _write(dx, jnp.einsum("mf,fd->md", dgate, wg) + jnp.einsum("mf,fd->md", dup, wu), mask, window)
-        parts = [jnp.einsum("mf,md->fd", dgate, x, preferred_element_type=f32),
-                 jnp.einsum("mf,md->fd", dup, x, preferred_element_type=f32),
-                 jnp.einsum("md,mf->df", dyt, h, preferred_element_type=f32)]
-        if bs is not None:
-            parts += [dgate.sum(0, dtype=f32), dup.sum(0, dtype=f32)]
+        dxt, parts = _tile_backward(glu, _window(xs, mask, window, m), _window(dy, mask, window, m), gate, up,
+                                    _group_weights(ws, g), bs is not None)
         sums = tuple(jnp.where(new, 0, s) + p for s, p in zip(sums, parts))
         grads = tuple(jax.lax.dynamic_update_index_in_dim(a, s.astype(a.dtype), g, 0) for a, s in zip(grads, sums))
-        return (dx, grads, sums), None
+        return (_write(dx, dxt, mask, window), grads, sums), None
 
     leaves = list(ws) + ([] if bs is None else list(bs))
     init = (jnp.zeros_like(xs), tuple(jnp.zeros_like(a) for a in leaves),
@@ -190,93 +208,106 @@ def _loop_bwd(glu, m, res, dy):
     return _reduce_like(dx, xs), None, tuple(grads[:3]), None if bs is None else tuple(grads[3:])
 
 
-def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                       glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None
-                       ) -> jax.Array:
-    """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
-    groups, each slicing its weights once, around a loop over that group's own ceil(size / tile) tiles.
+def _tile_backward(glu, x, dy, gate, up, ws, biased: bool):
+    """One tile's backward: rows x, dy [m, D] (rows not the tile's zero), its gate/up projections [m, F], its
+    group's weights -> (dx [m, D], float32 gradients of gate, up, down (and the gate/up biases when `biased`))."""
+    wg, wu, wd = ws
+    f32 = jnp.float32
+    h, glu_vjp = jax.vjp(glu, gate, up)  # [m, F]
+    dgate, dup = glu_vjp(jnp.einsum("md,df->mf", dy, wd))
+    dx = jnp.einsum("mf,fd->md", dgate, wg) + jnp.einsum("mf,fd->md", dup, wu)
+    parts = [jnp.einsum("mf,md->fd", dgate, x, preferred_element_type=f32),
+             jnp.einsum("mf,md->fd", dup, x, preferred_element_type=f32),
+             jnp.einsum("md,mf->df", dy, h, preferred_element_type=f32)]
+    if biased:
+        parts += [dgate.sum(0, dtype=f32), dup.sum(0, dtype=f32)]
+    return dx, tuple(parts)
 
-    Both trip counts are the data's, so the padding is each group's last partial tile only, and a tile's work is
-    its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running [F, D] gradient sum as
-    multiplying a short tile by it, which a loop over all tiles (looped_swiglu) pays per tile. The residuals are
-    every row's gate/up projections ([M, F] each); the backward keeps each group's weight-gradient sums (float32)
-    in its inner loop's carry and writes them once per group."""
+
+def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                       glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None,
+                       shortest: int = CPU_SHORTEST_TILE) -> jax.Array:
+    """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
+    groups, each slicing its weights once, around that group's tiles: as many `tile`-row tiles (CPU_TILE_ROWS) as
+    its rows fill, then up to three of each shorter height of tile_heights (quarters, down to `shortest`).
+
+    The trip counts are the data's, so the padding is each group's last tile only (fewer rows than the shortest
+    height), and a tile's work is its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running
+    [F, D] gradient sum as multiplying a short tile by it, which a loop over all tiles (looped_swiglu) pays per
+    tile, and runs a tall tile's matmuls at a higher rate than a short one's. The residuals are every row's
+    gate/up projections ([M, F] each); the backward keeps each group's weight-gradient sums (float32) in its tile
+    loop's carry and writes them once per group."""
     M = xs.shape[0]
     if M == 0:
         return jnp.zeros_like(xs)
-    m = min(tile or CPU_TILE_ROWS, M)
-    fn = jax.custom_vjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, m, xs, sizes, ws, bs)[0])
-    fn.defvjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, m, xs, sizes, ws, bs),
-              lambda res, dy: _groups_bwd(glu, m, res, dy))
+    heights = tile_heights(M, tile or CPU_TILE_ROWS, shortest)
+    fn = jax.custom_vjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs)[0])
+    fn.defvjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs),
+              lambda res, dy: _groups_bwd(glu, heights, res, dy))
     return fn(xs, jnp.asarray(group_sizes), (wg, wu, wd), biases)
 
 
-def _group(ws, sizes, g, m):
-    """Group g's weights (gate [F, D], up [F, D], down [D, F]), its rows [first, end) and its tile count."""
-    end = jnp.cumsum(sizes)[g]
-    return tuple(jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in ws), end - sizes[g], end, (
-        sizes[g] + m - 1) // m
+def _over_tiles(M: int, heights: list[int], first, end, body: Callable, carry):
+    """carry through body(window, mask, carry) for each tile of the rows [first, end), their count rounded up to
+    heights[-1]: as many tiles of each height, tallest first, as the rows left fill. A tile's window is its
+    first row, moved back to fit in M rows; mask [m, 1] marks the window's rows that are the tile's."""
+    rest = (end - first + heights[-1] - 1) // heights[-1] * heights[-1]
+    start = first
+    for m in heights:
+        count = rest // m
+        carry = jax.lax.fori_loop(0, count, lambda j, c, m=m, s=start: body(*_tile_rows(M, m, s + j * m, end), c),
+                                  carry)
+        start, rest = start + count * m, rest - count * m
+    return carry
 
 
-def _tile_rows(M, m, first, end, j):
-    """Tile j of the rows [first, end): its m-row window's start (moved back to fit in M rows) and row mask."""
-    start = first + j * m
+def _tile_rows(M, m, start, end):
+    """An m-row tile from row `start` (up to `end`): its window's first row (moved back to fit in M) and row mask."""
     window = jnp.clip(start, 0, M - m)
     return window, _mask(m, window, start, end)
 
 
-def _groups_fwd(glu, m, xs, sizes, ws, bs):
+def _groups_fwd(glu, heights, xs, sizes, ws, bs):
     M = xs.shape[0]
     F = ws[0].shape[1]
     dtype = jnp.result_type(xs, *ws, *(bs or ()))
+    ends = jnp.cumsum(sizes)
 
     def group(g, carry):
-        (wg, wu, wd), first, end, n = _group(ws, sizes, g, m)
+        ws_g = _group_weights(ws, g)  # sliced once per group, not per tile
+        bs_g = _group_biases(bs, g)
 
-        def tile(j, carry):
+        def tile(window, mask, carry):
             y, gates, ups = carry
-            window, mask = _tile_rows(M, m, first, end, j)
-            x = _window(xs, mask, window, m)  # [m, D]
-            gate, up = jnp.einsum("md,fd->mf", x, wg), jnp.einsum("md,fd->mf", x, wu)  # [m, F]
-            if bs is not None:
-                gate, up = gate + bs[0][g], up + bs[1][g]
-            out = jnp.einsum("mf,df->md", glu(gate, up), wd)  # [m, D]
+            out, gate, up = _tile_forward(glu, _window(xs, mask, window, mask.shape[0]), ws_g, bs_g)  # [m, D], [m, F]
             return _write(y, out, mask, window), _write(gates, gate, mask, window), _write(ups, up, mask, window)
 
-        return jax.lax.fori_loop(0, n, tile, carry)
+        return _over_tiles(M, heights, ends[g] - sizes[g], ends[g], tile, carry)
 
     init = (jnp.zeros((M, ws[2].shape[1]), dtype), jnp.zeros((M, F), dtype), jnp.zeros((M, F), dtype))
     y, gates, ups = jax.lax.fori_loop(0, ws[0].shape[0], group, _vary(init, _varying(xs, sizes, ws, bs)))
     return y, (xs, sizes, ws, bs, gates, ups)
 
 
-def _groups_bwd(glu, m, res, dy):
+def _groups_bwd(glu, heights, res, dy):
     xs, sizes, ws, bs, gates, ups = res
     M = xs.shape[0]
-    f32 = jnp.float32
     leaves = list(ws) + ([] if bs is None else list(bs))
     axes = _varying(res, dy)
+    ends = jnp.cumsum(sizes)
 
     def group(g, carry):
         dx, grads = carry
-        (wg, wu, wd), first, end, n = _group(ws, sizes, g, m)
+        ws_g = _group_weights(ws, g)
 
-        def tile(j, carry):
+        def tile(window, mask, carry):
             dx, sums = carry
-            window, mask = _tile_rows(M, m, first, end, j)
-            x, dyt = _window(xs, mask, window, m), _window(dy, mask, window, m)  # [m, D]; other rows 0
-            h, glu_vjp = jax.vjp(glu, _window(gates, mask, window, m), _window(ups, mask, window, m))  # [m, F]
-            dgate, dup = glu_vjp(jnp.einsum("md,df->mf", dyt, wd))
-            dx = _write(dx, jnp.einsum("mf,fd->md", dgate, wg) + jnp.einsum("mf,fd->md", dup, wu), mask, window)
-            parts = [jnp.einsum("mf,md->fd", dgate, x, preferred_element_type=f32),
-                     jnp.einsum("mf,md->fd", dup, x, preferred_element_type=f32),
-                     jnp.einsum("md,mf->df", dyt, h, preferred_element_type=f32)]
-            if bs is not None:
-                parts += [dgate.sum(0, dtype=f32), dup.sum(0, dtype=f32)]
-            return dx, tuple(s + p for s, p in zip(sums, parts))
+            rows = lambda a: _window(a, mask, window, mask.shape[0])  # noqa: E731 - [m, ...]; other rows 0
+            dxt, parts = _tile_backward(glu, rows(xs), rows(dy), rows(gates), rows(ups), ws_g, bs is not None)
+            return _write(dx, dxt, mask, window), tuple(s + p for s, p in zip(sums, parts))
 
-        sums = _vary(tuple(jnp.zeros(a.shape[1:], f32) for a in leaves), axes)
-        dx, sums = jax.lax.fori_loop(0, n, tile, (dx, sums))
+        sums = _vary(tuple(jnp.zeros(a.shape[1:], jnp.float32) for a in leaves), axes)
+        dx, sums = _over_tiles(M, heights, ends[g] - sizes[g], ends[g], tile, (dx, sums))
         grads = tuple(jax.lax.dynamic_update_index_in_dim(a, s.astype(a.dtype), g, 0) for a, s in zip(grads, sums))
         return dx, grads
 
