@@ -58,6 +58,15 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def max_rel_err(got: Any, ref: Any) -> float:
+    """max |got - ref| / max |ref|, elementwise (the suite's bound shape); shapes must match exactly."""
+    got, ref = as_numpy(got), as_numpy(ref)
+    assert got.shape == ref.shape, f"shape mismatch {got.shape} vs {ref.shape}"
+    scale = np.abs(ref).max()
+    assert scale > 0, "reference is all zeros: the check would be meaningless"
+    return float(np.abs(got - ref).max() / scale)
+
+
 def rel_err(got: Any, ref: Any) -> float:
     """||got - ref|| / ||ref|| (Frobenius)."""
     got, ref = as_numpy(got), as_numpy(ref)

@@ -30,6 +30,7 @@ from jaxformer.models.cache import KVCache  # noqa: E402
 from jaxformer.models.paged_cache import PagedKVCache  # noqa: E402
 from jaxformer.models.quant import QuantSpec  # noqa: E402
 from jaxformer.models.quant_layers import dequantized_model, quantize_model  # noqa: E402
+from parity_tests.conftest import max_rel_err  # noqa: E402
 from torch_ref import layers as tl  # noqa: E402
 from torch_ref.attention import Attention as TorchAttention  # noqa: E402
 
@@ -40,15 +41,6 @@ D, N, K, H, B, T = 32, 4, 2, 16, 2, 23  # GQA: 2 query heads per kv head
 CFG = ModelConfig.llama(vocab_size=50, d_model=D, n_layers=1, n_heads=N, n_kv_heads=K, head_dim=H, d_ff=64,
                         norm_eps=1e-6, norm_unit_offset=True, rope=dict(partial_factor=0.25),
                         attention=dict(output_gate=True, qk_norm="head"))
-
-
-def _err(got, ref) -> float:
-    """max|got - ref| / max|ref|, elementwise."""
-    got, ref = (np.asarray(a.detach().numpy() if isinstance(a, torch.Tensor) else a, np.float64) for a in (got, ref))
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    scale = np.abs(ref).max()
-    assert scale > 0, "reference is all zeros"
-    return float(np.abs(got - ref).max() / scale)
 
 
 def _x(seed: int, *shape: int) -> np.ndarray:
@@ -103,15 +95,15 @@ def test_torch_ref_matches_transformers():
         y_hf64, _ = module64(x.double(), (cos.double(), sin.double()), mask.double())
     assert cos.shape[-1] == CFG.rotary_dim == H // 4
     # measured (also under taskset -c 0): 0.0 vs transformers in float32 (the same ops), 4.1e-7 vs float64
-    assert _err(y, y_hf) <= 1e-6
-    assert _err(y, y_hf64) <= 2e-6
+    assert max_rel_err(y, y_hf) <= 1e-6
+    assert max_rel_err(y, y_hf64) <= 2e-6
     # the gate matters: without it the output differs at O(1)
     ref.output_gate = False
     with torch.no_grad():
         q_half = ref.q_proj.weight.view(N, 2, H, D)[:, 0].reshape(N * H, D).clone()
         ref.q_proj.weight = torch.nn.Parameter(q_half)
         y_ungated = ref(x, tl.rope_cos_sin(pos, CFG.rotary_dim, CFG.rope.theta))
-    assert _err(y_ungated, y_hf) > 0.1
+    assert max_rel_err(y_ungated, y_hf) > 0.1
 
 
 def test_jax_matches_torch_ref_outputs_and_gradients():
@@ -142,9 +134,9 @@ def test_jax_matches_torch_ref_outputs_and_gradients():
                                             "q_norm.weight", "k_norm.weight"}
     # measured (also under taskset -c 0): output 2.0e-7, dx 3.1e-7, parameters <= 5.2e-7 (k_norm.weight; q_proj
     # 3.5e-7, q_norm 3.8e-7)
-    assert _err(y, y_ref) <= 2e-6
-    assert _err(g_x, xt.grad) <= 2e-6
-    errs = {k: _err(grads[k], grads_ref[k]) for k in grads}
+    assert max_rel_err(y, y_ref) <= 2e-6
+    assert max_rel_err(g_x, xt.grad) <= 2e-6
+    errs = {k: max_rel_err(grads[k], grads_ref[k]) for k in grads}
     assert max(errs.values()) <= 3e-6, errs
 
 

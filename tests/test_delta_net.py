@@ -22,6 +22,7 @@ from flax import nnx  # noqa: E402
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.interop.state_dict import to_torch_state_dict  # noqa: E402
 from jaxformer.models.delta_net import DeltaNetState, GatedDeltaNet  # noqa: E402
+from parity_tests.conftest import max_rel_err  # noqa: E402
 from torch_ref.delta_net import GatedDeltaNet as TorchGatedDeltaNet  # noqa: E402
 
 torch.set_num_threads(1)
@@ -69,15 +70,6 @@ def _x(seed: int, B: int, T: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((B, T, D)).astype(np.float32)
 
 
-def _err(got, ref) -> float:
-    """max|got - ref| / max|ref|, elementwise."""
-    got, ref = (np.asarray(a.detach().numpy() if isinstance(a, torch.Tensor) else a, np.float64) for a in (got, ref))
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    scale = np.abs(ref).max()
-    assert scale > 0, "reference is all zeros"
-    return float(np.abs(got - ref).max() / scale)
-
-
 def _random_state(seed: int, B: int) -> DeltaNetState:
     rng = np.random.default_rng(seed)
     return DeltaNetState(jnp.asarray(rng.standard_normal((B, W - 1, C)), jnp.float32),
@@ -108,8 +100,8 @@ def test_torch_ref_matches_transformers():
         y_hf64 = hf.double()(x.double())
     # measured: 8.9e-6 vs transformers in float32 and 9.0e-6 vs transformers in float64 (both float32 sides carry
     # ~1e-5 of rounding at these weights: g reaches -60 per token, transformers' chunk cumsums ~-1000)
-    assert _err(y, y_hf) <= 5e-5
-    assert _err(y, y_hf64) <= 5e-5
+    assert max_rel_err(y, y_hf) <= 5e-5
+    assert max_rel_err(y, y_hf64) <= 5e-5
 
 
 def test_jax_matches_torch_ref_outputs_and_gradients():
@@ -134,9 +126,9 @@ def test_jax_matches_torch_ref_outputs_and_gradients():
     grads = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(g_params)}
     assert set(grads) == set(grads_ref)
     # measured: output 1.0e-6, dx 3.4e-6, parameters <= 3.3e-6 (out_proj, in_proj_qkv 3.2e-6, A_log 2.3e-6)
-    assert _err(y, y_ref) <= 5e-6
-    assert _err(g_x, xt.grad) <= 2e-5
-    errs = {k: _err(grads[k], grads_ref[k]) for k in grads}
+    assert max_rel_err(y, y_ref) <= 5e-6
+    assert max_rel_err(g_x, xt.grad) <= 2e-5
+    errs = {k: max_rel_err(grads[k], grads_ref[k]) for k in grads}
     assert max(errs.values()) <= 2e-5, errs
 
 
@@ -148,7 +140,7 @@ def test_prefill_then_single_steps_equal_the_full_forward_and_transformers_cache
     n, k = 37, 4
     x = _x(6, 2, n + k)
     y_full, state_full = _apply(model, jnp.asarray(x), state=DeltaNetState.init(CFG, 2))
-    assert _err(y_full, _apply(model, jnp.asarray(x))) <= 1e-6  # the same computation
+    assert max_rel_err(y_full, _apply(model, jnp.asarray(x))) <= 1e-6  # the same computation
 
     y, state = _apply(model, jnp.asarray(x[:, :n]), state=DeltaNetState.init(CFG, 2))
     ys = [y]
@@ -164,13 +156,13 @@ def test_prefill_then_single_steps_equal_the_full_forward_and_transformers_cache
     conv_hf = cache.get_conv_state(0).transpose(1, 2)[:, 1:]  # transformers keeps W inputs, [B, C, W]
     # measured: steps vs full 1.2e-7 (outputs and state); vs transformers 1.2e-6 (outputs), 3.5e-7 (recurrent
     # state), 2.9e-7 (conv state: in_proj_qkv's matmul rounding)
-    assert _err(y_steps, y_full) <= 5e-6
-    assert _err(state.recurrent, state_full.recurrent) <= 5e-6
-    assert _err(state.conv, state_full.conv) <= 1e-6  # conv inputs: in_proj_qkv's products, any shape
-    assert _err(state.conv, model.in_proj_qkv(jnp.asarray(x))[:, -(W - 1):]) <= 1e-6
-    assert _err(y_steps, y_hf) <= 1e-5
-    assert _err(state.recurrent, cache.get_recurrent_state(0)) <= 5e-6
-    assert _err(state.conv, conv_hf) <= 2e-6
+    assert max_rel_err(y_steps, y_full) <= 5e-6
+    assert max_rel_err(state.recurrent, state_full.recurrent) <= 5e-6
+    assert max_rel_err(state.conv, state_full.conv) <= 1e-6  # conv inputs: in_proj_qkv's products, any shape
+    assert max_rel_err(state.conv, model.in_proj_qkv(jnp.asarray(x))[:, -(W - 1):]) <= 1e-6
+    assert max_rel_err(y_steps, y_hf) <= 1e-5
+    assert max_rel_err(state.recurrent, cache.get_recurrent_state(0)) <= 5e-6
+    assert max_rel_err(state.conv, conv_hf) <= 2e-6
 
 
 @pytest.mark.parametrize("n_valid,T", [(13, 20), (2, 9), (0, 1)])
@@ -183,14 +175,14 @@ def test_padded_positions_leave_the_state_as_it_was(n_valid, T):
     valid = jnp.asarray(np.arange(T)[None, :] < np.array([[T], [n_valid]]))
     y, state = _apply(model, x, state=state0, valid=valid)
     y_all, state_all = _apply(model, x, state=state0)
-    assert _err(y[0], y_all[0]) <= 1e-6 and _err(state.recurrent[0], state_all.recurrent[0]) <= 1e-6
+    assert max_rel_err(y[0], y_all[0]) <= 1e-6 and max_rel_err(state.recurrent[0], state_all.recurrent[0]) <= 1e-6
     row1 = DeltaNetState(state0.conv[1:], state0.recurrent[1:])
     if n_valid:
         y_alone, alone = _apply(model, x[1:, :n_valid], state=row1)
         # measured 0 (outputs and state: the padded steps are exact identities); row 0 above 1.8e-8
-        assert _err(y[1, :n_valid], y_alone[0]) <= 1e-6
-        assert _err(state.recurrent[1], alone.recurrent[0]) <= 1e-6
-        assert _err(state.conv[1], alone.conv[0]) <= 1e-6
+        assert max_rel_err(y[1, :n_valid], y_alone[0]) <= 1e-6
+        assert max_rel_err(state.recurrent[1], alone.recurrent[0]) <= 1e-6
+        assert max_rel_err(state.conv[1], alone.conv[0]) <= 1e-6
     else:  # a row that is all padding keeps its state bit for bit
         assert np.array_equal(np.asarray(state.recurrent[1]), np.asarray(row1.recurrent[0]))
         assert np.array_equal(np.asarray(state.conv[1]), np.asarray(row1.conv[0]))
@@ -202,8 +194,9 @@ def test_padded_positions_leave_the_state_as_it_was(n_valid, T):
         y_ref, (conv_ref, recurrent_ref) = ref(as_torch(x), state=(as_torch(state0.conv), as_torch(state0.recurrent)),
                                                valid=as_torch(valid))
     # measured: outputs <= 8.7e-7, recurrent state <= 2.6e-7, conv state 0
-    assert _err(y[0], y_ref[0]) <= 5e-6 and (not n_valid or _err(y[1, :n_valid], y_ref[1, :n_valid]) <= 5e-6)
-    assert _err(state.recurrent, recurrent_ref) <= 5e-6 and _err(state.conv, conv_ref) <= 1e-6
+    assert max_rel_err(y[0], y_ref[0]) <= 5e-6
+    assert not n_valid or max_rel_err(y[1, :n_valid], y_ref[1, :n_valid]) <= 5e-6
+    assert max_rel_err(state.recurrent, recurrent_ref) <= 5e-6 and max_rel_err(state.conv, conv_ref) <= 1e-6
 
 
 def test_packed_documents_equal_separate_runs():
@@ -217,16 +210,16 @@ def test_packed_documents_equal_separate_runs():
     y_a, _ = _apply(model, x[:, :17], state=DeltaNetState.init(CFG, 1))
     y_b, state_b = _apply(model, x[:, 17:], state=DeltaNetState.init(CFG, 1))
     # measured 5.6e-8 (outputs), 0 (state after the second document); torch_ref's loop 8.1e-7
-    assert _err(y, jnp.concatenate([y_a, y_b], axis=1)) <= 5e-6
+    assert max_rel_err(y, jnp.concatenate([y_a, y_b], axis=1)) <= 5e-6
     _, state = _apply(model, x, seg, state=DeltaNetState.init(CFG, 1))
-    assert _err(state.recurrent, state_b.recurrent) <= 5e-6
-    assert _err(state.conv, state_b.conv) <= 1e-6
+    assert max_rel_err(state.recurrent, state_b.recurrent) <= 5e-6
+    assert max_rel_err(state.conv, state_b.conv) <= 1e-6
     # torch_ref's token loop agrees on the packed row
     ref = TorchGatedDeltaNet(CFG)
     ref.load_state_dict(hf.state_dict())
     with torch.no_grad():
         y_ref = ref(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(seg)))
-    assert _err(y, y_ref) <= 5e-6
+    assert max_rel_err(y, y_ref) <= 5e-6
 
 
 def test_bf16_compute_stays_near_float32():

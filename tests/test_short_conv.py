@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.short_conv import ConvState, ShortConv
-from parity_tests.conftest import jax_params, quiet_transformers
+from parity_tests.conftest import jax_params, max_rel_err, quiet_transformers
 from torch_ref import short_conv as tsc
 
 # measured on a 2-core x86 CPU, identical pinned to one core (taskset -c 0), max over every comparison of a kind:
@@ -32,14 +32,6 @@ D = 32
 def _cfg(kernel: int = 3, bias: bool = True) -> ModelConfig:
     return ModelConfig.llama(vocab_size=64, d_model=D, n_layers=2, n_heads=4, d_ff=64,
                              layer_types=("conv", "full_attention"), conv=dict(kernel=kernel, bias=bias))
-
-
-def rel(got, ref) -> float:
-    got, ref = (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x, np.float64) for x in (got, ref))
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    scale = np.abs(ref).max()
-    assert scale > 0, "reference is all zeros"
-    return float(np.abs(got - ref).max() / scale)
 
 
 def _x(seed: int, *shape: int) -> np.ndarray:
@@ -109,7 +101,7 @@ def test_torch_ref_matches_transformers(bias):
     x = _x(2, 2, 128, D)
     with torch.no_grad():
         want = hf(torch.from_numpy(x))
-        assert rel(ref(torch.from_numpy(x)), want) <= TOL
+        assert max_rel_err(ref(torch.from_numpy(x)), want) <= TOL
         # torch_ref's stateful steps against transformers' cached decoding
         y, s = ref(torch.from_numpy(x[:, :100]), state=torch.zeros(2, 2, D))
         ys = [y]
@@ -117,8 +109,8 @@ def test_torch_ref_matches_transformers(bias):
             y, s = ref(torch.from_numpy(x[:, t:t + 1]), state=s)
             ys.append(y)
     hf_steps = _hf_decode(hf, hc, x, 100)
-    assert rel(hf_steps, want) <= TOL
-    assert rel(torch.cat(ys, 1), hf_steps) <= TOL
+    assert max_rel_err(hf_steps, want) <= TOL
+    assert max_rel_err(torch.cat(ys, 1), hf_steps) <= TOL
 
 
 @pytest.mark.parametrize("bias,kernel,packed", [(True, 3, False), (False, 3, True), (True, 4, True)])
@@ -147,12 +139,12 @@ def test_jax_matches_torch_ref_with_gradients(bias, kernel, packed):
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = ref(xt, None if seg is None else torch.from_numpy(seg))
     (yt * torch.from_numpy(cot)).sum().backward()
-    assert rel(y, yt) <= TOL
-    assert rel(g_x, xt.grad) <= GRAD_TOL
+    assert max_rel_err(y, yt) <= TOL
+    assert max_rel_err(g_x, xt.grad) <= GRAD_TOL
     tgrads = dict(ref.named_parameters())
     assert set(grads) == set(tgrads) and ("conv.bias" in grads) == bias
     for name, p in tgrads.items():
-        assert rel(grads[name], p.grad) <= GRAD_TOL, name
+        assert max_rel_err(grads[name], p.grad) <= GRAD_TOL, name
 
 
 def test_decoding_equals_the_full_forward_and_transformers_cache():
@@ -167,13 +159,13 @@ def test_decoding_equals_the_full_forward_and_transformers_cache():
         y, s = step(x[:, t:t + 1], s)
         ys.append(y)
     got = np.asarray(jnp.concatenate(ys, 1))
-    assert rel(got, full) <= TOL
+    assert max_rel_err(got, full) <= TOL
     hc, hf = _hf(cfg)
-    assert rel(got, _hf_decode(_torch_twin(m, hf), hc, x, 100)) <= TOL
+    assert max_rel_err(got, _hf_decode(_torch_twin(m, hf), hc, x, 100)) <= TOL
     # the state holds the last K - 1 convolution inputs, as transformers' cache's last K - 1 columns
     with torch.no_grad():
         b, _, h = _torch_twin(m, tsc.ShortConv(cfg)).in_proj(torch.from_numpy(x[:, -2:])).chunk(3, -1)
-    assert rel(s.conv, b * h) <= TOL
+    assert max_rel_err(s.conv, b * h) <= TOL
 
 
 def test_bucketed_prefill_takes_the_state_at_the_last_valid_token():
@@ -190,11 +182,11 @@ def test_bucketed_prefill_takes_the_state_at_the_last_valid_token():
     y, s = step(x, s0, valid=jnp.asarray(valid))
     with torch.no_grad():
         yt, st = ref(torch.from_numpy(x), state=torch.from_numpy(np.array(s0.conv)), valid=torch.from_numpy(valid))
-    assert rel(st, s.conv) <= TOL
+    assert max_rel_err(st, s.conv) <= TOL
     for b in range(3):
         yb, sb = step(x[b:b + 1, :n[b]], s0.replace(conv=s0.conv[b:b + 1]))
-        assert rel(y[b, :n[b]], yb[0]) <= TOL and rel(yt[b, :n[b]], yb[0]) <= TOL
-        assert rel(s.conv[b], sb.conv[0]) <= TOL
+        assert max_rel_err(y[b, :n[b]], yb[0]) <= TOL and max_rel_err(yt[b, :n[b]], yb[0]) <= TOL
+        assert max_rel_err(s.conv[b], sb.conv[0]) <= TOL
     np.testing.assert_array_equal(s.conv[3], s0.conv[3])
 
 
@@ -212,21 +204,21 @@ def test_packed_documents_equal_separate_runs():
     docs = [x[:, a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     packed = fwd(x, seg)
     for d, a, b in zip(docs, cuts[:-1], cuts[1:]):
-        assert rel(packed[:, a:b], fwd(d)) <= TOL
+        assert max_rel_err(packed[:, a:b], fwd(d)) <= TOL
     with torch.no_grad():
-        assert rel(ref(torch.from_numpy(x), torch.from_numpy(seg)), packed) <= TOL
+        assert max_rel_err(ref(torch.from_numpy(x), torch.from_numpy(seg)), packed) <= TOL
 
     _, s0 = step(_x(13, 1, 6, D), ConvState.init(cfg, 1))
     y, s = step(x, s0, jnp.asarray(seg))
     first, _ = step(docs[0], s0)
-    assert rel(y[:, :cuts[1]], first) <= TOL
+    assert max_rel_err(y[:, :cuts[1]], first) <= TOL
     for d, a, b in zip(docs[1:], cuts[1:-1], cuts[2:]):
         yd, sd = step(d, ConvState.init(cfg, 1))
-        assert rel(y[:, a:b], yd) <= TOL
-    assert rel(s.conv, sd.conv) <= TOL and not np.any(np.asarray(s.conv[0, 0]))
+        assert max_rel_err(y[:, a:b], yd) <= TOL
+    assert max_rel_err(s.conv, sd.conv) <= TOL and not np.any(np.asarray(s.conv[0, 0]))
     with torch.no_grad():
         yt, st = ref(torch.from_numpy(x), torch.from_numpy(seg), state=torch.from_numpy(np.array(s0.conv)))
-    assert rel(yt, y) <= TOL and rel(st, s.conv) <= TOL
+    assert max_rel_err(yt, y) <= TOL and max_rel_err(st, s.conv) <= TOL
 
 
 def test_state_shapes_and_errors():

@@ -57,11 +57,8 @@ class KVCache:
                 return QuantKV(constrain(jnp.zeros(shape, jnp.int8), CACHE_AXES[layout]),
                                constrain(jnp.ones(shape[:-1], jnp.float32), CACHE_AXES[layout][:-1]))
             return constrain(jnp.zeros(shape, dtype), CACHE_AXES[layout])
-        dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
-        attends = [cfg.layer_type(i) not in STATE_LAYER_TYPES for i in range(cfg.n_cache_layers)]
-        return cls(k=tuple(zeros(*k) if a else None for (k, _), a in zip(dims, attends)),
-                   v=tuple(zeros(*v) if a else None for (_, v), a in zip(dims, attends)),
-                   lengths=jnp.zeros((batch,), jnp.int32), states=layer_states(cfg, batch), layout=layout)
+        k, v = layer_entries(cfg, zeros)
+        return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32), states=layer_states(cfg, batch), layout=layout)
 
     @property
     def batch(self) -> int:
@@ -69,12 +66,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return next(k for k in self.k if k is not None).shape[self.layout.index("s")]
+        return first_entry(self.k).shape[self.layout.index("s")]
 
     @property
     def dtype(self) -> jnp.dtype:
         """What the entries are stored as (int8 for a QuantKV cache)."""
-        return next(k for k in self.k if k is not None).dtype
+        return first_entry(self.k).dtype
 
     def nbytes(self) -> int:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v, self.states)))
@@ -89,6 +86,20 @@ class KVCache:
                          if isinstance(x, QuantKV) else constrain(x, axes))
         pin = lambda xs: tuple(None if x is None else one(x) for x in xs)  # noqa: E731
         return self.replace(k=pin(self.k), v=pin(self.v))
+
+
+def layer_entries(cfg: ModelConfig, zeros) -> tuple[tuple, tuple]:
+    """(keys, values): each layer's two cache entries, zeros(heads, dim) of cfg.layer_cache_dims (kv-shared layers
+    read their source's), None for a linear_attention / conv layer (its state is layer_states')."""
+    state = lambda i: cfg.layer_type(i) in STATE_LAYER_TYPES  # noqa: E731
+    pairs = [(None, None) if state(i) else tuple(zeros(*d) for d in cfg.layer_cache_dims(i))
+             for i in range(cfg.n_cache_layers)]
+    return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+
+
+def first_entry(entries: tuple):
+    """The first attention layer's entry of `entries` (every model keeps one attention layer)."""
+    return next(e for e in entries if e is not None)
 
 
 def layer_states(cfg: ModelConfig, batch: int) -> tuple:

@@ -17,8 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import STATE_LAYER_TYPES, ModelConfig
-from jaxformer.models.cache import layer_states
+from jaxformer.config import ModelConfig
+from jaxformer.models.cache import first_entry, layer_entries, layer_states
 from jaxformer.sharding import constrain
 
 PAGE_AXES = (None, None, "act_kv_heads", None)  # [num_pages, P, K, H]
@@ -47,11 +47,8 @@ class PagedKVCache:
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         zeros = lambda heads, dim: constrain(jnp.zeros((num_pages, page_size, heads, dim), dtype), PAGE_AXES)  # noqa: E731
         max_pages = -(-max_len // page_size)
-        dims = [cfg.layer_cache_dims(i) for i in range(cfg.n_cache_layers)]  # kv-shared layers read their source's
-        attends = [cfg.layer_type(i) not in STATE_LAYER_TYPES for i in range(cfg.n_cache_layers)]
-        return cls(k=tuple(zeros(*k) if a else None for (k, _), a in zip(dims, attends)),
-                   v=tuple(zeros(*v) if a else None for (_, v), a in zip(dims, attends)),
-                   page_table=jnp.full((batch, max_pages), SCRATCH_PAGE, jnp.int32),
+        k, v = layer_entries(cfg, zeros)
+        return cls(k=k, v=v, page_table=jnp.full((batch, max_pages), SCRATCH_PAGE, jnp.int32),
                    lengths=jnp.zeros((batch,), jnp.int32), states=layer_states(cfg, batch))
 
     @property
@@ -60,7 +57,7 @@ class PagedKVCache:
 
     @property
     def _pool(self) -> jax.Array:
-        return next(k for k in self.k if k is not None)
+        return first_entry(self.k)
 
     @property
     def page_size(self) -> int:
