@@ -1,13 +1,16 @@
-"""The main job's train step on XLA:CPU with its default YNNPACK fusions vs without them.
+"""The main job's train step on XLA:CPU: its defaults vs without YNNPACK fusions vs malloc in huge pages.
 
   python bench/cpu_step.py                  # tiny_code preset: 4 layers, width 128, batch 16 x 256
   python bench/cpu_step.py --quick          # a smaller model, fewer repeats: proves the script runs
 
-Each setting runs in its own child process (XLA reads its flags once, when its backend starts): the
-jitted step (AdamW, donated buffers) on a fixed random packed batch is compiled, warmed up, then timed
---steps times; the processes alternate --rounds times so that a busy moment of the machine falls on
-both. Reported: median step time and tokens/s per setting, the (min, max) of the per-round medians,
-and the ratio of medians. The last line printed is one JSON object.
+Each setting runs in its own child process (XLA reads its flags once, when its backend starts; glibc its
+tunables when the process starts): the jitted step (AdamW, donated buffers) on a fixed random packed batch is
+compiled, warmed up, then timed --steps times; the processes alternate --rounds times so that a busy moment of the
+machine falls on all. Settings: `xla_defaults` (no XLA_FLAGS, glibc's defaults: the baseline), `no_ynn_fusions`,
+and `malloc_hugepages` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: what the `jaxformer` command runs with where
+jaxformer/runtime.py finds it helps). Reported: median step time and tokens/s per setting, the (min, max) of the
+per-round medians, each setting's speed relative to the baseline, and the load average before and after. The last
+line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="  # empty: no YNNPACK fusions
-SETTINGS = {"xla_defaults": "", "no_ynn_fusions": NO_YNN}  # name -> XLA_FLAGS
+SETTINGS = {"xla_defaults": {}, "no_ynn_fusions": {"XLA_FLAGS": NO_YNN},  # name -> environment changes
+            "malloc_hugepages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}}
+BASELINE = {"XLA_FLAGS": "", "GLIBC_TUNABLES": "", "JAXFORMER_HUGEPAGES": "0"}  # every setting starts from this
 
 
 def child(args) -> None:
@@ -62,8 +67,7 @@ def child(args) -> None:
             p, o, metrics = step(p, o, b)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"median_s": statistics.median(times), "tokens": B * T,
-                      "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+    print(json.dumps({"median_s": statistics.median(times), "tokens": B * T}))
 
 
 def main() -> None:
@@ -84,23 +88,29 @@ def main() -> None:
     if args.rounds < 5:
         ap.error("--rounds must be at least 5")
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    load_before = os.getloadavg()  # a figure counts only while the load stays under the core count
     for _ in range(args.rounds):
-        for name, flags in SETTINGS.items():
+        for name, env in SETTINGS.items():
             cmd = [sys.executable, __file__, "--child", "--config", args.config, "--steps", str(args.steps),
                    *args.overrides]
-            out = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, capture_output=True, text=True,
+            out = subprocess.run(cmd, env={**os.environ, **BASELINE, **env}, capture_output=True, text=True,
                                  check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    result: dict = {"config": args.config, "overrides": args.overrides, "cpus": os.cpu_count()}
+    result: dict = {"config": args.config, "overrides": args.overrides, "cpus": os.cpu_count(),
+                    "loadavg_before": [round(v, 2) for v in load_before],
+                    "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     for name, rs in runs.items():
         medians = [r["median_s"] for r in rs]
         med = statistics.median(medians)
         result[name] = {"step_s": med, "tokens_per_s": rs[0]["tokens"] / med, "min_s": min(medians),
-                        "max_s": max(medians), "xla_flags": rs[0]["xla_flags"]}
+                        "max_s": max(medians), "env": SETTINGS[name]}
         print(f"{name:20s} step {med * 1000:7.0f} ms [{min(medians) * 1000:.0f}-{max(medians) * 1000:.0f}]  "
-              f"{rs[0]['tokens'] / med:8.0f} tok/s  XLA_FLAGS={rs[0]['xla_flags']!r}")
-    result["speedup"] = result["xla_defaults"]["step_s"] / result["no_ynn_fusions"]["step_s"]
-    print(f"without YNNPACK fusions: x{result['speedup']:.2f} the step speed of XLA's defaults")
+              f"{rs[0]['tokens'] / med:8.0f} tok/s  {SETTINGS[name] or 'defaults'}")
+    for name in SETTINGS:
+        result[name]["speed_vs_defaults"] = round(result["xla_defaults"]["step_s"] / result[name]["step_s"], 3)
+    print(f"step speed vs the defaults: without YNNPACK fusions x{result['no_ynn_fusions']['speed_vs_defaults']:.2f}, "
+          f"malloc in huge pages x{result['malloc_hugepages']['speed_vs_defaults']:.2f}; load average before "
+          f"{result['loadavg_before']}, after {result['loadavg_after']} ({os.cpu_count()} cores)")
     print(json.dumps(result))
 
 

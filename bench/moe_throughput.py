@@ -111,18 +111,19 @@ def run_family(family: str, args) -> dict:
         run()
     times = {name: [] for name in runners}
     load_before = os.getloadavg()  # a figure counts only from a machine whose load stays under its core count
-    for _ in range(args.repeats):
+    for _ in range(args.rounds):  # rounds of each runner's `repeats` back-to-back steps, as a training loop runs them
         for name, run in runners.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t)
     load_after = os.getloadavg()
     tps = {name: args.tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"{family}: {args.tokens} tokens, D {D}, {E} experts of F {F}, top-{k}; dense MLP d_ff {active}; "
           f"max |jaxformer - transformers| output {diff:.2e}")
     print(f"  load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} cores")
     for name, v in tps.items():
-        print(f"  {name:24s} {v:10.0f} tokens/s (fwd+bwd, median of {args.repeats})")
+        print(f"  {name:24s} {v:10.0f} tokens/s (fwd+bwd, median of {args.rounds} x {args.repeats})")
     return {"tokens_per_s": {n: round(v, 1) for n, v in tps.items()}, "max_abs_diff_vs_hf": diff,
             "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
             "ratio_vs_hf_moe_block": round(tps["jaxformer_moe"] / tps["hf_block"], 3),
@@ -137,7 +138,8 @@ def main() -> None:
     ap.add_argument("--d-ff", type=int, default=512, help="each expert's hidden size F")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=3, help="back-to-back steps of one runner per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over the runners (medians of rounds x repeats)")
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}")
     results = {family: run_family(family, args) for family in args.families}

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxformer.runtime import reexec_with_hugepages
+
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from jaxformer.data.tokenizer import copy_tokenizer_files, tokenizer_candidates
@@ -580,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the `jaxformer` command (not a call from Python): malloc in huge pages (runtime.py)
+        reexec_with_hugepages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # extra: dotted config overrides (--model.n_layers=4)
     if args.func in (cmd_train, cmd_inspect, cmd_finetune, cmd_plan):
