@@ -12,7 +12,6 @@ only where it helps: Linux with glibc >= 2.35 and the kernel's transparent huge 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -34,10 +33,11 @@ def thp_mode(path: Path = THP_MODE) -> str | None:
 
 def glibc_version() -> tuple[int, ...] | None:
     """This process's glibc version, or None under another C library."""
-    lib, version = platform.libc_ver()
-    if lib != "glibc" or not version:
+    try:
+        lib, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+    except (AttributeError, OSError, ValueError):  # no confstr (not POSIX), not glibc, an unexpected answer
         return None
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
+    return tuple(int(p) for p in version.split(".") if p.isdigit()) if lib == "glibc" else None
 
 
 def hugepage_env(environ: Mapping[str, str], glibc: tuple[int, ...] | None, mode: str | None

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxformer"
 
 # group -> rank: a group may import only groups of strictly lower rank (and itself)
 LAYERS = {
+    "runtime": 0,  # process settings the command starts with (huge pages); imports no jaxformer code
     "config": 0,
     "sharding": 1,
     "models": 2,
