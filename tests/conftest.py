@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from jaxformer.config import DataConfig, ModelConfig, TrainConfig
 from jaxformer.data.corpus import stdlib_root
 
+ROOT = Path(__file__).resolve().parent.parent
 CORPUS_PICKS = ["json", "textwrap.py", "string.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py"]
 TOKENIZER_VOCAB = 400
 
@@ -81,3 +85,15 @@ def assert_importer_gives_preset(name: str, model_type: str, published: dict) ->
     assert {k: v for k, v in got.to_dict().items() if k not in skip} == \
         {k: v for k, v in cfg.to_dict().items() if k not in skip}
     assert got.family == cfg.family == {"kimi_k2": "deepseek_v3"}.get(model_type, model_type)
+
+
+def run_on_eight_devices(*args: str, unset: tuple[str, ...] = ()) -> str:
+    """`python *args` in a fresh process with 8 fake CPU devices (XLA_FLAGS) and the repository on PYTHONPATH,
+    without the environment variables `unset`; asserts it succeeded (its output's tail on failure), returns stdout."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    for name in unset:
+        env.pop(name, None)
+    res = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout

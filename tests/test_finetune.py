@@ -19,6 +19,7 @@ from jaxformer.finetune import finetune, load_finetune_config
 from jaxformer.interop import native, to_numpy_state_dict
 from jaxformer.models import DecoderLM
 from jaxformer.train.metrics import read_metrics
+from tests.conftest import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -174,11 +175,7 @@ def test_lora_on_a_2x2x2_mesh_equals_one_device(tmp_path, base_dir, sft_data):
     raw = {name: dataclasses.asdict(c) for name, c in cfgs.items()}
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump(json.loads(json.dumps(raw))))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "finetune_worker.py"), str(config), str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_on_eight_devices(str(ROOT / "tests" / "finetune_worker.py"), str(config), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     one, mesh = tmp_path / "d1f1t1", tmp_path / "d2f2t2"
     a, b = _losses(one), _losses(mesh)

@@ -4,10 +4,9 @@ LFM2-like (short convolutions) and Qwen3-Next-like (both, with experts); one sub
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.conftest import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("qwen3_5", "lfm2", "qwen3_next")
@@ -37,11 +36,7 @@ GRAD_BOUND = 1e-5
 
 def _report(tmp_path) -> dict:
     out = tmp_path / "report.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "hybrid_mesh_worker.py"), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_on_eight_devices(str(ROOT / "tests" / "hybrid_mesh_worker.py"), str(out))
     return json.loads(out.read_text())
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = {"expert8": (8, 1, 1), "expert2_fsdp2_tensor2": (2, 2, 2)}  # expert, fsdp, tensor
@@ -18,11 +17,7 @@ MESHES = {"expert8": (8, 1, 1), "expert2_fsdp2_tensor2": (2, 2, 2)}  # expert, f
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("moe") / "report.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "moe_worker.py"), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_on_eight_devices(str(ROOT / "tests" / "moe_worker.py"), str(out))
     return json.loads(out.read_text())
 
 
@@ -362,11 +357,7 @@ def test_gpu_tile_loop_on_expert_fsdp_tensor_equals_one_device():
     primal does not vary over: dx over "tensor", the weights' over the token axes), run on 8 CPU devices in place of
     the CPU tiles: gpt-oss's biased clamped experts and Llama 4's on expert 2 x fsdp 2 x tensor 2 against one device
     (tests/moe_worker.py's cases), outputs and every parameter's gradient."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", GPU_PATH_ON_MESHES, str(ROOT / "tests")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for name, r in json.loads(res.stdout.strip().splitlines()[-1]).items():
+    stdout = run_on_eight_devices("-c", GPU_PATH_ON_MESHES, str(ROOT / "tests"))
+    for name, r in json.loads(stdout.strip().splitlines()[-1]).items():
         assert r["max_abs_diff"] <= 1e-5 * r["max_abs"], name
         assert r["max_grad_rel"] <= 1e-5, f"{name}: {r['worst']}: rel {r['max_grad_rel']}"

@@ -8,9 +8,6 @@ the page size, the pool size (preemption), the prefill chunk and the prefix reus
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +22,7 @@ from jaxformer.infer.pages import PagePool, page_hashes
 from jaxformer.infer.paged_engine import PagedEngine
 from jaxformer.models import DecoderLM
 from jaxformer.models.paged_cache import PagedKVCache
+from tests.conftest import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -194,12 +192,8 @@ def test_sharded_engine_on_eight_fake_devices_matches_one(tmp_path):
     paged kernel (interpreted) per tensor shard, with and without attention sinks; latent attention on tensor 2:
     the greedy tokens equal the single-device engine's
     (tests/paged_mesh_worker.py runs both in one process)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "paged_mesh_worker.py"), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_on_eight_devices(str(ROOT / "tests" / "paged_mesh_worker.py"), str(out))
     report = json.loads(out.read_text())
     assert report["devices"] == 8
     for case in ("dense_tensor4", "moe_expert2_tensor2", "pallas_tensor2", "pallas_sinks_tensor2", "latent_tensor2"):

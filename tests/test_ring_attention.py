@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxformer import sharding
 from jaxformer.models.ring_attention import load_balanced_order
+from tests.conftest import run_on_eight_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,12 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ring") / "report.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("JAXFORMER_PALLAS_INTERPRET", None)
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "ring_worker.py"), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_on_eight_devices(str(ROOT / "tests" / "ring_worker.py"), str(out), unset=("JAXFORMER_PALLAS_INTERPRET",))
     return json.loads(out.read_text())
 
 
