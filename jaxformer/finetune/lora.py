@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.interop.state_dict import from_state_dict, to_numpy_state_dict
-from jaxformer.models.layers import Linear
+from jaxformer.models.layers import Linear, project
 
 # short names users write -> the projection attribute they mean
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
@@ -117,15 +117,15 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
         cd = self.compute_dtype
         x = x.astype(cd)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(cd))
+        y = project(x, self.weight[...].astype(cd))
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
         h = x
         if self.dropout_key is not None and not self.deterministic:
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros((), cd))
-        a = jnp.einsum("...i,ri->...r", h, self.lora_A.weight[...].astype(cd))  # [..., r]
-        return y + jnp.einsum("...r,or->...o", a, self.lora_B.weight[...].astype(cd)) * jnp.asarray(self.scaling, cd)
+        a = project(h, self.lora_A.weight[...].astype(cd))  # [..., r]
+        return y + project(a, self.lora_B.weight[...].astype(cd)) * jnp.asarray(self.scaling, cd)
 
     def dense_weight(self) -> jax.Array:
         """W + s B A [out, in] in the compute dtype: the matrix this projection applies without dropout."""

@@ -26,7 +26,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.decoder import ACT
 from jaxformer.models.gemma4 import Gemma4LM, KVSharingBlock
-from jaxformer.models.layers import MLP, Linear, dtype_of, make_norm
+from jaxformer.models.layers import MLP, Linear, dtype_of, make_norm, project
 from jaxformer.sharding import constrain
 
 STREAMS = (None, *ACT)  # [A, B, T, D]: the AltUp axis is never split
@@ -79,7 +79,7 @@ class AltUp(nnx.Module):
         w = layer.weight[...].astype(m.dtype)
         if self.clip is not None:
             w = jnp.clip(w, -self.clip, self.clip)
-        return jnp.einsum("bti,oi->bto", m, w)
+        return project(m, w)
 
     def modalities(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, A]
         routed = self.modality_router(self.router_norm(x) * jnp.asarray(self.router_scale, x.dtype))
