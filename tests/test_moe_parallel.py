@@ -101,6 +101,42 @@ def SWIGLU(g, u):  # grouped_swiglu's glu: act(gate) * up
     return jax.nn.silu(g) * u
 
 
+def test_expert_rows_and_combine_match_numpy_loops():
+    """The dispatch into expert order (expert_rows) and back (combine), each a gather both ways, against numpy loops:
+    forward values and the vector-Jacobian products (a token's k rows summed; each row's weighted share)."""
+    import jax
+    import numpy as np
+
+    from jaxformer.models.grouped import combine, expert_rows, sort_by_expert
+
+    rng = np.random.default_rng(3)
+    N, D, E, k = 11, 6, 5, 3
+    idx = np.stack([rng.choice(E, k, replace=False) for _ in range(N)]).astype(np.int32)  # [N, k] distinct experts
+    x, w = rng.standard_normal((N, D)).astype(np.float32), rng.random((N, k)).astype(np.float32)
+    order, sorted_expert, _ = (np.asarray(a) for a in sort_by_expert(idx, E))
+    token, slot = order % N, order // N  # sorted row a' is (slot, token) assignment order[a']
+    assert (idx[token, slot] == sorted_expert).all() and (np.diff(sorted_expert) >= 0).all()
+
+    xs, rows_vjp = jax.vjp(lambda x: expert_rows(x, order), x)
+    np.testing.assert_array_equal(np.asarray(xs), x[token])
+    g = rng.standard_normal(xs.shape).astype(np.float32)
+    want = np.zeros_like(x)
+    for a in range(len(order)):
+        want[token[a]] += g[a]
+    np.testing.assert_allclose(np.asarray(rows_vjp(g)[0]), want, rtol=1e-6, atol=1e-6)
+
+    ys = rng.standard_normal(xs.shape).astype(np.float32)
+    y, combine_vjp = jax.vjp(lambda ys, w: combine(ys, order, w), ys, w)
+    want = np.zeros((N, D), np.float32)
+    for a in range(len(order)):
+        want[token[a]] += w[token[a], slot[a]] * ys[a]
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
+    gy = rng.standard_normal((N, D)).astype(np.float32)
+    dys, dw = (np.asarray(a) for a in combine_vjp(gy))
+    np.testing.assert_allclose(dys, w[token, slot][:, None] * gy[token], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw[token, slot], (ys * gy[token]).sum(1), rtol=1e-5, atol=1e-6)
+
+
 def test_grouped_swiglu_matches_per_group_reference():
     """models/grouped.py on CPU (tiles) vs numpy per group (forward) and a masked dense jnp reference (gradients)."""
     import jax
@@ -225,11 +261,12 @@ def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
     check_tile_loop(lambda *a: getattr(grouped, impl)(*a, SWIGLU, tile=tile))
 
 
-@pytest.mark.parametrize("tile, shortest, heights", [(16, 1, [16, 4, 1]), (16, 2, [16, 4]), (64, 4, [60, 15])])
+@pytest.mark.parametrize("tile, shortest, heights",
+                         [(16, 1, [16, 8, 4, 2, 1]), (16, 4, [16, 8, 4]), (64, 4, [60, 30, 15])])
 def test_cpu_tile_ladder_matches_per_group_reference(tile, shortest, heights):
-    """The CPU path's tiles of several heights: 16-row tiles, then up to three of 4 rows and of 1 row (31 rows = 16
-    + 3 x 4 + 3 x 1, 14 = 3 x 4 + 2 x 1: no padding); without 1-row tiles a group's last 4-row tile is padded; a
-    tallest height over the 60 rows becomes 60, then 15 (not a multiple of 4: no shorter one)."""
+    """The CPU path's tiles of several heights: 16-row tiles, then at most one of each half (31 rows = 16 + 8 + 4 +
+    2 + 1, 14 = 8 + 4 + 2: no padding); without 2- and 1-row tiles a group's last 4-row tile is padded (31 = 16 +
+    8 + 4 + 4 padded by 1); a tallest height over the 60 rows becomes 60, then 30, 15 (odd: no shorter one)."""
     from jaxformer.models import grouped
 
     assert grouped.tile_heights(60, tile, shortest) == heights  # what each case exercises

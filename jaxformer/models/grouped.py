@@ -56,11 +56,11 @@ def loop_tile_rows(m_rows: int, groups: int) -> int:
 
 
 def tile_heights(M: int, tallest: int, shortest: int) -> list[int]:
-    """The CPU path's tile heights, tallest first: min(tallest, M), then quarters while they stay >= shortest
-    (a group's rows take at most three tiles of each shorter height)."""
+    """The CPU path's tile heights, tallest first: min(tallest, M), then halves while they stay >= shortest (a
+    group's rows, less the tallest tiles they fill, take at most one tile of each shorter height)."""
     heights = [min(tallest, M)]
-    while heights[-1] % 4 == 0 and heights[-1] // 4 >= shortest:
-        heights.append(heights[-1] // 4)
+    while heights[-1] % 2 == 0 and heights[-1] // 2 >= shortest:
+        heights.append(heights[-1] // 2)
     return heights
 
 
@@ -338,6 +338,25 @@ def sort_by_expert(idx: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array
     return order, expert[order], jnp.bincount(expert, length=n_experts).astype(jnp.int32)
 
 
+@jax.custom_vjp
+def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [A, ...] -> x[perm], a gather both ways: the cotangent is g[inverse] (the transpose JAX derives is a
+    scatter-add into a freshly zeroed [A, ...] buffer)."""
+    return x[perm]
+
+
+_permute.defvjp(lambda x, perm, inverse: (x[perm], inverse), lambda inverse, g: (g[inverse], None, None))
+
+
+def expert_rows(x: jax.Array, order: jax.Array) -> jax.Array:
+    """Tokens x [N, D] -> the k*N assignments' rows in sort_by_expert's `order` [k*N, D] (row a' is token
+    order[a'] % N); the backward sums each token's k rows."""
+    N, D = x.shape
+    k = order.shape[0] // N
+    inverse = jnp.argsort(order)  # the sorted position of each (slot, token) assignment
+    return _permute(jnp.broadcast_to(x, (k, N, D)).reshape(k * N, D), order, inverse)
+
+
 def capacity_slots(sorted_expert: jax.Array, counts: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
     """Expert-sorted assignments -> (keep [A], slot [A]): the first C of each expert's rows keep their row
     expert * C + rank of an [E * C] buffer; the rest are dropped (slot E * C, out of bounds)."""
@@ -356,7 +375,7 @@ def weigh_rows(xs: jax.Array, order: jax.Array, weights: jax.Array) -> tuple[jax
 def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert outputs ys [k*N, D] in sorted order, router weights [N, k] -> [N, D]: each token's weighted sum."""
     N, k = weights.shape
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(k, N, ys.shape[-1])  # (slot, token) order
+    y = _permute(ys, jnp.argsort(order), order).reshape(k, N, ys.shape[-1])  # (slot, token) order
     return jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))
 
 

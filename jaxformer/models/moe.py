@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert,
-                                     weigh_rows)
+from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, expert_rows, grouped_swiglu,
+                                     sort_by_expert, weigh_rows)
 from jaxformer.models.layers import ACTIVATIONS, MLP, Linear, dtype_of
 from jaxformer.models.moe_parallel import dispatch, expert_parallel_size
 
@@ -156,7 +156,7 @@ def run_experts(experts: Experts, x: jax.Array, logits: jax.Array, cfg: ModelCon
     E, N = cfg.moe.n_experts, B * T
     weights, idx = router(logits, cfg)  # [N, k] each
     order, sorted_expert, group_sizes = sort_by_expert(idx, E)  # [k*N], [k*N], [E]
-    xs = x.reshape(N, D)[order % N]  # [k*N, D] rows grouped by expert
+    xs = expert_rows(x.reshape(N, D), order)  # [k*N, D] rows grouped by expert
     if cfg.moe.router == "llama4":  # Llama 4: each row scaled by its weight before its expert, summed plainly after
         xs, weights = weigh_rows(xs, order, weights)
     if cfg.moe.capacity_factor is None:

@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, grouped_swiglu, sort_by_expert,
-                                     weigh_rows)
+from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, expert_rows, grouped_swiglu,
+                                     sort_by_expert, weigh_rows)
 from jaxformer.sharding import fitted_spec, logical_to_spec
 
 
@@ -125,7 +125,7 @@ def dispatch(experts, x: jax.Array, logits: jax.Array, cfg: ModelConfig, route: 
         xf = x.reshape(n, D)
         weights, idx = route(logits.reshape(n, E), cfg)  # [n, k] each: this device's own tokens
         order, sorted_expert, counts = sort_by_expert(idx, E)  # as moe.py
-        xs = xf[order % n]  # [k*n, D] rows grouped by expert
+        xs = expert_rows(xf, order)  # [k*n, D] rows grouped by expert
         if cfg.moe.router == "llama4":  # the weights act on the experts' inputs
             xs, weights = weigh_rows(xs, order, weights)
         bs = tuple(local_biases) or None
