@@ -1,5 +1,6 @@
 """The CPU path of the dropless experts alone: one tile height (128 rows, how it ran before) vs tiles of several
-heights (the default: 1,024 rows while an expert's rows fill them, then 256, 64, 16), forward + backward.
+heights (the default: 1,024 rows while an expert's rows fill them, then at most one each of 512, 256, ..., 16),
+forward + backward.
 
 Rows are drawn uniformly over the experts (group sizes passed as an argument, not fixed at compile time); both
 settings run the same inputs and weights, repeats interleaved, medians; the load average is printed before and
@@ -24,7 +25,7 @@ import numpy as np
 from jaxformer.models.grouped import expert_loop_swiglu
 from jaxformer.models.moe import glu
 
-SETTINGS = {"one_height_128": dict(tile=128, shortest=128), "heights_1024_256_64_16": {}}
+SETTINGS = {"one_height_128": dict(tile=128, shortest=128), "halving_heights_1024_to_16": {}}
 
 
 def run_shape(G: int, D: int, F: int, M: int, repeats: int) -> dict:
@@ -51,7 +52,7 @@ def run_shape(G: int, D: int, F: int, M: int, repeats: int) -> dict:
             run()
             times[name].append(time.perf_counter() - t)
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-    base, new = ms["one_height_128"], ms["heights_1024_256_64_16"]
+    base, new = ms["one_height_128"], ms["halving_heights_1024_to_16"]
     print(f"G {G}, D {D}, F {F}, M {M}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items())
           + f"; speed-up x{base / new:.2f}; gradients agree to {diff:.1e} x max; load {load_before} -> "
           f"{os.getloadavg()}")
