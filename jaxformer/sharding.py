@@ -63,6 +63,17 @@ def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(None if a is None else RULES[a] for a in axes))
 
 
+def mesh_axis_size(name: str) -> int:
+    """Size of the mesh axis `name` of the mesh in context (jax.set_mesh); 1 without a mesh or that axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
+
+
+def sequence_is_split() -> bool:
+    """Whether the mesh in context splits activations' "seq" axis (context parallelism)."""
+    return mesh_axis_size(RULES["seq"]) > 1
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's layout to its logical axes; a no-op when no mesh is set."""
     mesh = jax.sharding.get_abstract_mesh()

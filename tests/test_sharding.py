@@ -306,3 +306,42 @@ def test_gemma_blocks_on_a_mesh_match_one_device(fields, tmp_path, shards_dir):
         assert np.abs(g).max() > 0, name  # AltUp's router norm weight: ~3e-7 (its input is scaled by 1 / D)
         rel = np.linalg.norm(mesh[name] - g) / np.linalg.norm(g)
         assert rel <= 1e-4, f"{name}: relative gradient error {rel:.1e}"
+
+
+PROJECT_ON_MESHES = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxformer.models.layers import project
+x = np.random.default_rng(0).standard_normal((8, 64, 32)).astype(np.float32)
+w = np.random.default_rng(1).standard_normal((48, 32)).astype(np.float32)
+out = {}
+for axes, x_spec in (("data", "context"), P("data", "context")), (("data", "fsdp"), P(("data", "fsdp"))):
+    mesh = jax.make_mesh((2, 4), axes, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(jnp.sin(project(x, w))), argnums=(0, 1)),
+                     in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, x_spec)))
+        hlo = fn.lower(w, x).compile().as_text()
+        (loss, (gw, gx)) = fn(jax.device_put(w, NamedSharding(mesh, P())), jax.device_put(x, NamedSharding(mesh, x_spec)))
+    out["x".join(axes)] = {"gathers": [l.split("=")[1].split("(")[0].strip() for l in hlo.splitlines()
+                                       if "all-gather(" in l or "all-to-all(" in l],
+                           "loss": float(loss), "gw": np.asarray(gw).tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_projection_rows_never_gather_a_split_sequence():
+    """layers.project runs on flat [B*T] rows, except where the mesh splits the sequence (context parallelism): there
+    rows would interleave the sequence's shards and XLA would gather the activations. Neither mesh gathers them, and
+    both give the single-device loss and weight gradient (float64 numpy)."""
+    from tests.conftest import run_on_eight_devices
+
+    out = json.loads(run_on_eight_devices("-c", PROJECT_ON_MESHES).strip().splitlines()[-1])
+    x = np.random.default_rng(0).standard_normal((8, 64, 32))
+    w = np.random.default_rng(1).standard_normal((48, 32))
+    y = x @ w.T
+    want_gw = np.einsum("bto,bti->oi", np.cos(y), x)
+    for mesh, r in out.items():
+        assert r["gathers"] == [], f"{mesh}: {r['gathers']}"
+        assert abs(r["loss"] - np.sin(y).sum()) <= 1e-4 * np.abs(np.sin(y)).sum(), mesh
+        assert np.abs(np.asarray(r["gw"]) - want_gw).max() <= 1e-5 * np.abs(want_gw).max(), mesh

@@ -25,6 +25,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.models.layers import Linear, QueryScale, apply_rope, dtype_of, make_norm, rms_normalize
 from jaxformer.models.quant import QuantKV, quantize_kv
 from jaxformer.models.ring_attention import context_size, ring_attention
+from jaxformer.sharding import mesh_axis_size
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.latent_decode_attention import latent_decode_attention
 from pallas_kernels.paged_attention import paged_decode_attention
@@ -284,11 +285,10 @@ def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths, sinks=No
     if sinks is not None:
         args, specs = args + (sinks,), specs + (jax.sharding.PartitionSpec("tensor"),)
         call = lambda *a: kernel(*a[:-1], sinks=a[-1])  # noqa: E731
-    mesh = jax.sharding.get_abstract_mesh()
-    tp = 1 if mesh.empty else dict(mesh.shape).get("tensor", 1)
+    tp = mesh_axis_size("tensor")
     if tp == 1 or k_pages.shape[2] % tp:
         return call(*args)
-    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+    return jax.shard_map(call, mesh=jax.sharding.get_abstract_mesh(), in_specs=specs, out_specs=heads, check_vma=False)(*args)
 
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig, RopeScaling
+from jaxformer.sharding import sequence_is_split
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -32,8 +33,11 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w.T, w [out, in] -> [..., out], as one [rows, in] x [in, out] product.
 
     The flat rows matter to the backward on XLA:CPU: the weight gradient of a [B, T, in] einsum contracts two
-    axes, which it runs through a transposing copy of the activation gradient (the dense MLP's training step
-    1.8x slower: bench/RESULTS.md, "Flat rows")."""
+    axes, which it runs through a transposing copy of the activation gradient (a SwiGLU MLP's forward + backward
+    1.7-2x slower: bench/flat_rows.py). Where the mesh in context splits the sequence (context parallelism), rows
+    [B*T] would interleave the sequence's shards and XLA would gather them: the einsum keeps [B, T] there."""
+    if sequence_is_split():
+        return jnp.einsum("...i,oi->...o", x, w)
     y = jnp.einsum("ni,oi->no", x.reshape(-1, x.shape[-1]), w)  # [rows, out]
     return y.reshape(*x.shape[:-1], w.shape[0])
 

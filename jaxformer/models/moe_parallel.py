@@ -32,13 +32,12 @@ from jax.sharding import PartitionSpec as P
 from jaxformer.config import ModelConfig
 from jaxformer.models.grouped import (batched_swiglu, capacity_slots, combine, expert_rows, grouped_swiglu,
                                      sort_by_expert, weigh_rows)
-from jaxformer.sharding import fitted_spec, logical_to_spec
+from jaxformer.sharding import fitted_spec, logical_to_spec, mesh_axis_size
 
 
 def expert_parallel_size() -> int:
     """Size of the "expert" axis of the mesh in context (jax.set_mesh); 1 without a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+    return mesh_axis_size("expert")
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxformer.sharding import fitted_spec
+from jaxformer.sharding import fitted_spec, mesh_axis_size
 from pallas_kernels.flash_attention import flash_block_backward, flash_block_forward
 
 AXIS = "context"
@@ -53,8 +53,7 @@ class _Static:
 
 def context_size() -> int:
     """Devices on the "context" axis of the current (abstract) mesh; 1 without a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get(AXIS, 1)
+    return mesh_axis_size(AXIS)
 
 
 def check_length(seq_len: int, ring: int) -> None:
