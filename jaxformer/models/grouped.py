@@ -229,7 +229,7 @@ def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu:
                        shortest: int = CPU_SHORTEST_TILE) -> jax.Array:
     """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
     groups, each slicing its weights once, around that group's tiles: as many `tile`-row tiles (CPU_TILE_ROWS) as
-    its rows fill, then up to three of each shorter height of tile_heights (quarters, down to `shortest`).
+    its rows fill, then at most one of each shorter height of tile_heights (halves, down to `shortest`).
 
     The trip counts are the data's, so the padding is each group's last tile only (fewer rows than the shortest
     height), and a tile's work is its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running
