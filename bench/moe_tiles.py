@@ -4,7 +4,8 @@ forward + backward.
 
 Rows are drawn uniformly over the experts (group sizes passed as an argument, not fixed at compile time); both
 settings run the same inputs and weights, repeats interleaved, medians; the load average is printed before and
-after. The last line is one JSON object.
+after. A third runner times the floor: the same FLOPs as one dense [M, D] MLP (every row through expert 0, no
+groups, no loop). The last line is one JSON object.
 
     python bench/moe_tiles.py [--shapes 8x256x512x4096 8x128x172x8192 64x256x256x4096 128x256x128x8192]
 """
@@ -40,6 +41,13 @@ def run_shape(G: int, D: int, F: int, M: int, repeats: int) -> dict:
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
         grads[name] = fn(xs, ws, sizes)
         runners[name] = lambda fn=fn: jax.block_until_ready(fn(xs, ws, sizes))
+    def dense(xs, ws):  # the floor: the same FLOPs as one [M, D] MLP through expert 0, no groups, no loop
+        wg, wu, wd = (w[0] for w in ws)
+        return jnp.sum((swiglu(xs @ wg.T, xs @ wu.T) @ wd.T) * dy)
+
+    floor = jax.jit(jax.grad(dense, argnums=(0, 1)))
+    floor(xs, ws)
+    runners["dense_floor_one_expert"] = lambda: jax.block_until_ready(floor(xs, ws))
     a, b = (jax.tree.leaves(g) for g in grads.values())
     diff = max(float(jnp.abs(x - y).max() / jnp.abs(y).max()) for x, y in zip(a, b))
     times = {name: [] for name in runners}
