@@ -288,7 +288,8 @@ def per_kv_head_shard(kernel, q, k_pages, v_pages, page_table, lengths, sinks=No
     tp = mesh_axis_size("tensor")
     if tp == 1 or k_pages.shape[2] % tp:
         return call(*args)
-    return jax.shard_map(call, mesh=jax.sharding.get_abstract_mesh(), in_specs=specs, out_specs=heads, check_vma=False)(*args)
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
 
 
 def attend_paged(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *,
