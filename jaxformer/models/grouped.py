@@ -348,13 +348,41 @@ def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
 _permute.defvjp(lambda x, perm, inverse: (x[perm], inverse), lambda inverse, g: (g[inverse], None, None))
 
 
+@jax.custom_vjp
+def _token_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x [N, D] -> x[order % N] [k*N, D]; the cotangent is the sum of each token's k rows of g[inverse], added
+    slot by slot (XLA:CPU runs the same sum written as a reduction over a leading k axis 10x slower)."""
+    return x[order % x.shape[0]]
+
+
+def _token_rows_bwd(res, g):
+    inverse, N, x = res
+    rows = g[inverse]  # [k*N, D] in (slot, token) order
+    return _reduce_like(_sum_slots(rows.reshape(-1, N, rows.shape[-1])), x), None, None  # typed as x (shard_map)
+
+
+_token_rows.defvjp(lambda x, order, inverse: (x[order % x.shape[0]], (inverse, x.shape[0], x)), _token_rows_bwd)
+
+
+def _sum_slots(a: jax.Array) -> jax.Array:
+    """a [k, ...] -> a[0] + a[1] + ... (elementwise adds: one loop XLA:CPU vectorizes, where its reduction over the
+    leading axis is not)."""
+    total = a[0]
+    for i in range(1, a.shape[0]):
+        total = total + a[i]
+    return total
+
+
 def expert_rows(x: jax.Array, order: jax.Array) -> jax.Array:
     """Tokens x [N, D] -> the k*N assignments' rows in sort_by_expert's `order` [k*N, D] (row a' is token
     order[a'] % N); the backward sums each token's k rows."""
-    N, D = x.shape
-    k = order.shape[0] // N
-    inverse = jnp.argsort(order)  # the sorted position of each (slot, token) assignment
-    return _permute(jnp.broadcast_to(x, (k, N, D)).reshape(k * N, D), order, inverse)
+    return _token_rows(x, order, inverse_permutation(order))
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """perm [A] (a permutation of 0..A-1) -> its inverse: inverse[perm[i]] = i, the sorted position of each
+    assignment (a scatter: a second argsort costs XLA:CPU several times longer)."""
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype), unique_indices=True)
 
 
 def capacity_slots(sorted_expert: jax.Array, counts: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
@@ -375,8 +403,24 @@ def weigh_rows(xs: jax.Array, order: jax.Array, weights: jax.Array) -> tuple[jax
 def combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert outputs ys [k*N, D] in sorted order, router weights [N, k] -> [N, D]: each token's weighted sum."""
     N, k = weights.shape
-    y = _permute(ys, jnp.argsort(order), order).reshape(k, N, ys.shape[-1])  # (slot, token) order
-    return jnp.einsum("knd,nk->nd", y, weights.astype(y.dtype))
+    y = _permute(ys, inverse_permutation(order), order).reshape(k, N, ys.shape[-1])  # (slot, token) order
+    return _weighted_slots(y, weights.T.astype(y.dtype))
+
+
+@jax.custom_vjp
+def _weighted_slots(y: jax.Array, w: jax.Array) -> jax.Array:
+    """y [k, N, D], w [k, N] -> sum over k of w[k, :, None] * y[k] [N, D]. The weights' cotangent, a sum over D,
+    is a product with a vector of ones: XLA:CPU (its YNNPACK fusion) runs it as a reduction several times slower."""
+    return _sum_slots(y * w[:, :, None])
+
+
+def _weighted_slots_bwd(res, g):
+    y, w = res
+    dw = jnp.einsum("knd,d->kn", y * g, jnp.ones(g.shape[-1], g.dtype))
+    return _reduce_like(w[:, :, None] * g, y), _reduce_like(dw, w)  # (inside shard_map: typed as the primals)
+
+
+_weighted_slots.defvjp(lambda y, w: (_weighted_slots(y, w), (y, w)), _weighted_slots_bwd)
 
 
 def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
