@@ -11,8 +11,8 @@ from jaxformer.models.attention import Attention, PagedLayer
 from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.delta_net import GatedDeltaNet
 from jaxformer.models.latent_attention import LatentAttention
-from jaxformer.models.layers import (MLP, Embed, Linear, make_norm, materialize_cotangent, query_temperature, record,
-                                     rope_cos_sin, sinusoidal_positions)
+from jaxformer.models.layers import (MLP, Embed, Linear, OutputHead, make_norm, materialize_cotangent,
+                                     query_temperature, record, rope_cos_sin, sinusoidal_positions)
 from jaxformer.models.moe import MoE
 from jaxformer.models.paged_cache import PagedKVCache
 from jaxformer.models.short_conv import ShortConv
@@ -175,16 +175,32 @@ class DecoderLM(nnx.Module):
 
     def _logits(self, x: jax.Array, capture: dict | None = None) -> jax.Array:
         """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
-        cfg = self.config
+        return constrain(self.output_head().logits(self._final_hidden(x, capture)), ("batch", "seq", "act_vocab"))
+
+    def _final_hidden(self, x: jax.Array, capture: dict | None = None) -> jax.Array:
+        """The blocks' output -> the [B, T, D] states the output head reads (after the final norm)."""
         x = self.norm(x)
         record(capture, "norm", x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
-        logits = logits.astype(jnp.float32)
-        if cfg.scales.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
-            logits = logits * cfg.scales.logits
-        if cfg.final_logit_softcap is not None:  # Gemma 2
-            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+        return x
+
+    def output_head(self) -> OutputHead:
+        """The output projection (the tied embedding or lm_head), Cohere's / Granite's logit scale and Gemma 2's
+        soft-cap, as one head: what train/chunked_ce.py applies a chunk of positions at a time."""
+        cfg = self.config
+        w = (self.embed_tokens.weight[...].astype(self.embed_tokens.compute_dtype) if self.lm_head is None
+             else self.lm_head.dense_weight())  # [V, D]
+        return OutputHead(w, cfg.scales.logits, cfg.final_logit_softcap)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               *, moe_stats: list | None = None) -> jax.Array:
+        """The final hidden states [B, T, D] that __call__ turns into logits (output_head), for losses that never
+        hold all the logits at once (train/chunked_ce.py)."""
+        check_inputs(self.config, tokens, positions, segment_ids)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x, ropes = self._embed(tokens, positions)
+        return self._final_hidden(self._blocks(x, ropes, segment_ids, None, moe_stats))
 
     def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache, valid: jax.Array | None = None
                        ) -> tuple[jax.Array, KVCache]:

@@ -159,10 +159,10 @@ class Gemma3nLM(Gemma4LM):
         streams = [x] + [rescaled(p(x), x) for p in self.altup_projections]
         return self.pin(jnp.stack(streams)), context
 
-    def _logits(self, xs: jax.Array, capture: dict | None = None) -> jax.Array:
-        """Streams 1..A-1 through their unembedding projections (scaled to stream 0's RMS), the mean, then the head."""
+    def _final_hidden(self, xs: jax.Array, capture: dict | None = None) -> jax.Array:
+        """Streams 1..A-1 through their unembedding projections (scaled to stream 0's RMS), the mean, the norm."""
         streams = [xs[0]] + [rescaled(p(x), xs[0]) for p, x in zip(self.altup_unembed_projections, xs[1:])]
-        return super()._logits(jnp.stack(streams).mean(0), capture)
+        return super()._final_hidden(jnp.stack(streams).mean(0), capture)
 
     def residual_view(self, xs: jax.Array) -> jax.Array:
         return xs[self.config.altup.active_idx]

@@ -7,6 +7,7 @@ which jaxformer.sharding maps onto a device mesh; model code never sees a mesh.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import math
@@ -82,6 +83,24 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         return project(x, self.weight[...].astype(self.compute_dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputHead:
+    """What turns final hidden states h [..., D] into float32 logits: cap * tanh(scale * (h @ weight.T) / cap)
+    (no tanh where softcap is None); weight [V, D] in the compute dtype."""
+
+    weight: jax.Array
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        z = project(h.astype(self.weight.dtype), self.weight).astype(jnp.float32)
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = self.softcap * jnp.tanh(z / self.softcap)
+        return z
 
 
 class LayerNorm(nnx.Module):
