@@ -1084,6 +1084,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     z_loss: float = 0.0  # PaLM's auxiliary log(Z)^2 weight; 0 disables
+    loss_chunk: int = 0  # > 0: the loss from hidden states, this many tokens' logits at a time (0: all at once)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -1111,6 +1112,9 @@ class TrainConfig:
         if not isinstance(self.spike_patience, int) or isinstance(self.spike_patience, bool) or self.spike_patience < 1:
             raise ValueError(f"spike_patience must be an integer >= 1 (the consecutive spikes that roll the run back "
                              f"to a checkpoint), got {self.spike_patience!r}")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be a token count >= 0 (e.g. 4096: the loss takes that many tokens' "
+                             f"logits at a time; 0 takes them all at once), got {self.loss_chunk!r}")
         if not isinstance(self.parity_every, int) or isinstance(self.parity_every, bool) or self.parity_every < 0:
             raise ValueError(f"parity_every must be a step count >= 0 (0 turns the torch_ref check off), "
                              f"got {self.parity_every!r}")

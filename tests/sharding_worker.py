@@ -59,7 +59,7 @@ def random_batch(cfgs, seed: int = 0) -> dict[str, np.ndarray]:
 
 def loss_and_grads(cfgs, params, graphdef, batch, mesh) -> tuple[float, dict[str, np.ndarray], dict[str, list]]:
     """Mean token loss, its gradients and the params' PartitionSpecs, laid out on `mesh` by the logical-axis table."""
-    loss = lm_loss(graphdef, packed=True)
+    loss = lm_loss(graphdef, packed=True, loss_chunk=cfgs["train"].loss_chunk)
 
     def mean_loss(p, b):
         _, (ce, n, *_) = loss(p, b, (), None)  # MoE models add their router metrics

@@ -230,6 +230,19 @@ def test_family_fields_on_a_mesh_match_one_device(tmp_path, shards_dir):
     assert spec["layers.0.self_attn.k_proj.bias"] == ["tensor"]  # 2 kv heads over tensor 2
 
 
+def test_chunked_loss_on_a_mesh_matches_one_device(tmp_path, shards_dir):
+    """train.loss_chunk on data 2 x fsdp 2 x tensor 2: each chunk's logits split over the vocabulary (the tied head
+    is vocab-parallel), its rows over data and fsdp; the loss and every gradient equal one device's (also chunked;
+    tests/test_chunked_ce.py: chunked equals the whole logits)."""
+    cfgs = tiny_run(tmp_path / "unused", shards_dir, batch_size=8, loss_chunk=48,
+                    model=dict(d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, tie_embeddings=True,
+                               final_logit_softcap=15.0))
+    one, mesh, spec = _grads_on_a_mesh_and_one_device(tmp_path, cfgs)
+    assert spec["embed_tokens.weight"] == ["tensor", "fsdp"]
+    for name, g in one.items():
+        assert np.abs(mesh[name] - g).max() <= 1e-4 * np.abs(g).max(), name
+
+
 def test_bad_meshes_fail_clearly(config):
     with pytest.raises(ValueError, match=r"data=2 x fsdp=2 x tensor=3 = 12 devices, but there are 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=3), 8)

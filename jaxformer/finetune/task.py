@@ -99,13 +99,15 @@ class FineTuning:
             f"(full fine-tuning: {report['full_finetune_optimizer_bytes'] / 2**20:.2f} MiB)")
         # router biases are frozen while fine-tuning: their per-layer loads are not needed (nor logged)
         drop_loads = lambda p, m: (p, {k: v for k, v in m.items() if k != LAYER_LOAD})  # noqa: E731
-        train_fn = jax.jit(make_train_step(lm_loss(self.graphdef, packed=True, z_loss=tcfg.z_loss), tx,
+        train_fn = jax.jit(make_train_step(lm_loss(self.graphdef, packed=True, z_loss=tcfg.z_loss,
+                                                   loss_chunk=tcfg.loss_chunk), tx,
                                            grad_accum=tcfg.grad_accum, after_update=drop_loads),
                            out_shardings=(sh["params"], sh["opt_state"], None), donate_argnums=(0, 1))
         fold = jax.jit(step_dropout_keys)
         keys, rest = self.frozen
         eval_graphdef = nnx.graphdef(set_dropout(nnx.merge(self.graphdef, state["params"], *self.frozen), False))
-        eval_fn = jax.jit(make_eval_step(lm_loss(eval_graphdef, packed=True)))
+        eval_fn = jax.jit(make_eval_step(lm_loss(eval_graphdef, packed=True,
+                                                 loss_chunk=tcfg.loss_chunk)))
 
         def step(p, o, batch, n, limits):
             return train_fn(p, o, batch, (fold(keys, np.int32(n)), rest), limits)

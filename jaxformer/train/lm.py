@@ -82,7 +82,8 @@ class Pretraining:
         val_split = next(iter(val_splits.values()))[0]
         tx = make_optimizer(tcfg)
         self.graphdef, state, shardings = init_train_state(mcfg, tx, mesh, tcfg.seed)
-        loss = lm_loss(self.graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss)
+        loss = lm_loss(self.graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss,
+                       loss_chunk=tcfg.loss_chunk)
         balance = balance_router_biases(mcfg) if mcfg.moe.bias_update_rate else None
         train_fn = jax.jit(make_train_step(loss, tx, grad_accum=tcfg.grad_accum, after_update=balance),
                            out_shardings=(shardings["params"], shardings["opt_state"], None), donate_argnums=(0, 1))

@@ -32,7 +32,8 @@ import optax
 from flax import nnx
 
 from jaxformer.models.ring_attention import to_context_layout
-from jaxformer.sharding import constrain
+from jaxformer.sharding import constrain, sequence_is_split
+from jaxformer.train.chunked_ce import chunked_cross_entropy_sums
 from jaxformer.train.losses import cross_entropy_sums, load_balancing_loss, router_z_loss
 from jaxformer.train.optim import path_names
 
@@ -104,8 +105,12 @@ def make_eval_step(loss_fn: LossFn) -> Callable:
     return eval_step
 
 
-def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> LossFn:
+def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0, loss_chunk: int = 0) -> LossFn:
     """Next-token cross-entropy (+ PaLM's z-loss) of a DecoderLM; `extra` is the frozen states tuple.
+
+    `loss_chunk` > 0 computes it from the final hidden states about that many tokens at a time
+    (train/chunked_ce.py: the [B, T, V] logits never exist); 0 takes the model's whole logits. Where the mesh
+    splits the sequence (context parallelism) the chunks would cut across its shards: the whole logits are taken.
 
     A Mixture-of-Experts model adds router_aux_loss_coef * load-balancing loss + router_z_loss_coef *
     router z-loss (per token, over the loss mask's tokens) and reports them, the fraction of routed
@@ -117,11 +122,18 @@ def lm_loss(graphdef: nnx.GraphDef, *, packed: bool, z_loss: float = 0.0) -> Los
         batch = to_context_layout(batch)  # context parallelism: ring order for every [B, T] entry (no-op without)
         stats: list = []  # each sparse block's router statistics (none for a dense model)
         kw = dict(moe_stats=stats) if model.config.moe.n_experts else {}
-        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"] if packed else None, **kw)  # [B,T,V]
-        ce, z, n = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+        segments = batch["segment_ids"] if packed else None
+        if loss_chunk and not sequence_is_split():
+            h = model.hidden(batch["inputs"], batch["positions"], segments, **kw)  # [B, T, D]
+            objective, ce, n = chunked_cross_entropy_sums(h, model.output_head(), batch["targets"],
+                                                          batch["loss_mask"], z_loss, loss_chunk)
+        else:
+            logits = model(batch["inputs"], batch["positions"], segments, **kw)  # [B, T, V]
+            ce, z, n = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
+            objective = ce + z
         if not stats:
-            return ce + z, (ce, n)
-        return moe_objective(model.config, stats, ce + z, ce, n, batch["loss_mask"])
+            return objective, (ce, n)
+        return moe_objective(model.config, stats, objective, ce, n, batch["loss_mask"])
 
     return loss_fn
 
