@@ -6,7 +6,8 @@ the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, 75% by default); FLOPs per ste
 analysis and from the HLO's matmuls next to the 6·N·tokens estimate; a roofline step time (compute,
 HBM and collective traffic, perfectly overlapped: a lower bound) with its MFU / tokens per second;
 the largest batch that fits (a search over compiles seeded by a linear fit of memory in the batch);
-and, when the step does not fit, which knob (remat, fsdp, batch) makes it fit, each tried by a compile.
+and, when the step does not fit, which knob (chunked loss, remat, fsdp, batch) makes it fit, each tried by a
+compile.
 """
 
 from __future__ import annotations
@@ -156,14 +157,21 @@ def plan_train(cfgs: dict[str, Any], target: str | GpuTarget, devices: int, *, h
     return out
 
 
+LOSS_CHUNK = 4096  # tokens per chunk the loss knob tries: [4096, V] float32 logits (2 GiB at a 128k vocabulary)
+
+
 def _with(cfgs: dict[str, Any], **sections: dict) -> dict[str, Any]:
     return {name: dataclasses.replace(value, **sections[name]) if name in sections else value
             for name, value in cfgs.items()}
 
 
 def _train_fixes(cfgs, out: dict, compile_at, budget: int, unit: int, mesh) -> list[dict]:
-    """Knobs that would make the step fit, each checked by a compile (remat, then fsdp), then the batch."""
+    """Knobs that would make the step fit, each checked by a compile (the chunked loss, remat, then fsdp), then
+    the batch."""
     fixes, mcfg, n = [], cfgs["model"], out["devices"]
+    if not cfgs["train"].loss_chunk:  # the [B, T, V] logits are often the largest temporaries; chunks cost no time
+        peak = compile_at(_with(cfgs, train={"loss_chunk": LOSS_CHUNK})).peak
+        fixes.append({"knob": f"--train.loss_chunk={LOSS_CHUNK}", "peak": peak, "fits": peak <= budget})
     if mcfg.remat != "full":
         peak = compile_at(_with(cfgs, model={"remat": "full"})).peak
         fixes.append({"knob": "--model.remat=full", "peak": peak, "fits": peak <= budget})

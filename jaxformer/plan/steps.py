@@ -83,8 +83,8 @@ def compile_train(cfgs: dict[str, Any], mesh: Mesh, target: GpuTarget, hosts: in
     rows = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((tcfg.batch_size, dcfg.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=rows) for k in BATCH_KEYS}
-    step = jax.jit(make_train_step(lm_loss(graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss), tx,
-                                   grad_accum=tcfg.grad_accum),
+    loss = lm_loss(graphdef, packed=dcfg.packed, z_loss=tcfg.z_loss, loss_chunk=tcfg.loss_chunk)
+    step = jax.jit(make_train_step(loss, tx, grad_accum=tcfg.grad_accum),
                    out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
     state = {"params": shard_bytes(params), "optimizer": shard_bytes(opt_state), "batch": shard_bytes(batch)}
     return _compile(step, (params, opt_state, batch), mesh, target, state, hosts)

@@ -14,6 +14,7 @@ import pytest
 from jaxformer.cli import main
 from jaxformer.config import load_config
 from jaxformer.plan import plan_decode, plan_train
+from jaxformer.plan.report import DEFAULT_MEM_FRACTION
 
 TINY = ["--model.n_layers=2", "--model.vocab_size=512", "--data.seq_len=128", "--train.batch_size=8"]
 
@@ -59,6 +60,24 @@ def test_a_step_that_does_not_fit_gets_the_knob_that_fits():
     assert "--model.remat=full" in knobs  # tried by a compile: the peak it reports is measured
     assert knobs["--model.remat=full"]["peak"] > report["memory"]["usable"]  # 8 KiB fits nothing
     assert report["verdict"].startswith("does not fit")
+
+
+def test_the_chunked_loss_knob_fits_a_step_its_logits_overflow():
+    """A 32k vocabulary over 8 x 1,024 tokens: 1 GiB of float32 logits. With the budget between the whole-logits
+    and the chunked step's peaks (each compiled first), the report names --train.loss_chunk as the knob that fits,
+    with the chunked step's peak."""
+    args = ["--model.n_layers=2", "--model.vocab_size=32768", "--model.max_seq_len=1024", "--data.seq_len=1024",
+            "--train.batch_size=8"]
+    quiet = dict(search=False, log=lambda m: None)
+    whole = plan_train(load_config("llama-tiny", args), "h100", 1, **quiet)["memory"]
+    chunked = plan_train(load_config("llama-tiny", [*args, "--train.loss_chunk=4096"]), "h100", 1, **quiet)["memory"]
+    assert chunked["peak"] < 0.7 * whole["peak"], (chunked, whole)
+    fraction = (whole["peak"] + chunked["peak"]) / 2 / (whole["usable"] / DEFAULT_MEM_FRACTION)  # of the whole GPU
+    report = plan_train(load_config("llama-tiny", args), "h100", 1, mem_fraction=fraction, **quiet)
+    assert not report["memory"]["fits"]
+    knob = {f["knob"]: f for f in report["fixes"]}["--train.loss_chunk=4096"]
+    assert knob["fits"] and knob["peak"] == chunked["peak"]
+    assert "--train.loss_chunk=4096" in report["verdict"]
 
 
 def test_plan_decode_reports_the_kv_cache():
