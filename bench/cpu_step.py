@@ -56,7 +56,8 @@ def child(args) -> None:
     with jax.set_mesh(mesh):
         tx = make_optimizer(t)
         graphdef, state, _ = init_train_state(m, tx, mesh, 0)
-        step = jax.jit(make_train_step(lm_loss(graphdef, packed=d.packed), tx), donate_argnums=(0, 1))
+        loss = lm_loss(graphdef, packed=d.packed, z_loss=t.z_loss, loss_chunk=t.loss_chunk)
+        step = jax.jit(make_train_step(loss, tx), donate_argnums=(0, 1))
         p, o, b = state["params"], state["opt_state"], jax.device_put(batch)
         for _ in range(2):
             p, o, metrics = step(p, o, b)
