@@ -15,6 +15,7 @@ from jaxformer.models import DecoderLM
 from jaxformer.models.layers import OutputHead
 from jaxformer.train.chunked_ce import chunked_cross_entropy_sums
 from jaxformer.train.step import lm_loss
+from tests.test_families_train import FAMILIES
 
 
 def _whole_logits_loss(h, w, targets, mask, scale, softcap, z_loss):
@@ -70,6 +71,9 @@ MODELS = {
     "moe": ModelConfig.llama(**BASE, moe=dict(n_experts=4, n_experts_per_token=2, d_ff=32,
                                               aux_loss_coef=0.1, z_loss_coef=0.01)),
 }
+# the blocks with their own embedding / final-hidden hooks (AltUp streams, per-layer inputs) and a scanned hybrid
+MODELS.update({family: ModelConfig.llama(**{**BASE, "vocab_size": 512, **FAMILIES[family]})
+               for family in ("gemma3n", "gemma4", "hybrid")})
 
 
 @pytest.mark.parametrize("name", list(MODELS))
