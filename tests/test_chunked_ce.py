@@ -71,9 +71,9 @@ MODELS = {
     "moe": ModelConfig.llama(**BASE, moe=dict(n_experts=4, n_experts_per_token=2, d_ff=32,
                                               aux_loss_coef=0.1, z_loss_coef=0.01)),
 }
-# the blocks with their own embedding / final-hidden hooks (AltUp streams, per-layer inputs) and a scanned hybrid
+# the blocks with their own embedding and final-hidden hooks: AltUp streams, per-layer inputs
 MODELS.update({family: ModelConfig.llama(**{**BASE, "vocab_size": 512, **FAMILIES[family]})
-               for family in ("gemma3n", "gemma4", "hybrid")})
+               for family in ("gemma3n", "gemma4")})
 
 
 @pytest.mark.parametrize("name", list(MODELS))
