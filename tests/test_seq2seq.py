@@ -401,3 +401,11 @@ def test_resume_continues_exactly(tmp_path, capsys):
     assert "resumed from step 3" in out
     losses = [[r["loss"] for r in read_metrics(tmp_path / run) if r["kind"] == "train"] for run in "ab"]
     assert len(losses[1]) == 6 and losses[0] == losses[1]  # floats from JSON: equal means bitwise equal
+
+
+def test_loss_chunk_is_refused_for_the_encoder_decoder(tmp_path, capsys):
+    """`--train.loss_chunk` reads a decoder LM's hidden states; the seq2seq loss needs its whole logits: a clear
+    error before any data is prepared, not an option silently ignored."""
+    code, out, err = main_in_process(capsys, *_args(tmp_path / "absent", tmp_path / "run", 2), "--train.loss_chunk=64")
+    assert code != 0 and "train.loss_chunk=64 is for decoder-only models" in err, err
+    assert not (tmp_path / "run").exists()
