@@ -42,8 +42,9 @@ def train(cfgs: dict[str, Any], *, resume: bool = False, progress: bool = True) 
         if getattr(scfg, name) > mcfg.max_seq_len:
             raise ValueError(f"seq2seq.{name}={getattr(scfg, name)} exceeds model.max_seq_len={mcfg.max_seq_len}")
     if cfgs["train"].loss_chunk:
-        raise ValueError(f"train.loss_chunk={cfgs['train'].loss_chunk} is for decoder-only models: the encoder-decoder's "
-                         f"loss reads its whole logits (logits bias, copy head, label smoothing); drop the option")
+        raise ValueError(f"train.loss_chunk={cfgs['train'].loss_chunk} is for decoder-only models: the "
+                         f"encoder-decoder's loss reads its whole logits (logits bias, copy head, label smoothing); "
+                         f"drop the option")
     return run(Seq2SeqTraining(cfgs, progress=progress), cfgs, resume=resume, progress=progress)
 
 
