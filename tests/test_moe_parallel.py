@@ -273,6 +273,15 @@ def test_cpu_tile_ladder_matches_per_group_reference(tile, shortest, heights):
     check_tile_loop(lambda *a: grouped.expert_loop_swiglu(*a, SWIGLU, tile=tile, shortest=shortest))
 
 
+def test_cpu_shortest_tile_bounds_the_padding():
+    """The CPU path's shortest height: the tallest of 64, 32, 16 with groups x (height - 1) <= M / 16 padded rows."""
+    from jaxformer.models.grouped import shortest_tile
+
+    assert shortest_tile(8192, 8) == 64  # 8 x 63 = 504 <= 512
+    assert shortest_tile(4096, 8) == 32  # 8 x 63 > 256 >= 8 x 31
+    assert shortest_tile(4096, 64) == 16 and shortest_tile(100, 8) == 16  # nothing fits: the shortest
+
+
 @pytest.mark.parametrize("impl", TILE_LOOPS)
 @pytest.mark.parametrize("tile", [None, 4])
 def test_gpu_tile_loop_biased_clamped_glu_matches_reference(tile, impl):

@@ -14,7 +14,7 @@ analysis sees every tile; its custom VJP writes each group's weight gradient onc
 summed in float32 over the group's run of tiles.
 CPUs (`expert_loop_swiglu`): a loop over the groups around loops over each group's own tiles, of the data's
 length: tall tiles (CPU_TILE_ROWS) while the rows fill them, then shorter ones, so the padding stays under
-CPU_SHORTEST_TILE rows a group; weights sliced and weight-gradient sums written once per group, not once per tile,
+the shortest height (shortest_tile: 16 to 64 rows) a group; weights sliced and weight-gradient sums written once per group, not once per tile,
 which on XLA:CPU cost as much as the tile matmuls themselves.
 `jax.lax.platform_dependent` picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`).
 """
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 CPU_TILE_ROWS = 1024  # the CPU path's tallest tile: XLA:CPU's [m, D] x [D, F] runs faster the taller m is
-CPU_SHORTEST_TILE = 16  # and its shortest: a group's last tile pads fewer rows than this
+CPU_SHORTEST_TILES = (64, 32, 16)  # its shortest, the first whose padding bound holds (shortest_tile)
 # ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -53,6 +53,15 @@ def loop_tile_rows(m_rows: int, groups: int) -> int:
     [D, F] bf16 tile matmul does m FLOPs per weight byte: an H100 needs about 300 to be compute-bound)."""
     target = max(1, m_rows // (4 * groups))
     return min(1024, max(16, 1 << (target.bit_length() - 1)))
+
+
+def shortest_tile(M: int, groups: int) -> int:
+    """The CPU path's shortest tile height: the tallest of CPU_SHORTEST_TILES whose padding, at most
+    groups x (height - 1) rows, stays within M / 16 (else the last). Each tile costs XLA:CPU a loop trip of some
+    30 ops besides its matmuls, so fewer, taller tiles win until the padded rows cost more (bench/moe_tiles.py:
+    8 experts over 4,096 rows 57 -> 54 ms at 32, over 8,192 rows 24 -> 22 ms at 64; 128 experts over 8,192 rows
+    97 ms at 16, 105 at 64)."""
+    return next((h for h in CPU_SHORTEST_TILES if groups * (h - 1) <= M / 16), CPU_SHORTEST_TILES[-1])
 
 
 def tile_heights(M: int, tallest: int, shortest: int) -> list[int]:
@@ -226,10 +235,11 @@ def _tile_backward(glu, x, dy, gate, up, ws, biased: bool):
 
 def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
                        glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None,
-                       shortest: int = CPU_SHORTEST_TILE) -> jax.Array:
+                       shortest: int | None = None) -> jax.Array:
     """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
     groups, each slicing its weights once, around that group's tiles: as many `tile`-row tiles (CPU_TILE_ROWS) as
-    its rows fill, then at most one of each shorter height of tile_heights (halves, down to `shortest`).
+    its rows fill, then at most one of each shorter height of tile_heights (halves, down to `shortest`, by default
+    shortest_tile's).
 
     The trip counts are the data's, so the padding is each group's last tile only (fewer rows than the shortest
     height), and a tile's work is its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running
@@ -240,7 +250,7 @@ def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu:
     M = xs.shape[0]
     if M == 0:
         return jnp.zeros_like(xs)
-    heights = tile_heights(M, tile or CPU_TILE_ROWS, shortest)
+    heights = tile_heights(M, tile or CPU_TILE_ROWS, shortest or shortest_tile(M, wg.shape[0]))
     fn = jax.custom_vjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs)[0])
     fn.defvjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs),
               lambda res, dy: _groups_bwd(glu, heights, res, dy))
