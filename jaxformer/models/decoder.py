@@ -128,6 +128,13 @@ class DecoderLM(nnx.Module):
         `moe_stats`, a list, receives one dict per sparse block, in layer order (models/moe.py: router logits
         [B*T, E], per-expert load [E], dropped fraction): what training's MoE losses and metrics read.
         """
+        h = self.hidden(tokens, positions, segment_ids, capture=capture, moe_stats=moe_stats)  # [B, T, D]
+        return constrain(self.output_head().logits(h), ("batch", "seq", "act_vocab"))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               *, capture: dict | None = None, moe_stats: list | None = None) -> jax.Array:
+        """The final hidden states [B, T, D] (after the final norm) that __call__ turns into logits through
+        output_head(): what a loss that never holds all the logits at once reads (train/chunked_ce.py)."""
         check_inputs(self.config, tokens, positions, segment_ids)
         B, T = tokens.shape
         if positions is None:
@@ -135,7 +142,7 @@ class DecoderLM(nnx.Module):
         x, ropes = self._embed(tokens, positions)
         record(capture, "embed_tokens", self.residual_view(x))
         x = self._blocks(x, ropes, segment_ids, capture, moe_stats)
-        return self._logits(x, capture)
+        return self._final_hidden(x, capture)
 
     def residual_view(self, x: jax.Array) -> jax.Array:
         """The [B, T, D] residual stream that `capture` records (Gemma 3n's is its active AltUp stream)."""
@@ -190,17 +197,6 @@ class DecoderLM(nnx.Module):
         w = (self.embed_tokens.weight[...].astype(self.embed_tokens.compute_dtype) if self.lm_head is None
              else self.lm_head.dense_weight())  # [V, D]
         return OutputHead(w, cfg.scales.logits, cfg.final_logit_softcap)
-
-    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               *, moe_stats: list | None = None) -> jax.Array:
-        """The final hidden states [B, T, D] that __call__ turns into logits (output_head), for losses that never
-        hold all the logits at once (train/chunked_ce.py)."""
-        check_inputs(self.config, tokens, positions, segment_ids)
-        B, T = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x, ropes = self._embed(tokens, positions)
-        return self._final_hidden(self._blocks(x, ropes, segment_ids, None, moe_stats))
 
     def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache, valid: jax.Array | None = None
                        ) -> tuple[jax.Array, KVCache]:
