@@ -135,3 +135,19 @@ def test_a_run_with_loss_chunk_trains_as_the_whole_logits_run(tmp_path, shards_d
         got, want = pick(records[40], kind, key), pick(records[0], kind, key)
         assert len(got) == len(want) > 0
         np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=f"{kind} {key}")
+
+
+@pytest.mark.parametrize("name, bits", [("untied", None), ("tied_softcap_scaled", None), ("untied", 8),
+                                        ("tied_softcap_scaled", 4)])
+def test_output_head_is_the_models_own_head(name, bits):
+    """output_head() (the one dense matrix the chunked loss multiplies) gives the logits the model's head modules
+    give, plain, tied, and quantized (int8 lm_head; int4 tied table, read narrow by the model)."""
+    from jaxformer.infer.quant import quantize
+
+    model = DecoderLM(MODELS[name], rngs=nnx.Rngs(3))
+    if bits:
+        model = quantize(model, bits)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 96, (2, 12)), jnp.int32)
+    want = np.asarray(model(tokens))
+    got = np.asarray(model.output_head().logits(model.hidden(tokens)))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -12,7 +12,7 @@ from jaxformer.models.cache import CachedLogits, KVCache
 from jaxformer.models.delta_net import GatedDeltaNet
 from jaxformer.models.latent_attention import LatentAttention
 from jaxformer.models.layers import (MLP, Embed, Linear, OutputHead, make_norm, materialize_cotangent,
-                                     query_temperature, record, rope_cos_sin, sinusoidal_positions)
+                                     query_temperature, record, rope_cos_sin, scaled_logits, sinusoidal_positions)
 from jaxformer.models.moe import MoE
 from jaxformer.models.paged_cache import PagedKVCache
 from jaxformer.models.short_conv import ShortConv
@@ -128,8 +128,7 @@ class DecoderLM(nnx.Module):
         `moe_stats`, a list, receives one dict per sparse block, in layer order (models/moe.py: router logits
         [B*T, E], per-expert load [E], dropped fraction): what training's MoE losses and metrics read.
         """
-        h = self.hidden(tokens, positions, segment_ids, capture=capture, moe_stats=moe_stats)  # [B, T, D]
-        return constrain(self.output_head().logits(h), ("batch", "seq", "act_vocab"))
+        return self._head_logits(self.hidden(tokens, positions, segment_ids, capture=capture, moe_stats=moe_stats))
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                *, capture: dict | None = None, moe_stats: list | None = None) -> jax.Array:
@@ -182,7 +181,14 @@ class DecoderLM(nnx.Module):
 
     def _logits(self, x: jax.Array, capture: dict | None = None) -> jax.Array:
         """Final norm and output projection: [B, T, D] -> logits [B, T, V] float32."""
-        return constrain(self.output_head().logits(self._final_hidden(x, capture)), ("batch", "seq", "act_vocab"))
+        return self._head_logits(self._final_hidden(x, capture))
+
+    def _head_logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V] float32, through the head modules themselves (a
+        quantized head multiplies its narrow weights; output_head() is the same function as one dense matrix)."""
+        cfg = self.config
+        z = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)  # [B, T, V]
+        return constrain(scaled_logits(z, cfg.scales.logits, cfg.final_logit_softcap), ("batch", "seq", "act_vocab"))
 
     def _final_hidden(self, x: jax.Array, capture: dict | None = None) -> jax.Array:
         """The blocks' output -> the [B, T, D] states the output head reads (after the final norm)."""
@@ -193,10 +199,8 @@ class DecoderLM(nnx.Module):
     def output_head(self) -> OutputHead:
         """The output projection (the tied embedding or lm_head), Cohere's / Granite's logit scale and Gemma 2's
         soft-cap, as one head: what train/chunked_ce.py applies a chunk of positions at a time."""
-        cfg = self.config
-        w = (self.embed_tokens.weight[...].astype(self.embed_tokens.compute_dtype) if self.lm_head is None
-             else self.lm_head.dense_weight())  # [V, D]
-        return OutputHead(w, cfg.scales.logits, cfg.final_logit_softcap)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return OutputHead(head.dense_weight(), self.config.scales.logits, self.config.final_logit_softcap)  # [V, D]
 
     def _cached_blocks(self, x: jax.Array, ropes, cache: KVCache | PagedKVCache, valid: jax.Array | None = None
                        ) -> tuple[jax.Array, KVCache]:

@@ -82,7 +82,11 @@ class Embed(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0).astype(self.compute_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
-        return project(x, self.weight[...].astype(self.compute_dtype))
+        return project(x, self.dense_weight())
+
+    def dense_weight(self) -> jax.Array:
+        """The table [num, dim] in the compute dtype: the matrix `attend` applies (as Linear.dense_weight)."""
+        return self.weight[...].astype(self.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +99,16 @@ class OutputHead:
     softcap: float | None = None
 
     def logits(self, h: jax.Array) -> jax.Array:
-        z = project(h.astype(self.weight.dtype), self.weight).astype(jnp.float32)
-        if self.scale != 1.0:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * jnp.tanh(z / self.softcap)
-        return z
+        return scaled_logits(project(h.astype(self.weight.dtype), self.weight), self.scale, self.softcap)
+
+
+def scaled_logits(z: jax.Array, scale: float, softcap: float | None) -> jax.Array:
+    """Output projections z [..., V] -> float32 logits: times `scale` (Cohere's logit_scale, Granite's
+    1 / logits_scaling), then cap * tanh(z / cap) where `softcap` is set (Gemma 2)."""
+    z = z.astype(jnp.float32)
+    if scale != 1.0:
+        z = z * scale
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
 
 
 class LayerNorm(nnx.Module):

@@ -115,6 +115,10 @@ class QuantEmbed(_Quantized):
         rows = gather_rows(self.bits, self.weight[...], self.scale[...], self._groups(), ids, self.k)
         return rows.astype(self.compute_dtype)
 
+    def dense_weight(self) -> jax.Array:
+        """The dequantized table [num, dim], in the compute dtype (as Embed.dense_weight)."""
+        return self.dequantized().astype(self.compute_dtype)
+
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         return self._matmul(x)
 
