@@ -3,7 +3,7 @@ heights (1,024 rows while an expert's rows fill them, then at most one each of 5
 down to the default's shortest height (grouped.shortest_tile: 16 to 64 rows, padding within M / 16), forward +
 backward.
 
-Rows are drawn uniformly over the experts (group sizes passed as an argument, not fixed at compile time); both
+Rows are drawn uniformly over the experts (group sizes passed as an argument, not fixed at compile time); the
 settings run the same inputs and weights, repeats interleaved, medians; the load average is printed before and
 after. A third runner times the floor: the same FLOPs as one dense [M, D] MLP (every row through expert 0, no
 groups, no loop). The last line is one JSON object.

@@ -14,8 +14,8 @@ analysis sees every tile; its custom VJP writes each group's weight gradient onc
 summed in float32 over the group's run of tiles.
 CPUs (`expert_loop_swiglu`): a loop over the groups around loops over each group's own tiles, of the data's
 length: tall tiles (CPU_TILE_ROWS) while the rows fill them, then shorter ones, so the padding stays under
-the shortest height (shortest_tile: 16 to 64 rows) a group; weights sliced and weight-gradient sums written once per group, not once per tile,
-which on XLA:CPU cost as much as the tile matmuls themselves.
+the shortest height (shortest_tile: 16 to 64 rows) a group; weights sliced and weight-gradient sums written once
+per group, not once per tile, which on XLA:CPU cost as much as the tile matmuls themselves.
 `jax.lax.platform_dependent` picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`).
 """
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxformer.models.layers import OutputHead, project
+from jaxformer.models.layers import OutputHead, project, scaled_logits
 from jaxformer.sharding import constrain
 
 LOGITS = ("batch", "seq", "act_vocab")  # a chunk's logits, laid out as the model lays out its [B, T, V]
@@ -46,14 +46,8 @@ def chunked_cross_entropy_sums(h: jax.Array, head: OutputHead, targets: jax.Arra
 
 
 def _chunk_logits(hc, w, scale, softcap):
-    """One chunk's hidden states [B, c, D] -> (logits [B, c, V] float32, tanh of the capped logits or None)."""
-    z = constrain(project(hc, w).astype(jnp.float32), LOGITS)
-    if scale != 1.0:
-        z = z * scale
-    if softcap is None:
-        return z, None
-    t = jnp.tanh(z / softcap)
-    return softcap * t, t
+    """One chunk's hidden states [B, c, D] -> logits [B, c, V] float32, as OutputHead.logits computes them."""
+    return constrain(scaled_logits(project(hc, w), scale, softcap), LOGITS)
 
 
 def _chunk_losses(z, tc, mc, z_loss):
@@ -71,7 +65,7 @@ def _fused(scale: float, softcap: float | None, z_loss: float):
     def losses(hs, w, ts, ms):
         def step(sums, xs):
             hc, tc, mc = xs
-            z, _ = _chunk_logits(hc, w, scale, softcap)
+            z = _chunk_logits(hc, w, scale, softcap)
             _, obj, ce = _chunk_losses(z, tc, mc, z_loss)
             return (sums[0] + obj, sums[1] + ce), None
 
@@ -82,14 +76,14 @@ def _fused(scale: float, softcap: float | None, z_loss: float):
         def step(carry, xs):
             obj_sum, ce_sum, dw = carry
             hc, tc, mc = xs
-            z, t = _chunk_logits(hc, w, scale, softcap)
+            z = _chunk_logits(hc, w, scale, softcap)
             lse, obj, ce = _chunk_losses(z, tc, mc, z_loss)
             p = jnp.exp(z - lse[..., None])  # softmax [B, c, V]
             onehot = jnp.arange(z.shape[-1]) == tc[..., None]
             g = p * (1.0 + 2.0 * z_loss * lse)[..., None] - onehot  # d objective / d logits
             g = g * mc[..., None]
-            if t is not None:
-                g = g * (1.0 - jnp.square(t))  # through cap * tanh(z / cap)
+            if softcap is not None:
+                g = g * (1.0 - jnp.square(z / softcap))  # through z = cap * tanh(raw / cap)
             if scale != 1.0:
                 g = g * scale
             g = constrain(g.astype(w.dtype), LOGITS)
