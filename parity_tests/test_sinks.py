@@ -104,11 +104,14 @@ def test_engine_decodes_sink_models_as_the_forward():
 
     model = random_jax_module(lambda: jaxformer.DecoderLM(CFG, rngs=nnx.Rngs(0)), seed=6)
     prompt = np.random.default_rng(7).integers(0, CFG.vocab_size, 13).tolist()
-    ids = list(prompt)
-    for _ in range(10):
-        ids.append(int(np.argmax(np.asarray(model(jnp.asarray([ids], jnp.int32)))[0, -1])))
+    n = len(prompt)
+    ids = np.zeros((1, n + 10), np.int32)  # one shape, one compile (causal: the zeros after a position are unseen)
+    ids[0, :n] = prompt
+    forward = nnx.jit(lambda m, t: m(t))
+    for t in range(n, n + 10):
+        ids[0, t] = np.argmax(np.asarray(forward(model, jnp.asarray(ids)))[0, t - 1])
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     for engine in (Engine(model, max_batch=2), PagedEngine(model, max_batch=2, page_size=4)):
         (seq,) = generate(engine, [prompt], params)
-        assert seq.tokens == ids[len(prompt):], type(engine).__name__
+        assert seq.tokens == ids[0, n:].tolist(), type(engine).__name__
     jax.clear_caches()
