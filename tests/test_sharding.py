@@ -21,16 +21,15 @@ from jaxformer.config import MeshConfig, ModelConfig
 from jaxformer.interop import native, to_numpy_state_dict
 from jaxformer.sharding import check_model_fits, resolve_mesh_shape
 from jaxformer.train.metrics import read_metrics
-from tests.conftest import tiny_run
+from tests.conftest import fake_devices_flags, tiny_run
 
 MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]  # pure data, pure fsdp, pure tensor, all three
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT), **extra}
-    return env
+    return {**os.environ, "XLA_FLAGS": fake_devices_flags(devices), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+            **extra}
 
 
 def _run(cmd: list[str], devices: int, **extra: str) -> subprocess.CompletedProcess:
