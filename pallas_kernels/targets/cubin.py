@@ -25,6 +25,9 @@ SHT_SYMTAB = 2
 EIATTR_FRAME_SIZE = 0x11
 EIATTR_REGCOUNT = 0x2F
 EIFMT_SVAL = 0x04  # records: u8 format, u8 attribute, u16 value, or u16 size + payload for SVAL
+# The registers and spills a GPU run gets: XLA's default backend optimization level, whatever XLA_FLAGS this process
+# has (the test suite lowers it for its CPU programs; at level 0 ptxas spills a Pallas kernel twice as much)
+GPU_RUN_OPTIONS = {"xla_backend_optimization_level": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,6 @@ def compile_for(fn: Callable, args: Sequence[Any], target: str | GpuTarget, *, d
     with tempfile.TemporaryDirectory(prefix="jaxformer-cubins-") as tmp, compiling_for(target):
         cache = Path(tmp) / "kernels.bin"
         lowered = jax.jit(fn, **jit_kwargs).lower(*args)
-        compiled = lowered.compile(compiler_options={"xla_gpu_kernel_cache_file": str(cache)})
+        compiled = lowered.compile(compiler_options={"xla_gpu_kernel_cache_file": str(cache), **GPU_RUN_OPTIONS})
         kernels = read_cubins(cache.read_bytes()) if cache.exists() else []
     return TargetCompile(target, compiled, kernels, time.perf_counter() - start)
