@@ -1,11 +1,10 @@
-"""Where the MoE block's forward + backward spends its time on XLA:CPU, op by op: a jax.profiler trace of
-bench/moe_throughput.py's jaxformer block (2,048 tokens, width 256, 8 experts of F 512, top-2), each compiled op's
-time per step (summed over its loop trips) with its result shape from the compiled HLO, the largest first. A while
-loop's time holds the ops inside it (its shape shows as a tuple).
+"""Where jaxformer's MoE block spends its time on XLA:CPU: a jax.profiler trace of the forward + backward of
+bench/moe_throughput.py's block, XLA's thunk events summed by kind (matmuls, zero-filled buffers, copies, ...).
 
-    python bench/moe_profile.py [--family mixtral] [--steps 5] [--top 25]
+Times are summed over XLA's threads (two workers plus the caller), so they add up to more than the wall time;
+containers (`while` loops, the executor itself) are left out. The last line is one JSON object.
 
-The last line is one JSON object: the top ops (name, ms per step, calls per step, result shape) and the load.
+    python bench/moe_profile.py [--family mixtral] [--steps 10]
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import gzip
 import json
 import os
 import re
@@ -22,34 +20,37 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from jax._src.lib import _profile_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_throughput  # noqa: E402 - the bench's blocks and runner
 
+KINDS = {"ynn_fusion": "matmul (YNNPACK)", "dot": "matmul (XLA)", "broadcast": "zero-filled buffer",
+         "copy": "copy", "gather": "gather", "scatter": "scatter", "sort": "sort", "select": "masked rows",
+         "dynamic-slice": "row / weight slices", "dynamic-update-slice": "row writes"}
 
-def result_shapes(hlo: str) -> dict[str, str]:
-    """Compiled HLO text -> {instruction name: its result type}."""
-    return {m[1]: m[2] for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", hlo, re.M)}
+
+def kind(event: str) -> str | None:
+    if "Execute" in event or "Await" in event or event.startswith("while"):
+        return None  # the executor and loops contain the events below
+    name = re.sub(r"[._]\d+$", "", event)
+    for key, label in KINDS.items():
+        if key in name.replace("dot_general", "dot"):
+            return label
+    return "other elementwise"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="mixtral", choices=["mixtral", "deepseek_v3", "gpt_oss"])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
-    D, F, E, k, tokens = 256, 512, 8, 2, 2048
-    _, block, _ = moe_throughput.blocks(args.family, D, F, E, k)
+    _, moe, _ = moe_throughput.blocks(args.family, 256, 512, 8, 2)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((tokens // moe_throughput.SEQ, moe_throughput.SEQ, D)).astype(np.float32)
-    gy = rng.standard_normal(x.shape).astype(np.float32)
-    graphdef, params = nnx.split(block)
-    fn = jax.jit(jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) * gy), argnums=(0, 1)))
-    shapes = result_shapes(fn.lower(params, jnp.asarray(x)).compile().as_text())
-    run = moe_throughput.jax_runner(block, x, gy)
+    x = rng.standard_normal((args.tokens // moe_throughput.SEQ, moe_throughput.SEQ, 256)).astype(np.float32)
+    run = moe_throughput.jax_runner(moe, x, rng.standard_normal(x.shape).astype(np.float32))
     for _ in range(3):
         run()
     load_before = os.getloadavg()
@@ -58,20 +59,22 @@ def main() -> None:
         for _ in range(args.steps):
             run()
         jax.profiler.stop_trace()
-        (trace,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(trace))["traceEvents"]
-    total, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("name") in shapes:  # the compiled program's ops only
-            total[e["name"]] += e["dur"] / 1e3 / args.steps
-            calls[e["name"]] += 1 / args.steps
-    top = [{"op": n, "ms": round(ms, 2), "calls": round(calls[n]), "shape": shapes[n]}
-           for n, ms in total.most_common(args.top)]
-    print(f"{args.family}: the block's ops, ms per forward + backward step ({args.steps} traced steps); "
-          f"load {load_before} -> {os.getloadavg()}")
-    for t in top:
-        print(f"  {t['ms']:7.2f} ms  {t['calls']:4d}x  {t['op']:40s} {t['shape']}")
-    print(json.dumps({"family": args.family, "top": top, "loadavg_before": [round(v, 2) for v in load_before]}))
+        trace = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+        totals = collections.Counter()
+        for plane in trace.planes:
+            for line in plane.lines:
+                if line.name == "python":
+                    continue
+                for event in line.events:
+                    label = kind(event.name)
+                    if label:
+                        totals[label] += event.duration_ns / 1e6 / args.steps
+    print(f"{args.family} block, fwd + bwd, ms per step summed over XLA's threads; load {load_before} -> "
+          f"{os.getloadavg()}")
+    for label, ms in totals.most_common():
+        print(f"  {label:22s} {ms:7.1f}")
+    print(json.dumps({"family": args.family, "ms_per_step": {k: round(v, 2) for k, v in totals.most_common()},
+                      "loadavg_before": [round(v, 2) for v in load_before]}))
 
 
 if __name__ == "__main__":
