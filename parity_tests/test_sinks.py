@@ -19,6 +19,7 @@ import jaxformer
 from jaxformer.config import ModelConfig
 from jaxformer.models import attention as jattn
 from parity_tests.conftest import (assert_grads_close, assert_outputs_close, copy_jax_to_torch, random_jax_module)
+from parity_tests.test_generate import greedy_jax
 from parity_tests.test_model_torch import jax_loss_and_grads, torch_loss_and_grads
 from torch_ref import decoder as tm
 
@@ -104,14 +105,9 @@ def test_engine_decodes_sink_models_as_the_forward():
 
     model = random_jax_module(lambda: jaxformer.DecoderLM(CFG, rngs=nnx.Rngs(0)), seed=6)
     prompt = np.random.default_rng(7).integers(0, CFG.vocab_size, 13).tolist()
-    n = len(prompt)
-    ids = np.zeros((1, n + 10), np.int32)  # one shape, one compile (causal: the zeros after a position are unseen)
-    ids[0, :n] = prompt
-    forward = nnx.jit(lambda m, t: m(t))
-    for t in range(n, n + 10):
-        ids[0, t] = np.argmax(np.asarray(forward(model, jnp.asarray(ids)))[0, t - 1])
+    tokens, _ = greedy_jax(model, np.asarray([prompt], np.int32), 10)  # [1, 13 + 10]
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     for engine in (Engine(model, max_batch=2), PagedEngine(model, max_batch=2, page_size=4)):
         (seq,) = generate(engine, [prompt], params)
-        assert seq.tokens == ids[0, n:].tolist(), type(engine).__name__
+        assert seq.tokens == tokens[0, len(prompt):].tolist(), type(engine).__name__
     jax.clear_caches()

@@ -94,8 +94,8 @@ def assert_importer_gives_preset(name: str, model_type: str, published: dict) ->
 
 
 def fake_devices_flags(devices: int) -> str:
-    """XLA_FLAGS for a subprocess with `devices` fake CPU devices (and the tests' compile flags)."""
-    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, and this process's flags (the compile level)."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
 
 
 def run_on_eight_devices(*args: str, unset: tuple[str, ...] = ()) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,8 @@ from flax import nnx
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.finetune.lora import LoRAConfig, apply_lora, lora_modules
 from jaxformer.interop import load_hf
+from parity_tests.conftest import jax_logits
+from parity_tests.test_generate import greedy_jax
 from parity_tests.test_hf_families import CASES as HF_CASES
 from tests.test_cli import main_in_process
 
@@ -85,17 +86,13 @@ def test_family_through_the_commands(name, hf_dirs, tokenizer, tmp_path, capsys)
 
     # generate: greedy through the paged engine equals the argmax of the uncached forward, token by token
     model = load_hf(hf_dir)
-    forward = nnx.jit(lambda m, t: m(t))  # one compile per model graph (eager ops compile one by one)
     tok = Tokenizer(tokenizer.tok)
     code, out, err = main_in_process(capsys, "generate", "--ckpt", hf_dir, "--prompt", PROMPT, "--max-new-tokens", "5",
                                      "--temperature", "0")
     assert code == 0, err
-    n = len(tok.encode(PROMPT))
-    ids = np.zeros((1, n + 5), np.int32)  # one shape for every forward (causal: the zeros after a position are unseen)
-    ids[0, :n] = tok.encode(PROMPT)
-    for t in range(n, n + 5):
-        ids[0, t] = np.argmax(np.asarray(forward(model, jnp.asarray(ids)))[0, t - 1])
-    assert tok.decode(ids[0, n:].tolist()) in out
+    prompt = tok.encode(PROMPT)
+    tokens, _ = greedy_jax(model, np.asarray([prompt], np.int32), 5)  # [1, P + 5]
+    assert tok.decode(tokens[0, len(prompt):].tolist()) in out
 
     # convert: Hugging Face -> jaxformer -> Hugging Face gives back every tensor bit for bit
     code, _, err = main_in_process(capsys, "convert", "--to", "jaxformer", hf_dir, tmp_path / "jf")
@@ -107,14 +104,13 @@ def test_family_through_the_commands(name, hf_dirs, tokenizer, tmp_path, capsys)
     assert sorted(sd0) == sorted(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
 
     # LoRA: adapters on the family's projections leave the logits alone at init
-    tokens = jnp.asarray(ids)
-    before = np.asarray(forward(model, tokens))
+    before = jax_logits(model, tokens)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
     targets = {n.split(".")[-1] for n, _ in lora_modules(model)}
     dense_mlp = not model.config.moe.n_experts  # routed experts take no adapters; attention (and dense MLPs) do
     attention = {"q_b_proj", "kv_b_proj", "o_proj"} if model.config.latent.kv_rank else {"q_proj", "v_proj"}
     assert attention | ({"down_proj"} if dense_mlp else set()) <= targets, targets
-    after = np.asarray(forward(model, tokens))  # its own compile: equal up to float rounding
+    after = jax_logits(model, tokens)  # its own compile: equal up to float rounding
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5 * np.abs(before).max())
 
 
