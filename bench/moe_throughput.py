@@ -1,6 +1,11 @@
 """MoE block throughput (forward + backward, tokens/s): jaxformer's MoE vs transformers' own block of the same
 family (same weights, same inputs, torch CPU) vs jaxformer's dense SwiGLU MLP with the MoE's active parameters
-(d_ff = k * expert F, plus the shared experts' width), all in this process, repeats interleaved, medians.
+(d_ff = k * expert F, plus the shared experts' width) and the same dense MLP in torch (its weights), all in this
+process, repeats interleaved, medians.
+
+The two dense MLPs do the same FLOPs as either MoE block, so each framework's block over its own dense MLP
+(`moe_vs_own_dense`) is what its routing, grouping and combining cost, apart from its matmul kernels' rate
+(`jax_dense_vs_torch_dense`).
 
 Families: mixtral (softmax top-k), deepseek_v3 (sigmoid scores, correction bias, groups, a shared expert) and
 gpt_oss (router and expert biases, clamped GLU). Each block comes from a one-layer transformers model of that
@@ -91,6 +96,25 @@ def torch_runner(block: torch.nn.Module, x: np.ndarray, gy: np.ndarray):
     return run
 
 
+def torch_dense(mlp: MLP) -> torch.nn.Module:
+    """jaxformer's dense MLP as torch modules holding its weights: down(silu(gate(x)) * up(x))."""
+    linear = lambda layer: torch.nn.Linear(*np.asarray(layer.weight[...]).shape[::-1], bias=False)  # noqa: E731
+    gate, up, down = linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj)
+    with torch.no_grad():
+        for t, layer in ((gate, mlp.gate_proj), (up, mlp.up_proj), (down, mlp.down_proj)):
+            t.weight.copy_(torch.from_numpy(np.asarray(layer.weight[...])))
+
+    class SwiGLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = gate, up, down
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    return SwiGLU()
+
+
 def run_family(family: str, args) -> dict:
     D, F, E, k = args.d_model, args.d_ff, args.experts, args.top_k
     hf, moe, cfg = blocks(family, D, F, E, k)
@@ -100,12 +124,15 @@ def run_family(family: str, args) -> dict:
     active = k * F + (cfg.moe.shared_d_ff or 0)  # the dense MLP doing a token's work
     dense = MLP(ModelConfig.llama(vocab_size=256, d_model=D, n_layers=1, n_heads=4, d_ff=active, max_seq_len=SEQ),
                 rngs=nnx.Rngs(1))
+    dense_torch = torch_dense(dense)
     with torch.no_grad():
         out = hf(torch.from_numpy(x))
         out = out[0] if isinstance(out, tuple) else out  # gpt-oss's block returns (output, router scores)
         diff = float(np.abs(out.numpy() - np.asarray(moe(jnp.asarray(x)))).max())
+        dense_diff = float(np.abs(dense_torch(torch.from_numpy(x)).numpy() - np.asarray(dense(jnp.asarray(x)))).max())
     runners = {"jaxformer_moe": jax_runner(moe, x, gy), "hf_block": torch_runner(hf, x, gy),
-               "jaxformer_dense_active": jax_runner(dense, x, gy)}
+               "jaxformer_dense_active": jax_runner(dense, x, gy),
+               "torch_dense_active": torch_runner(dense_torch, x, gy)}
     for run in runners.values():  # compile / warm up
         run()
         run()
@@ -120,14 +147,22 @@ def run_family(family: str, args) -> dict:
     load_after = os.getloadavg()
     tps = {name: args.tokens / statistics.median(ts) for name, ts in times.items()}
     print(f"{family}: {args.tokens} tokens, D {D}, {E} experts of F {F}, top-{k}; dense MLP d_ff {active}; "
-          f"max |jaxformer - transformers| output {diff:.2e}")
+          f"max |jaxformer - transformers| output {diff:.2e} (dense MLPs {dense_diff:.2e})")
     print(f"  load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} cores")
     for name, v in tps.items():
         print(f"  {name:24s} {v:10.0f} tokens/s (fwd+bwd, median of {args.rounds} x {args.repeats})")
+    own = {"jaxformer": tps["jaxformer_moe"] / tps["jaxformer_dense_active"],
+           "transformers": tps["hf_block"] / tps["torch_dense_active"]}
+    print(f"  MoE block / its framework's dense MLP: jaxformer {own['jaxformer']:.2f}, transformers "
+          f"{own['transformers']:.2f}; jaxformer dense / torch dense "
+          f"{tps['jaxformer_dense_active'] / tps['torch_dense_active']:.2f}")
     return {"tokens_per_s": {n: round(v, 1) for n, v in tps.items()}, "max_abs_diff_vs_hf": diff,
+            "max_abs_diff_dense_jax_vs_torch": dense_diff,
             "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
             "ratio_vs_hf_moe_block": round(tps["jaxformer_moe"] / tps["hf_block"], 3),
-            "ratio_vs_dense_active": round(tps["jaxformer_moe"] / tps["jaxformer_dense_active"], 3)}
+            "ratio_vs_dense_active": round(own["jaxformer"], 3),
+            "moe_vs_own_dense": {name: round(v, 3) for name, v in own.items()},
+            "jax_dense_vs_torch_dense": round(tps["jaxformer_dense_active"] / tps["torch_dense_active"], 3)}
 
 
 def main() -> None:
