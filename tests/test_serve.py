@@ -7,8 +7,6 @@ import threading
 import time
 
 import httpx
-import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
 from flax import nnx
@@ -17,6 +15,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.models import DecoderLM
 from jaxformer.serve import ServerThread, create_app
+from tests.test_infer import uncached_greedy
 
 MODEL = "tiny-llama"
 KEY = "test-key-123"
@@ -51,22 +50,9 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@nnx.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
 def reference(model, tok, prompt_ids, max_tokens, stop_ids) -> str:
     """Greedy text by re-running the uncached forward each step (independent of the engine and server)."""
-    ids = list(prompt_ids)
-    for _ in range(max_tokens):
-        buf = np.zeros((1, model.config.max_seq_len), np.int32)
-        buf[0, :len(ids)] = ids
-        nxt = int(np.argmax(np.asarray(_forward(model, jnp.asarray(buf)))[0, len(ids) - 1]))
-        if nxt in stop_ids:
-            break
-        ids.append(nxt)
-    return tok.decode(ids[len(prompt_ids):])
+    return tok.decode(uncached_greedy(model, prompt_ids, max_tokens, stop_ids))
 
 
 # ----------------------------------------------------------------------------- happy paths
