@@ -250,12 +250,23 @@ def check_tile_loop(looped_swiglu):
     assert not np.asarray(got[1])[[0, 2, 6]].any(), "empty groups get zero weight gradients"
 
 
+def test_cpu_tallest_tile_is_the_even_share():
+    """The CPU path's tallest height: a group's even share of the rows rounded up to a power of two, within
+    [shortest, 1024]."""
+    from jaxformer.models.grouped import tallest_tile
+
+    assert tallest_tile(4096, 8, 32) == 512  # the MoE bench's experts: 512 rows each
+    assert tallest_tile(4100, 8, 32) == 1024  # 513 rows a share
+    assert tallest_tile(8192, 8, 64) == 1024 and tallest_tile(1 << 20, 8, 64) == 1024  # the cap
+    assert tallest_tile(60, 7, 16) == 16 and tallest_tile(8, 8, 16) == 16  # never under the shortest
+
+
 @pytest.mark.parametrize("impl", TILE_LOOPS)
 @pytest.mark.parametrize("tile", [None, 4, 7])
 def test_gpu_tile_loop_matches_per_group_reference(tile, impl):
     """models/grouped.py's GPU path (looped_swiglu) and CPU path (expert_loop_swiglu), tiles of 4 (several per
-    group: a group's weight gradient summed over its run of tiles), 7 and the default (the whole 60 rows: one tile
-    per group, its window moved back) against the per-group references."""
+    group: a group's weight gradient summed over its run of tiles), 7 and the default (GPU: the whole 60 rows, one
+    tile per group, its window moved back; CPU: tallest_tile's 16) against the per-group references."""
     from jaxformer.models import grouped
 
     check_tile_loop(lambda *a: getattr(grouped, impl)(*a, SWIGLU, tile=tile))

@@ -13,9 +13,10 @@ sliced one tile at a time, so nothing of size n_tiles x F x D exists, forward or
 analysis sees every tile; its custom VJP writes each group's weight gradient once per tile into [G, F, D],
 summed in float32 over the group's run of tiles.
 CPUs (`expert_loop_swiglu`): a loop over the groups around loops over each group's own tiles, of the data's
-length: tall tiles (CPU_TILE_ROWS) while the rows fill them, then shorter ones, so the padding stays under
-the shortest height (shortest_tile: 16 to 64 rows) a group; weights sliced and weight-gradient sums written once
-per group, not once per tile, which on XLA:CPU cost as much as the tile matmuls themselves.
+length: tall tiles (tallest_tile: a group's even share of the rows, rounded up to a power of two, at most
+CPU_TILE_ROWS) while the rows fill them, then shorter ones, so the padding stays under the shortest height
+(shortest_tile: 16 to 64 rows) a group; weights sliced and weight-gradient sums written once per group, not once
+per tile, which on XLA:CPU cost as much as the tile matmuls themselves; the backward writes dx over dy in place.
 `jax.lax.platform_dependent` picks the path when the computation is lowered; TPUs keep `ragged_dot` (`_ragged`).
 """
 
@@ -26,7 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-CPU_TILE_ROWS = 1024  # the CPU path's tallest tile: XLA:CPU's [m, D] x [D, F] runs faster the taller m is
+CPU_TILE_ROWS = 1024  # the CPU path's tallest tile at most: XLA:CPU's [m, D] x [D, F] runs faster the taller m is
 CPU_SHORTEST_TILES = (64, 32, 16)  # its shortest, the first whose padding bound holds (shortest_tile)
 # ragged_dot of x [M, D] with w [G, O, D] (torch layout): contract D with w's last dim, groups on w's first
 _RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
@@ -53,6 +54,16 @@ def loop_tile_rows(m_rows: int, groups: int) -> int:
     [D, F] bf16 tile matmul does m FLOPs per weight byte: an H100 needs about 300 to be compute-bound)."""
     target = max(1, m_rows // (4 * groups))
     return min(1024, max(16, 1 << (target.bit_length() - 1)))
+
+
+def tallest_tile(M: int, groups: int, shortest: int) -> int:
+    """The CPU path's tallest tile height: the power of two at or above a group's even share of the rows (M /
+    groups), within [shortest, CPU_TILE_ROWS]. Taller tiles would run only for groups over twice their share, and
+    each tile's temporaries ([m, F] projections and their gradients) are sized by the tallest height, and each
+    height is one more loop body to compile (bench/moe_throughput.py's mixtral block, fwd + bwd, 4,096 rows over 8
+    experts: 512-row tiles, XLA's temporaries 33.7 -> 32.2 MiB)."""
+    share = -(-M // groups)
+    return min(CPU_TILE_ROWS, max(shortest, 1 << (share - 1).bit_length()))
 
 
 def shortest_tile(M: int, groups: int) -> int:
@@ -237,9 +248,9 @@ def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu:
                        glu: Callable, biases: tuple[jax.Array, jax.Array] | None = None, tile: int | None = None,
                        shortest: int | None = None) -> jax.Array:
     """grouped_swiglu's CPU path (same arguments and result; rows past sum(group_sizes) give 0): a loop over the
-    groups, each slicing its weights once, around that group's tiles: as many `tile`-row tiles (CPU_TILE_ROWS) as
-    its rows fill, then at most one of each shorter height of tile_heights (halves, down to `shortest`, by default
-    shortest_tile's).
+    groups, each slicing its weights once, around that group's tiles: as many `tile`-row tiles (by default
+    tallest_tile's) as its rows fill, then at most one of each shorter height of tile_heights (halves, down to
+    `shortest`, by default shortest_tile's).
 
     The trip counts are the data's, so the padding is each group's last tile only (fewer rows than the shortest
     height), and a tile's work is its matmuls: XLA:CPU spends about as long copying a [F, D] weight slice or a running
@@ -250,7 +261,8 @@ def expert_loop_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu:
     M = xs.shape[0]
     if M == 0:
         return jnp.zeros_like(xs)
-    heights = tile_heights(M, tile or CPU_TILE_ROWS, shortest or shortest_tile(M, wg.shape[0]))
+    shortest = shortest or shortest_tile(M, wg.shape[0])
+    heights = tile_heights(M, tile or tallest_tile(M, wg.shape[0], shortest), shortest)
     fn = jax.custom_vjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs)[0])
     fn.defvjp(lambda xs, sizes, ws, bs: _groups_fwd(glu, heights, xs, sizes, ws, bs),
               lambda res, dy: _groups_bwd(glu, heights, res, dy))
@@ -307,22 +319,25 @@ def _groups_bwd(glu, heights, res, dy):
     ends = jnp.cumsum(sizes)
 
     def group(g, carry):
-        dx, grads = carry
+        dxy, grads = carry  # dxy: dx in the rows of the tiles done so far, dy in the rest
         ws_g = _group_weights(ws, g)
 
         def tile(window, mask, carry):
-            dx, sums = carry
+            dxy, sums = carry
             rows = lambda a: _window(a, mask, window, mask.shape[0])  # noqa: E731 - [m, ...]; other rows 0
-            dxt, parts = _tile_backward(glu, rows(xs), rows(dy), rows(gates), rows(ups), ws_g, bs is not None)
-            return _write(dx, dxt, mask, window), tuple(s + p for s, p in zip(sums, parts))
+            dxt, parts = _tile_backward(glu, rows(xs), rows(dxy), rows(gates), rows(ups), ws_g, bs is not None)
+            return _write(dxy, dxt, mask, window), tuple(s + p for s, p in zip(sums, parts))
 
         sums = _vary(tuple(jnp.zeros(a.shape[1:], jnp.float32) for a in leaves), axes)
-        dx, sums = _over_tiles(M, heights, ends[g] - sizes[g], ends[g], tile, (dx, sums))
+        dxy, sums = _over_tiles(M, heights, ends[g] - sizes[g], ends[g], tile, (dxy, sums))
         grads = tuple(jax.lax.dynamic_update_index_in_dim(a, s.astype(a.dtype), g, 0) for a, s in zip(grads, sums))
-        return dx, grads
+        return dxy, grads
 
-    init = _vary((jnp.zeros_like(xs), tuple(jnp.zeros_like(a) for a in leaves)), axes)
-    dx, grads = jax.lax.fori_loop(0, ws[0].shape[0], group, init)
+    # dx is written over dy, each tile's rows after that tile read them (no second [M, D] buffer): a tile reads
+    # only its own rows (others masked to 0), and every row is its group's once
+    init = _vary((dy.astype(xs.dtype), tuple(jnp.zeros_like(a) for a in leaves)), axes)
+    dxy, grads = jax.lax.fori_loop(0, ws[0].shape[0], group, init)
+    dx = jnp.where((jnp.arange(M) < ends[-1])[:, None], dxy, 0)  # rows past the groups: dy until here
     grads = [_reduce_like(g, a) for g, a in zip(grads, leaves)]
     return _reduce_like(dx, xs), None, tuple(grads[:3]), None if bs is None else tuple(grads[3:])
 
@@ -441,6 +456,6 @@ def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, wg: jax.Array, wu: jax
     unspecified.
     """
     gpu = lambda *a: looped_swiglu(*a, glu, biases)  # noqa: E731 - one branch object: traced once for both
-    cpu = lambda *a: expert_loop_swiglu(*a, glu, biases, tile=CPU_TILE_ROWS)  # noqa: E731
+    cpu = lambda *a: expert_loop_swiglu(*a, glu, biases)  # noqa: E731
     return jax.lax.platform_dependent(xs, group_sizes, wg, wu, wd, cpu=cpu, cuda=gpu, rocm=gpu,
                                       default=lambda *a: _ragged(*a, glu, biases))
