@@ -58,9 +58,9 @@ def loop_tile_rows(m_rows: int, groups: int) -> int:
 
 def tallest_tile(M: int, groups: int, shortest: int) -> int:
     """The CPU path's tallest tile height: the power of two at or above a group's even share of the rows (M /
-    groups), within [shortest, CPU_TILE_ROWS]. Taller tiles would run only for groups over twice their share, and
-    each tile's temporaries ([m, F] projections and their gradients) are sized by the tallest height, and each
-    height is one more loop body to compile (bench/moe_throughput.py's mixtral block, fwd + bwd, 4,096 rows over 8
+    groups), within [shortest, CPU_TILE_ROWS]. Taller tiles would run only for groups over twice their share, yet
+    the tile temporaries ([m, F] projections and their gradients) are sized by the tallest height and each height
+    is one more loop body to compile (bench/moe_throughput.py's mixtral block, fwd + bwd, 4,096 rows over 8
     experts: 512-row tiles, XLA's temporaries 33.7 -> 32.2 MiB)."""
     share = -(-M // groups)
     return min(CPU_TILE_ROWS, max(shortest, 1 << (share - 1).bit_length()))
