@@ -17,7 +17,7 @@ from jaxformer.data.corpus import stdlib_root
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' programs are tiny and compile-bound: XLA:CPU's LLVM passes at level 0 compile a third faster and leave
 # the HLO (fusion, layouts, buffers, collectives: what tests inspect) as it is. Set before any backend starts; the
-# subprocesses get it through fake_devices_flags / the inherited environment. A level already set is kept.
+# subprocesses get it through fake_devices_env / the inherited environment. A level already set is kept.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
@@ -93,15 +93,17 @@ def assert_importer_gives_preset(name: str, model_type: str, published: dict) ->
     assert got.family == cfg.family == {"kimi_k2": "deepseek_v3"}.get(model_type, model_type)
 
 
-def fake_devices_flags(devices: int) -> str:
-    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, and this process's flags (the compile level)."""
-    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+def fake_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess with `devices` fake CPU devices: this process's, its XLA_FLAGS (the compile
+    level) plus the device count, JAX on CPU, the repository on PYTHONPATH, and `extra`."""
+    return {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
 
 
 def run_on_eight_devices(*args: str, unset: tuple[str, ...] = ()) -> str:
     """`python *args` in a fresh process with 8 fake CPU devices (XLA_FLAGS) and the repository on PYTHONPATH,
     without the environment variables `unset`; asserts it succeeded (its output's tail on failure), returns stdout."""
-    env = {**os.environ, "XLA_FLAGS": fake_devices_flags(8), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = fake_devices_env(8)
     for name in unset:
         env.pop(name, None)
     res = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,19 +20,14 @@ from jaxformer.config import MeshConfig, ModelConfig
 from jaxformer.interop import native, to_numpy_state_dict
 from jaxformer.sharding import check_model_fits, resolve_mesh_shape
 from jaxformer.train.metrics import read_metrics
-from tests.conftest import fake_devices_flags, tiny_run
+from tests.conftest import fake_devices_env, tiny_run
 
 MESHES = ["8,1,1", "1,8,1", "1,1,8", "2,2,2"]  # pure data, pure fsdp, pure tensor, all three
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(devices: int, **extra: str) -> dict:
-    return {**os.environ, "XLA_FLAGS": fake_devices_flags(devices), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-            **extra}
-
-
 def _run(cmd: list[str], devices: int, **extra: str) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, env=_env(devices, **extra), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=fake_devices_env(devices, **extra), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -148,9 +142,9 @@ def test_two_processes_over_gloo_match_one(runs, config, tmp_path):
     run = tmp_path / "mp"
     cmd = _cli(config, f"--train.run_dir={run}", "--mesh.data=1", "--mesh.fsdp=-1", "--mesh.tensor=1")
     port = _free_port()
-    procs = [subprocess.Popen(cmd, env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                            JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+    procs = [subprocess.Popen(cmd, env=fake_devices_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                        JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert _close(_losses(run), _losses(runs / "one" / "d1f1t1"))
@@ -254,7 +248,7 @@ def test_bad_meshes_fail_clearly(config):
     with pytest.raises(ValueError, match="mesh.tensor=4 divides neither n_heads=6 nor n_kv_heads=3"):
         check_model_fits(cfg, 4)
     check_model_fits(cfg, 2)  # 6 heads split 2 ways; 3 kv heads stay whole
-    res = subprocess.run(_cli(config, "--mesh.data=1", "--mesh.fsdp=1", "--mesh.tensor=3"), env=_env(8),
+    res = subprocess.run(_cli(config, "--mesh.data=1", "--mesh.fsdp=1", "--mesh.tensor=3"), env=fake_devices_env(8),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "error: mesh data=1 x fsdp=1 x tensor=3 = 3 devices, but there are 8" in res.stderr
